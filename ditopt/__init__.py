@@ -1,0 +1,20 @@
+"""ditopt: a compiler that makes Diffusion Transformer inference fast by reusing features.
+
+    import ditopt
+    plan = ditopt.presets.fora(interval=2, steps=50)
+    pipe.transformer = ditopt.optimize(pipe.transformer, plan)
+    ditopt.stats(pipe.transformer).decisions
+"""
+
+from . import presets
+from .backend import DitoptBackend, Stats, optimize, reset, set_step, sites, stats
+from .errors import CaptureError, DitoptError, PlanError
+from .plan import CompiledPlan, Plan, Rule, When
+from .sites import Site, SiteTable, find_sites
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CaptureError", "CompiledPlan", "DitoptBackend", "DitoptError", "Plan", "PlanError", "Rule", "Site",
+    "SiteTable", "Stats", "When", "find_sites", "optimize", "presets", "reset", "set_step", "sites", "stats",
+]

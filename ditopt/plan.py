@@ -1,0 +1,370 @@
+"""Plans: which action each site takes at each step, as a versioned YAML document.
+
+A plan is a list of rules; a later rule overrides an earlier one on the same (site, step).
+It is checked twice: on its own when it is read (schema, actions, step ranges, reuse before
+anything was computed), and against a model's sites before any rewrite (patterns that match
+nothing, actions a site cannot take). Every error names the rule, its YAML line and the site.
+
+Example:
+    >>> plan = Plan.from_yaml('''
+    ... version: 1
+    ... steps: 10
+    ... rules:
+    ...   - sites: "blocks.*"
+    ...     kind: block
+    ...     steps: "1:10:2"
+    ...     action: reuse_residual
+    ... ''')
+    >>> plan.rules[0].step_list(plan.steps)
+    [1, 3, 5, 7, 9]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import PlanError
+from .sites import SITE_KINDS, SiteTable
+
+VERSION = 1
+COMPUTE = "compute"
+REUSE = "reuse"
+REUSE_RESIDUAL = "reuse_residual"
+ACTIONS = (COMPUTE, REUSE, REUSE_RESIDUAL)
+SLOTS = {REUSE: "output", REUSE_RESIDUAL: "residual"}
+INDICATORS = ("rel_l1",)
+_RULE_KEYS = {"sites", "kind", "steps", "action", "when"}
+_PLAN_KEYS = {"version", "steps", "rules", "model", "name", "description"}
+
+
+@dataclass(frozen=True)
+class When:
+    """Adaptive condition: the rule applies only where ``of``'s accumulated change is below."""
+
+    of: str
+    below: float
+    indicator: str = "rel_l1"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"indicator": self.indicator, "of": self.of, "below": self.below}
+
+
+@dataclass(frozen=True)
+class Rule:
+    sites: tuple[str, ...]
+    action: str
+    steps: str | tuple[int, ...] | None = None
+    kind: str | None = None
+    when: When | None = None
+    line: int | None = field(default=None, compare=False)
+
+    def step_list(self, total: int) -> list[int]:
+        """The steps this rule covers, for a plan of ``total`` steps."""
+        if self.steps is None:
+            return list(range(total))
+        if isinstance(self.steps, str):
+            return list(range(total))[_parse_slice(self.steps)]
+        return list(self.steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"sites": self.sites[0] if len(self.sites) == 1 else list(self.sites)}
+        if self.kind:
+            d["kind"] = self.kind
+        if self.steps is not None:
+            d["steps"] = self.steps if isinstance(self.steps, str) else list(self.steps)
+        d["action"] = self.action
+        if self.when:
+            d["when"] = self.when.to_dict()
+        return d
+
+
+def _parse_slice(text: str) -> slice:
+    parts = text.split(":")
+    if len(parts) > 3:
+        raise ValueError(f"not a slice: {text!r}")
+    try:
+        nums = [int(p) if p.strip() else None for p in parts]
+    except ValueError:
+        raise ValueError(f"not a slice: {text!r}") from None
+    if len(nums) == 1:
+        return slice(nums[0], nums[0] + 1 if nums[0] is not None else None)
+    return slice(*nums)
+
+
+@dataclass
+class CompiledPlan:
+    """A plan resolved against a model's sites: one action per (site, step).
+
+    ``actions[site][step]``; ``adaptive[site][step]`` is the index into ``when_rules`` of the
+    ``when`` rule deciding that (site, step), else None; ``when_rules[i] = (of, below)``.
+    Only sites with some non-compute step appear.
+    """
+
+    steps: int
+    actions: dict[str, list[str]]
+    adaptive: dict[str, list[int | None]]
+    when_rules: list[tuple[str, float]]
+    slots: dict[str, str]
+
+    def action_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for row in self.actions.values():
+            for a in row:
+                counts[a] = counts.get(a, 0) + 1
+        return counts
+
+
+@dataclass
+class Plan:
+    """A versioned decision plan (see the module docstring and ``configs/plans``)."""
+
+    steps: int
+    rules: list[Rule]
+    version: int = VERSION
+    model: str | None = None
+    name: str | None = None
+
+    # -- reading and writing ------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        """Read a plan file. Errors name the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise PlanError(f"plan file not found: {path}")
+        try:
+            return cls.from_yaml(path.read_text())
+        except PlanError as exc:
+            raise PlanError(f"{path}: {exc}") from exc
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "Plan":
+        try:
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = mark.line + 1 if mark is not None else None
+            raise PlanError(f"malformed YAML: {getattr(exc, 'problem', exc)}", line=line) from None
+        lines = _rule_lines(root)
+        return cls.from_dict(data, lines=lines)
+
+    @classmethod
+    def from_dict(cls, data: Any, lines: list[int] | None = None) -> "Plan":
+        if not isinstance(data, dict):
+            raise PlanError("a plan must be a mapping with version, steps and rules")
+        unknown = set(data) - _PLAN_KEYS
+        if unknown:
+            raise PlanError(f"unknown plan field(s) {sorted(unknown)}; known: {sorted(_PLAN_KEYS)}")
+        version = data.get("version")
+        if version != VERSION:
+            raise PlanError(f"unknown plan version {version!r}; this ditopt reads version {VERSION}")
+        steps = data.get("steps")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise PlanError(f"'steps' must be a positive integer, got {steps!r}")
+        raw_rules = data.get("rules")
+        if not isinstance(raw_rules, list):
+            raise PlanError("'rules' must be a list of rules")
+        rules = [_rule_from_dict(r, i, (lines or [None] * len(raw_rules))[i] if lines and i < len(lines) else None)
+                 for i, r in enumerate(raw_rules)]
+        plan = cls(steps=steps, rules=rules, version=version, model=data.get("model"), name=data.get("name"))
+        plan.check()
+        return plan
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"version": self.version}
+        if self.name:
+            d["name"] = self.name
+        if self.model:
+            d["model"] = self.model
+        d["steps"] = self.steps
+        d["rules"] = [r.to_dict() for r in self.rules]
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+    # -- checks -------------------------------------------------------------------------------
+    def check(self) -> None:
+        """Checks that need no model: step ranges, and no reuse before a compute."""
+        for i, rule in enumerate(self.rules):
+            for s in rule.step_list(self.steps):
+                if not 0 <= s < self.steps:
+                    raise PlanError(f"step {s} is out of range 0..{self.steps - 1}", rule=i, line=rule.line,
+                                    site=",".join(rule.sites))
+            if isinstance(rule.steps, str) and not rule.step_list(self.steps):
+                raise PlanError(f"steps {rule.steps!r} select no step of 0..{self.steps - 1}", rule=i,
+                                line=rule.line, site=",".join(rule.sites))
+            if rule.action != COMPUTE and rule.when is None and 0 in rule.step_list(self.steps):
+                raise PlanError(f"{rule.action} at step 0: nothing has been computed yet to reuse", rule=i,
+                                line=rule.line, site=",".join(rule.sites))
+
+    def check_patterns(self, names: list[str]) -> None:
+        """Every include pattern must match some name (a cheap check before capture)."""
+        for i, rule in enumerate(self.rules):
+            for pattern in rule.sites:
+                if pattern.startswith("!"):
+                    continue
+                if not any(_fnmatch(n, pattern) for n in names):
+                    raise PlanError(f"pattern {pattern!r} matches no site of this model", rule=i, line=rule.line,
+                                    site=pattern)
+
+    # -- resolving against a model --------------------------------------------------------------
+    def compile(self, sites: SiteTable) -> CompiledPlan:
+        """Resolve the rules against ``sites``; raise PlanError naming rule and site on misuse."""
+        if self.model and sites.sites and getattr(sites, "model", None) not in (None, self.model):
+            raise PlanError(f"plan was made for {self.model}, not {sites.model}")
+        actions: dict[str, list[str]] = {}
+        adaptive: dict[str, list[int | None]] = {}
+        when_rules: list[tuple[str, float]] = []
+        origin: dict[tuple[str, int], int] = {}
+        for i, rule in enumerate(self.rules):
+            where = dict(rule=i, line=rule.line)
+            for pattern in rule.sites:
+                if not pattern.startswith("!") and not sites.match([pattern]):
+                    raise PlanError(f"pattern {pattern!r} matches no site; sites are e.g. {sites.names()[:6]}",
+                                    site=pattern, **where)
+            matched = sites.match(list(rule.sites), kind=rule.kind)
+            if not matched:
+                raise PlanError(f"no site of kind {rule.kind!r} matches {list(rule.sites)}",
+                                site=",".join(rule.sites), **where)
+            when_index = None
+            if rule.when is not None:
+                of = resolve_of(rule.when.of, rule.kind, sites)
+                if of is None:
+                    raise PlanError(f"'when.of' names no site: {rule.when.of!r}", site=rule.when.of, **where)
+                when_index = len(when_rules)
+                when_rules.append((of, rule.when.below))
+                # A site is never decided by its own output, nor by one inside or around it.
+                matched = [s for s in matched if s.name != of and of not in sites.ancestors(s.name)
+                           and s.name not in sites.ancestors(of)]
+            for site in matched:
+                if rule.action != COMPUTE and not site.skippable:
+                    raise PlanError(f"site cannot be skipped: {site.why_not_skippable}", site=site.name, **where)
+                if rule.action == REUSE_RESIDUAL and any(r is None for r in site.residual_inputs):
+                    raise PlanError("reuse_residual needs an input shaped like each output; this site has none "
+                                    "(use 'reuse')", site=site.name, **where)
+                row = actions.setdefault(site.name, [COMPUTE] * self.steps)
+                arow = adaptive.setdefault(site.name, [None] * self.steps)
+                for s in rule.step_list(self.steps):
+                    row[s] = rule.action
+                    arow[s] = when_index if rule.action != COMPUTE else None
+                    origin[(site.name, s)] = i
+        slots: dict[str, str] = {}
+        for name, row in list(actions.items()):
+            used = {a for a in row if a != COMPUTE}
+            if not used:
+                del actions[name], adaptive[name]
+                continue
+            if len(used) > 1:
+                raise PlanError(f"a site takes one kind of reuse per plan, got {sorted(used)}", site=name)
+            slots[name] = SLOTS[used.pop()]
+            first = next(s for s, a in enumerate(row) if a != COMPUTE)
+            if COMPUTE not in row[:first]:
+                i = origin[(name, first)]
+                raise PlanError(f"{row[first]} at step {first} before the site computed at any step",
+                                rule=i, line=self.rules[i].line, site=name)
+        self._check_when(sites, actions, adaptive, when_rules)
+        return CompiledPlan(self.steps, actions, adaptive, when_rules, slots)
+
+    def _check_when(self, sites, actions, adaptive, when_rules) -> None:
+        order = {n: i for i, n in enumerate(sites.names())}
+        for index, (of, _) in enumerate(when_rules):
+            governed = [s for s, row in adaptive.items() if index in row]
+            rule_i = [i for i, r in enumerate(self.rules) if r.when is not None][index]
+            where = dict(rule=rule_i, line=self.rules[rule_i].line)
+            for s in governed:
+                if s == of or of in sites.ancestors(s) or s in sites.ancestors(of):
+                    raise PlanError(f"'when.of' site {of!r} cannot be {s!r}, inside it or contain it",
+                                    site=s, **where)
+                if order[s] <= order[of]:
+                    raise PlanError(f"site {s!r} runs before its 'when.of' site {of!r}", site=s, **where)
+            steps = {st for s in governed for st, r in enumerate(adaptive[s]) if r == index}
+            for anc in [of, *sites.ancestors(of)]:
+                row = actions.get(anc)
+                if row and any(row[st] != COMPUTE for st in steps):
+                    raise PlanError(f"the 'when.of' site must compute at every step the rule decides, but "
+                                    f"{anc!r} reuses", site=of, **where)
+
+
+def resolve_of(pattern: str, kind: str | None, sites: SiteTable) -> str | None:
+    """The site a ``when.of`` names: the site itself, or for a glob the first match in graph
+    order (of the rule's kind), preferring the blocks of the stack."""
+    if pattern in sites:
+        return pattern
+    found = sites.match([pattern], kind=kind)
+    in_stack = [s for s in found if s.parent == "stack"]
+    pick = (in_stack or found)
+    return pick[0].name if pick else None
+
+
+def _fnmatch(name: str, pattern: str) -> bool:
+    from fnmatch import fnmatchcase
+
+    return fnmatchcase(name, pattern)
+
+
+def _rule_lines(root) -> list[int]:
+    """1-based line of each rule in the YAML text (best effort)."""
+    if root is None or not isinstance(root, yaml.MappingNode):
+        return []
+    for key, value in root.value:
+        if getattr(key, "value", None) == "rules" and isinstance(value, yaml.SequenceNode):
+            return [item.start_mark.line + 1 for item in value.value]
+    return []
+
+
+def _rule_from_dict(raw: Any, index: int, line: int | None) -> Rule:
+    where = dict(rule=index, line=line)
+    if not isinstance(raw, dict):
+        raise PlanError(f"a rule must be a mapping, got {type(raw).__name__}", **where)
+    unknown = set(raw) - _RULE_KEYS
+    if unknown:
+        raise PlanError(f"unknown rule field(s) {sorted(unknown)}; known: {sorted(_RULE_KEYS)}", **where)
+    sites = raw.get("sites")
+    if isinstance(sites, str):
+        sites = (sites,)
+    elif isinstance(sites, list) and sites and all(isinstance(s, str) for s in sites):
+        sites = tuple(sites)
+    else:
+        raise PlanError(f"'sites' must be a glob or a list of globs, got {sites!r}", **where)
+    label = ",".join(sites)
+    action = raw.get("action")
+    if action not in ACTIONS:
+        raise PlanError(f"unknown action {action!r}; known: {list(ACTIONS)}", site=label, **where)
+    kind = raw.get("kind")
+    if kind is not None and kind not in SITE_KINDS:
+        raise PlanError(f"unknown kind {kind!r}; known: {list(SITE_KINDS)}", site=label, **where)
+    steps = raw.get("steps")
+    if steps is not None:
+        if isinstance(steps, str):
+            try:
+                _parse_slice(steps)
+            except ValueError as exc:
+                raise PlanError(str(exc), site=label, **where) from None
+        elif isinstance(steps, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in steps):
+            steps = tuple(steps)
+        elif isinstance(steps, int) and not isinstance(steps, bool):
+            steps = (steps,)
+        else:
+            raise PlanError(f"'steps' must be a slice string like '2:48:2' or a list of ints, got {steps!r}",
+                            site=label, **where)
+    when = raw.get("when")
+    if when is not None:
+        if not isinstance(when, dict) or set(when) - {"indicator", "of", "below"} or "of" not in when \
+                or "below" not in when:
+            raise PlanError("'when' must be {indicator: rel_l1, of: SITE, below: NUMBER}", site=label, **where)
+        indicator = when.get("indicator", "rel_l1")
+        if indicator not in INDICATORS:
+            raise PlanError(f"unknown indicator {indicator!r}; known: {list(INDICATORS)}", site=label, **where)
+        below = when["below"]
+        if not isinstance(below, (int, float)) or isinstance(below, bool) or below <= 0:
+            raise PlanError(f"'when.below' must be a positive number, got {below!r}", site=label, **where)
+        when = When(of=str(when["of"]), below=float(below), indicator=indicator)
+    return Rule(sites=sites, action=action, steps=steps, kind=kind, when=when, line=line)

@@ -1,0 +1,440 @@
+"""Find the sites of a captured graph: the regions a plan can address.
+
+A site is a set of graph nodes a plan can tell to compute or reuse: a transformer block, an
+attention call, a feed-forward, or the whole block stack. Sites are found from the graph
+alone, never from a per-model table:
+
+- a node belongs to a module's region when that module's forward was active as the node ran
+  (``nn_module_stack``); parameters arrive as placeholders and belong to no region;
+- a **block** is the outermost integer-indexed module (``blocks.3``) whose region contains an
+  attention op;
+- an **attention** site is the innermost module around an attention op; it is ``cross`` when
+  its keys depend on a tensor its queries do not, ``joint`` when its queries mix two token
+  streams, ``self`` otherwise;
+- a **feedforward** is the outermost module inside a block, outside attention, that holds two
+  or more matmuls and maps one token tensor to one of the same shape;
+- the **stack** runs from the first block's first node to the last block's last node, keeping
+  the nodes that depend on the first block (independent work in that range is left outside).
+
+Dataflow (region inputs, live-outs, residual form ``out = in + delta``) is computed on a
+networkx view of the graph.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from .capture import module_stack
+
+SITE_KINDS = ("block", "attention", "feedforward", "stack")
+STACK = "stack"
+
+_INDEXED = re.compile(r"^(.*)\.(\d+)$")
+# Ops a residual stream passes through unchanged in value (up to dtype).
+_PASS_THROUGH = {"float", "to", "type_as", "contiguous", "type", "half", "bfloat16", "clone"}
+_ADDS = {operator.add, operator.iadd, torch.add, torch.Tensor.add, "add", "add_"}
+_MATMULS = {
+    torch._C._nn.linear, torch.nn.functional.linear, torch.matmul, torch.bmm, torch.baddbmm, torch.mm,
+    torch.addmm, operator.matmul, "matmul", "bmm", "mm", "linear",
+}
+
+
+@dataclass(frozen=True)
+class Site:
+    """A region of the graph that a plan can address.
+
+    ``name`` is the module path (``blocks.3``, ``blocks.3.attn1``) or ``stack``; ``kind`` one of
+    block, attention, feedforward, stack. The rest describes the region and is not part of
+    equality: ``Site("blocks.3", "block") == found_site`` compares name and kind only.
+    """
+
+    name: str
+    kind: str
+    attention: str | None = field(default=None, compare=False)  # self | cross | joint
+    module_type: str = field(default="", compare=False)
+    nodes: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    inputs: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    live_outs: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    residual_inputs: tuple[str | None, ...] = field(default=(), compare=False, repr=False)
+    residual_form: bool = field(default=False, compare=False, repr=False)
+    parent: str | None = field(default=None, compare=False, repr=False)
+    skippable: bool = field(default=True, compare=False, repr=False)
+    why_not_skippable: str = field(default="", compare=False, repr=False)
+
+    def matches(self, pattern: str) -> bool:
+        """fnmatch ``pattern`` against the name (``blocks.*`` also matches ``blocks.3.attn1``)."""
+        return fnmatchcase(self.name, pattern)
+
+
+class SiteTable:
+    """The sites of one graph, in graph order, with lookups by name and glob.
+
+    Example:
+        >>> table = SiteTable([Site("blocks.0", "block"), Site("blocks.0.attn1", "attention")])
+        >>> [s.name for s in table.match(["blocks.*", "!blocks.0"])]
+        ['blocks.0.attn1']
+    """
+
+    def __init__(self, sites: list[Site]):
+        self.sites = list(sites)
+        self.by_name = {s.name: s for s in self.sites}
+
+    def __iter__(self):
+        return iter(self.sites)
+
+    def __len__(self):
+        return len(self.sites)
+
+    def __getitem__(self, name: str) -> Site:
+        return self.by_name[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.by_name
+
+    def names(self) -> list[str]:
+        return [s.name for s in self.sites]
+
+    def match(self, patterns: str | list[str], kind: str | None = None) -> list[Site]:
+        """Sites matched by the globs (``!glob`` excludes), optionally of one ``kind``."""
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+        include = [p for p in patterns if not p.startswith("!")]
+        exclude = [p[1:] for p in patterns if p.startswith("!")]
+        return [
+            s for s in self.sites
+            if any(s.matches(p) for p in include)
+            and not any(s.matches(p) for p in exclude)
+            and (kind is None or s.kind == kind)
+        ]
+
+    def ancestors(self, name: str) -> list[str]:
+        """Names of the sites that contain ``name``, innermost first."""
+        out, parent = [], self.by_name[name].parent
+        while parent is not None:
+            out.append(parent)
+            parent = self.by_name[parent].parent
+        return out
+
+
+# -- node classification -------------------------------------------------------------------
+
+def _target_name(node: fx.Node) -> str:
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+def is_param(node: fx.Node) -> bool:
+    """Parameters and buffers: dynamo lifts them to placeholders, symbolic_trace uses get_attr."""
+    if node.op == "get_attr":
+        return True
+    if node.op != "placeholder":
+        return False
+    grapharg = node.meta.get("grapharg")
+    example = getattr(grapharg, "example", None) if grapharg is not None else None
+    if isinstance(example, torch.nn.Parameter):
+        return True
+    return "_parameters_" in node.name or "_buffers_" in node.name
+
+
+def is_attention_op(node: fx.Node) -> bool:
+    """An attention kernel call, or a softmax between two matmuls (hand-written attention)."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    name = _target_name(node)
+    if "scaled_dot_product_attention" in name or "flash_attn" in name or name.startswith("attention"):
+        return True
+    if name == "softmax":
+        src = node.args[0] if node.args else None
+        feeds_matmul = any(u.target in _MATMULS or _target_name(u) in _MATMULS for u in node.users)
+        fed_by = isinstance(src, fx.Node) and _walks_to_matmul(src)
+        return feeds_matmul and fed_by
+    return False
+
+
+def _walks_to_matmul(node: fx.Node, depth: int = 4) -> bool:
+    for _ in range(depth):
+        if node.target in _MATMULS or _target_name(node) in _MATMULS:
+            return True
+        nxt = [a for a in node.all_input_nodes if not is_param(a)]
+        if not nxt:
+            return False
+        node = nxt[0]
+    return False
+
+
+def is_matmul(node: fx.Node) -> bool:
+    return node.op in ("call_function", "call_method") and (node.target in _MATMULS or _target_name(node) in _MATMULS)
+
+
+def tensor_meta(node: fx.Node):
+    """Shape and dtype of a node's value, from dynamo's example value or ShapeProp."""
+    for key in ("example_value", "val"):
+        v = node.meta.get(key)
+        if isinstance(v, torch.Tensor):
+            return tuple(v.shape), v.dtype
+    tm = node.meta.get("tensor_meta")
+    if tm is not None and hasattr(tm, "shape"):
+        return tuple(tm.shape), tm.dtype
+    return None
+
+
+# -- region analysis -------------------------------------------------------------------------
+
+@dataclass
+class Region:
+    nodes: list[fx.Node]
+    inputs: list[fx.Node]
+    live_outs: list[fx.Node]
+
+
+def region_of(nodes: list[fx.Node]) -> Region:
+    """Inputs (nodes outside used inside) and live-outs (nodes inside used outside)."""
+    members = set(nodes)
+    inputs: dict[fx.Node, None] = {}
+    live_outs: dict[fx.Node, None] = {}
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a not in members:
+                inputs[a] = None
+        if any(u not in members for u in n.users):
+            live_outs[n] = None
+    return Region(list(nodes), list(inputs), list(live_outs))
+
+
+def graph_to_nx(graph: fx.Graph) -> nx.DiGraph:
+    g = nx.DiGraph()
+    for n in graph.nodes:
+        g.add_node(n)
+        for a in n.all_input_nodes:
+            g.add_edge(a, n)
+    return g
+
+
+def _on_residual_chain(out: fx.Node, candidate: fx.Node, members: set[fx.Node], depth: int = 16) -> bool:
+    """Is ``out`` = ``candidate`` + something, through adds and dtype casts inside the region?"""
+    frontier = [out]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            if n is candidate:
+                return True
+            if n not in members:
+                continue
+            name = _target_name(n)
+            if n.target in _ADDS or name in _ADDS:
+                nxt.extend(a for a in n.args if isinstance(a, fx.Node))
+            elif name in _PASS_THROUGH and n.args and isinstance(n.args[0], fx.Node):
+                nxt.append(n.args[0])
+        if not nxt:
+            return False
+        frontier = nxt
+    return False
+
+
+def residual_inputs(region: Region) -> tuple[list[fx.Node | None], bool]:
+    """For each live-out, the region input it is a residual update of (or None).
+
+    Candidates are the data inputs with the live-out's shape and dtype; one on an add chain
+    to the live-out wins. Returns the inputs and whether every live-out is in residual form.
+    """
+    members = set(region.nodes)
+    data_inputs = [i for i in region.inputs if not is_param(i) and tensor_meta(i) is not None]
+    chosen: list[fx.Node | None] = []
+    all_residual = True
+    taken: set[fx.Node] = set()
+    for out in region.live_outs:
+        meta = tensor_meta(out)
+        candidates = [i for i in data_inputs if meta is not None and tensor_meta(i) == meta and i not in taken]
+        on_chain = [c for c in candidates if _on_residual_chain(out, c, members)]
+        if on_chain:
+            pick = on_chain[0]
+        else:
+            all_residual = False
+            pick = candidates[0] if len(candidates) == 1 else None
+        if pick is not None:
+            taken.add(pick)
+        chosen.append(pick)
+    return chosen, all_residual and bool(region.live_outs)
+
+
+def _extractable(region: Region, order: dict[fx.Node, int]) -> tuple[bool, str]:
+    """Can the region become one cond placed at its last node? (a check, not a rewrite)"""
+    last = max(order[n] for n in region.nodes)
+    for out in region.live_outs:
+        if tensor_meta(out) is None:
+            return False, f"live-out {out.name} is not a tensor"
+        for user in out.users:
+            if user not in region.nodes and order[user] < last:
+                return False, f"live-out {out.name} is used by {user.name} before the region ends"
+    for i in region.inputs:
+        if not is_param(i) and tensor_meta(i) is None and i.op != "placeholder":
+            return False, f"input {i.name} is not a tensor"
+    return True, ""
+
+
+# -- finding sites ---------------------------------------------------------------------------
+
+def _module_regions(graph: fx.Graph) -> tuple[dict[str, list[fx.Node]], dict[str, str]]:
+    """Nodes of each module call (first call of each module path) and each module's type."""
+    regions: dict[str, list[fx.Node]] = {}
+    first_key: dict[str, str] = {}
+    types: dict[str, str] = {}
+    for n in graph.nodes:
+        if n.op in ("placeholder", "output", "get_attr"):
+            continue
+        for path, key, typ in module_stack(n):
+            if not path:
+                continue
+            first_key.setdefault(path, key)
+            if key != first_key[path]:
+                continue  # a later call of the same module is not part of its site
+            regions.setdefault(path, []).append(n)
+            types.setdefault(path, getattr(typ, "__name__", str(typ)))
+    return regions, types
+
+
+def _attention_kind(op: fx.Node, region: Region) -> str:
+    members = set(region.nodes)
+
+    def data_sources(x) -> set[fx.Node]:
+        if not isinstance(x, fx.Node):
+            return set()
+        seen, stack, found = set(), [x], set()
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n not in members:
+                if not is_param(n):
+                    found.add(n)
+                continue
+            stack.extend(n.all_input_nodes)
+        return found
+
+    q = op.args[0] if op.args else op.kwargs.get("query")
+    k = op.args[1] if len(op.args) > 1 else op.kwargs.get("key")
+    q_src, k_src = data_sources(q), data_sources(k)
+    if k_src - q_src:
+        return "cross"
+    token_streams = [s for s in q_src if (tensor_meta(s) or ((),))[0].__len__() >= 3]
+    return "joint" if len(token_streams) >= 2 else "self"
+
+
+def find_sites(graph: fx.Graph) -> SiteTable:
+    """All sites of a captured graph, in graph order."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    regions, types = _module_regions(graph)
+    attention_ops = [n for n in graph.nodes if is_attention_op(n)]
+
+    def holds_attention(path: str) -> bool:
+        members = set(regions[path])
+        return any(op in members for op in attention_ops)
+
+    blocks = [p for p in regions if _INDEXED.match(p) and holds_attention(p)]
+    blocks = [p for p in blocks if not any(p != q and p.startswith(q + ".") for q in blocks)]
+
+    attention_paths: dict[str, fx.Node] = {}
+    for op in attention_ops:
+        stack = [path for path, _, _ in module_stack(op) if path in regions]
+        if stack:
+            attention_paths.setdefault(stack[-1], op)
+
+    feedforwards = []
+    for block in blocks:
+        inner = [p for p in regions if p.startswith(block + ".")]
+        for p in inner:
+            if any(p == a or p.startswith(a + ".") or a.startswith(p + ".") for a in attention_paths):
+                continue
+            if sum(1 for n in regions[p] if is_matmul(n)) < 2:
+                continue
+            region = region_of(regions[p])
+            outs = [o for o in region.live_outs if tensor_meta(o) is not None]
+            if len(outs) != 1 or len(tensor_meta(outs[0])[0]) < 3:
+                continue
+            if not any(tensor_meta(i) == tensor_meta(outs[0]) for i in region.inputs if not is_param(i)):
+                continue
+            feedforwards.append(p)
+    feedforwards = [p for p in feedforwards if not any(p != q and p.startswith(q + ".") for q in feedforwards)]
+
+    candidates: list[tuple[str, str, list[fx.Node], str | None]] = []
+    for p in blocks:
+        candidates.append((p, "block", regions[p], None))
+    for p, op in attention_paths.items():
+        candidates.append((p, "attention", regions[p], _attention_kind(op, region_of(regions[p]))))
+    for p in feedforwards:
+        candidates.append((p, "feedforward", regions[p], None))
+    stack_blocks = _main_stack_blocks(blocks)
+    if stack_blocks:
+        candidates.append((STACK, "stack", _stack_nodes(graph, [regions[b] for b in stack_blocks], order), None))
+
+    sites = []
+    for name, kind, nodes, attn in candidates:
+        nodes = sorted(nodes, key=order.__getitem__)
+        region = region_of(nodes)
+        res, residual = residual_inputs(region)
+        ok, why = _extractable(region, order)
+        sites.append(Site(
+            name=name, kind=kind, attention=attn, module_type=types.get(name, "") if kind != "stack" else "stack",
+            nodes=tuple(n.name for n in nodes), inputs=tuple(n.name for n in region.inputs),
+            live_outs=tuple(n.name for n in region.live_outs),
+            residual_inputs=tuple(r.name if r is not None else None for r in res),
+            residual_form=residual, skippable=ok, why_not_skippable=why,
+        ))
+    first = {s.name: order_of_first(s, graph) for s in sites}
+    sites.sort(key=lambda s: (first[s.name], -len(s.nodes)))
+    return SiteTable(_with_parents(sites))
+
+
+def order_of_first(site: Site, graph: fx.Graph) -> int:
+    names = set(site.nodes)
+    for i, n in enumerate(graph.nodes):
+        if n.name in names:
+            return i
+    return -1
+
+
+def _main_stack_blocks(blocks: list[str]) -> list[str]:
+    """The blocks of the main stack: the block lists nearest the model's root.
+
+    (HunyuanVideo also has refiner blocks inside its text embedder; they are blocks, but not
+    the stack.)
+    """
+    if not blocks:
+        return []
+    depth = {b: _INDEXED.match(b).group(1).count(".") for b in blocks}
+    shallowest = min(depth.values())
+    return [b for b in blocks if depth[b] == shallowest]
+
+
+def _stack_nodes(graph: fx.Graph, block_regions: list[list[fx.Node]], order: dict[fx.Node, int]) -> list[fx.Node]:
+    first = min(order[n] for r in block_regions for n in r)
+    last = max(order[n] for r in block_regions for n in r)
+    in_range = [n for n in graph.nodes if first <= order[n] <= last and n.op not in ("placeholder", "output")]
+    g = graph_to_nx(graph)
+    first_block = block_regions[0] if order[block_regions[0][0]] == first else min(block_regions, key=lambda r: order[r[0]])
+    reach = set(first_block)
+    for n in first_block:
+        reach |= nx.descendants(g, n)
+    members = {n for r in block_regions for n in r}
+    return [n for n in in_range if n in reach or n in members]
+
+
+def _with_parents(sites: list[Site]) -> list[Site]:
+    """Set each site's parent: the smallest other site whose nodes contain all of its nodes."""
+    node_sets = {s.name: set(s.nodes) for s in sites}
+    out = []
+    for s in sites:
+        containing = [
+            o for o in sites
+            if o.name != s.name and node_sets[s.name] <= node_sets[o.name] and len(o.nodes) > len(s.nodes)
+        ]
+        parent = min(containing, key=lambda o: len(o.nodes)).name if containing else None
+        out.append(Site(**{**s.__dict__, "parent": parent}))
+    return out

@@ -1,0 +1,51 @@
+"""ditopt's graph passes, in pipeline order. See README.md here for the invariants.
+
+The pipeline reads top to bottom; each pass is ``(gm, ctx) -> PassResult``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch.fx as fx
+
+from .annotate_decisions import annotate_decisions
+from .insert_cache_ops import insert_cache_ops
+from .insert_indicators import insert_indicators
+from .insert_skip_branches import insert_skip_branches
+from .insert_step_tracking import insert_step_tracking
+from .lower_skip_branches import lower_skip_branches
+from .pass_base import PassContext, PassResult
+from .verify_graph import GraphInvariantError, verify_graph
+
+# annotate_decisions runs first and alone reads the plan (it takes the compiled plan).
+PIPELINE = [
+    insert_step_tracking,   # token + begin_step: every later runtime op reads the token
+    insert_indicators,      # before cache ops, so a watched site's indicator sits outside the regions
+    insert_cache_ops,       # decide / load / store around each region; graph still computes all
+    insert_skip_branches,   # needs the loads and stores in place: regions become torch.cond
+]
+EAGER_ONLY = [
+    lower_skip_branches,    # the eager path runs conds as Python branches (no dynamo re-entry)
+]
+
+
+def run_pipeline(gm: fx.GraphModule, ctx: PassContext, compiled_plan, *, inductor: bool) -> list[tuple[str, bool]]:
+    """Run every pass; return ``[(pass name, modified)]``. ``DITOPT_DEBUG=1`` verifies after each."""
+    debug = os.environ.get("DITOPT_DEBUG") == "1"
+    report = [("annotate_decisions", annotate_decisions(gm, ctx, compiled_plan).modified)]
+    passes = PIPELINE + ([] if inductor else EAGER_ONLY)
+    for p in passes:
+        result = p(gm, ctx)
+        report.append((p.__name__, result.modified))
+        if debug:
+            verify_graph(gm, ctx)
+    verify_graph(gm, ctx)
+    return report
+
+
+__all__ = [
+    "EAGER_ONLY", "PIPELINE", "GraphInvariantError", "PassContext", "PassResult", "annotate_decisions",
+    "insert_cache_ops", "insert_indicators", "insert_skip_branches", "insert_step_tracking",
+    "lower_skip_branches", "run_pipeline", "verify_graph",
+]

@@ -1,0 +1,91 @@
+"""Insert the decision, the cache loads and the cache stores around every reusing site.
+
+Matches: each site in ``gm.meta["ditopt"]["sites"]`` (its nodes carry the site in ``regions``).
+Rewrite to (a ``reuse_residual`` site with one live-out ``h1`` and residual input ``h0``):
+    before                          after
+                                    pred = ditopt.decide(token, rid, graph, "blocks.3", shape)
+                                    r_old = ditopt.cache_load(token, ..., "blocks.3", "residual0", ...)
+    h1 = <region of blocks.3>(h0)   h1 = <region of blocks.3>(h0)
+                                    r = h1 - h0                          (in the region)
+                                    ditopt.cache_store(token, r, pred, ..., "blocks.3", "residual0")
+The graph still computes everything and stays numerically identical; the skip-branch pass
+then turns the region into a ``torch.cond`` that reads ``r_old`` when ``pred`` is False.
+A ``reuse`` site stores and loads its outputs (slot ``output<i>``) instead.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from ditopt.sites import tensor_meta
+
+from .insert_step_tracking import token_of
+from .pass_base import PassContext, PassResult, annotation, graph_annotation, regions_of
+
+
+def _copy_meta(new: fx.Node, like: fx.Node, example=None) -> None:
+    new.meta["nn_module_stack"] = like.meta.get("nn_module_stack", {})
+    if example is not None:
+        new.meta["example_value"] = example
+
+
+def insert_cache_ops(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    graph = gm.graph
+    sites = graph_annotation(gm).get("sites", {})
+    token = token_of(graph)
+    have = {n.meta["ditopt"].get("site") for n in graph.nodes
+            if n.meta.get("ditopt", {}).get("role") == "decide"}
+    by_name = {n.name: n for n in graph.nodes}
+    changed = False
+    for site, info in sites.items():
+        if site in have:
+            continue
+        members = [n for n in graph.nodes if site in regions_of(n)]
+        outer = regions_of(members[0]) - {site}
+        live_outs = [by_name[n] for n in info["live_outs"]]
+        residual = info["slot"] == "residual"
+        shapes = [tensor_meta(o) for o in live_outs]
+
+        with graph.inserting_before(members[0]):
+            pred = graph.call_function(torch.ops.ditopt.decide.default,
+                                       (token, ctx.runtime_id, ctx.graph_id, site, list(shapes[0][0])))
+            loads = []
+            for i, (shape, dtype) in enumerate(shapes):
+                load = graph.call_function(torch.ops.ditopt.cache_load.default, (
+                    token, ctx.runtime_id, ctx.graph_id, site, f"{info['slot']}{i}", list(shape), dtype, ctx.inductor))
+                loads.append(load)
+        _copy_meta(pred, members[0], torch.zeros((), dtype=torch.bool))
+        annotation(pred).update(role="decide", site=site, regions=sorted(outer))
+        for i, load in enumerate(loads):
+            _copy_meta(load, members[0], torch.zeros(shapes[i][0], dtype=shapes[i][1]))
+            annotation(load).update(role="load", site=site, index=i, regions=sorted(outer))
+
+        anchor = max(members, key=lambda n: list(graph.nodes).index(n))
+        values = []
+        for i, out in enumerate(live_outs):
+            if residual:
+                main = by_name[info["residual_inputs"][i]]
+                with graph.inserting_after(anchor):
+                    value = graph.call_function(operator.sub, (out, main))
+                _copy_meta(value, out, out.meta.get("example_value"))
+                annotation(value).update(role="residual", site=site, regions=sorted(outer | {site}))
+                anchor = value
+            else:
+                value = out
+            values.append(value)
+        for i, value in enumerate(values):
+            with graph.inserting_after(anchor):
+                store = graph.call_function(torch.ops.ditopt.cache_store.default, (
+                    token, value, pred, ctx.runtime_id, ctx.graph_id, site, f"{info['slot']}{i}",
+                    ctx.inductor or not residual))
+            _copy_meta(store, live_outs[i])
+            annotation(store).update(role="store", site=site, index=i, regions=sorted(outer))
+            anchor = store
+        changed = True
+    if changed:
+        graph.lint()
+        gm.recompile()
+    return PassResult(gm, changed)

@@ -1,0 +1,41 @@
+"""Feed the output of every watched site to its ``when`` rules' indicator.
+
+Matches: nodes annotated ``watch`` (the first live-out of a ``when.of`` site).
+Rewrite to:
+    before                          after
+    h = <site output>               h = <site output>
+                                    ditopt.update_indicator(token, h, rid, graph, rule)
+The runtime accumulates the relative L1 change of ``h`` since the last computing step on the
+device; the decisions of the rule's sites read it as a tensor (no host read).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .insert_step_tracking import token_of
+from .pass_base import PassContext, PassResult, annotation
+
+
+def insert_indicators(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    graph = gm.graph
+    token = token_of(graph)
+    done = {n.args[4] for n in graph.nodes if n.target is torch.ops.ditopt.update_indicator.default}
+    inserted = 0
+    for node in list(graph.nodes):
+        for rule in node.meta.get("ditopt", {}).get("watch", ()):
+            if rule in done:
+                continue
+            with graph.inserting_after(node):
+                upd = graph.call_function(torch.ops.ditopt.update_indicator.default,
+                                          (token, node, ctx.runtime_id, ctx.graph_id, rule))
+            ann = annotation(upd)
+            ann["role"] = "indicator"
+            ann["regions"] = list(node.meta.get("ditopt", {}).get("regions", ()))
+            upd.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+            inserted += 1
+    if inserted:
+        graph.lint()
+        gm.recompile()
+    return PassResult(gm, bool(inserted))

@@ -1,0 +1,64 @@
+"""Give the graph a runtime token and advance the step state at the start of every call.
+
+Matches: the placeholder carrying the timestep (the forward argument named ``ctx.timestep``).
+Rewrite to:
+    before                          after
+    timestep = placeholder          timestep = placeholder
+                                    ditopt_token = placeholder          (appended last)
+                                    ditopt.begin_step(ditopt_token, timestep, rid, graph)
+The token is a one-element tensor the backend passes on every call; runtime ops that have an
+effect declare they mutate it, which keeps inductor from deleting or reordering them.
+Fires only when the graph has sites to decide (``gm.meta["ditopt"]["sites"]`` or watches).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ditopt.errors import CaptureError
+
+from .pass_base import PassContext, PassResult, annotation, graph_annotation
+
+TOKEN = "ditopt_token"
+
+
+def find_timestep(graph: fx.Graph, name: str) -> fx.Node | None:
+    for node in graph.find_nodes(op="placeholder"):
+        grapharg = node.meta.get("grapharg")
+        source = getattr(getattr(grapharg, "source", None), "name", None)
+        if source in (f"L['{name}']", name) or node.name in (name, f"l_{name}_") or node.target == name:
+            return node
+    return None
+
+
+def token_of(graph: fx.Graph) -> fx.Node | None:
+    for node in graph.find_nodes(op="placeholder"):
+        if node.meta.get("ditopt", {}).get("role") == "token":
+            return node
+    return None
+
+
+def insert_step_tracking(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    ga = graph_annotation(gm)
+    if not ga.get("sites") and not ga.get("decisions", None) or token_of(gm.graph) is not None:
+        return PassResult(gm, False)
+    if not ga.get("sites") and not ga["decisions"].when_rules:
+        return PassResult(gm, False)
+    graph = gm.graph
+    timestep = find_timestep(graph, ctx.timestep)
+    if timestep is None:
+        raise CaptureError(f"no '{ctx.timestep}' tensor input found: ditopt needs the timestep to track steps "
+                           f"(pass timestep_arg= to name it)")
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    with graph.inserting_after(placeholders[-1]):
+        token = graph.placeholder(TOKEN)
+    token._dynamo_source = None
+    token.meta["example_value"] = torch.zeros(1, dtype=torch.int64)
+    annotation(token)["role"] = "token"
+    with graph.inserting_after(token):
+        begin = graph.call_function(torch.ops.ditopt.begin_step.default, (token, timestep, ctx.runtime_id, ctx.graph_id))
+    annotation(begin)["role"] = "begin_step"
+    graph.lint()
+    gm.recompile()
+    return PassResult(gm, True)

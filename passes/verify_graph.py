@@ -1,0 +1,50 @@
+"""Check the invariants of a rewritten graph (passes/README.md); raise naming the node.
+
+Runs after the last pass, and after every pass in debug mode (``DITOPT_DEBUG=1``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .pass_base import PassContext, PassResult, graph_annotation
+
+_EFFECTS = {"begin_step", "cache_store", "update_indicator"}
+
+
+class GraphInvariantError(AssertionError):
+    pass
+
+
+def _fail(node: fx.Node, message: str):
+    raise GraphInvariantError(f"{message}: {node.format_node()}")
+
+
+def verify_graph(gm: fx.GraphModule, ctx: PassContext | None = None) -> PassResult:
+    graph = gm.graph
+    graph.lint()
+    ga = graph_annotation(gm)
+    token = [n for n in graph.find_nodes(op="placeholder") if n.meta.get("ditopt", {}).get("role") == "token"]
+    if len(token) > 1:
+        _fail(token[1], "more than one runtime token")
+    for node in graph.nodes:
+        target = node.target
+        name = getattr(target, "_opname", None) if node.op == "call_function" else None
+        if name in _EFFECTS and (not token or node.args[0] is not token[0]):
+            _fail(node, "a runtime effect must mutate the graph's token")
+        if node.op == "call_function" and target is torch.ops.higher_order.cond:
+            true_gm = getattr(gm, node.args[1].target)
+            false_gm = getattr(gm, node.args[2].target)
+            n_true = len(next(iter(true_gm.graph.find_nodes(op="output"))).args[0])
+            n_false = len(next(iter(false_gm.graph.find_nodes(op="output"))).args[0])
+            if n_true != n_false:
+                _fail(node, f"skip branch outputs differ in number ({n_true} vs {n_false})")
+            for sub in (true_gm, false_gm):
+                for inner in sub.graph.nodes:
+                    if getattr(inner.target, "_opname", None) in _EFFECTS:
+                        _fail(inner, "a runtime effect inside a skip branch (it must be hoisted)")
+    missing = set(ga.get("sites", {})) - set(ga.get("skip_branches", ()))
+    if ga.get("skip_branches") is not None and missing:
+        raise GraphInvariantError(f"sites annotated for reuse but never given a skip branch: {sorted(missing)}")
+    return PassResult(gm, False)

@@ -1,0 +1,11 @@
+"""ditopt's runtime: step state, cache store and the custom ops rewritten graphs call."""
+
+from . import ops
+from .cache_store import CacheStore
+from .session import COMPUTE, SKIPPED, GraphDecisions, Runtime, find_runtime, get_runtime
+from .step_state import StepState
+
+__all__ = [
+    "COMPUTE", "SKIPPED", "CacheStore", "GraphDecisions", "Runtime", "StepState",
+    "find_runtime", "get_runtime", "ops",
+]

@@ -1,0 +1,102 @@
+"""The custom ops the rewritten graph calls.
+
+Every runtime effect is a ``torch.library.custom_op`` with a fake implementation, so that the
+same rewritten graph runs eagerly and under inductor. Ops with a side effect (advancing the
+step, storing into the cache, accumulating an indicator) declare that they mutate ``token``:
+a one-element tensor every rewritten graph takes as an extra input. The declared mutation
+keeps inductor from deleting them and orders them; the ops that read the runtime take the
+token too, so they run after the step has advanced.
+
+Decisions never read a tensor on the host: a static plan's decision is known from the step
+index, and an adaptive one is a device tensor computed from the indicator.
+"""
+
+from __future__ import annotations
+
+
+import torch
+
+from .session import get_runtime
+
+
+@torch.library.custom_op("ditopt::begin_step", mutates_args=("token",))
+def begin_step(token: torch.Tensor, timestep: torch.Tensor, rid: int, graph: int) -> None:
+    """Advance the runtime's step state from this call's timestep."""
+    token.add_(1)
+    get_runtime(rid).begin(float(timestep.reshape(-1)[0]), graph)
+
+
+@begin_step.register_fake
+def _(token, timestep, rid, graph):
+    return None
+
+
+@torch.library.custom_op("ditopt::decide", mutates_args=())
+def decide(token: torch.Tensor, rid: int, graph: int, site: str, shape: list[int]) -> torch.Tensor:
+    """Whether ``site`` computes at this call: a bool scalar, True = compute."""
+    rt = get_runtime(rid)
+    decision = rt.decide(graph, site, tuple(shape))
+    if decision is None:
+        return rt.decide_adaptive(graph, site).to(token.device)
+    return torch.tensor(decision, device=token.device)
+
+
+@decide.register_fake
+def _(token, rid, graph, site, shape):
+    return torch.empty((), dtype=torch.bool, device=token.device)
+
+
+@torch.library.custom_op("ditopt::update_indicator", mutates_args=("token",))
+def update_indicator(token: torch.Tensor, value: torch.Tensor, rid: int, graph: int, rule: int) -> None:
+    """Accumulate the relative L1 change of ``value`` for ``when`` rule ``rule``."""
+    token.add_(1)
+    get_runtime(rid).update_indicator(graph, rule, value.detach())
+
+
+@update_indicator.register_fake
+def _(token, value, rid, graph, rule):
+    return None
+
+
+@torch.library.custom_op("ditopt::cache_load", mutates_args=())
+def cache_load(
+    token: torch.Tensor, rid: int, graph: int, site: str, slot: str, shape: list[int], dtype: torch.dtype, copy: bool
+) -> torch.Tensor:
+    """The newest cached tensor of (site, slot) for this CFG branch, or zeros if there is none.
+
+    Zeros are only ever returned on a call that computes, where the value is not used.
+    """
+    rt = get_runtime(rid)
+    entry = rt.store.latest(rt.key(graph, site, slot))
+    if entry is None or tuple(entry.value.shape) != tuple(shape):
+        return torch.zeros(shape, dtype=dtype, device=token.device)
+    return entry.value.clone() if copy else entry.value
+
+
+@cache_load.register_fake
+def _(token, rid, graph, site, slot, shape, dtype, copy):
+    return torch.empty(shape, dtype=dtype, device=token.device)
+
+
+@torch.library.custom_op("ditopt::cache_store", mutates_args=("token",))
+def cache_store(
+    token: torch.Tensor, value: torch.Tensor, computed: torch.Tensor, rid: int, graph: int, site: str, slot: str, copy: bool
+) -> None:
+    """Store ``value`` as (site, slot) of this step if the site ``computed`` at this call."""
+    token.add_(1)
+    if bool(computed):
+        rt = get_runtime(rid)
+        rt.store.put(rt.key(graph, site, slot), rt.state.step, value.detach().clone() if copy else value.detach())
+
+
+@cache_store.register_fake
+def _(token, value, computed, rid, graph, site, slot, copy):
+    return None
+
+
+def run_branch(pred, compute_fn, reuse_fn, operands):
+    """The eager lowering of ``torch.cond``: a plain Python branch (no dynamo re-entry)."""
+    return compute_fn(*operands) if pred else reuse_fn(*operands)
+
+
+__all__ = ["begin_step", "decide", "update_indicator", "cache_load", "cache_store", "run_branch"]
