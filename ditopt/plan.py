@@ -265,8 +265,9 @@ class Plan:
             if len(used) > 1:
                 raise PlanError(f"a site takes one kind of reuse per plan, got {sorted(used)}", site=name)
             slots[name] = SLOTS[used.pop()]
-            first = next(s for s, a in enumerate(row) if a != COMPUTE)
-            if COMPUTE not in row[:first]:
+            static = [s for s, a in enumerate(row) if a != COMPUTE and adaptive[name][s] is None]
+            first = static[0] if static else None  # adaptive steps compute by themselves while nothing is cached
+            if first is not None and COMPUTE not in row[:first]:
                 i = origin[(name, first)]
                 raise PlanError(f"{row[first]} at step {first} before the site computed at any step",
                                 rule=i, line=self.rules[i].line, site=name)

@@ -124,12 +124,20 @@ def _extract(gm: fx.GraphModule, site: str, info: dict) -> None:
         previous = item
     for out, item in results.items():
         out.replace_all_uses_with(item, delete_user_cb=lambda user: user not in member_set)
+    _rename_in_annotations(gm, {out.name: item.name for out, item in results.items()})
     # Hoisted effects run after the cond, reading its outputs.
     for h in hoisted:
         previous.append(h)
         previous = h
     for n in reversed(members):
         graph.erase_node(n)
+
+
+def _rename_in_annotations(gm: fx.GraphModule, renames: dict[str, str]) -> None:
+    """Sites still to extract may name a node this extraction replaced by a cond output."""
+    for info in graph_annotation(gm).get("sites", {}).values():
+        for key in ("live_outs", "residual_inputs"):
+            info[key] = [renames.get(n, n) if n else n for n in info[key]]
 
 
 def _branch_graph(members: list[fx.Node], operands: list[fx.Node], outputs: list[fx.Node]) -> fx.Graph:

@@ -24,10 +24,14 @@ TOKEN = "ditopt_token"
 
 
 def find_timestep(graph: fx.Graph, name: str) -> fx.Node | None:
+    """The placeholder of forward argument ``name`` (also when it arrives through ``**kwargs``)."""
+    spellings = {name, f"l_{name}_", f"l_kwargs_{name}_"}
     for node in graph.find_nodes(op="placeholder"):
         grapharg = node.meta.get("grapharg")
-        source = getattr(getattr(grapharg, "source", None), "name", None)
-        if source in (f"L['{name}']", name) or node.name in (name, f"l_{name}_") or node.target == name:
+        source = getattr(grapharg, "source", None)
+        source_name = source.name() if callable(getattr(source, "name", None)) else getattr(source, "name", "")
+        if node.name in spellings or node.target in spellings or source_name in (f"L['{name}']",
+                                                                                 f"L['kwargs']['{name}']"):
             return node
     return None
 
