@@ -99,6 +99,50 @@ class DitoptBackend:
         return lambda *args: gm(*args, token)
 
 
+def compile_graph(gm: fx.GraphModule, plan: PlanLike, example_inputs: list[Any], *, inductor: bool = False,
+                  timestep_arg: str = "timestep", runtime: Runtime | None = None):
+    """Rewrite an already captured graph (e.g. from ``torch.fx.symbolic_trace``) and return a
+    callable taking the graph's positional inputs, plus the backend (``.runtime``, ``.last``).
+
+    Shapes come from running ``example_inputs`` through the graph once (ShapeProp).
+
+    Example:
+        >>> import torch, torch.fx as fx, ditopt
+        >>> class Block(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.qkv = torch.nn.Linear(4, 12)
+        ...     def forward(self, x):
+        ...         q, k, v = self.qkv(x).chunk(3, -1)
+        ...         return x + torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        >>> class Net(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.blocks = torch.nn.ModuleList(Block() for _ in range(2))
+        ...     def forward(self, x, timestep):
+        ...         for b in self.blocks:
+        ...             x = b(x)
+        ...         return x
+        >>> gm = fx.symbolic_trace(Net())
+        >>> plan = ditopt.presets.fora(interval=2, steps=2, level="block")
+        >>> run, backend = compile_graph(gm, plan, [torch.randn(3, 4), torch.tensor([1.0])])
+        >>> run(torch.ones(3, 4), torch.tensor([1.0]))[0].shape
+        torch.Size([3, 4])
+    """
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    if not any("example_value" in n.meta or "tensor_meta" in n.meta for n in gm.graph.nodes):
+        ShapeProp(gm).propagate(*example_inputs)
+    backend = DitoptBackend(plan, runtime or Runtime(), inductor=inductor, timestep_arg=timestep_arg)
+    compiled = backend(gm, list(example_inputs))
+
+    def run(*args):
+        out = compiled(*args)
+        return out if isinstance(out, (tuple, list)) else (out,)
+
+    return run, backend
+
+
 def ditopt_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None):
     """The registered backend: ``torch.compile(model, backend="ditopt", options={"plan": plan})``.
 
@@ -162,7 +206,7 @@ def optimize(model: torch.nn.Module, plan: PlanLike, *, timestep_arg: str = "tim
         >>> with torch.no_grad():
         ...     for t in (999, 700, 400, 100):
         ...         _ = fast(x, timestep=torch.tensor([t]), class_labels=y)
-        >>> ditopt.stats(fast).decisions["transformer_blocks.1"]
+        >>> ditopt.stats(fast).decisions["transformer_blocks.1.attn1"]
         ['compute', 'reuse', 'compute', 'reuse']
     """
     if isinstance(model, OptimizedModule):

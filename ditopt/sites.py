@@ -168,7 +168,14 @@ def _walks_to_matmul(node: fx.Node, depth: int = 4) -> bool:
     return False
 
 
+_MATMUL_MODULES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "LoRACompatibleLinear")
+
+
 def is_matmul(node: fx.Node) -> bool:
+    if node.op == "call_module":  # symbolic_trace keeps leaf modules as calls
+        stack = module_stack(node)
+        typ = stack[-1][2] if stack else ""
+        return getattr(typ, "__name__", str(typ)) in _MATMUL_MODULES
     return node.op in ("call_function", "call_method") and (node.target in _MATMULS or _target_name(node) in _MATMULS)
 
 
