@@ -8,7 +8,7 @@ Rewrite to:
                                     ditopt.begin_step(ditopt_token, timestep, rid, graph)
 The token is a one-element tensor the backend passes on every call; runtime ops that have an
 effect declare they mutate it, which keeps inductor from deleting or reordering them.
-Fires only when the graph has sites to decide (``gm.meta["ditopt"]["sites"]`` or watches).
+Fires once on an annotated graph, even when every site computes: the stats still count calls.
 """
 
 from __future__ import annotations
@@ -45,9 +45,7 @@ def token_of(graph: fx.Graph) -> fx.Node | None:
 
 def insert_step_tracking(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     ga = graph_annotation(gm)
-    if not ga.get("sites") and not ga.get("decisions", None) or token_of(gm.graph) is not None:
-        return PassResult(gm, False)
-    if not ga.get("sites") and not ga["decisions"].when_rules:
+    if not ga.get("annotated") or token_of(gm.graph) is not None:
         return PassResult(gm, False)
     graph = gm.graph
     timestep = find_timestep(graph, ctx.timestep)
