@@ -61,6 +61,7 @@ class Rule:
     kind: str | None = None
     when: When | None = None
     line: int | None = field(default=None, compare=False)
+    step_line: int | None = field(default=None, compare=False)
 
     def step_list(self, total: int) -> list[int]:
         """The steps this rule covers, for a plan of ``total`` steps."""
@@ -168,7 +169,7 @@ class Plan:
         raw_rules = data.get("rules")
         if not isinstance(raw_rules, list):
             raise PlanError("'rules' must be a list of rules")
-        rules = [_rule_from_dict(r, i, (lines or [None] * len(raw_rules))[i] if lines and i < len(lines) else None)
+        rules = [_rule_from_dict(r, i, lines[i] if lines and i < len(lines) else None)
                  for i, r in enumerate(raw_rules)]
         plan = cls(steps=steps, rules=rules, version=version, model=data.get("model"), name=data.get("name"))
         plan.check()
@@ -196,7 +197,7 @@ class Plan:
         for i, rule in enumerate(self.rules):
             for s in rule.step_list(self.steps):
                 if not 0 <= s < self.steps:
-                    raise PlanError(f"step {s} is out of range 0..{self.steps - 1}", rule=i, line=rule.line,
+                    raise PlanError(f"step {s} is out of range 0..{self.steps - 1}", rule=i, line=rule.step_line or rule.line,
                                     site=",".join(rule.sites))
             if isinstance(rule.steps, str) and not rule.step_list(self.steps):
                 raise PlanError(f"steps {rule.steps!r} select no step of 0..{self.steps - 1}", rule=i,
@@ -311,18 +312,33 @@ def _fnmatch(name: str, pattern: str) -> bool:
     return fnmatchcase(name, pattern)
 
 
-def _rule_lines(root) -> list[int]:
+def _rule_lines(root) -> list[dict[str, int]]:
     """1-based line of each rule in the YAML text (best effort)."""
     if root is None or not isinstance(root, yaml.MappingNode):
         return []
     for key, value in root.value:
         if getattr(key, "value", None) == "rules" and isinstance(value, yaml.SequenceNode):
-            return [item.start_mark.line + 1 for item in value.value]
+            return [_field_lines(item) for item in value.value]
     return []
 
 
-def _rule_from_dict(raw: Any, index: int, line: int | None) -> Rule:
+def _field_lines(item) -> dict[str, int]:
+    """``{"": the rule's first line, field: that field's line}``."""
+    lines = {"": item.start_mark.line + 1}
+    if isinstance(item, yaml.MappingNode):
+        for key, _ in item.value:
+            lines[str(getattr(key, "value", ""))] = key.start_mark.line + 1
+    return lines
+
+
+def _rule_from_dict(raw: Any, index: int, lines: dict[str, int] | None) -> Rule:
+    lines = lines or {}
+    line = lines.get("")
     where = dict(rule=index, line=line)
+
+    def at(field: str) -> dict[str, Any]:
+        return dict(rule=index, line=lines.get(field, line))
+
     if not isinstance(raw, dict):
         raise PlanError(f"a rule must be a mapping, got {type(raw).__name__}", **where)
     unknown = set(raw) - _RULE_KEYS
@@ -334,28 +350,28 @@ def _rule_from_dict(raw: Any, index: int, line: int | None) -> Rule:
     elif isinstance(sites, list) and sites and all(isinstance(s, str) for s in sites):
         sites = tuple(sites)
     else:
-        raise PlanError(f"'sites' must be a glob or a list of globs, got {sites!r}", **where)
+        raise PlanError(f"'sites' must be a glob or a list of globs, got {sites!r}", **at("sites"))
     label = ",".join(sites)
     action = raw.get("action")
     if action not in ACTIONS:
-        raise PlanError(f"unknown action {action!r}; known: {list(ACTIONS)}", site=label, **where)
+        raise PlanError(f"unknown action {action!r}; known: {list(ACTIONS)}", site=label, **at("action"))
     kind = raw.get("kind")
     if kind is not None and kind not in SITE_KINDS:
-        raise PlanError(f"unknown kind {kind!r}; known: {list(SITE_KINDS)}", site=label, **where)
+        raise PlanError(f"unknown kind {kind!r}; known: {list(SITE_KINDS)}", site=label, **at("kind"))
     steps = raw.get("steps")
     if steps is not None:
         if isinstance(steps, str):
             try:
                 _parse_slice(steps)
             except ValueError as exc:
-                raise PlanError(str(exc), site=label, **where) from None
+                raise PlanError(str(exc), site=label, **at("steps")) from None
         elif isinstance(steps, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in steps):
             steps = tuple(steps)
         elif isinstance(steps, int) and not isinstance(steps, bool):
             steps = (steps,)
         else:
             raise PlanError(f"'steps' must be a slice string like '2:48:2' or a list of ints, got {steps!r}",
-                            site=label, **where)
+                            site=label, **at("steps"))
     when = raw.get("when")
     if when is not None:
         if not isinstance(when, dict) or set(when) - {"indicator", "of", "below"} or "of" not in when \
@@ -368,4 +384,5 @@ def _rule_from_dict(raw: Any, index: int, line: int | None) -> Rule:
         if not isinstance(below, (int, float)) or isinstance(below, bool) or below <= 0:
             raise PlanError(f"'when.below' must be a positive number, got {below!r}", site=label, **where)
         when = When(of=str(when["of"]), below=float(below), indicator=indicator)
-    return Rule(sites=sites, action=action, steps=steps, kind=kind, when=when, line=line)
+    return Rule(sites=sites, action=action, steps=steps, kind=kind, when=when, line=line,
+                step_line=lines.get("steps", line))
