@@ -1,0 +1,42 @@
+"""A real diffusers pipeline, end to end, with only `pipe.transformer = ditopt.optimize(...)`."""
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+import ditopt
+
+
+def _pipe():
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                       out_channels=8, num_layers=2, sample_size=8, patch_size=2,
+                                       num_embeds_ada_norm=1000).eval()
+    vae = AutoencoderKL(block_out_channels=(16,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8,
+                        sample_size=8).eval()
+    pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_dit_pipeline_runs_with_an_optimized_transformer():
+    pipe = _pipe()
+    steps = 6
+    generator = torch.Generator().manual_seed(0)
+    reference = pipe(class_labels=[1, 2], num_inference_steps=steps, guidance_scale=4.0, generator=generator,
+                     output_type="np").images
+    original = pipe.transformer
+    pipe.transformer = ditopt.optimize(pipe.transformer, ditopt.presets.all_compute(steps=steps))
+    generator = torch.Generator().manual_seed(0)
+    same = pipe(class_labels=[1, 2], num_inference_steps=steps, guidance_scale=4.0, generator=generator,
+                output_type="np").images
+    assert (same == reference).all()
+
+    pipe.transformer = ditopt.optimize(original, ditopt.presets.fora(interval=2, steps=steps, level="block"))
+    generator = torch.Generator().manual_seed(0)
+    fast = pipe(class_labels=[1, 2], num_inference_steps=steps, guidance_scale=4.0, generator=generator,
+                output_type="np").images
+    assert fast.shape == reference.shape
+    decisions = ditopt.stats(pipe.transformer).decisions["transformer_blocks.1"]
+    assert decisions == ["compute", "reuse_residual"] * (steps // 2)
+    assert abs(fast - reference).max() > 0  # reuse really changed something
