@@ -1,0 +1,39 @@
+"""Step tracking and the cache store."""
+
+import pytest
+import torch
+
+from ditopt.runtime import CacheStore, StepState
+
+
+def test_step_state_follows_the_timestep():
+    s = StepState()
+    seen = [s.observe(t) for t in (999.0, 999.0, 800.0, 800.0, 600.0, 999.0, 800.0)]
+    assert seen == [(0, 0, True), (0, 1, False), (1, 0, False), (1, 1, False), (2, 0, False), (0, 0, True),
+                    (1, 0, False)]
+    assert s.generation == 1
+
+
+def test_step_state_override_and_reset():
+    s = StepState()
+    s.observe(999.0)
+    s.set(5, branch=1)
+    assert s.observe(999.0) == (5, 1, False)
+    assert s.observe(10.0) == (6, 0, False)
+    s.reset()
+    assert s.observe(10.0) == (0, 0, True)
+    with pytest.raises(ValueError, match="step"):
+        s.set(-1)
+
+
+def test_cache_store_keeps_depth_and_counts_bytes():
+    store = CacheStore(depth=2)
+    key = (0, "blocks.1", "residual0", 0)
+    for step in range(3):
+        store.put(key, step, torch.full((2, 3), float(step)))
+    assert [e.step for e in store.history(key)] == [1, 2]
+    assert store.nbytes == 2 * 6 * 4
+    store.put(key, 3, torch.zeros(4))  # a new shape invalidates the old history
+    assert [e.step for e in store.history(key)] == [3] and store.has(key, (4,)) and not store.has(key, (2, 3))
+    store.clear()
+    assert store.nbytes == 0 and store.latest(key) is None
