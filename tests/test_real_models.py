@@ -190,3 +190,4 @@ def test_reset_and_explicit_step_override():
         ditopt.set_step(fast, 1)
         fast(**kwargs, return_dict=False)  # same timestep, but told it is step 1
     assert ditopt.stats(fast).decisions["transformer_blocks.1"] == ["compute", "reuse_residual"]
+
