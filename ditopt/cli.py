@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--interval", type=int, default=2)
     demo.add_argument("--hidden", type=int, default=256)
     demo.add_argument("--layers", type=int, default=8)
-    demo.add_argument("--repeats", type=int, default=2)
+    demo.add_argument("--repeats", type=int, default=3)
     demo.set_defaults(func=cmd_demo)
     s = sub.add_parser("sites", help="list the sites ditopt finds in a model")
     s.add_argument("model", help=f"one of {', '.join(MODELS)} (small config)")
