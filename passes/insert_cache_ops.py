@@ -28,6 +28,8 @@ from .pass_base import PassContext, PassResult, annotation, graph_annotation, re
 
 def _copy_meta(new: fx.Node, like: fx.Node, example=None) -> None:
     new.meta["nn_module_stack"] = like.meta.get("nn_module_stack", {})
+    if example is not None and "tensor_meta" in like.meta:
+        new.meta["tensor_meta"] = like.meta["tensor_meta"]
     if example is not None:
         new.meta["example_value"] = example
 
@@ -70,7 +72,7 @@ def insert_cache_ops(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 main = by_name[info["residual_inputs"][i]]
                 with graph.inserting_after(anchor):
                     value = graph.call_function(operator.sub, (out, main))
-                _copy_meta(value, out, out.meta.get("example_value"))
+                _copy_meta(value, out, out.meta.get("example_value", out.meta.get("tensor_meta")))
                 annotation(value).update(role="residual", site=site, regions=sorted(outer | {site}))
                 anchor = value
             else:

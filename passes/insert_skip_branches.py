@@ -108,7 +108,10 @@ def _extract(gm: fx.GraphModule, site: str, info: dict) -> None:
         false_fn = graph.get_attr(base + "_reuse")
     with graph.inserting_after(false_fn):
         cond = graph.call_function(torch.ops.higher_order.cond, (decide, true_fn, false_fn, tuple(operands)))
-    annotation(cond).update(role="skip_branch", site=site, regions=sorted(regions_of(members[0]) - {site}))
+    outer = sorted(regions_of(members[0]) - {site})
+    annotation(cond).update(role="skip_branch", site=site, regions=outer)
+    for fn in (true_fn, false_fn):  # an enclosing site must take the branches along, not as operands
+        annotation(fn).update(role="branch_fn", site=site, regions=outer)
     cond.meta["nn_module_stack"] = members[0].meta.get("nn_module_stack", {})
     cond.meta["ditopt_replaced"] = [n.name for n in members]
     results = {}

@@ -26,10 +26,12 @@ def lower_skip_branches(gm: fx.GraphModule, ctx: PassContext | None = None) -> P
     for module in gm.modules():
         if not isinstance(module, fx.GraphModule):
             continue
+        lowered = False
         for node in list(module.graph.nodes):
             if node.op == "call_function" and node.target is torch.ops.higher_order.cond:
                 node.target = run_branch
-                changed = True
-        if changed:
+                lowered = True
+        if lowered:
             module.recompile()
+            changed = True
     return PassResult(gm, changed)

@@ -34,6 +34,10 @@ def verify_graph(gm: fx.GraphModule, ctx: PassContext | None = None) -> PassResu
         if name in _EFFECTS and (not token or node.args[0] is not token[0]):
             _fail(node, "a runtime effect must mutate the graph's token")
         if node.op == "call_function" and target is torch.ops.higher_order.cond:
+            for operand in node.args[3]:
+                if isinstance(operand, fx.Node) and operand.op == "get_attr" and \
+                        isinstance(getattr(gm, operand.target, None), fx.GraphModule):
+                    _fail(node, f"a cond operand is a graph module ({operand.name}), not a tensor")
             true_gm = getattr(gm, node.args[1].target)
             false_gm = getattr(gm, node.args[2].target)
             n_true = len(next(iter(true_gm.graph.find_nodes(op="output"))).args[0])
