@@ -88,13 +88,13 @@ def test_sample_4_steps_and_call_pattern(zm):
 
 
 def test_classifier_on_real_data():
-    from ditopt.zoo.classifier import _digits, digits_16, place
+    from ditopt.zoo.classifier import digits_16, digits_sized, place
 
     x16, y = digits_16()
     assert (zoo.classify(x16[:300]) == y[:300].numpy()).mean() > 0.97
-    x8, _ = _digits()
-    pos = torch.rand(100, 2, generator=torch.Generator().manual_seed(5)) * 8
-    clips = torch.stack([place(x8[:100], pos * a) * 2 - 1 for a in (0.0, 1.0)], dim=2)
+    x12, _ = digits_sized(12)
+    pos = torch.rand(100, 2, generator=torch.Generator().manual_seed(5)) * 4
+    clips = torch.stack([place(x12[:100], pos * a) * 2 - 1 for a in (0.0, 1.0)], dim=2)
     labels = zoo.classify(clips)
     assert labels.shape == (100, 2)
     assert (labels == y[:100, None].numpy()).mean() > 0.95

@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 
 def check_classifiers() -> None:
@@ -42,16 +43,18 @@ def check_classifiers() -> None:
     acc = (clf.predict(C._image_features(x16[idx_te])) == y.numpy()[idx_te]).mean()
     print(f"image classifier, held-out real digits (30%): {acc:.3f}")
 
-    x8, _ = C._digits()
+    size = C.VIDEO_DIGIT
+    xs, _ = C.digits_sized(size)
     g = torch.Generator().manual_seed(99)
-    pos = torch.rand(len(y), 2, generator=g) * 8
-    crops = C._recentre(C.place(x8, pos) * 2 - 1).reshape(len(y), -1).numpy() * 16
-    feats_tr = np.concatenate([x8[idx_tr].reshape(len(idx_tr), -1).numpy() * 16, crops[idx_tr]])
+    pos = torch.rand(len(y), 2, generator=g) * (C.CANVAS - size)
+    crops = C._recentre(C.place(xs, pos) * 2 - 1, size).reshape(len(y), -1).numpy() * 16
+    plain = F.adaptive_avg_pool2d(xs, (8, 8)).reshape(len(y), -1).numpy() * 16
+    feats_tr = np.concatenate([plain[idx_tr], crops[idx_tr]])
     clf = C._svc().fit(feats_tr, np.concatenate([y.numpy()[idx_tr]] * 2))
     acc = (clf.predict(crops[idx_te]) == y.numpy()[idx_te]).mean()
-    print(f"video classifier, held-out real digits at random canvas positions: {acc:.3f}")
-    # the real training clips themselves, with the shipped classifier
-    frames = torch.stack([C.place(x8[:200], pos[:200] * a) * 2 - 1 for a in (0.0, 0.5, 1.0)], dim=2)
+    print(f"video classifier ({size}x{size} digits), held-out real digits at random canvas positions: {acc:.3f}")
+    # real training-style clips, with the shipped classifier
+    frames = torch.stack([C.place(xs[:200], pos[:200] * a) * 2 - 1 for a in (0.0, 0.5, 1.0)], dim=2)
     acc = (C.classify(frames) == y.numpy()[:200, None]).mean()
     print(f"shipped video classifier on real clips (sanity): {acc:.3f}")
 

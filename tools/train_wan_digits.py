@@ -48,12 +48,14 @@ CANVAS = 16
 DIGIT = 8
 
 
-def load_digits_8() -> tuple[torch.Tensor, torch.Tensor]:
-    """sklearn digits as float32 [N,1,8,8] in [0,1] plus int64 labels."""
+def load_digits_sized(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """sklearn digits as float32 [N,1,size,size] in [0,1] (bilinear resize) plus int64 labels."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]
+    if size != x.shape[-1]:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
     return x, torch.from_numpy(d.target.astype(np.int64))
 
 
@@ -76,7 +78,7 @@ def place(digits01: torch.Tensor, pos: torch.Tensor, canvas: int = CANVAS) -> to
 def make_clips(digits01: torch.Tensor, frames: int, gen: torch.Generator) -> torch.Tensor:
     """[N,1,8,8] digits in [0,1] -> clips [N,1,T,16,16] in [-1,1], straight-line motion."""
     n = digits01.shape[0]
-    span = CANVAS - DIGIT
+    span = CANVAS - digits01.shape[-1]
     start = torch.rand(n, 2, generator=gen) * span
     end = torch.rand(n, 2, generator=gen) * span
     out = []
@@ -126,6 +128,7 @@ def main() -> None:
     p.add_argument("--out", default="ditopt/zoo/weights/wan-digits", help="output path without extension")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--digit-size", type=int, default=12, help="digit side on the 16x16 canvas (8 = native)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--ema", type=float, default=0.998)
@@ -145,7 +148,7 @@ def main() -> None:
     np.random.seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
 
-    x_all, y_all = load_digits_8()
+    x_all, y_all = load_digits_sized(args.digit_size)
     n = x_all.shape[0]
     model = build_model(args).train()
     cemb = ClassEmbedding(NULL_CLASS + 1, args.text_len, args.text_dim).train()
@@ -243,7 +246,8 @@ def save(ema, ema_c, args, steps_done, elapsed, final_loss, stopped_early, npara
         "default_guidance_scale": 4.0,
         "frames": args.frames,
         "canvas": CANVAS,
-        "data": "sklearn digit 8x8 in [-1,1] moving in a straight line on a 16x16 canvas (bg -1)",
+        "digit_size": args.digit_size,
+        "data": f"sklearn digit (8x8, bilinear-resized to {args.digit_size}x{args.digit_size}) in [-1,1] moving in a straight line on a 16x16 canvas (bg -1)",
         "training": {
             "script": "tools/train_wan_digits.py",
             "args": vars(args),

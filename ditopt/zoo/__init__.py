@@ -136,7 +136,9 @@ class ZooModel:
     def classify(self, samples: torch.Tensor):
         """Digit labels of samples from this model: [N] for dit-digits,
         [N, T] (per frame) for wan-digits (numpy int array)."""
-        return classify(samples, kind="video" if len(self.sample_shape(1)) == 5 else "image")
+        if len(self.sample_shape(1)) == 5:
+            return classify(samples, kind="video", digit_size=int(self.config.get("digit_size", 12)))
+        return classify(samples, kind="image")
 
 
 def _read(name: str) -> tuple[dict, dict]:

@@ -8,11 +8,12 @@ each, cached per process):
   digit fills the canvas.  Images are 2x2 average-pooled back to 8x8.  The
   classifier is fitted on digits that went through the same round trip
   (bilinear 8->16 upsampling, then 2x2 average pooling).
-* ``video``: for ``wan-digits`` frames, 16x16 frames in [-1, 1] holding an 8x8
-  digit somewhere on the canvas.  Each frame is re-centred: an 8x8 window is
-  cropped (bilinearly) around the frame's intensity centre of mass.  The
-  classifier is fitted on digits pasted at random sub-pixel positions and
-  re-cropped the same way.
+* ``video``: for ``wan-digits`` frames, 16x16 frames in [-1, 1] holding a
+  ``digit_size`` x ``digit_size`` digit (12 for the shipped model: the 8x8
+  digit resized bilinearly) somewhere on the canvas.  Each frame is re-centred:
+  a ``digit_size`` window is cropped (bilinearly) around the frame's intensity
+  centre of mass and average-pooled to 8x8.  The classifier is fitted on
+  digits pasted at random sub-pixel positions and re-cropped the same way.
 
 ``classify(x)`` dispatches on the number of dimensions: 4-D [N, C, H, W] is an
 image batch (returns [N] labels), 5-D [N, C, T, H, W] is a clip batch (returns
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 
 CANVAS = 16
 DIGIT = 8
+VIDEO_DIGIT = 12  # digit side in the wan-digits clips
 
 
 @functools.lru_cache(maxsize=1)
@@ -46,6 +48,15 @@ def _digits() -> tuple[torch.Tensor, torch.Tensor]:
     d = load_digits()
     x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]  # [N,1,8,8] in [0,1]
     return x, torch.from_numpy(d.target.astype(np.int64))
+
+
+@functools.lru_cache(maxsize=4)
+def digits_sized(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """sklearn digits resized bilinearly to [N,1,size,size], values in [0,1]."""
+    x, y = _digits()
+    if size != DIGIT:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+    return x, y
 
 
 def digits_16() -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,19 +100,23 @@ def _centre_of_mass(v: torch.Tensor) -> torch.Tensor:
     return torch.where((m > 1e-3).unsqueeze(-1), com, centre)
 
 
-@functools.lru_cache(maxsize=1)
-def _digit_com_offset() -> torch.Tensor:
-    x, _ = _digits()
+@functools.lru_cache(maxsize=4)
+def _digit_com_offset(size: int) -> torch.Tensor:
+    x, _ = digits_sized(size)
     return _centre_of_mass(x).mean(0)
 
 
-def _recentre(frames: torch.Tensor) -> torch.Tensor:
-    """[N,1,16,16] frames in [-1,1] -> [N,1,8,8] crops in [0,1] centred on the digit."""
+def _recentre(frames: torch.Tensor, size: int = DIGIT) -> torch.Tensor:
+    """[N,1,16,16] frames in [-1,1] -> [N,1,8,8] in [0,1]: a size x size crop
+    centred on the digit, average-pooled to 8x8."""
     v = ((frames.float() + 1) / 2).clamp(0, 1)
-    v = torch.where(v < 0.15, torch.zeros_like(v), v)  # ignore faint background noise for the centre
-    tl = _centre_of_mass(v) - _digit_com_offset()
-    tl = tl.clamp(0, CANVAS - DIGIT)
-    return _crop(((frames.float() + 1) / 2).clamp(0, 1), tl)
+    w = torch.where(v < 0.15, torch.zeros_like(v), v)  # ignore faint background noise for the centre
+    tl = _centre_of_mass(w) - _digit_com_offset(size)
+    tl = tl.clamp(0, frames.shape[-1] - size)
+    crop = _crop(v, tl, size)
+    if size != DIGIT:
+        crop = F.adaptive_avg_pool2d(crop, (DIGIT, DIGIT))
+    return crop
 
 
 def _svc():
@@ -118,15 +133,16 @@ def image_classifier():
     return _svc().fit(feats, y.numpy())
 
 
-@functools.lru_cache(maxsize=1)
-def video_classifier():
-    """SVC on re-centred 8x8 crops of digits pasted at random sub-pixel positions."""
-    x, y = _digits()
+@functools.lru_cache(maxsize=4)
+def video_classifier(size: int = VIDEO_DIGIT):
+    """SVC on re-centred, 8x8-pooled crops of size x size digits pasted at
+    random sub-pixel positions on the 16x16 canvas."""
+    x, y = digits_sized(size)
     g = torch.Generator().manual_seed(1234)
-    xs, ys = [x], [y]
+    xs, ys = [F.adaptive_avg_pool2d(x, (DIGIT, DIGIT))], [y]
     for _ in range(2):
-        pos = torch.rand(x.shape[0], 2, generator=g) * (CANVAS - DIGIT)
-        xs.append(_recentre(place(x, pos) * 2 - 1))
+        pos = torch.rand(x.shape[0], 2, generator=g) * (CANVAS - size)
+        xs.append(_recentre(place(x, pos) * 2 - 1, size))
         ys.append(y)
     feats = torch.cat(xs).reshape(-1, DIGIT * DIGIT).numpy() * 16.0
     return _svc().fit(feats, torch.cat(ys).numpy())
@@ -139,11 +155,12 @@ def _image_features(images: torch.Tensor) -> np.ndarray:
     return v.reshape(v.shape[0], -1).numpy() * 16.0
 
 
-def classify(x, kind: str | None = None) -> np.ndarray:
+def classify(x, kind: str | None = None, digit_size: int = VIDEO_DIGIT) -> np.ndarray:
     """Classify zoo samples (values in [-1, 1]; clamped).
 
     * 4-D [N, C, H, W] (or ``kind="image"``): dit-digits images -> [N] labels.
-    * 5-D [N, C, T, H, W] (or ``kind="video"``): wan-digits clips -> [N, T] labels.
+    * 5-D [N, C, T, H, W] (or ``kind="video"``): wan-digits clips -> [N, T]
+      labels, one per frame; ``digit_size`` is the digit side in the frames.
     """
     x = torch.as_tensor(x).detach().cpu().float()
     if kind is None:
@@ -157,6 +174,6 @@ def classify(x, kind: str | None = None) -> np.ndarray:
             raise ValueError(f"video input must be [N, C, T, H, W], got {tuple(x.shape)}")
         n, _, t, h, w = x.shape
         frames = x[:, :1].permute(0, 2, 1, 3, 4).reshape(n * t, 1, h, w)
-        feats = _recentre(frames).reshape(n * t, -1).numpy() * 16.0
-        return video_classifier().predict(feats).reshape(n, t)
+        feats = _recentre(frames, digit_size).reshape(n * t, -1).numpy() * 16.0
+        return video_classifier(digit_size).predict(feats).reshape(n, t)
     raise ValueError(f"cannot classify input of shape {tuple(x.shape)} (kind={kind!r})")
