@@ -101,14 +101,19 @@ def test_classifier_on_real_data():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,per_class", [("dit-digits", 5), ("wan-digits", 2)])
-def test_samples_are_the_requested_digits(name, per_class):
-    """Full-compute CFG samples at default steps/guidance are recognisable (>= 80%)."""
+@pytest.mark.parametrize("name,per_class,bar", [("dit-digits", 5, 0.8), ("wan-digits", 4, 0.75)])
+def test_samples_are_the_requested_digits(name, per_class, bar):
+    """Full-compute CFG samples at default steps/guidance are recognisable.
+
+    The 80% bar is measured on 100 samples in docs/ZOO.md (dit 1.000, wan
+    0.818 per frame).  Here wan uses only 40 clips (~25 s), whose per-frame
+    accuracy has a standard error of ~0.04 around 0.82, so its bar is 0.75 to
+    keep the test from flipping on float noise."""
     m = zoo.load(name)
     labels = torch.arange(10).repeat(per_class)
     x = m.sample(labels, seed=123)
     pred = m.classify(x)
     y = labels.numpy() if pred.ndim == 1 else labels.numpy()[:, None]
     acc = float((pred == y).mean())
-    assert acc >= 0.8, f"{name}: accuracy {acc:.3f}"
+    assert acc >= bar, f"{name}: accuracy {acc:.3f}"
     assert np.isfinite(x.numpy()).all()
