@@ -24,10 +24,17 @@ def _build(name: str):
 
 
 def cmd_demo(args) -> int:
-    from .demo import format_table, run_demo
+    from .demo import format_table, run_demo, run_zoo_demo
 
-    result = run_demo(steps=args.steps, interval=args.interval, hidden=args.hidden, layers=args.layers,
-                      repeats=args.repeats)
+    if args.model == "random-dit":
+        result = run_demo(steps=args.steps, interval=args.interval, hidden=args.hidden, layers=args.layers,
+                          repeats=args.repeats)
+    else:
+        from . import zoo
+
+        if args.model not in zoo.list():
+            raise DitoptError(f"unknown demo model {args.model!r}; known: {', '.join([*zoo.list(), 'random-dit'])}")
+        result = run_zoo_demo(args.model, interval=args.interval, repeats=args.repeats)
     print(format_table(result))
     return 0
 
@@ -66,10 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ditopt", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="FORA on a diffusers DiT: reuse per step, speed-up and difference")
-    demo.add_argument("--steps", type=int, default=20)
+    demo.add_argument("--model", default="dit-digits",
+                      help="a zoo model (dit-digits, wan-digits) or random-dit (a larger DiT, random weights)")
+    demo.add_argument("--steps", type=int, default=20, help="sampling steps (random-dit only)")
     demo.add_argument("--interval", type=int, default=2)
-    demo.add_argument("--hidden", type=int, default=256)
-    demo.add_argument("--layers", type=int, default=8)
+    demo.add_argument("--hidden", type=int, default=256, help="random-dit only")
+    demo.add_argument("--layers", type=int, default=8, help="random-dit only")
     demo.add_argument("--repeats", type=int, default=3)
     demo.set_defaults(func=cmd_demo)
     s = sub.add_parser("sites", help="list the sites ditopt finds in a model")

@@ -42,3 +42,14 @@ def test_bad_plan_file_is_one_line(tmp_path, capsys):
     plan.write_text("version: 1\nsteps: 4\nrules:\n  - {sites: '*', action: explode}\n")
     assert main(["plan", "validate", str(plan)]) == 2
     assert "unknown action 'explode'" in capsys.readouterr().err
+
+
+def test_demo_on_the_trained_image_model(capsys):
+    assert main(["demo", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "   1  6/6" in out and "PSNR FORA vs full" in out and "class accuracy" in out
+
+
+def test_demo_unknown_model_is_one_line(capsys):
+    assert main(["demo", "--model", "nope"]) == 2
+    assert "unknown demo model 'nope'" in capsys.readouterr().err
