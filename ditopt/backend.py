@@ -248,10 +248,6 @@ class Stats:
     calls: int
     graphs: int
 
-    def reused_fraction(self, kind_filter=None) -> float:
-        entries = [d for site, row in self.decisions.items() if kind_filter is None or kind_filter(site) for d in row]
-        return sum(d != "compute" for d in entries) / max(1, len(entries))
-
 
 def stats(model: torch.nn.Module) -> Stats:
     rt = runtime_of(model)

@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -212,7 +213,7 @@ class Plan:
             for pattern in rule.sites:
                 if pattern.startswith("!"):
                     continue
-                if not any(_fnmatch(n, pattern) for n in names):
+                if not any(fnmatchcase(n, pattern) for n in names):
                     raise PlanError(f"pattern {pattern!r} matches no site of this model", rule=i, line=rule.line,
                                     site=pattern)
 
@@ -304,12 +305,6 @@ def resolve_of(pattern: str, kind: str | None, sites: SiteTable) -> str | None:
     in_stack = [s for s in found if s.parent == "stack"]
     pick = (in_stack or found)
     return pick[0].name if pick else None
-
-
-def _fnmatch(name: str, pattern: str) -> bool:
-    from fnmatch import fnmatchcase
-
-    return fnmatchcase(name, pattern)
 
 
 def _rule_lines(root) -> list[dict[str, int]]:

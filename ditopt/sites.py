@@ -330,7 +330,7 @@ def _attention_kind(op: fx.Node, region: Region) -> str:
     q_src, k_src = data_sources(q), data_sources(k)
     if k_src - q_src:
         return "cross"
-    token_streams = [s for s in q_src if (tensor_meta(s) or ((),))[0].__len__() >= 3]
+    token_streams = [s for s in q_src if tensor_meta(s) is not None and len(tensor_meta(s)[0]) >= 3]
     return "joint" if len(token_streams) >= 2 else "self"
 
 

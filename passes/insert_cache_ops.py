@@ -41,6 +41,7 @@ def insert_cache_ops(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     have = {n.meta["ditopt"].get("site") for n in graph.nodes
             if n.meta.get("ditopt", {}).get("role") == "decide"}
     by_name = {n.name: n for n in graph.nodes}
+    order = {n: i for i, n in enumerate(graph.nodes)}
     changed = False
     for site, info in sites.items():
         if site in have:
@@ -65,7 +66,7 @@ def insert_cache_ops(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             _copy_meta(load, members[0], torch.zeros(shapes[i][0], dtype=shapes[i][1]))
             annotation(load).update(role="load", site=site, index=i, regions=sorted(outer))
 
-        anchor = max(members, key=lambda n: list(graph.nodes).index(n))
+        anchor = max(members, key=order.__getitem__)
         values = []
         for i, out in enumerate(live_outs):
             if residual:

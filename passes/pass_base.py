@@ -7,7 +7,7 @@ annotations: ``node.meta["ditopt"]`` on nodes, ``gm.meta["ditopt"]`` on the grap
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch.fx as fx
@@ -30,7 +30,6 @@ class PassContext:
     graph_id: int
     inductor: bool = False
     timestep: str = "timestep"
-    log: list[str] = field(default_factory=list)
 
 
 def annotation(node: fx.Node) -> dict[str, Any]:
