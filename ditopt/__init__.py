@@ -8,6 +8,7 @@
 
 from . import presets
 from .backend import DitoptBackend, Stats, optimize, reset, set_step, sites, stats
+from .cost import CostModel, Prediction, cost_model
 from .errors import CaptureError, DitoptError, PlanError
 from .plan import CompiledPlan, Plan, Rule, When
 from .sites import Site, SiteTable, find_sites

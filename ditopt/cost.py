@@ -1,0 +1,537 @@
+"""A cost model: each site's FLOPs and cache bytes as sympy expressions of batch and sequence.
+
+A plan's saving depends on the resolution: attention grows with the square of the token count,
+linear layers with the token count, so reusing attention saves a larger share of a block at a
+larger size. :func:`cost_model` captures the model once with *symbolic* shapes and writes, for
+every site ``ditopt.sites`` finds, its FLOPs per call and the bytes its cache holds as
+expressions in
+
+- ``B``: the batch (dim 0 of ``hidden_states``);
+- ``S``: the tokens of the main stream after patchify (``frames * h * w / patch``), read from
+  the token dimension of the first block's output;
+- ``L``: the text tokens (dim 1 of ``encoder_hidden_states``), when the model lets it vary;
+- any other input dimension that stays free, named ``<input>_<dim>``.
+
+The hidden size is a number from the model's config (parameters fix it), reported as
+``CostModel.hidden``; it is not a free symbol.
+
+How the expressions are obtained (no per-model table): dynamo captures the model with
+``dynamic=True`` and duck shaping off, so every tensor in ``node.meta["example_value"]`` has
+SymInt sizes whose ``.node.expr`` is a sympy expression in dynamo's own symbols
+(``s28`` = ``hidden_states.size()[0]``, ...). FLOPs are counted per node from the op and these
+shapes, for the ops :class:`torch.utils.flop_counter.FlopCounterMode` counts (matmul-like ops,
+attention and convolution; elementwise ops, norms and softmax count 0):
+
+- ``linear`` / ``mm`` / ``matmul`` / ``bmm`` / ``addmm`` / ``baddbmm``: ``2 * M * N * K``
+  (``2 * numel(out) * K``; the bias add is not counted);
+- ``scaled_dot_product_attention``: ``2*B*H*Sq*Sk*(Dqk + Dv)``;
+- convolution: ``2 * B * prod(out spatial) * C_out * C_in/groups * prod(kernel)`` (transposed:
+  input spatial instead of output).
+
+A node's FLOPs go to every site whose nodes contain it: the node to site membership is the one
+:func:`ditopt.sites.find_sites` computes, run on the symbolic graph. The token dimension
+``S_expr`` (e.g. ``s22*(s18//2)*(s42//2)`` for a video model) is then replaced by ``S`` by
+substituting one of its factors. A model whose code branches on a size (CogVideoX's positional
+embedding depends on frames, height and width) has that size fixed by dynamo at capture; the
+expression then has no ``S`` and asking for another ``S`` raises an error.
+
+Dynamo fixes sizes 0 and 1 at capture, so an example batch of 1 is repeated to 2 (every tensor
+input whose dim 0 is 1) before the symbolic capture.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+import torch
+import torch.fx as fx
+
+from .errors import CaptureError, DitoptError
+from .plan import COMPUTE, REUSE, REUSE_RESIDUAL, SLOTS, CompiledPlan, Plan
+from .sites import SiteTable, find_sites
+
+B, S, L = sympy.symbols("B S L", integer=True, positive=True)
+SKIPPED = "skipped"
+_REUSING = (REUSE, REUSE_RESIDUAL)
+_SIZE_SOURCE = re.compile(r"\['(\w+)'\]\.size\(\)\[(\d+)\]$")
+_HIDDEN = "hidden_states"
+_TEXT = "encoder_hidden_states"
+
+
+# -- FLOPs of one node -------------------------------------------------------------------------
+
+def _shape(x: Any, expr_of) -> tuple[sympy.Expr, ...] | None:
+    v = x.meta.get("example_value") if isinstance(x, fx.Node) else None
+    if not isinstance(v, torch.Tensor):
+        return None
+    return tuple(expr_of(d) for d in v.shape)
+
+
+def _arg(node: fx.Node, i: int, name: str):
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name)
+
+
+def _prod(xs) -> sympy.Expr:
+    return math.prod(xs, start=sympy.Integer(1))
+
+
+def _matmul_flops(node, expr_of, a_i=0, b_i=1, a_name="input", b_name="other"):
+    a, out = _shape(_arg(node, a_i, a_name), expr_of), _shape(node, expr_of)
+    if not a or not out:
+        return sympy.Integer(0)
+    return 2 * _prod(out) * a[-1]
+
+
+def _linear_flops(node, expr_of):
+    x, w = _shape(_arg(node, 0, "input"), expr_of), _shape(_arg(node, 1, "weight"), expr_of)
+    if not x or not w:
+        return sympy.Integer(0)
+    return 2 * _prod(x[:-1]) * x[-1] * (w[0] if len(w) == 2 else 1)
+
+
+def _attention_flops(node, expr_of):
+    q, k, v = (_shape(_arg(node, i, n), expr_of) for i, n in enumerate(("query", "key", "value")))
+    if not q or not k or not v:
+        return sympy.Integer(0)
+    # q [..., H, Sq, Dqk], k [..., Hk, Sk, Dqk], v [..., Hk, Sk, Dv]; GQA repeats k/v over H.
+    return 2 * _prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
+
+
+def _conv_flops(node, expr_of, transposed=False):
+    x, w, out = _shape(_arg(node, 0, "input"), expr_of), _shape(_arg(node, 1, "weight"), expr_of), _shape(node, expr_of)
+    if not x or not w or not out:
+        return sympy.Integer(0)
+    c_out, c_in, *kernel = (w[1], w[0], *w[2:]) if transposed else w
+    spatial = (x if transposed else out)[2:]
+    return 2 * x[0] * _prod(spatial) * c_out * c_in * _prod(kernel)
+
+
+_F = torch.nn.functional
+# (targets, FLOPs of one call); a call_method matches by name.
+_FLOP_RULES: list[tuple[tuple[Any, ...], Any]] = [
+    ((torch._C._nn.linear, _F.linear, "linear"), _linear_flops),
+    ((torch.matmul, torch.bmm, torch.mm, operator.matmul, "matmul", "bmm", "mm", "__matmul__"), _matmul_flops),
+    ((torch.addmm, torch.baddbmm, "addmm", "baddbmm"),
+     lambda n, e: _matmul_flops(n, e, a_i=1, a_name="mat1" if "addmm" == _name(n) else "batch1")),
+    ((_F.scaled_dot_product_attention,), _attention_flops),
+    ((torch.conv1d, torch.conv2d, torch.conv3d, _F.conv1d, _F.conv2d, _F.conv3d), _conv_flops),
+    ((torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d,
+      _F.conv_transpose1d, _F.conv_transpose2d, _F.conv_transpose3d), lambda n, e: _conv_flops(n, e, transposed=True)),
+]
+
+
+def _name(node: fx.Node) -> str:
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+def node_flops(node: fx.Node, expr_of) -> sympy.Expr:
+    """FLOPs of one call of ``node`` as FlopCounterMode counts them; 0 for ops it does not count.
+
+    ``expr_of`` turns a size (int or SymInt) into a sympy expression.
+    """
+    if node.op not in ("call_function", "call_method"):
+        return sympy.Integer(0)
+    for targets, count in _FLOP_RULES:
+        if (node.op == "call_function" and any(node.target is t for t in targets if not isinstance(t, str))) or (
+                node.op == "call_method" and node.target in targets):
+            return count(node, expr_of)
+    return sympy.Integer(0)
+
+
+# -- symbolic capture ----------------------------------------------------------------------------
+
+@dataclass
+class SymbolicCapture:
+    """A graph captured with symbolic shapes, and what its symbols stand for."""
+
+    gm: fx.GraphModule
+    shape_env: Any
+    sizes: dict[tuple[str, int], sympy.Expr]  # (input name, dim) -> expression in dynamo's symbols
+    values: dict[sympy.Symbol, int]  # dynamo symbol -> its value at capture
+
+    def expr(self, size) -> sympy.Expr:
+        if isinstance(size, torch.SymInt):
+            return self.shape_env.replace(size.node.expr)
+        return sympy.Integer(int(size))
+
+
+def _batch_of_two(inputs: dict[str, Any]) -> dict[str, Any]:
+    """Dynamo fixes a size of 1; repeat a batch of 1 to 2 so the batch stays a symbol."""
+    hidden = inputs.get(_HIDDEN)
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() == 0 or hidden.shape[0] != 1:
+        return inputs
+    return {k: v.repeat(2, *[1] * (v.dim() - 1)) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 1 else v
+            for k, v in inputs.items()}
+
+
+def capture_symbolic(model: torch.nn.Module, **inputs) -> SymbolicCapture:
+    """Capture ``model(**inputs)`` as one graph whose tensor sizes are sympy expressions.
+
+    Example:
+        >>> cap = capture_symbolic(torch.nn.Linear(4, 3), input=torch.randn(5, 4))
+        >>> cap.sizes[("input", 0)].free_symbols == {cap.sizes[("input", 0)]}   # dim 0 is a symbol
+        True
+        >>> cap.sizes[("input", 1)]                                            # fixed by the weight
+        4
+    """
+    import torch.fx.experimental._config as fx_config
+    from torch._guards import detect_fake_mode
+
+    graphs: list[fx.GraphModule] = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(model, backend=record, fullgraph=True, dynamic=True)
+    try:
+        with fx_config.patch(use_duck_shape=False), torch.no_grad():
+            compiled(**inputs)
+    except Exception as exc:  # dynamo raises many types; the cause is what matters to a user
+        raise CaptureError(f"could not capture {type(model).__name__} with symbolic shapes: {exc}") from exc
+    if len(graphs) != 1:
+        raise CaptureError(f"{type(model).__name__} was captured as {len(graphs)} graphs, expected 1")
+    gm = graphs[0]
+    fake_mode = detect_fake_mode([n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"])
+    shape_env = fake_mode.shape_env
+    backed = getattr(shape_env, "backed_var_to_val", None) or shape_env.var_to_val
+    sizes: dict[tuple[str, int], sympy.Expr] = {}
+    for symbol, sources in shape_env.var_to_sources.items():
+        for source in sources:
+            m = _SIZE_SOURCE.search(source.name)
+            if m:
+                sizes.setdefault((m.group(1), int(m.group(2))), shape_env.replace(symbol))
+    values = {s: int(v) for s, v in backed.items() if isinstance(s, sympy.Symbol) and str(s).startswith("s")}
+    return SymbolicCapture(gm, shape_env, sizes, values)
+
+
+# -- the model ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SiteCost:
+    """One site's cost: FLOPs per call, and bytes of its output and residual caches."""
+
+    name: str
+    kind: str
+    flops: sympy.Expr
+    output_bytes: sympy.Expr
+    residual_bytes: sympy.Expr | None  # None when the site is not in residual form
+    watch_bytes: sympy.Expr = sympy.Integer(0)  # its first live-out, which a ``when`` indicator keeps
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What a plan costs over one generation.
+
+    ``compute_fraction``: executed block FLOPs / the block FLOPs of an all-compute run;
+    ``block_flops``: executed block FLOPs, summed over all calls; ``cache_bytes_peak``: bytes
+    the cache store holds once every reusing site has stored (CFG branches cached apart).
+    """
+
+    compute_fraction: float
+    block_flops: int
+    cache_bytes_peak: int
+    total_block_flops: int = field(default=0)
+
+
+class CostModel:
+    """FLOPs and cache bytes of every site as sympy expressions; build it with :func:`cost_model`.
+
+    ``dims`` maps each free symbol's name to its value at capture (``{"B": 2, "S": 16}``);
+    keyword arguments of :meth:`flops`, :meth:`cache_bytes` and :meth:`predict` override them.
+    """
+
+    def __init__(self, sites: SiteTable, costs: dict[str, SiteCost], dims: dict[str, int],
+                 symbols: dict[str, sympy.Symbol], hidden: int | None,
+                 definitions: dict[str, sympy.Expr] | None = None,
+                 input_sizes: dict[tuple[str, int], sympy.Expr] | None = None):
+        self.sites = sites
+        self.costs = costs
+        self.dims = dict(dims)
+        self.symbols = dict(symbols)
+        self.hidden = hidden
+        self.definitions = dict(definitions or {})  # each dim in dynamo's symbols for the input sizes
+        self._input_sizes = dict(input_sizes or {})
+
+    # -- lookups ---------------------------------------------------------------------------------
+    def _cost(self, site: str) -> SiteCost:
+        if site not in self.costs:
+            raise KeyError(f"unknown site {site!r}; sites are e.g. {list(self.costs)[:6]}")
+        return self.costs[site]
+
+    def expr(self, site: str, what: str = "flops") -> sympy.Expr:
+        """The sympy expression of ``site``'s ``flops`` (per call), ``output_bytes`` or ``residual_bytes``."""
+        cost = self._cost(site)
+        if what not in ("flops", "output_bytes", "residual_bytes"):
+            raise ValueError(f"what must be flops, output_bytes or residual_bytes, got {what!r}")
+        value = getattr(cost, what)
+        if value is None:
+            raise ValueError(f"site {site!r} is not in residual form: it has no residual cache")
+        return value
+
+    def _values(self, dims: Mapping[str, int]) -> dict[sympy.Symbol, int]:
+        unknown = set(dims) - set(self.symbols)
+        if unknown:
+            fixed = f" (fixed at capture: {', '.join(sorted(unknown & {'B', 'S', 'L'}))})" if unknown & {"B", "S", "L"} else ""
+            raise ValueError(f"unknown dim(s) {sorted(unknown)}{fixed}; this model's dims are {sorted(self.symbols)}")
+        merged = {**self.dims, **dims}
+        for name, value in merged.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"dim {name} must be a positive int, got {value!r}")
+        return {self.symbols[k]: v for k, v in merged.items()}
+
+    def evaluate(self, expr: sympy.Expr, **dims) -> int:
+        """``expr`` at the capture dims, overridden by ``dims``."""
+        value = expr.xreplace(self._values(dims))
+        if value.free_symbols:
+            raise ValueError(f"missing dim(s) {sorted(map(str, value.free_symbols))} to evaluate {expr}")
+        return int(value)
+
+    def flops(self, site: str, **dims) -> int:
+        """FLOPs of one call of ``site``."""
+        return self.evaluate(self.expr(site), **dims)
+
+    def cache_bytes(self, site: str, slot: str = "output", **dims) -> int:
+        """Bytes a cache of ``site``'s ``output`` (its live-outs) or ``residual`` holds, per CFG branch."""
+        if slot not in ("output", "residual"):
+            raise ValueError(f"slot must be 'output' or 'residual', got {slot!r}")
+        return self.evaluate(self.expr(site, f"{slot}_bytes"), **dims)
+
+    def at(self, **dims) -> "CostModel":
+        """The same model with other default dims (another resolution, frame count or batch)."""
+        self._values(dims)
+        return CostModel(self.sites, self.costs, {**self.dims, **dims}, self.symbols, self.hidden,
+                         self.definitions, self._input_sizes)
+
+    def dims_for(self, **inputs) -> dict[str, int]:
+        """The dims of a call with these inputs (tensors or shapes), e.g. ``hidden_states`` at 32x32.
+
+        Example: ``cost.dims_for(hidden_states=(2, 4, 32, 32))`` gives ``{"B": 2, "S": 256}`` for DiT.
+        """
+        raw: dict[sympy.Symbol, int] = {}
+        for (name, dim), size_expr in self._input_sizes.items():
+            if name not in inputs:
+                continue
+            shape = tuple(inputs[name].shape) if isinstance(inputs[name], torch.Tensor) else tuple(inputs[name])
+            if isinstance(size_expr, sympy.Symbol):
+                raw.setdefault(size_expr, shape[dim])
+            elif size_expr.is_number and int(size_expr) != shape[dim]:
+                raise ValueError(f"{name} dim {dim} was fixed at {int(size_expr)} when the model was captured "
+                                 f"(its code branches on it); got {shape[dim]}")
+        out = {}
+        for name, definition in self.definitions.items():
+            value = definition.xreplace(raw)
+            if value.free_symbols:
+                continue
+            out[name] = int(value)
+        return out
+
+    # -- plans -------------------------------------------------------------------------------------
+    def block_sites(self) -> list[str]:
+        """The outermost blocks: the sites whose FLOPs a compute fraction counts."""
+        out = []
+        for s in self.sites:
+            if s.kind == "block" and not any(self.sites[a].kind == "block" for a in self.sites.ancestors(s.name)):
+                out.append(s.name)
+        return out
+
+    def predict(self, plan: Plan | CompiledPlan | None = None, steps_calls: int | Sequence[int] | None = None, *,
+                decisions: Mapping[str, Sequence[str]] | None = None, **dims) -> Prediction:
+        """The block FLOPs a plan executes over one generation, as a fraction of all-compute.
+
+        A block executes at a call when its action is ``compute``; then each of its sub-sites
+        that reuses removes its FLOPs from the block (a site inside a reusing site is skipped,
+        not subtracted twice). ``steps_calls`` is the number of calls per step (2 for CFG run as
+        two calls; default 1), or the step index of every call. A plan with ``when`` rules
+        decides in the graph at run time: pass ``decisions`` (``ditopt.stats(model).decisions``
+        after a run) instead of, or with, the plan; the plan is then used for cache bytes only.
+        """
+        compiled = None
+        if plan is not None:
+            compiled = plan if isinstance(plan, CompiledPlan) else plan.compile(self.sites)
+        if decisions is None:
+            if compiled is None:
+                raise ValueError("predict needs a plan or decisions")
+            decisions, branches = self._static_decisions(compiled, steps_calls)
+        else:
+            unknown = [s for s in decisions if s not in self.costs]
+            if unknown:
+                raise KeyError(f"decisions name unknown site(s) {unknown}")
+            branches = steps_calls if isinstance(steps_calls, int) else 1
+        calls = max((len(row) for row in decisions.values()), default=0)
+        per_call = {s: self.flops(s, **dims) for s in self.costs}
+        blocks = self.block_sites()
+        inside = {b: [s.name for s in self.sites if b in self.sites.ancestors(s.name)] for b in blocks}
+        executed = 0
+        for call in range(calls):
+            for b in blocks:
+                if _action(decisions, b, call) != COMPUTE:
+                    continue
+                executed += per_call[b] - sum(per_call[s] for s in inside[b] if _action(decisions, s, call) in _REUSING)
+        total = calls * sum(per_call[b] for b in blocks)
+        return Prediction(compute_fraction=executed / total if total else 1.0, block_flops=executed,
+                          cache_bytes_peak=self._cache_peak(compiled, decisions, branches, dims),
+                          total_block_flops=total)
+
+    def _static_decisions(self, compiled: CompiledPlan, steps_calls) -> tuple[dict[str, list[str]], int]:
+        adaptive = [s for s, row in compiled.adaptive.items() if any(r is not None for r in row)]
+        if adaptive:
+            raise ValueError(f"the plan decides {adaptive[:3]} at run time ('when' rules): pass "
+                             "decisions=ditopt.stats(model).decisions from a run")
+        if steps_calls is None or isinstance(steps_calls, int):
+            per_step = steps_calls or 1
+            step_of_call = [s for s in range(compiled.steps) for _ in range(per_step)]
+        else:
+            step_of_call = list(steps_calls)
+            per_step = max((step_of_call.count(s) for s in set(step_of_call)), default=1)
+        decisions: dict[str, list[str]] = {}
+        for site in self.costs:
+            row = []
+            for step in step_of_call:
+                if any(compiled.actions.get(a, [COMPUTE] * compiled.steps)[step] != COMPUTE
+                       for a in self.sites.ancestors(site)):
+                    row.append(SKIPPED)
+                else:
+                    row.append(compiled.actions.get(site, [COMPUTE] * compiled.steps)[step])
+            decisions[site] = row
+        return decisions, per_step
+
+    def _cache_peak(self, compiled: CompiledPlan | None, decisions, branches: int, dims) -> int:
+        if compiled is not None:
+            slots = dict(compiled.slots)
+            watched = [of for of, _ in compiled.when_rules]
+        else:
+            slots = {s: SLOTS[a] for s, row in decisions.items() for a in row if a in _REUSING}
+            watched = []
+        held = sum(self.cache_bytes(s, slot, **dims) for s, slot in slots.items())
+        held += sum(self.evaluate(self.costs[of].watch_bytes, **dims) for of in watched)
+        return held * branches
+
+
+def _action(decisions: Mapping[str, Sequence[str]], site: str, call: int) -> str:
+    row = decisions.get(site)
+    return row[call] if row is not None and call < len(row) else COMPUTE
+
+
+# -- building ----------------------------------------------------------------------------------
+
+def _token_dim(table: SiteTable, gm: fx.GraphModule, cap: SymbolicCapture) -> tuple[sympy.Expr | None, int | None]:
+    """The token count and hidden size of the main stream: dims 1 and -1 of the first block's
+    first rank-3 output whose token count depends on ``hidden_states``."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    hidden_syms = {e for (name, _), e in cap.sizes.items() if name == _HIDDEN and isinstance(e, sympy.Symbol)}
+    blocks = [s for s in table if s.kind == "block" and s.parent == "stack"] or [s for s in table if s.kind == "block"]
+    fallback = (None, None)
+    for block in blocks:
+        for out in block.live_outs:
+            shape = _shape(nodes[out], cap.expr) if out in nodes else None
+            if shape is None or len(shape) != 3:
+                continue
+            tokens, hidden = shape[1], int(shape[-1]) if shape[-1].is_number else None
+            if tokens.free_symbols & hidden_syms:
+                return tokens, hidden
+            if fallback == (None, None):
+                fallback = (tokens, hidden)
+    return fallback
+
+
+def _eliminate(tokens: sympy.Expr, hidden_syms: set) -> dict[sympy.Expr, sympy.Expr]:
+    """A substitution that turns ``tokens`` into ``S``: one factor f of it becomes S / (tokens / f)."""
+    if tokens is None or tokens.is_number:
+        return {}
+    if isinstance(tokens, sympy.Symbol):
+        return {tokens: S}
+    factors = list(tokens.args) if isinstance(tokens, sympy.Mul) else [tokens]
+    for f in reversed(factors):
+        others = [g for g in factors if g is not f]
+        if f.is_number or any(f.free_symbols & g.free_symbols for g in others):
+            continue
+        return {f: S / (tokens / f)}
+    raise CaptureError(f"cannot express the token count {tokens} as one symbol S")
+
+
+def cost_model(model: torch.nn.Module, **example_inputs) -> CostModel:
+    """Build the :class:`CostModel` of ``model`` from one call with ``example_inputs``.
+
+    Example:
+        >>> import torch, ditopt
+        >>> from diffusers import DiTTransformer2DModel
+        >>> model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+        ...     out_channels=4, num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+        >>> cost = ditopt.cost_model(model, hidden_states=torch.randn(2, 4, 8, 8),
+        ...                          timestep=torch.tensor([1, 1]), class_labels=torch.tensor([1, 2]))
+        >>> cost.dims, cost.hidden
+        ({'B': 2, 'S': 16}, 16)
+        >>> cost.expr("transformer_blocks.0.attn1")      # 4 linear layers + attention
+        64*B*S**2 + 2048*B*S
+        >>> cost.flops("transformer_blocks.0.attn1", S=64)   # at sample_size 16
+        786432
+        >>> cost.predict(ditopt.presets.fora(interval=2, steps=10, level="block")).compute_fraction
+        0.5
+    """
+    from .backend import sites as find_model_sites
+
+    table = find_model_sites(model, **example_inputs)
+    cap = capture_symbolic(model, **_batch_of_two(example_inputs))
+    symbolic_table = find_sites(cap.gm.graph)
+    missing = [n for n in table.names() if n not in symbolic_table]
+    if missing:
+        raise CaptureError(f"the symbolic capture of {type(model).__name__} lacks sites {missing[:4]}")
+
+    hidden_syms = {e for (name, _), e in cap.sizes.items() if name == _HIDDEN and isinstance(e, sympy.Symbol)}
+    tokens, hidden = _token_dim(symbolic_table, cap.gm, cap)
+    eliminate = _eliminate(tokens, hidden_syms)
+    rename: dict[sympy.Expr, sympy.Expr] = {}
+    definitions: dict[str, sympy.Expr] = {}
+    symbols: dict[str, sympy.Symbol] = {}
+    if tokens is not None and not tokens.is_number:
+        definitions["S"], symbols["S"] = tokens, S
+    for (name, dim), size_expr in sorted(cap.sizes.items()):
+        if not isinstance(size_expr, sympy.Symbol) or size_expr in rename or size_expr in eliminate:
+            continue
+        if (name, dim) == (_HIDDEN, 0):
+            rename[size_expr], symbols["B"], definitions["B"] = B, B, size_expr
+        elif (name, dim) == (_TEXT, 1):
+            rename[size_expr], symbols["L"], definitions["L"] = L, L, size_expr
+    for (name, dim), size_expr in sorted(cap.sizes.items()):
+        if isinstance(size_expr, sympy.Symbol) and size_expr not in rename and size_expr not in eliminate:
+            sym = sympy.Symbol(f"{name}_{dim}", integer=True, positive=True)
+            rename[size_expr], symbols[sym.name], definitions[sym.name] = sym, sym, size_expr
+
+    def to_dims(expr: sympy.Expr) -> sympy.Expr:
+        return sympy.expand(expr.xreplace(eliminate).xreplace(rename))
+
+    nodes = {n.name: n for n in cap.gm.graph.nodes}
+    flops_of = {n.name: node_flops(n, cap.expr) for n in cap.gm.graph.nodes}
+    costs: dict[str, SiteCost] = {}
+    for site in table:
+        sym_site = symbolic_table[site.name]
+        flops = sum((flops_of[n] for n in sym_site.nodes), sympy.Integer(0))
+        outs = [nodes[o] for o in site.live_outs if o in nodes and isinstance(nodes[o].meta.get("example_value"), torch.Tensor)]
+        if len(outs) != len(site.live_outs):  # names differ between captures: take the tensor live-outs
+            outs = [nodes[o] for o in sym_site.live_outs if isinstance(nodes[o].meta.get("example_value"), torch.Tensor)]
+        sizes = [_prod(_shape(o, cap.expr)) * o.meta["example_value"].element_size() for o in outs]
+        output_bytes = sum(sizes, sympy.Integer(0))
+        costs[site.name] = SiteCost(site.name, site.kind, to_dims(flops), to_dims(output_bytes),
+                                    to_dims(output_bytes) if site.residual_form else None,
+                                    to_dims(sizes[0]) if sizes else sympy.Integer(0))
+
+    used = set().union(*(e.free_symbols for c in costs.values() for e in (c.flops, c.output_bytes)))
+    symbols = {name: sym for name, sym in symbols.items() if sym in used}
+    definitions = {name: d for name, d in definitions.items() if name in symbols}
+    order = ["B", "S", "L", *sorted(definitions)]
+    definitions = {name: definitions[name] for name in dict.fromkeys(order) if name in definitions}
+    dims = {name: int(definition.xreplace(cap.values)) for name, definition in definitions.items()}
+    if "B" in dims and _batch_of_two(example_inputs) is not example_inputs:
+        dims["B"] = 1  # the capture ran at 2; the caller's example is 1
+    return CostModel(table, costs, dims, symbols, hidden, definitions, cap.sizes)
+
+
+__all__ = ["B", "L", "S", "CostModel", "Prediction", "SiteCost", "capture_symbolic", "cost_model", "node_flops"]
