@@ -3,24 +3,75 @@
     ditopt demo                       FORA on a diffusers DiT: reuse per step, speed, difference
     ditopt sites dit                  the sites ditopt finds in a model
     ditopt plan validate PLAN         check a plan file (and against --model)
+    ditopt diff wan --preset fora-2   the graph before and after the passes, as an HTML page
+
+MODEL is a small config of a diffusers class (dit, pixart, cogvideox, wan, hunyuan, or the class
+name, e.g. WanTransformer3DModel) or a trained zoo model (dit-digits, wan-digits).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 import torch
 
+from . import presets
 from .errors import DitoptError
 
 MODELS = ("dit", "pixart", "cogvideox", "wan", "hunyuan")
+ZOO_MODELS = ("dit-digits", "wan-digits")
+CLASS_NAMES = {"DiTTransformer2DModel": "dit", "PixArtTransformer2DModel": "pixart",
+               "CogVideoXTransformer3DModel": "cogvideox", "WanTransformer3DModel": "wan",
+               "HunyuanVideoTransformer3DModel": "hunyuan"}
+MODEL_HELP = f"a small config ({', '.join(MODELS)}, or the diffusers class name) or a zoo model ({', '.join(ZOO_MODELS)})"
 
 
 def _build(name: str):
+    """``(model in eval mode, example forward kwargs)`` for a MODEL argument."""
+    if name in ZOO_MODELS:
+        from . import zoo
+
+        loaded = zoo.load(name)
+        batch = 2 if loaded.cfg_mode == "batched" else 1
+        kwargs = dict(hidden_states=torch.randn(loaded.sample_shape(batch)), timestep=torch.full((batch,), 500.0),
+                      **loaded.make_conditioning(list(range(batch))))
+        return loaded.model.eval(), kwargs
+    name = CLASS_NAMES.get(name, name)
+    if name not in MODELS:
+        raise DitoptError(f"unknown model {name!r}; known: {', '.join([*MODELS, *ZOO_MODELS])} "
+                          f"(or a class name: {', '.join(CLASS_NAMES)})")
     from .small_models import build
 
     return build(name)
+
+
+class _Stages:
+    """A progress bar over the named stages of long work, on stderr, shown only on a terminal.
+
+        with _Stages(2) as stage:
+            stage("capturing"); ...
+            stage("rewriting"); ...
+    """
+
+    def __init__(self, total: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, disable=None, leave=False, file=sys.stderr, bar_format="{desc} {bar} {n}/{total}")
+        self.started = False
+
+    def __call__(self, name: str) -> None:
+        if self.started:
+            self.bar.update()
+        self.started = True
+        self.bar.set_description(name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
 
 
 def cmd_demo(args) -> int:
@@ -42,8 +93,11 @@ def cmd_demo(args) -> int:
 def cmd_sites(args) -> int:
     from .backend import sites
 
-    model, kwargs = _build(args.model)
-    table = sites(model.eval(), **kwargs)
+    with _Stages(2) as stage:
+        stage(f"building {args.model}")
+        model, kwargs = _build(args.model)
+        stage("capturing the graph")
+        table = sites(model.eval(), **kwargs)
     print(f"{'site':50s} {'kind':12s} {'attn':6s} {'live-outs':>9s} {'residual':>8s}")
     for s in table:
         print(f"{s.name:50s} {s.kind:12s} {s.attention or '':6s} {len(s.live_outs):>9d} "
@@ -59,13 +113,67 @@ def cmd_plan(args) -> int:
     if args.action == "show":
         print(plan.to_yaml(), end="")
     if args.model:
-        model, kwargs = _build(args.model)
-        compiled = plan.compile(sites(model.eval(), **kwargs))
+        with _Stages(2) as stage:
+            stage(f"building {args.model}")
+            model, kwargs = _build(args.model)
+            stage("capturing the graph")
+            compiled = plan.compile(sites(model.eval(), **kwargs))
         counts = compiled.action_counts()
         print(f"valid for {args.model}: {len(compiled.actions)} sites reuse at some step; "
               f"(site, step) actions: {counts}")
     elif args.action == "validate":
         print(f"valid: {len(plan.rules)} rules for {plan.steps} steps")
+    return 0
+
+
+# Presets by name: (name pattern, the plan for a match and a number of steps).
+PRESETS = [
+    (r"fora-(\d+)", lambda m, steps: presets.fora(int(m[1]), steps)),
+    (r"fora-(\d+)-block", lambda m, steps: presets.fora(int(m[1]), steps, level="block")),
+    (r"fbcache-(\d*\.?\d+)", lambda m, steps: presets.first_block_cache(float(m[1]), steps)),
+    (r"all-compute", lambda m, steps: presets.all_compute(steps)),
+]
+PRESET_HELP = "fora-N (layer level), fora-N-block, fbcache-THRESHOLD, all-compute"
+
+
+def preset_plan(name: str, steps: int):
+    """The plan a preset name stands for, e.g. ``fora-2`` or ``fbcache-0.08``."""
+    for pattern, make in PRESETS:
+        m = re.fullmatch(pattern, name)
+        if m:
+            try:
+                return make(m, steps)
+            except ValueError as exc:
+                raise DitoptError(f"preset {name!r}: {exc}") from None
+    raise DitoptError(f"unknown preset {name!r}; known: {PRESET_HELP}")
+
+
+def cmd_diff(args) -> int:
+    from .capture import capture
+    from .graphdiff import diff_graphs, rewrite
+    from .plan import Plan
+
+    plan = Plan.load(args.plan) if args.plan else preset_plan(args.preset, args.steps)
+    suffix = {"html": "html", "text": "txt", "dot": "dot"}[args.format]
+    out = args.output or f"ditopt-diff-{args.model}.{suffix}"
+    with _Stages(4) as stage:
+        stage(f"building {args.model}")
+        model, kwargs = _build(args.model)
+        stage("capturing the graph")
+        captured = capture(model, **kwargs)
+        stage("running the passes")
+        before, after, table, compiled = rewrite(captured, plan)
+        stage(f"rendering {args.format}")
+        diff = diff_graphs(before, after, table, compiled, model=type(model).__name__,
+                           plan_name=args.preset or plan.name or args.plan)
+        document = {"html": diff.to_html, "text": diff.to_text, "dot": diff.to_dot}[args.format]()
+    if out == "-":
+        sys.stdout.write(document)
+        return 0
+    with open(out, "w", encoding="utf-8") as f:
+        f.write(document)
+    print(diff.summary())
+    print(f"wrote {out} ({len(document.encode()) / 1024:.0f} KiB)")
     return 0
 
 
@@ -82,17 +190,32 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--repeats", type=int, default=3)
     demo.set_defaults(func=cmd_demo)
     s = sub.add_parser("sites", help="list the sites ditopt finds in a model")
-    s.add_argument("model", help=f"one of {', '.join(MODELS)} (small config)")
+    s.add_argument("model", help=MODEL_HELP)
     s.set_defaults(func=cmd_sites)
     p = sub.add_parser("plan", help="show or validate a plan file")
     p.add_argument("action", choices=("show", "validate"))
     p.add_argument("plan", help="a plan YAML file")
-    p.add_argument("--model", help="also check it against this model's sites")
+    p.add_argument("--model", help="also check it against this model's sites: " + MODEL_HELP)
     p.set_defaults(func=cmd_plan)
+    d = sub.add_parser("diff", help="the graph before and after the passes: HTML page, text diff or DOT",
+                       description="Capture MODEL, rewrite it with a plan, and write the graph before and after "
+                                   "the passes: sites as collapsible groups, inserted nodes highlighted, nodes a "
+                                   "skip branch no longer runs marked, and the plan's decisions per step.")
+    d.add_argument("model", help=MODEL_HELP)
+    which = d.add_mutually_exclusive_group(required=True)
+    which.add_argument("--plan", help="a plan YAML file")
+    which.add_argument("--preset", help=f"a preset by name: {PRESET_HELP}")
+    d.add_argument("--steps", type=int, default=20, help="denoising steps of the preset (default 20)")
+    d.add_argument("--format", choices=("html", "text", "dot"), default="html")
+    d.add_argument("-o", "--output", help="where to write ('-' for stdout; default ditopt-diff-MODEL.html/.txt/.dot)")
+    d.set_defaults(func=cmd_diff)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
     except DitoptError as exc:
+        print(f"ditopt: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. an output file that cannot be written
         print(f"ditopt: error: {exc}", file=sys.stderr)
         return 2
 
