@@ -126,6 +126,15 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import shlex
+
+    from .bench import run_from_args
+
+    run_from_args(args, "ditopt bench " + shlex.join(args.argv))
+    return 0
+
+
 # Presets by name: (name pattern, the plan for a match and a number of steps).
 PRESETS = [
     (r"fora-(\d+)", lambda m, steps: presets.fora(int(m[1]), steps)),
@@ -209,7 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--format", choices=("html", "text", "dot"), default="html")
     d.add_argument("-o", "--output", help="where to write ('-' for stdout; default ditopt-diff-MODEL.html/.txt/.dot)")
     d.set_defaults(func=cmd_diff)
+    b = sub.add_parser("bench", help="fidelity and compute of ditopt presets and peers on the zoo models")
+    from .bench import add_arguments as _bench_arguments
+
+    _bench_arguments(b)
+    b.set_defaults(func=cmd_bench)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[2:] if argv is None else argv[1:])
     try:
         return args.func(args)
     except DitoptError as exc:

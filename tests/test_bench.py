@@ -1,0 +1,66 @@
+"""The fidelity harness: a smoke run (2 seeds, 2 methods, few steps) and its bookkeeping."""
+
+import math
+
+import pytest
+
+from ditopt.bench import (METHODS, Method, _executed_block_flops, format_table, register, run_bench,
+                          write_report)
+from ditopt.errors import DitoptError
+
+
+@pytest.fixture(scope="module")
+def smoke():
+    register(Method("peer:missing", "peer", "Missing", lambda steps: [], requires="no_such_module_for_ditopt"))
+    try:
+        return run_bench("dit-digits", seeds=2, steps=4, progress=False,
+                         methods=["ditopt:fora", "diffusers:fbcache", "peer:missing"])
+    finally:
+        METHODS.pop("peer:missing")
+
+
+def test_smoke_rows(smoke):
+    rows = {(r.method, r.setting): r for r in smoke.rows}
+    full = rows[("full", "-")]
+    assert full.compute == 1.0 and math.isinf(full.psnr) and full.accuracy >= 0.8
+    fora2 = rows[("ditopt FORA", "interval=2")]
+    # 4 steps, interval 2: steps 1 and 3 reuse every block
+    assert fora2.compute == pytest.approx(0.5)
+    assert 5 < fora2.psnr < 60 and 0 < fora2.ssim < 1
+    assert rows[("ditopt FORA", "interval=4")].compute == pytest.approx(0.25)
+    overhead = rows[("diffusers FirstBlockCache", "threshold=0")]
+    assert overhead.overhead and overhead.compute == 1.0 and math.isinf(overhead.psnr)
+    for r in smoke.rows:
+        assert 0 < r.compute <= 1.0 and r.speedup > 0
+
+
+def test_missing_peer_is_reported_and_the_rest_run(smoke):
+    assert "cannot import no_such_module_for_ditopt" in smoke.failed["peer Missing"]
+    assert any(r.family == "diffusers" for r in smoke.rows)
+    assert "Could not run" in format_table(smoke)
+
+
+def test_report_replaces_its_section(smoke, tmp_path):
+    md = tmp_path / "B.md"
+    md.write_text("# Benchmarks\n\nkept above\n")
+    write_report([smoke], str(md), str(tmp_path / "p.png"), "cmd one")
+    write_report([smoke], str(md), str(tmp_path / "p.png"), "cmd two")
+    text = md.read_text()
+    assert "kept above" in text and "cmd two" in text and "cmd one" not in text
+    assert text.count("| ditopt FORA | interval=2 |") == 1
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_executed_flops_subtracts_only_outermost_reused_sub_sites():
+    per_call = {"b.0": 10.0, "b.0.attn": 4.0, "b.0.ff": 3.0, "b.1": 10.0}
+    parents = {"b.0": "stack", "b.0.attn": "b.0", "b.0.ff": "b.0", "b.1": "stack"}
+    decisions = {"b.0": ["compute", "compute", "reuse_residual"], "b.0.attn": ["compute", "reuse", "skipped"],
+                 "b.0.ff": ["compute", "reuse", "skipped"], "b.1": ["compute", "reuse_residual", "compute"]}
+    assert _executed_block_flops(decisions, ["b.0", "b.1"], per_call, parents) == 20 + 3 + 10
+
+
+def test_bad_input_names_it():
+    with pytest.raises(DitoptError, match="no-such-method"):
+        run_bench("dit-digits", methods=["no-such-method"], progress=False)
+    with pytest.raises(DitoptError, match="unknown zoo model 'mars'"):
+        run_bench("mars", progress=False)
