@@ -625,6 +625,7 @@ _SCRIPT = r"""
     var d = data[i], el = document.getElementById('N' + i);
     if (selected) selected.classList.remove('sel');
     selected = el; if (el) el.classList.add('sel');
+    document.body.dataset.selected = d.id;
     var status = d.status + (d.skipped_by.length ? ' (runs only when ' + d.skipped_by.join(', ') + ' computes)' : '');
     panel.innerHTML = '<h2>' + esc(d.name) + '</h2><dl>' +
       '<dt>status</dt><dd>' + esc(status) + '</dd>' +
@@ -672,6 +673,11 @@ _SCRIPT = r"""
       if (hit && q && hits++ < 200) reveal(row);
     });
   };
+  if (location.hash.indexOf('#node=') === 0) {  // a link to one node: #node=<id>
+    var wanted = decodeURIComponent(location.hash.slice(6));
+    var k = data.findIndex(function (d) { return d.id === wanted; });
+    if (k >= 0) jump(k);
+  }
   var sites = {};
   graph.querySelectorAll('details.site').forEach(function (d) { sites[d.dataset.site] = true; });
   document.body.dataset.nodes = String(graph.querySelectorAll('.n').length);
@@ -732,7 +738,10 @@ def render_html(diff: GraphDiff) -> str:
     """One self-contained page: summary, plan table, overview map, and the grouped node list.
 
     Site groups are collapsed; a skip branch's boxes open with their site. Clicking a node
-    shows its op, target, shape, module path, inputs and users; hovering shows a summary.
+    shows its op, target, shape, module path, inputs and users; hovering shows a summary;
+    ``page.html#node=<id>`` opens on one node. The script marks the body when it has run:
+    ``data-rendered`` (the number of sites drawn), ``data-nodes``; a script error sets
+    ``data-errors`` on the root element.
     """
     index = {n.id: i for i, n in enumerate(diff.nodes)}
     group_ids = _group_dom_ids(diff.root)
