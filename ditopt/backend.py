@@ -216,11 +216,22 @@ def optimize(model: torch.nn.Module, plan: PlanLike, *, timestep_arg: str = "tim
     runtime = Runtime()
     runtime.param_ids = {id(p) for p in model.parameters()}
     backend = DitoptBackend(plan, runtime, inductor=False, timestep_arg=timestep_arg)
+    _make_room_for_another_model()
     wrapped = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
     wrapped.__class__ = DitoptModule
     object.__setattr__(wrapped, "_ditopt_runtime", runtime)
     object.__setattr__(wrapped, "_ditopt_backend", backend)
     return wrapped
+
+
+def _make_room_for_another_model(limit: int = 256) -> None:
+    """Dynamo keys compiled code by the code object of ``forward``, which every instance of a
+    class shares, and each optimised model adds its own entry (its backend and parameters
+    differ). Past dynamo's default of 8 entries, the ninth model of one class in a process
+    (trying plans, a benchmark) would fail with a recompile-limit error under fullgraph=True."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, limit)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * limit)
 
 
 def runtime_of(model: torch.nn.Module) -> Runtime:

@@ -531,6 +531,8 @@ def run_bench(model: str = "dit-digits", *, seeds: int = 4, steps: int | None = 
             failed[f"{label} [{setting.label}]"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             say(f"{label} [{setting.label}] failed: {exc}")
             continue
+        finally:
+            torch._dynamo.reset()  # this setting's model is gone; drop its compiled code
         rows.append(row)
         say(f"{row.method} [{row.setting}] compute {row.compute:.3f} speedup {row.speedup:.2f} "
             f"psnr {row.psnr:.2f} ssim {row.ssim:.3f} acc {row.accuracy:.2f}")

@@ -37,3 +37,21 @@ def test_cache_store_keeps_depth_and_counts_bytes():
     assert [e.step for e in store.history(key)] == [3] and store.has(key, (4,)) and not store.has(key, (2, 3))
     store.clear()
     assert store.nbytes == 0 and store.latest(key) is None
+
+
+def test_many_optimised_models_of_one_class_in_one_process():
+    """Dynamo shares compiled code across instances of a class; the tenth model must still work."""
+    import ditopt
+    from diffusers import DiTTransformer2DModel
+
+    x, y = torch.randn(1, 4, 8, 8), torch.tensor([3])
+    for i in range(10):
+        torch.manual_seed(i)
+        model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                      num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+        fast = ditopt.optimize(model, ditopt.presets.fora(interval=2, steps=2, level="block"))
+        with torch.no_grad():
+            out = [fast(x, timestep=torch.tensor([t]), class_labels=y).sample for t in (900, 100)]
+            ref = model(x, timestep=torch.tensor([900]), class_labels=y).sample
+        assert torch.equal(out[0], ref)
+        assert ditopt.stats(fast).decisions["transformer_blocks.0"] == ["compute", "reuse_residual"]
