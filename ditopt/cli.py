@@ -12,6 +12,7 @@ name, e.g. WanTransformer3DModel) or a trained zoo model (dit-digits, wan-digits
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 
@@ -174,7 +175,7 @@ def cmd_diff(args) -> int:
         before, after, table, compiled = rewrite(captured, plan)
         stage(f"rendering {args.format}")
         diff = diff_graphs(before, after, table, compiled, model=type(model).__name__,
-                           plan_name=args.preset or plan.name or args.plan)
+                           plan_name=args.preset or plan.name or os.path.basename(args.plan))
         document = {"html": diff.to_html, "text": diff.to_text, "dot": diff.to_dot}[args.format]()
     if out == "-":
         sys.stdout.write(document)

@@ -1,5 +1,6 @@
 """The command line: help, a real run, and one readable line with a non-zero status on errors."""
 
+import re
 import subprocess
 import sys
 
@@ -32,7 +33,7 @@ def test_errors_exit_non_zero_with_one_line(argv, message, capsys):
 
 
 def test_help_for_every_subcommand():
-    for sub in ("demo", "sites", "plan"):
+    for sub in ("demo", "sites", "plan", "diff"):
         r = subprocess.run([sys.executable, "-m", "ditopt.cli", sub, "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "usage" in r.stdout
 
@@ -53,3 +54,67 @@ def test_demo_on_the_trained_image_model(capsys):
 def test_demo_unknown_model_is_one_line(capsys):
     assert main(["demo", "--model", "nope"]) == 2
     assert "unknown demo model 'nope'" in capsys.readouterr().err
+
+
+def test_sites_of_a_zoo_model_and_a_class_name(capsys):
+    assert main(["sites", "wan-digits"]) == 0
+    assert "blocks.0.attn2" in capsys.readouterr().out
+    assert main(["sites", "DiTTransformer2DModel"]) == 0
+    assert "transformer_blocks.0.attn1" in capsys.readouterr().out
+
+
+def test_diff_writes_the_page_for_wan_with_fora(tmp_path, capsys):
+    out = tmp_path / "wan.html"
+    assert main(["diff", "wan", "--preset", "fora-2", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed and "WanTransformer3DModel, plan fora-2 (20 steps)" in printed
+    page = out.read_text()
+    assert page.startswith("<!DOCTYPE html>") and 'data-site="blocks.1.ffn"' in page
+
+
+def test_diff_default_output_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["diff", "dit", "--preset", "fora-2-block", "--format", "dot"]) == 0
+    assert (tmp_path / "ditopt-diff-dit.dot").read_text().startswith("digraph")
+    assert "wrote ditopt-diff-dit.dot" in capsys.readouterr().out
+
+
+def test_diff_text_of_a_plan_file_to_stdout(tmp_path, capsys):
+    plan = tmp_path / "p.yaml"
+    plan.write_text('version: 1\nsteps: 4\nrules:\n  - {sites: "*", kind: block, action: reuse_residual, steps: [1, 3]}\n')
+    assert main(["diff", "dit", "--plan", str(plan), "--format", "text", "-o", "-"]) == 0
+    out = capsys.readouterr().out
+    assert "--- before passes" in out and "# ---- site transformer_blocks.0 (block) ----" in out
+    assert re.search(r"^  transformer_blocks\.0 +CrCr$", out, re.M) and "plan p.yaml (4 steps)" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["diff", "nosuchmodel", "--preset", "fora-2"], "unknown model 'nosuchmodel'"),
+    (["diff", "dit", "--plan", "/nonexistent/plan.yaml"], "plan file not found"),
+    (["diff", "dit", "--preset", "fora-x"], "unknown preset 'fora-x'"),
+    (["diff", "dit", "--preset", "fora-0"], "preset 'fora-0': interval must be >= 1"),
+    (["diff", "dit", "--preset", "fora-2", "-o", "/nonexistent/dir/page.html"], "No such file or directory"),
+    (["plan", "validate", "/nonexistent/plan.yaml", "--model", "nosuchmodel"], "plan file not found"),
+])
+def test_diff_errors_are_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ditopt: error:") and message in err and "\n" not in err
+
+
+def test_diff_bad_plan_file_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nsteps: 4\nrules: [\n")
+    assert main(["diff", "dit", "--plan", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ditopt: error:") and "malformed YAML" in err and "\n" not in err
+    other = tmp_path / "other.yaml"
+    other.write_text("version: 1\nsteps: 4\nrules:\n  - {sites: 'blocks.*', action: reuse, steps: [1]}\n")
+    assert main(["diff", "dit", "--plan", str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pattern 'blocks.*' matches no site" in err and "\n" not in err
+
+
+def test_diff_needs_a_plan_or_a_preset():
+    r = subprocess.run([sys.executable, "-m", "ditopt.cli", "diff", "dit"], capture_output=True, text=True)
+    assert r.returncode == 2 and "one of the arguments --plan --preset is required" in r.stderr
