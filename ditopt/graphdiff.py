@@ -27,6 +27,7 @@ from __future__ import annotations
 import difflib
 import html
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,7 +59,9 @@ class DiffNode:
 
     ``id`` is unique in the diff: the node name, prefixed by the branch submodule it lives in.
     ``skipped_by`` names the sites whose skip branches hold the node (outermost first): it runs
-    only when all of them compute. ``groups`` are the keys of the groups holding it.
+    only when all of them compute. ``role`` is the pass annotation of an inserted node (``decide``,
+    ``load``, ``store``, ``skip_branch``, ...) or ``reuse`` on a reuse side. ``groups`` are the
+    keys of the groups holding it, outermost first.
     """
 
     id: str
@@ -88,7 +91,8 @@ class Group:
     """A box of the page: a site, a skip branch, its compute or reuse side, or the inputs.
 
     ``key`` is ``site:<name>``, ``branch:<name>``, ``compute:<name>``, ``reuse:<name>``,
-    ``inputs`` or ``outside`` (top-level nodes in no site); ``part`` counts the groups opened with that key so far (2+ = continued).
+    ``inputs`` or ``outside`` (top-level nodes in no site); ``part`` counts the groups opened
+    with that key so far (2 and up: a continued group).
     """
 
     key: str
@@ -135,7 +139,8 @@ class GraphDiff:
         return [n for n in self.nodes if n.inserted]
 
     def skipped_regions(self) -> dict[str, list[str]]:
-        """For each site with a skip branch, the original nodes its compute side holds."""
+        """For each site with a skip branch, the original nodes its compute side holds (a node
+        of a nested branch counts for the innermost one)."""
         regions: dict[str, list[str]] = {}
         for n in self.nodes:
             if n.role == _BRANCH_ROLE:
@@ -166,7 +171,7 @@ class GraphDiff:
         c = self.counts()
         return (f"{self.model}, plan {self.plan_name} ({self.plan.steps} steps): {c['before']} nodes before, "
                 f"{c['after']} after (+{c['in_branches']} inside skip branches); {c['inserted']} inserted, "
-                f"{c['skipped']} in {c['skip_branches']} skip branches")
+                f"{c['skipped']} moved into {c['skip_branches']} skip branches")
 
     def to_html(self) -> str:
         return render_html(self)
@@ -193,7 +198,7 @@ def graph_diff(model: torch.nn.Module, plan, *args, **example_inputs) -> GraphDi
         >>> sorted(diff.skipped_regions())[:2]
         ['transformer_blocks.0.attn1', 'transformer_blocks.0.ff']
         >>> sorted({n.role for n in diff.inserted() if n.role})
-        ['begin_step', 'branch_fn', 'branch_output', 'decide', 'load', 'skip_branch', 'store', 'token']
+        ['begin_step', 'branch_fn', 'branch_output', 'decide', 'load', 'reuse', 'skip_branch', 'store', 'token']
         >>> diff.to_html().startswith("<!DOCTYPE html>")
         True
     """
@@ -228,7 +233,7 @@ def diff_graphs(before: fx.GraphModule, after: fx.GraphModule, sites: SiteTable,
 def _plan_name(plan) -> str:
     if isinstance(plan, Plan):
         return plan.name or "plan"
-    return str(plan) if isinstance(plan, str) and "\n" not in plan else "plan"
+    return os.path.basename(str(plan)) if isinstance(plan, (str, os.PathLike)) and "\n" not in str(plan) else "plan"
 
 
 def is_branch(node: fx.Node) -> bool:
@@ -299,7 +304,7 @@ class _Walker:
             ids[node] = node_id
             ann = node.meta.get("ditopt", {})
             role = ann.get(ROLE)
-            site = self._site(node, ann, reuse_of)
+            site = self.site_of_node(node, ann, reuse_of)
             if node.op == "placeholder":
                 keys = [INPUTS]
             elif not prefix and site is None and node.op != "output":
@@ -329,7 +334,9 @@ class _Walker:
             outer = {p: ids[o] for p, o in zip(placeholders, operands)}
             self.walk(sub, f"{prefix}{fn.target}.", outer, stack, reuse_of)
 
-    def _site(self, node: fx.Node, ann: dict, reuse_of: str | None) -> str | None:
+    def site_of_node(self, node: fx.Node, ann: dict, reuse_of: str | None) -> str | None:
+        """The innermost site a node belongs to: the one a pass annotated it with, the site of
+        the reuse side it is on, the site of the output an indicator watches, or its own."""
         if ann.get("site"):
             return ann["site"]
         if reuse_of is not None:
@@ -412,7 +419,7 @@ def _code_lines(gm: fx.GraphModule, walker: _Walker, describe, state: dict, reus
         node = by_name.get(m.group(1)) if m else None
         if node is not None and node.op != "placeholder":
             ann = node.meta.get("ditopt", {})
-            site = walker._site(node, ann, reuse_of)
+            site = walker.site_of_node(node, ann, reuse_of)
             if site != state.get("site"):
                 lines.append(f"    # ---- {describe(site)} ----")
                 state["site"] = site
@@ -517,7 +524,8 @@ def _dot_str(text: str, raw: bool = False) -> str:
 
 # -- HTML --------------------------------------------------------------------------------------
 
-_GROUP_COLOUR = {"site": "#5b6b7f", "outside": "#bbbbbb", "branch": "#1f5fbf", "compute": "#1f5fbf", "reuse": "#e07b00", "inputs": "#999999"}
+_GROUP_COLOUR = {"site": "#5b6b7f", "outside": "#bbbbbb", "branch": "#1f5fbf", "compute": "#1f5fbf",
+                 "reuse": "#e07b00", "inputs": "#999999"}
 
 
 def _group_title(diff: GraphDiff, group: Group) -> str:

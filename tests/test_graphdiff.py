@@ -9,7 +9,6 @@ import subprocess
 import tempfile
 import time
 from html.parser import HTMLParser
-from pathlib import Path
 
 import pytest
 import torch.fx as fx
