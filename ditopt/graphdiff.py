@@ -48,9 +48,15 @@ DECISION_STYLE = {
     "compute": ("C", "#d9d9d9"),
     "reuse": ("R", "#4caf50"),
     "reuse_residual": ("r", "#1b7f3b"),
+    "predict": ("P", "#8e44ad"),
     "adaptive": ("A", "#f0a500"),
     "skipped": ("S", "#8fa7bd"),
 }
+
+
+def decision_style(decision: str) -> tuple[str, str]:
+    """(label, colour) of a decision; an action this page does not know yet gets its initial."""
+    return DECISION_STYLE.get(decision, (decision[:1].upper(), "#b0b0b0"))
 
 
 @dataclass
@@ -459,7 +465,7 @@ def render_text(diff: GraphDiff) -> str:
     width = max([len(s) for s in decisions] + [4])
     out.append(f"  {'step':{width}s} " + "".join(f"{t % 10}" for t in range(diff.plan.steps)))
     for site, row in decisions.items():
-        out.append(f"  {site:{width}s} " + "".join(DECISION_STYLE[d][0] for d in row))
+        out.append(f"  {site:{width}s} " + "".join(decision_style(d)[0] for d in row))
     if not decisions:
         out.append("  (every site computes at every step)")
     out.append("")
@@ -561,7 +567,7 @@ def _counts(nodes: list[DiffNode]) -> str:
 
 def _step_strip(row: list[str]) -> str:
     """A small inline SVG: one square per step, coloured by decision."""
-    cells = "".join(f'<rect x="{i * 7}" width="6" height="10" fill="{DECISION_STYLE[d][1]}"><title>step {i}: {d}'
+    cells = "".join(f'<rect x="{i * 7}" width="6" height="10" fill="{decision_style(d)[1]}"><title>step {i}: {d}'
                     f"</title></rect>" for i, d in enumerate(row))
     return f'<svg class="strip" width="{7 * len(row)}" height="10" role="img">{cells}</svg>'
 
@@ -570,7 +576,7 @@ def _step_table(rows: dict[str, list[str]], steps: int, cls: str) -> str:
     head = "".join(f"<th>{t}</th>" for t in range(steps))
     body = []
     for site, row in rows.items():
-        cells = "".join(f'<td class="d-{d}" title="step {t}: {d}">{DECISION_STYLE[d][0]}</td>' for t, d in enumerate(row))
+        cells = "".join(f'<td class="d-{d}" title="step {t}: {d}">{decision_style(d)[0]}</td>' for t, d in enumerate(row))
         body.append(f'<tr><th class="sn">{html.escape(site)}</th>{cells}</tr>')
     return f'<table class="{cls}"><tr><th class="sn">step</th>{head}</tr>{"".join(body)}</table>'
 
