@@ -86,7 +86,7 @@ class DitoptBackend:
         ctx = PassContext(sites=sites, runtime_id=runtime.id, graph_id=graph_id, inductor=self.inductor,
                           timestep=self.timestep_arg)
         report = run_pipeline(gm, ctx, compiled_plan, inductor=self.inductor)
-        runtime.graphs[graph_id] = gm.meta["ditopt"]["decisions"]
+        runtime.set_graph(graph_id, gm.meta["ditopt"]["decisions"])
         self.last = {"original": original, "rewritten": gm, "sites": sites, "report": report,
                      "plan": compiled_plan}
         runtime.last_compile = self.last

@@ -35,10 +35,12 @@ VERSION = 1
 COMPUTE = "compute"
 REUSE = "reuse"
 REUSE_RESIDUAL = "reuse_residual"
-ACTIONS = (COMPUTE, REUSE, REUSE_RESIDUAL)
+PREDICT = "predict"
+ACTIONS = (COMPUTE, REUSE, REUSE_RESIDUAL, PREDICT)
 SLOTS = {REUSE: "output", REUSE_RESIDUAL: "residual"}
+ORDERS = (0, 1, 2)
 INDICATORS = ("rel_l1",)
-_RULE_KEYS = {"sites", "kind", "steps", "action", "when"}
+_RULE_KEYS = {"sites", "kind", "steps", "action", "when", "order"}
 _PLAN_KEYS = {"version", "steps", "rules", "model", "name", "description"}
 
 
@@ -61,6 +63,7 @@ class Rule:
     steps: str | tuple[int, ...] | None = None
     kind: str | None = None
     when: When | None = None
+    order: int | None = None  # predict: Taylor order (default 1)
     line: int | None = field(default=None, compare=False)
     step_line: int | None = field(default=None, compare=False)
 
@@ -79,6 +82,8 @@ class Rule:
         if self.steps is not None:
             d["steps"] = self.steps if isinstance(self.steps, str) else list(self.steps)
         d["action"] = self.action
+        if self.order is not None:
+            d["order"] = self.order
         if self.when:
             d["when"] = self.when.to_dict()
         return d
@@ -111,6 +116,7 @@ class CompiledPlan:
     adaptive: dict[str, list[int | None]]
     when_rules: list[tuple[str, float]]
     slots: dict[str, str]
+    orders: dict[str, list[int]] = field(default_factory=dict)  # predict's Taylor order per step
 
     def action_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -226,6 +232,7 @@ class Plan:
         adaptive: dict[str, list[int | None]] = {}
         when_rules: list[tuple[str, float]] = []
         origin: dict[tuple[str, int], int] = {}
+        orders: dict[str, list[int]] = {}
         for i, rule in enumerate(self.rules):
             where = dict(rule=i, line=rule.line)
             for pattern in rule.sites:
@@ -254,9 +261,11 @@ class Plan:
                                     "(use 'reuse')", site=site.name, **where)
                 row = actions.setdefault(site.name, [COMPUTE] * self.steps)
                 arow = adaptive.setdefault(site.name, [None] * self.steps)
+                orow = orders.setdefault(site.name, [0] * self.steps)
                 for s in rule.step_list(self.steps):
                     row[s] = rule.action
                     arow[s] = when_index if rule.action != COMPUTE else None
+                    orow[s] = (1 if rule.order is None else rule.order) if rule.action == PREDICT else 0
                     origin[(site.name, s)] = i
         slots: dict[str, str] = {}
         for name, row in list(actions.items()):
@@ -264,9 +273,14 @@ class Plan:
             if not used:
                 del actions[name], adaptive[name]
                 continue
-            if len(used) > 1:
+            kinds = used - {PREDICT}
+            if len(kinds) > 1:
                 raise PlanError(f"a site takes one kind of reuse per plan, got {sorted(used)}", site=name)
-            slots[name] = SLOTS[used.pop()]
+            if kinds:
+                slots[name] = SLOTS[kinds.pop()]
+            else:  # predict alone forecasts the residual where the site has one, else its output
+                residual = all(r is not None for r in sites[name].residual_inputs) and sites[name].residual_inputs
+                slots[name] = "residual" if residual else "output"
             static = [s for s, a in enumerate(row) if a != COMPUTE and adaptive[name][s] is None]
             first = static[0] if static else None  # adaptive steps compute by themselves while nothing is cached
             if first is not None and COMPUTE not in row[:first]:
@@ -274,7 +288,14 @@ class Plan:
                 raise PlanError(f"{row[first]} at step {first} before the site computed at any step",
                                 rule=i, line=self.rules[i].line, site=name)
         self._check_when(sites, actions, adaptive, when_rules)
-        return CompiledPlan(self.steps, actions, adaptive, when_rules, slots)
+        for name, row in actions.items():
+            for st, a in enumerate(row):
+                if a == PREDICT and adaptive[name][st] is not None:
+                    i = origin[(name, st)]
+                    raise PlanError("predict cannot be adaptive ('when'): a forecast needs a fixed step table",
+                                    rule=i, line=self.rules[i].line, site=name)
+        orders = {name: orders[name] for name in actions}
+        return CompiledPlan(self.steps, actions, adaptive, when_rules, slots, orders)
 
     def _check_when(self, sites, actions, adaptive, when_rules) -> None:
         order = {n: i for i, n in enumerate(sites.names())}
@@ -367,6 +388,12 @@ def _rule_from_dict(raw: Any, index: int, lines: dict[str, int] | None) -> Rule:
         else:
             raise PlanError(f"'steps' must be a slice string like '2:48:2' or a list of ints, got {steps!r}",
                             site=label, **at("steps"))
+    order = raw.get("order")
+    if order is not None:
+        if action != PREDICT:
+            raise PlanError(f"'order' applies to action predict, not {action!r}", site=label, **at("order"))
+        if not isinstance(order, int) or isinstance(order, bool) or order not in ORDERS:
+            raise PlanError(f"'order' must be one of {list(ORDERS)}, got {order!r}", site=label, **at("order"))
     when = raw.get("when")
     if when is not None:
         if not isinstance(when, dict) or set(when) - {"indicator", "of", "below"} or "of" not in when \
@@ -379,5 +406,5 @@ def _rule_from_dict(raw: Any, index: int, lines: dict[str, int] | None) -> Rule:
         if not isinstance(below, (int, float)) or isinstance(below, bool) or below <= 0:
             raise PlanError(f"'when.below' must be a positive number, got {below!r}", site=label, **where)
         when = When(of=str(when["of"]), below=float(below), indicator=indicator)
-    return Rule(sites=sites, action=action, steps=steps, kind=kind, when=when, line=line,
+    return Rule(sites=sites, action=action, steps=steps, kind=kind, when=when, order=order, line=line,
                 step_line=lines.get("steps", line))

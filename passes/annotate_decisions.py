@@ -50,6 +50,7 @@ def annotate_decisions(gm: fx.GraphModule, ctx: PassContext, compiled) -> PassRe
         slots=dict(compiled.slots),
         parents={s.name: sites.ancestors(s.name) for s in sites},
         site_order=sites.names(),
+        orders=dict(getattr(compiled, "orders", {})),
     )
     ga["annotated"] = True
     return PassResult(gm, bool(reusing) or bool(compiled.when_rules))

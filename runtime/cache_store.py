@@ -38,6 +38,12 @@ class CacheStore:
         self.depth = depth
         self._entries: dict[CacheKey, deque[CacheEntry]] = {}
 
+    def ensure_depth(self, depth: int) -> None:
+        """Keep at least ``depth`` steps per key from now on (existing history is kept)."""
+        if depth > self.depth:
+            self.depth = depth
+            self._entries = {k: deque(h, maxlen=depth) for k, h in self._entries.items()}
+
     def put(self, key: CacheKey, step: int, value: torch.Tensor) -> None:
         history = self._entries.get(key)
         if history is not None and history and history[-1].value.shape != value.shape:

@@ -62,15 +62,15 @@ def _(token, value, rid, graph, rule):
 def cache_load(
     token: torch.Tensor, rid: int, graph: int, site: str, slot: str, shape: list[int], dtype: torch.dtype, copy: bool
 ) -> torch.Tensor:
-    """The newest cached tensor of (site, slot) for this CFG branch, or zeros if there is none.
+    """The newest cached tensor of (site, slot) for this CFG branch (at a ``predict`` step, its
+    Taylor forecast), or zeros if there is none.
 
     Zeros are only ever returned on a call that computes, where the value is not used.
     """
-    rt = get_runtime(rid)
-    entry = rt.store.latest(rt.key(graph, site, slot))
-    if entry is None or tuple(entry.value.shape) != tuple(shape):
+    value = get_runtime(rid).load(graph, site, slot)
+    if value is None or tuple(value.shape) != tuple(shape):
         return torch.zeros(shape, dtype=dtype, device=token.device)
-    return entry.value.clone() if copy else entry.value
+    return value.clone() if copy else value
 
 
 @cache_load.register_fake

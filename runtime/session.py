@@ -41,6 +41,7 @@ class GraphDecisions:
     slots: dict[str, str]
     parents: dict[str, list[str]]
     site_order: list[str]
+    orders: dict[str, list[int]] = field(default_factory=dict)  # predict: Taylor order per step
 
 
 @dataclass
@@ -77,7 +78,18 @@ class Runtime:
     def add_graph(self, decisions: GraphDecisions) -> int:
         graph = next(self._graph_ids)
         self.graphs[graph] = decisions
+        self._fit_depth(decisions)
         return graph
+
+    def set_graph(self, graph: int, decisions: GraphDecisions) -> None:
+        """Register the decision table of the graph compiled under id ``graph``."""
+        self.graphs[graph] = decisions
+        self._fit_depth(decisions)
+
+    def _fit_depth(self, decisions: GraphDecisions) -> None:
+        """Keep as many computed steps per site as the highest Taylor order needs (order + 1)."""
+        need = 1 + max((max(row) for row in decisions.orders.values() if row), default=0)
+        self.store.ensure_depth(need)
 
     def reset(self) -> None:
         """Forget caches, step state and records (the next call starts a new generation)."""
@@ -142,6 +154,24 @@ class Runtime:
         self._accumulated[key] = torch.where(reuse_ok, accumulated, torch.zeros_like(accumulated))
         self._reuse_ok[key] = reuse_ok
 
+    def load(self, graph: int, site: str, slot: str) -> torch.Tensor | None:
+        """What a skipped site reads back at this call: the newest cached value, or for a
+        ``predict`` step its Taylor forecast from the last computed steps (order 1 or 2 in the
+        step index, Newton's divided differences; fewer cached steps lower the order)."""
+        key = self.key(graph, site, slot)
+        table = self.graphs.get(graph)
+        step = self.state.step
+        order = 0
+        if table is not None and site in table.orders and 0 <= step < table.steps:
+            order = table.orders[site][step]
+        if order == 0:
+            entry = self.store.latest(key)
+            return None if entry is None else entry.value
+        history = self.store.history(key)[-(order + 1):]
+        if not history:
+            return None
+        return taylor_forecast([e.step for e in history], [e.value for e in history], step)
+
     def _record(self, site: str, decision: str | None) -> None:
         if decision is not None and self.records:
             self.records[-1].decisions[site] = decision
@@ -168,6 +198,39 @@ class Runtime:
                 else:
                     out[site].append(resolved[site])
         return out
+
+
+def taylor_forecast(steps: list[int], values: list[torch.Tensor], at: int) -> torch.Tensor:
+    """Extrapolate the polynomial through ``(steps[i], values[i])`` to step ``at``.
+
+    Newton's form: with one point it is that value (reuse), with two a line, with three a
+    parabola; the order follows the number of points. As TaylorSeer (Liu et al., "From Reusing
+    to Forecasting: Accelerating Diffusion Models with TaylorSeers", 2025) forecasts features
+    from finite differences of the last computed steps.
+
+    Example:
+        >>> ys = [torch.tensor([1.0]), torch.tensor([3.0]), torch.tensor([7.0])]  # at steps 0, 1, 2
+        >>> float(taylor_forecast([0, 1, 2], ys, 3))   # y = s^2 + s + 1
+        13.0
+        >>> float(taylor_forecast([1, 2], ys[1:], 4))  # line through (1, 3), (2, 7)
+        15.0
+    """
+    if len(steps) != len(values) or not steps:
+        raise ValueError("taylor_forecast needs as many steps as values, at least one")
+    # divided differences, newest point last
+    coeffs = [v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for v in values]
+    table = list(coeffs)
+    newton = [table[-1]]
+    n = len(steps)
+    for level in range(1, n):
+        table = [(table[i + 1] - table[i]) / float(steps[i + level] - steps[i]) for i in range(len(table) - 1)]
+        newton.append(table[-1])
+    out = newton[0].clone()
+    factor = 1.0
+    for k in range(1, n):
+        factor *= float(at - steps[n - k])
+        out = out + factor * newton[k]
+    return out.to(values[-1].dtype)
 
 
 def get_runtime(rid: int) -> Runtime:
