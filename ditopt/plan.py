@@ -195,6 +195,41 @@ class Plan:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
+    def resample(self, steps: int) -> "Plan":
+        """The same plan for ``steps`` denoising steps instead of ``self.steps``.
+
+        Each new step takes the rules of the old step nearest to it in relative position
+        (step ``i`` of M sits at ``i / (M - 1)`` of the schedule), so a table planned at 20
+        steps keeps its shape at 30: its computed first and last steps, its dense and sparse
+        regions. ``when`` rules without steps apply to every step, as before.
+
+        Example:
+            >>> plan = Plan(steps=4, rules=[Rule(sites=("*",), kind="block", steps=(1, 2), action="reuse_residual")])
+            >>> plan.resample(8).rules[0].steps
+            (2, 3, 4, 5)
+        """
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise PlanError(f"can only resample to a positive number of steps, got {steps!r}")
+        old = self.steps
+
+        def nearest(i: int) -> int:
+            return 0 if steps == 1 or old == 1 else int(round(i * (old - 1) / (steps - 1)))
+
+        rules = []
+        for rule in self.rules:
+            if rule.steps is None:
+                rules.append(rule)
+                continue
+            covered = set(rule.step_list(old))
+            new_steps = tuple(i for i in range(steps) if nearest(i) in covered)
+            if new_steps:
+                rules.append(Rule(sites=rule.sites, action=rule.action, steps=new_steps, kind=rule.kind,
+                                  when=rule.when, order=rule.order))
+        plan = Plan(steps=steps, rules=rules, version=self.version, model=self.model,
+                    name=f"{self.name or 'plan'}@{steps}")
+        plan.check()
+        return plan
+
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_yaml())
 
