@@ -52,7 +52,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from .errors import CaptureError, DitoptError
+from .errors import CaptureError
 from .plan import COMPUTE, REUSE, REUSE_RESIDUAL, SLOTS, CompiledPlan, Plan
 from .sites import SiteTable, find_sites
 
@@ -103,8 +103,14 @@ def _attention_flops(node, expr_of):
     return 2 * _prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
 
 
+def _addmm_flops(node, expr_of):
+    # addmm(input, mat1, mat2) / baddbmm(input, batch1, batch2): the bias is not counted.
+    return _matmul_flops(node, expr_of, a_i=1, a_name="mat1" if _name(node) == "addmm" else "batch1")
+
+
 def _conv_flops(node, expr_of, transposed=False):
-    x, w, out = _shape(_arg(node, 0, "input"), expr_of), _shape(_arg(node, 1, "weight"), expr_of), _shape(node, expr_of)
+    x, w = _shape(_arg(node, 0, "input"), expr_of), _shape(_arg(node, 1, "weight"), expr_of)
+    out = _shape(node, expr_of)
     if not x or not w or not out:
         return sympy.Integer(0)
     c_out, c_in, *kernel = (w[1], w[0], *w[2:]) if transposed else w
@@ -117,8 +123,7 @@ _F = torch.nn.functional
 _FLOP_RULES: list[tuple[tuple[Any, ...], Any]] = [
     ((torch._C._nn.linear, _F.linear, "linear"), _linear_flops),
     ((torch.matmul, torch.bmm, torch.mm, operator.matmul, "matmul", "bmm", "mm", "__matmul__"), _matmul_flops),
-    ((torch.addmm, torch.baddbmm, "addmm", "baddbmm"),
-     lambda n, e: _matmul_flops(n, e, a_i=1, a_name="mat1" if "addmm" == _name(n) else "batch1")),
+    ((torch.addmm, torch.baddbmm, "addmm", "baddbmm"), _addmm_flops),
     ((_F.scaled_dot_product_attention,), _attention_flops),
     ((torch.conv1d, torch.conv2d, torch.conv3d, _F.conv1d, _F.conv2d, _F.conv3d), _conv_flops),
     ((torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d,
@@ -222,7 +227,7 @@ class SiteCost:
     kind: str
     flops: sympy.Expr
     output_bytes: sympy.Expr
-    residual_bytes: sympy.Expr | None  # None when the site is not in residual form
+    residual_bytes: sympy.Expr | None  # None when no input is shaped like each output
     watch_bytes: sympy.Expr = sympy.Integer(0)  # its first live-out, which a ``when`` indicator keeps
 
 
@@ -279,17 +284,18 @@ class CostModel:
     def _values(self, dims: Mapping[str, int]) -> dict[sympy.Symbol, int]:
         unknown = set(dims) - set(self.symbols)
         if unknown:
-            fixed = f" (fixed at capture: {', '.join(sorted(unknown & {'B', 'S', 'L'}))})" if unknown & {"B", "S", "L"} else ""
-            raise ValueError(f"unknown dim(s) {sorted(unknown)}{fixed}; this model's dims are {sorted(self.symbols)}")
+            fixed = sorted(unknown & {"B", "S", "L"})
+            why = f" ({', '.join(fixed)} fixed at capture: the model's code branches on it)" if fixed else ""
+            raise ValueError(f"unknown dim(s) {sorted(unknown)}{why}; this model's dims are {sorted(self.symbols)}")
         merged = {**self.dims, **dims}
         for name, value in merged.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"dim {name} must be a positive int, got {value!r}")
-        return {self.symbols[k]: v for k, v in merged.items()}
+        return {self.symbols[k]: sympy.Integer(v) for k, v in merged.items()}
 
     def evaluate(self, expr: sympy.Expr, **dims) -> int:
         """``expr`` at the capture dims, overridden by ``dims``."""
-        value = expr.xreplace(self._values(dims))
+        value = sympy.sympify(expr.xreplace(self._values(dims)))
         if value.free_symbols:
             raise ValueError(f"missing dim(s) {sorted(map(str, value.free_symbols))} to evaluate {expr}")
         return int(value)
@@ -313,23 +319,27 @@ class CostModel:
     def dims_for(self, **inputs) -> dict[str, int]:
         """The dims of a call with these inputs (tensors or shapes), e.g. ``hidden_states`` at 32x32.
 
-        Example: ``cost.dims_for(hidden_states=(2, 4, 32, 32))`` gives ``{"B": 2, "S": 256}`` for DiT.
+        Every dim must follow from the inputs given; pass the model's keyword inputs. Example:
+        ``cost.dims_for(hidden_states=(2, 4, 32, 32))`` gives ``{"B": 2, "S": 256}`` for DiT.
         """
-        raw: dict[sympy.Symbol, int] = {}
+        raw: dict[sympy.Symbol, sympy.Integer] = {}
         for (name, dim), size_expr in self._input_sizes.items():
-            if name not in inputs:
+            if name not in inputs or inputs[name] is None or not hasattr(inputs[name], "__len__"):
                 continue
             shape = tuple(inputs[name].shape) if isinstance(inputs[name], torch.Tensor) else tuple(inputs[name])
+            if dim >= len(shape):
+                raise ValueError(f"{name} has {len(shape)} dims; the model was captured with at least {dim + 1}")
             if isinstance(size_expr, sympy.Symbol):
-                raw.setdefault(size_expr, shape[dim])
+                raw.setdefault(size_expr, sympy.Integer(shape[dim]))
             elif size_expr.is_number and int(size_expr) != shape[dim]:
                 raise ValueError(f"{name} dim {dim} was fixed at {int(size_expr)} when the model was captured "
-                                 f"(its code branches on it); got {shape[dim]}")
+                                 f"(its code branches on that size); got {shape[dim]}")
         out = {}
         for name, definition in self.definitions.items():
-            value = definition.xreplace(raw)
+            value = sympy.sympify(definition.xreplace(raw))
             if value.free_symbols:
-                continue
+                needs = sorted({n for (n, _), e in self._input_sizes.items() if e in value.free_symbols})
+                raise ValueError(f"dim {name} needs input(s) {needs}; got {sorted(inputs)}")
             out[name] = int(value)
         return out
 
@@ -374,7 +384,8 @@ class CostModel:
             for b in blocks:
                 if _action(decisions, b, call) != COMPUTE:
                     continue
-                executed += per_call[b] - sum(per_call[s] for s in inside[b] if _action(decisions, s, call) in _REUSING)
+                reused = sum(per_call[s] for s in inside[b] if _action(decisions, s, call) in _REUSING)
+                executed += per_call[b] - reused
         total = calls * sum(per_call[b] for b in blocks)
         return Prediction(compute_fraction=executed / total if total else 1.0, block_flops=executed,
                           cache_bytes_peak=self._cache_peak(compiled, decisions, branches, dims),
@@ -422,6 +433,10 @@ def _action(decisions: Mapping[str, Sequence[str]], site: str, call: int) -> str
 
 # -- building ----------------------------------------------------------------------------------
 
+def _is_tensor(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("example_value"), torch.Tensor)
+
+
 def _token_dim(table: SiteTable, gm: fx.GraphModule, cap: SymbolicCapture) -> tuple[sympy.Expr | None, int | None]:
     """The token count and hidden size of the main stream: dims 1 and -1 of the first block's
     first rank-3 output whose token count depends on ``hidden_states``."""
@@ -442,7 +457,7 @@ def _token_dim(table: SiteTable, gm: fx.GraphModule, cap: SymbolicCapture) -> tu
     return fallback
 
 
-def _eliminate(tokens: sympy.Expr, hidden_syms: set) -> dict[sympy.Expr, sympy.Expr]:
+def _eliminate(tokens: sympy.Expr | None) -> dict[sympy.Expr, sympy.Expr]:
     """A substitution that turns ``tokens`` into ``S``: one factor f of it becomes S / (tokens / f)."""
     if tokens is None or tokens.is_number:
         return {}
@@ -485,9 +500,8 @@ def cost_model(model: torch.nn.Module, **example_inputs) -> CostModel:
     if missing:
         raise CaptureError(f"the symbolic capture of {type(model).__name__} lacks sites {missing[:4]}")
 
-    hidden_syms = {e for (name, _), e in cap.sizes.items() if name == _HIDDEN and isinstance(e, sympy.Symbol)}
     tokens, hidden = _token_dim(symbolic_table, cap.gm, cap)
-    eliminate = _eliminate(tokens, hidden_syms)
+    eliminate = _eliminate(tokens)
     rename: dict[sympy.Expr, sympy.Expr] = {}
     definitions: dict[str, sympy.Expr] = {}
     symbols: dict[str, sympy.Symbol] = {}
@@ -514,13 +528,16 @@ def cost_model(model: torch.nn.Module, **example_inputs) -> CostModel:
     for site in table:
         sym_site = symbolic_table[site.name]
         flops = sum((flops_of[n] for n in sym_site.nodes), sympy.Integer(0))
-        outs = [nodes[o] for o in site.live_outs if o in nodes and isinstance(nodes[o].meta.get("example_value"), torch.Tensor)]
-        if len(outs) != len(site.live_outs):  # names differ between captures: take the tensor live-outs
-            outs = [nodes[o] for o in sym_site.live_outs if isinstance(nodes[o].meta.get("example_value"), torch.Tensor)]
+        # The symbolic graph also has SymInt live-outs; the cache holds the tensors the plain
+        # capture's live-outs name (node names agree between the two captures).
+        outs = [nodes[o] for o in site.live_outs if o in nodes and _is_tensor(nodes[o])]
+        if len(outs) != len(site.live_outs):
+            outs = [nodes[o] for o in sym_site.live_outs if _is_tensor(nodes[o])]
         sizes = [_prod(_shape(o, cap.expr)) * o.meta["example_value"].element_size() for o in outs]
         output_bytes = sum(sizes, sympy.Integer(0))
+        has_residual = bool(site.residual_inputs) and all(r is not None for r in site.residual_inputs)
         costs[site.name] = SiteCost(site.name, site.kind, to_dims(flops), to_dims(output_bytes),
-                                    to_dims(output_bytes) if site.residual_form else None,
+                                    to_dims(output_bytes) if has_residual else None,
                                     to_dims(sizes[0]) if sizes else sympy.Integer(0))
 
     used = set().union(*(e.free_symbols for c in costs.values() for e in (c.flops, c.output_bytes)))
