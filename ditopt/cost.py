@@ -53,12 +53,11 @@ import torch
 import torch.fx as fx
 
 from .errors import CaptureError
-from .plan import COMPUTE, REUSE, REUSE_RESIDUAL, SLOTS, CompiledPlan, Plan
+from .plan import COMPUTE, SLOTS, CompiledPlan, Plan
 from .sites import SiteTable, find_sites
 
 B, S, L = sympy.symbols("B S L", integer=True, positive=True)
 SKIPPED = "skipped"
-_REUSING = (REUSE, REUSE_RESIDUAL)
 _SIZE_SOURCE = re.compile(r"\['(\w+)'\]\.size\(\)\[(\d+)\]$")
 _HIDDEN = "hidden_states"
 _TEXT = "encoder_hidden_states"
@@ -357,8 +356,9 @@ class CostModel:
         """The block FLOPs a plan executes over one generation, as a fraction of all-compute.
 
         A block executes at a call when its action is ``compute``; then each of its sub-sites
-        that reuses removes its FLOPs from the block (a site inside a reusing site is skipped,
-        not subtracted twice). ``steps_calls`` is the number of calls per step (2 for CFG run as
+        that does not run (``reuse``, ``reuse_residual``, ``predict``) removes its FLOPs from the
+        block (a site inside such a site is ``skipped``, not subtracted twice). Elementwise work
+        (adding a residual, a forecast, an indicator) is not counted, as FlopCounterMode does not. ``steps_calls`` is the number of calls per step (2 for CFG run as
         two calls; default 1), or the step index of every call. A plan with ``when`` rules
         decides in the graph at run time: pass ``decisions`` (``ditopt.stats(model).decisions``
         after a run) instead of, or with, the plan; the plan is then used for cache bytes only.
@@ -384,7 +384,7 @@ class CostModel:
             for b in blocks:
                 if _action(decisions, b, call) != COMPUTE:
                     continue
-                reused = sum(per_call[s] for s in inside[b] if _action(decisions, s, call) in _REUSING)
+                reused = sum(per_call[s] for s in inside[b] if _action(decisions, s, call) not in (COMPUTE, SKIPPED))
                 executed += per_call[b] - reused
         total = calls * sum(per_call[b] for b in blocks)
         return Prediction(compute_fraction=executed / total if total else 1.0, block_flops=executed,
@@ -415,14 +415,25 @@ class CostModel:
         return decisions, per_step
 
     def _cache_peak(self, compiled: CompiledPlan | None, decisions, branches: int, dims) -> int:
+        """Bytes held once the generation has run: per CFG branch, each caching site keeps its
+        last ``depth`` computed steps (``depth`` = highest Taylor order + 1, else 1), and each
+        ``when`` rule its watched site's previous first output."""
         if compiled is not None:
             slots = dict(compiled.slots)
             watched = [of for of, _ in compiled.when_rules]
+            orders = getattr(compiled, "orders", None) or {}
+            depth = 1 + max((max(row) for row in orders.values() if row), default=0)
         else:
-            slots = {s: SLOTS[a] for s, row in decisions.items() for a in row if a in _REUSING}
-            watched = []
-        held = sum(self.cache_bytes(s, slot, **dims) for s, slot in slots.items())
-        held += sum(self.evaluate(self.costs[of].watch_bytes, **dims) for of in watched)
+            slots = {s: SLOTS.get(a, "output") for s, row in decisions.items() for a in row
+                     if a not in (COMPUTE, SKIPPED)}
+            watched, depth = [], 1
+        calls = max((len(row) for row in decisions.values()), default=0)
+        steps = calls // max(branches, 1)
+        held = 0
+        for site, slot in slots.items():
+            computed_steps = sum(1 for a in decisions.get(site, [COMPUTE] * calls) if a == COMPUTE) // max(branches, 1)
+            held += min(depth, computed_steps) * self.cache_bytes(site, slot, **dims)
+        held += sum(min(depth, steps) * self.evaluate(self.costs[of].watch_bytes, **dims) for of in watched)
         return held * branches
 
 

@@ -254,6 +254,29 @@ def test_predicted_fraction_matches_executed_flops_at_two_sizes(model_name, plan
         assert fractions[1][1] < fractions[0][1]
 
 
+def test_predict_action_runs_nothing_and_caches_order_plus_one_steps(dit):
+    model, kwargs, cost = dit
+    plan = ditopt.Plan.from_yaml(f"""
+version: 1
+steps: {STEPS}
+rules:
+  - sites: "*"
+    kind: block
+    steps: [3, 5]
+    action: predict
+    order: 2
+  - sites: "*"
+    kind: attention
+    steps: [4]
+    action: reuse
+""")
+    for size in [kwargs, resized(kwargs, batch=2)]:
+        measured, stats = measured_fraction(model, cost, plan, size)
+        predicted = cost.predict(plan, **cost.dims_for(**size))
+        assert predicted.compute_fraction == pytest.approx(measured, abs=0.02)
+        assert predicted.cache_bytes_peak == stats.cache_bytes  # 3 steps of each block's residual
+
+
 def test_adaptive_plan_is_predicted_from_the_decisions_taken(dit):
     model, kwargs, cost = dit
     plan = ditopt.presets.first_block_cache(threshold=10.0, steps=STEPS)
