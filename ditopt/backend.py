@@ -66,8 +66,9 @@ class DitoptBackend:
     """
 
     def __init__(self, plan: PlanLike, runtime: Runtime | None = None, *, inductor: bool = True,
-                 timestep_arg: str = "timestep"):
+                 timestep_arg: str = "timestep", observe: bool = False):
         self.plan = as_plan(plan)
+        self.observe = observe
         self.runtime = runtime
         self.inductor = inductor
         self.timestep_arg = timestep_arg
@@ -84,7 +85,7 @@ class DitoptBackend:
         compiled_plan = self.plan.compile(sites)  # raises PlanError before anything is rewritten
         graph_id = len(runtime.graphs)
         ctx = PassContext(sites=sites, runtime_id=runtime.id, graph_id=graph_id, inductor=self.inductor,
-                          timestep=self.timestep_arg)
+                          timestep=self.timestep_arg, observe=self.observe)
         report = run_pipeline(gm, ctx, compiled_plan, inductor=self.inductor)
         runtime.set_graph(graph_id, gm.meta["ditopt"]["decisions"])
         self.last = {"original": original, "rewritten": gm, "sites": sites, "report": report,
@@ -189,12 +190,14 @@ def candidate_site_names(model: torch.nn.Module) -> list[str]:
     return [STACK, *(name for name, _ in model.named_modules() if name)]
 
 
-def optimize(model: torch.nn.Module, plan: PlanLike, *, timestep_arg: str = "timestep") -> torch.nn.Module:
+def optimize(model: torch.nn.Module, plan: PlanLike, *, timestep_arg: str = "timestep",
+             observe: bool = False) -> torch.nn.Module:
     """Make ``model`` reuse features as ``plan`` says; a drop-in replacement for the model.
 
     The plan is checked at once against the model's module paths (a plan for another model,
     unknown sites, bad steps fail here, naming rule and site); the graph is captured on the
-    first call, where the plan is resolved against the sites found in it.
+    first call, where the plan is resolved against the sites found in it. ``observe`` adds the
+    profiler's observer nodes (see :func:`ditopt.profile`).
 
     Example:
         >>> import torch, ditopt
@@ -215,7 +218,7 @@ def optimize(model: torch.nn.Module, plan: PlanLike, *, timestep_arg: str = "tim
     plan.check_patterns(candidate_site_names(model))
     runtime = Runtime()
     runtime.param_ids = {id(p) for p in model.parameters()}
-    backend = DitoptBackend(plan, runtime, inductor=False, timestep_arg=timestep_arg)
+    backend = DitoptBackend(plan, runtime, inductor=False, timestep_arg=timestep_arg, observe=observe)
     _make_room_for_another_model()
     wrapped = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
     wrapped.__class__ = DitoptModule

@@ -12,6 +12,7 @@ import torch.fx as fx
 from .annotate_decisions import annotate_decisions
 from .insert_cache_ops import insert_cache_ops
 from .insert_indicators import insert_indicators
+from .insert_observers import insert_observers
 from .insert_skip_branches import insert_skip_branches
 from .insert_step_tracking import insert_step_tracking
 from .lower_skip_branches import lower_skip_branches
@@ -21,6 +22,7 @@ from .verify_graph import GraphInvariantError, verify_graph
 # annotate_decisions runs first and alone reads the plan (it takes the compiled plan).
 PIPELINE = [
     insert_step_tracking,   # token + begin_step: every later runtime op reads the token
+    insert_observers,       # profiling graphs only (ctx.observe): observe each site's output
     insert_indicators,      # before cache ops, so a watched site's indicator sits outside the regions
     insert_cache_ops,       # decide / load / store around each region; graph still computes all
     insert_skip_branches,   # needs the loads and stores in place: regions become torch.cond
@@ -46,6 +48,6 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, compiled_plan, *, inducto
 
 __all__ = [
     "EAGER_ONLY", "PIPELINE", "GraphInvariantError", "PassContext", "PassResult", "annotate_decisions",
-    "insert_cache_ops", "insert_indicators", "insert_skip_branches", "insert_step_tracking",
+    "insert_cache_ops", "insert_indicators", "insert_observers", "insert_skip_branches", "insert_step_tracking",
     "lower_skip_branches", "run_pipeline", "verify_graph",
 ]

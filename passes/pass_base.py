@@ -22,7 +22,8 @@ class PassContext:
 
     ``runtime_id``/``graph_id`` are baked into the runtime ops; ``inductor`` says whether
     inductor compiles the result (cache tensors are then copied, since inductor may reuse an
-    output buffer); ``timestep`` names the forward argument that carries the timestep.
+    output buffer); ``timestep`` names the forward argument that carries the timestep;
+    ``observe`` asks for the profiler's observer nodes.
     """
 
     sites: Any
@@ -30,6 +31,7 @@ class PassContext:
     graph_id: int
     inductor: bool = False
     timestep: str = "timestep"
+    observe: bool = False  # profiling: insert_observers records every site's output
 
 
 def annotation(node: fx.Node) -> dict[str, Any]:

@@ -1,0 +1,319 @@
+"""Profiling: a calibration run that measures how much every site changes from step to step.
+
+``ditopt.profile(model, run, steps=N)`` compiles ``model`` with an all-compute plan plus the
+``insert_observers`` pass, calls ``run(transformer)`` (a function that runs one real sampling
+loop with the transformer it is given: a zoo model's ``sample``, a pipeline call), and returns a
+:class:`RedundancyMap`: per site, step and CFG branch, the relative L1 change and cosine
+similarity of the output and of the residual against the previous step, the cond-vs-uncond
+difference, a fixed subsample of each site's residual at every step (what a planner replays to
+price reuse and forecasts), and each site's cost: FLOPs per call and measured time per call.
+
+The map saves as two files side by side: ``NAME.yaml`` (metadata, readable) and
+``NAME.safetensors`` (the tensors); :meth:`RedundancyMap.heatmap` draws a step x site PNG.
+
+Example::
+
+    >>> import torch, ditopt
+    >>> from ditopt import zoo
+    >>> m = zoo.load("dit-digits")
+    >>> rmap = ditopt.profile(m.model, lambda tr: m.sample([1, 7], seed=0, steps=6, transformer=tr), steps=6,
+    ...                       progress=False)
+    >>> rmap.steps, rmap.branches, rmap.sites[:2]
+    (6, 1, ['transformer_blocks.0', 'transformer_blocks.0.attn1'])
+    >>> tuple(rmap.metric("rel_l1_residual").shape)   # [steps, sites, branches]; step 0 is NaN
+    (6, 18, 1)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+from torch.utils.flop_counter import FlopCounterMode
+
+from .errors import DitoptError
+
+__all__ = ["RedundancyMap", "ProfileError", "profile"]
+
+FORMAT = 1
+
+
+class ProfileError(DitoptError):
+    """A redundancy map that does not fit what it is used with, or a calibration run that failed."""
+
+
+def signature(model_class: str, sites: list[str], kinds: list[str]) -> str:
+    """What identifies a model's site structure: class name, site names and kinds."""
+    h = hashlib.sha1("\n".join([model_class, *(f"{s}:{k}" for s, k in zip(sites, kinds))]).encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class RedundancyMap:
+    """What a calibration run measured (see the module docstring).
+
+    ``metrics[name]`` is ``[steps, sites, branches]`` (NaN where undefined: step 0 of a change,
+    branches past the first for ``cfg_diff``); ``samples[site]`` is ``[steps, branches, keep]``;
+    ``flops[site]`` and ``seconds[site]`` are per call; ``timesteps[step]`` the timestep value.
+    """
+
+    model: str
+    signature: str
+    steps: int
+    branches: int
+    sites: list[str]
+    kinds: list[str]
+    parents: dict[str, str | None]
+    residual_form: dict[str, bool]
+    flops: dict[str, float]
+    seconds: dict[str, float]
+    timesteps: list[float]
+    metrics: dict[str, torch.Tensor] = field(repr=False)
+    samples: dict[str, torch.Tensor] = field(repr=False)
+    stack: list[str] = field(default_factory=list)  # the blocks of the block stack, in order
+    profile_seconds: float = 0.0
+
+    # -- reading --------------------------------------------------------------------------------
+    def metric(self, name: str) -> torch.Tensor:
+        if name not in self.metrics:
+            raise KeyError(f"unknown metric {name!r}; known: {sorted(self.metrics)}")
+        return self.metrics[name]
+
+    def index(self, site: str) -> int:
+        try:
+            return self.sites.index(site)
+        except ValueError:
+            raise KeyError(f"site {site!r} is not in this map; sites are e.g. {self.sites[:4]}") from None
+
+    def check_fits(self, *, model: str | None = None, sites: list[str] | None = None,
+                   kinds: list[str] | None = None, steps: int | None = None) -> None:
+        """Refuse use with another model or step count, with a clear error."""
+        if model is not None and model != self.model:
+            raise ProfileError(f"redundancy map was profiled on {self.model}, not {model}")
+        if sites is not None and kinds is not None and signature(model or self.model, sites, kinds) != self.signature:
+            missing = [s for s in self.sites if s not in sites][:3]
+            raise ProfileError(f"redundancy map does not match this model's sites (profiled on {self.model}; "
+                               f"e.g. not found here: {missing})")
+        if steps is not None and steps != self.steps:
+            raise ProfileError(f"redundancy map was profiled at {self.steps} steps, not {steps}: plan at "
+                               f"{self.steps} steps and resample the plan (Plan.resample({steps}))")
+
+    # -- files ----------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write ``path`` (YAML metadata) and the tensors next to it (``.safetensors``)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if path.suffix not in (".yaml", ".yml"):
+            path = path.with_suffix(".yaml")
+        tensors = {f"metric/{k}": v.contiguous() for k, v in self.metrics.items()}
+        tensors.update({f"samples/{k}": v.contiguous() for k, v in self.samples.items()})
+        save_file(tensors, str(path.with_suffix(".safetensors")))
+        meta = {"format": FORMAT, "model": self.model, "signature": self.signature, "steps": self.steps,
+                "branches": self.branches, "profile_seconds": round(self.profile_seconds, 3),
+                "timesteps": [float(t) for t in self.timesteps], "stack": list(self.stack),
+                "tensors": path.with_suffix(".safetensors").name,
+                "sites": [{"name": s, "kind": k, "parent": self.parents.get(s), "residual": self.residual_form.get(s, False),
+                           "flops_per_call": float(self.flops.get(s, 0.0)),
+                           "seconds_per_call": float(self.seconds.get(s, 0.0))}
+                          for s, k in zip(self.sites, self.kinds)]}
+        path.write_text(yaml.safe_dump(meta, sort_keys=False))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RedundancyMap":
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not path.is_file():
+            raise ProfileError(f"redundancy map not found: {path}")
+        try:
+            meta = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ProfileError(f"{path}: malformed YAML: {exc}") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ProfileError(f"{path}: not a ditopt redundancy map (format {FORMAT})")
+        tensor_path = path.with_name(meta["tensors"])
+        if not tensor_path.is_file():
+            raise ProfileError(f"{path}: its tensors file {tensor_path.name} is missing")
+        tensors = load_file(str(tensor_path))
+        sites = [s["name"] for s in meta["sites"]]
+        return cls(model=meta["model"], signature=meta["signature"], steps=int(meta["steps"]),
+                   branches=int(meta["branches"]), sites=sites, kinds=[s["kind"] for s in meta["sites"]],
+                   parents={s["name"]: s["parent"] for s in meta["sites"]},
+                   residual_form={s["name"]: bool(s["residual"]) for s in meta["sites"]},
+                   flops={s["name"]: float(s["flops_per_call"]) for s in meta["sites"]},
+                   seconds={s["name"]: float(s["seconds_per_call"]) for s in meta["sites"]},
+                   timesteps=list(meta["timesteps"]), stack=list(meta.get("stack", [])),
+                   metrics={k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("metric/")},
+                   samples={k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("samples/")},
+                   profile_seconds=float(meta.get("profile_seconds", 0.0)))
+
+    # -- pictures -------------------------------------------------------------------------------
+    def heatmap(self, path: str | Path, metric: str = "rel_l1_residual", kinds: tuple[str, ...] = ("block",
+                "attention", "feedforward")) -> Path:
+        """A step x site heatmap of ``metric`` (mean over CFG branches) as PNG."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        cols = [i for i, k in enumerate(self.kinds) if k in kinds]
+        values = self.metric(metric)[:, cols, :].nanmean(dim=-1).numpy()
+        fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(cols) + 2), max(3.5, 0.25 * self.steps + 1.5)))
+        im = ax.imshow(values, aspect="auto", cmap="magma", interpolation="nearest")
+        ax.set_xticks(range(len(cols)), [self.sites[i] for i in cols], rotation=90, fontsize=6)
+        ax.set_ylabel("step")
+        ax.set_title(f"{self.model}: {metric} per step and site ({self.branches} CFG branch(es))", fontsize=9)
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+
+def _site_costs(model: torch.nn.Module, names: list[str], call_args: tuple, call_kwargs: dict) -> tuple[dict, dict]:
+    """FLOPs and seconds per call of each site module, from one eager forward with hooks.
+
+    FLOPs come from the shapes of the matmul-like ops each module runs (FlopCounterMode's
+    formulas); seconds from a second, uncounted forward (time of one call, noisy on small models).
+    """
+    modules = {n: model.get_submodule(n) for n in names if n != "stack"}
+    flops = {n: 0.0 for n in modules}
+    seconds = {n: 0.0 for n in modules}
+    starts: dict[str, list[float]] = {n: [] for n in modules}
+    counter: FlopCounterMode | None = None
+    handles = []
+
+    def pre(n):
+        starts[n].append(counter.get_total_flops() if counter is not None else time.perf_counter())
+
+    def post(n):
+        if counter is not None:
+            flops[n] += counter.get_total_flops() - starts[n].pop()
+        else:
+            seconds[n] += time.perf_counter() - starts[n].pop()
+
+    for n, m in modules.items():
+        handles.append(m.register_forward_pre_hook(lambda mod, a, n=n: pre(n)))
+        handles.append(m.register_forward_hook(lambda mod, a, o, n=n: post(n)))
+    try:
+        with torch.no_grad():
+            counter = FlopCounterMode(display=False)
+            with counter:
+                model(*call_args, **call_kwargs)
+            counter = None
+            model(*call_args, **call_kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return flops, seconds
+
+
+class _FirstCall:
+    """Wraps the compiled model to keep the arguments of its first call (to price the sites)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.args = None
+
+    def __call__(self, *args, **kwargs):
+        if self.args is None:
+            self.args = (args, kwargs)
+        return self.inner(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def profile(model: torch.nn.Module, run: Callable[[Any], Any], *, steps: int, progress: bool = True,
+            keep: int = 4096, timestep_arg: str = "timestep") -> RedundancyMap:
+    """Run one calibration sampling loop and measure every site; see the module docstring.
+
+    ``run(transformer)`` must run one generation of ``steps`` denoising steps calling
+    ``transformer`` like the model (CFG as one batched call or as two calls per step are both
+    understood). ``keep`` is the number of residual elements sampled per site and step.
+    """
+    from . import presets
+    from .backend import optimize, runtime_of
+    from .runtime.observe import METRICS, Recorder
+
+    if not isinstance(steps, int) or steps < 1:
+        raise ProfileError(f"steps must be a positive integer, got {steps!r}")
+    start = time.perf_counter()
+    fast = optimize(model, presets.all_compute(steps=steps), timestep_arg=timestep_arg, observe=True)
+    probe = _FirstCall(fast)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=f"profile {type(model).__name__}", unit="step")
+    recorder = Recorder(keep=keep)
+    rt = runtime_of(fast)
+    rt.recorder = recorder
+    timesteps: dict[int, float] = {}
+
+    def tracked(*args, **kwargs):
+        out = probe(*args, **kwargs)
+        t = kwargs.get(timestep_arg)
+        if isinstance(t, torch.Tensor):
+            timesteps.setdefault(rt.state.step, float(t.reshape(-1)[0]))
+        if bar is not None:
+            bar.n = rt.state.step + 1
+            bar.refresh()
+        return out
+
+    try:
+        with torch.no_grad():
+            run(tracked)
+    finally:
+        if bar is not None:
+            bar.close()
+    rt.recorder = None
+    backend_last = rt.last_compile
+    table = backend_last["sites"]
+    observed = [s for s in table if s.kind in ("block", "attention", "feedforward")]
+    names = [s.name for s in observed]
+    kinds = [s.kind for s in observed]
+    n_steps = recorder.max_step + 1
+    if n_steps != steps:
+        raise ProfileError(f"the calibration run made {n_steps} denoising steps, not the {steps} asked for "
+                           f"(does run() pass steps to its sampler?)")
+    branches = recorder.max_branch + 1
+    metrics = {}
+    for name in METRICS:
+        t = torch.full((steps, len(names), branches), math.nan)
+        for (metric, site, step, branch), v in recorder.values.items():
+            if metric == name and site in names:
+                t[step, names.index(site), branch] = v
+        metrics[name] = t
+    samples = {}
+    for site in names:
+        first = recorder.samples.get((site, 0, 0))
+        if first is None:
+            raise ProfileError(f"site {site} was never observed in the calibration run")
+        t = torch.zeros(steps, branches, first.numel())
+        for step in range(steps):
+            for branch in range(branches):
+                v = recorder.samples.get((site, step, branch))
+                if v is not None:
+                    t[step, branch] = v
+        samples[site] = t
+    args, kwargs = probe.args
+    flops, seconds = _site_costs(model, names, args, kwargs)
+    timesteps = [timesteps.get(i, math.nan) for i in range(steps)]
+    model_class = type(model).__name__
+    rmap = RedundancyMap(model=model_class, signature=signature(model_class, names, kinds), steps=steps,
+                         branches=branches, sites=names, kinds=kinds, parents={s.name: s.parent for s in observed},
+                         residual_form=dict(recorder.residual_form), flops=flops, seconds=seconds,
+                         timesteps=timesteps, metrics=metrics, samples=samples,
+                         stack=[s.name for s in table if s.kind == "block" and s.parent == "stack"],
+                         profile_seconds=time.perf_counter() - start)
+    return rmap

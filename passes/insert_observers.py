@@ -1,0 +1,52 @@
+"""Observe every site's output (and residual) for profiling; no effect on what is computed.
+
+Matches: every block, attention and feed-forward site, when ``ctx.observe`` is set (the
+profiler's all-compute graphs); otherwise nothing.
+Rewrite to (a site with live-out ``h1`` and residual input ``h0``):
+    before                          after
+    h1 = <region>(h0)               h1 = <region>(h0)
+                                    ditopt.observe(token, h1, h0, rid, graph, "blocks.3")
+A site without residual form passes its output twice. The runtime's recorder measures, per
+step and CFG branch, the change of the output and residual against the previous step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .insert_step_tracking import token_of
+from .pass_base import PassContext, PassResult, annotation
+
+OBSERVED_KINDS = ("block", "attention", "feedforward")
+
+
+def insert_observers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    if not getattr(ctx, "observe", False):
+        return PassResult(gm, False)
+    graph = gm.graph
+    token = token_of(graph)
+    if token is None:
+        return PassResult(gm, False)
+    done = {n.args[5] for n in graph.nodes if n.target is torch.ops.ditopt.observe.default}
+    by_name = {n.name: n for n in graph.nodes}
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    inserted = 0
+    for site in ctx.sites:
+        if site.kind not in OBSERVED_KINDS or site.name in done or not site.live_outs:
+            continue
+        out = by_name[site.live_outs[0]]
+        inp = site.residual_inputs[0] if site.residual_inputs else None
+        inp = by_name[inp] if inp else out
+        anchor = max((out, inp), key=order.__getitem__)
+        with graph.inserting_after(anchor):
+            node = graph.call_function(torch.ops.ditopt.observe.default,
+                                       (token, out, inp, ctx.runtime_id, ctx.graph_id, site.name))
+        annotation(node).update(role="observe", site=site.name,
+                                regions=list(out.meta.get("ditopt", {}).get("regions", ())))
+        node.meta["nn_module_stack"] = out.meta.get("nn_module_stack", {})
+        inserted += 1
+    if inserted:
+        graph.lint()
+        gm.recompile()
+    return PassResult(gm, bool(inserted))
