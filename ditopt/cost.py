@@ -45,7 +45,7 @@ import math
 import operator
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import sympy
@@ -242,7 +242,7 @@ class Prediction:
     compute_fraction: float
     block_flops: int
     cache_bytes_peak: int
-    total_block_flops: int = field(default=0)
+    total_block_flops: int = 0
 
 
 class CostModel:
@@ -277,7 +277,7 @@ class CostModel:
             raise ValueError(f"what must be flops, output_bytes or residual_bytes, got {what!r}")
         value = getattr(cost, what)
         if value is None:
-            raise ValueError(f"site {site!r} is not in residual form: it has no residual cache")
+            raise ValueError(f"site {site!r} has no residual cache: no input is shaped like its outputs")
         return value
 
     def _values(self, dims: Mapping[str, int]) -> dict[sympy.Symbol, int]:
