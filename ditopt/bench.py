@@ -149,6 +149,34 @@ def _fbcache_settings(steps: int) -> list[Setting]:
             for t in (0.05, 0.1, 0.2, 0.3)]
 
 
+def _taylorseer_settings(steps: int) -> list[Setting]:
+    return [_ditopt_setting(f"interval={k}, order={o}", lambda n, k=k, o=o: presets.taylorseer(n, interval=k, order=o))
+            for k, o in ((2, 1), (3, 1), (3, 2), (4, 2))]
+
+
+def _delta_dit_settings(steps: int) -> list[Setting]:
+    return [_ditopt_setting(f"interval={i}, k={k}", lambda n, i=i, k=k: presets.delta_dit(n, interval=i, k=k))
+            for i, k in ((2, 2), (2, 3), (3, 3), (4, 3))]
+
+
+def _teacache_settings(steps: int) -> list[Setting]:
+    return [_ditopt_setting(f"threshold={t}", lambda n, t=t: presets.teacache(t, steps=n))
+            for t in (0.1, 0.15, 0.2, 0.3)]
+
+
+def _dbcache_settings(steps: int) -> list[Setting]:
+    return [_ditopt_setting(f"F{f}B{b}, threshold={t}", lambda n, f=f, b=b, t=t: presets.dbcache(t, n, fn=f, bn=b))
+            for f, b, t in ((1, 0, 0.08), (1, 0, 0.12), (1, 0, 0.2), (2, 1, 0.2))]
+
+
+def _pab_settings(steps: int) -> list[Setting]:
+    def pab(k: int, whole: bool):
+        return lambda n: presets.pab(n, self_range=k, cross_range=k + 2, joint_range=k, window=(0, n) if whole else None)
+
+    return [_ditopt_setting(f"self={k}, cross={k + 2}, {'all steps' if whole else 'steps 20%-90%'}", pab(k, whole))
+            for k, whole in ((2, False), (3, False), (2, True))]
+
+
 def _all_compute_settings(steps: int) -> list[Setting]:
     return [_ditopt_setting("-", lambda n: presets.all_compute(steps=n), overhead=True)]
 
@@ -350,6 +378,11 @@ METHODS: dict[str, Method] = {m.key: m for m in [
     Method("ditopt:fora", "ditopt", "FORA", _fora_settings),
     Method("ditopt:fora-layer", "ditopt", "FORA (layer)", _fora_layer_settings),
     Method("ditopt:fbcache", "ditopt", "First-Block-Cache", _fbcache_settings),
+    Method("ditopt:taylorseer", "ditopt", "TaylorSeer", _taylorseer_settings),
+    Method("ditopt:delta-dit", "ditopt", "Δ-DiT", _delta_dit_settings),
+    Method("ditopt:teacache", "ditopt", "TeaCache", _teacache_settings),
+    Method("ditopt:dbcache", "ditopt", "DBCache", _dbcache_settings),
+    Method("ditopt:pab", "ditopt", "PAB", _pab_settings),
     Method("diffusers:fbcache", "diffusers", "FirstBlockCache", _diffusers_fbcache, "diffusers.hooks"),
     Method("diffusers:pab", "diffusers", "PyramidAttentionBroadcast", _diffusers_pab, "diffusers.hooks"),
     Method("diffusers:fastercache", "diffusers", "FasterCache", _diffusers_fastercache, "diffusers.hooks"),

@@ -5,6 +5,13 @@ It is checked twice: on its own when it is read (schema, actions, step ranges, r
 anything was computed), and against a model's sites before any rewrite (patterns that match
 nothing, actions a site cannot take). Every error names the rule, its YAML line and the site.
 
+Beyond globs, a rule can address the stack's blocks by position (``sites: "stack[2:]"``,
+``"stack[-1]"``, ``"!stack[0]"``: Python index or slice over the blocks whose parent is the
+stack, in graph order), narrow attention sites by their kind (``attention: cross``), and make
+its ``when`` indicator watch a site's modulated input instead of its output, mapped through a
+polynomial before it accumulates (``when: {of: "stack[0]", on: input, rescale: [...]}``,
+TeaCache).
+
 Example:
     >>> plan = Plan.from_yaml('''
     ... version: 1
@@ -29,7 +36,7 @@ from typing import Any
 import yaml
 
 from .errors import PlanError
-from .sites import SITE_KINDS, SiteTable
+from .sites import SITE_KINDS, SiteTable, is_positional, parse_position
 
 VERSION = 1
 COMPUTE = "compute"
@@ -40,20 +47,37 @@ ACTIONS = (COMPUTE, REUSE, REUSE_RESIDUAL, PREDICT)
 SLOTS = {REUSE: "output", REUSE_RESIDUAL: "residual"}
 ORDERS = (0, 1, 2)
 INDICATORS = ("rel_l1",)
-_RULE_KEYS = {"sites", "kind", "steps", "action", "when", "order"}
+WATCHED = ("output", "input")  # when.on: a site's first live-out, or its modulated input
+ATTENTION_KINDS = ("self", "cross", "joint")
+_RULE_KEYS = {"sites", "kind", "attention", "steps", "action", "when", "order"}
+_WHEN_KEYS = {"indicator", "of", "below", "on", "rescale"}
 _PLAN_KEYS = {"version", "steps", "rules", "model", "name", "description"}
 
 
 @dataclass(frozen=True)
 class When:
-    """Adaptive condition: the rule applies only where ``of``'s accumulated change is below."""
+    """Adaptive condition: the rule applies only where ``of``'s accumulated change is below.
+
+    ``on`` picks what of ``of`` is watched: its first live-out (``output``, the default) or its
+    modulated input (``input``: the tensor after the norm and modulation that feeds its first
+    attention; see :mod:`ditopt.sites`). ``rescale`` maps each step's relative L1 change through
+    the polynomial with these coefficients, highest power first (``numpy.polyval`` order, as
+    TeaCache's fitted coefficients are given) before it is accumulated; None is the identity.
+    """
 
     of: str
     below: float
     indicator: str = "rel_l1"
+    on: str = "output"
+    rescale: tuple[float, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"indicator": self.indicator, "of": self.of, "below": self.below}
+        d: dict[str, Any] = {"indicator": self.indicator, "of": self.of, "below": self.below}
+        if self.on != "output":
+            d["on"] = self.on
+        if self.rescale is not None:
+            d["rescale"] = list(self.rescale)
+        return d
 
 
 @dataclass(frozen=True)
@@ -64,6 +88,7 @@ class Rule:
     kind: str | None = None
     when: When | None = None
     order: int | None = None  # predict: Taylor order (default 1)
+    attention: str | None = None  # only attention sites of this kind: self | cross | joint
     line: int | None = field(default=None, compare=False)
     step_line: int | None = field(default=None, compare=False)
 
@@ -79,6 +104,8 @@ class Rule:
         d: dict[str, Any] = {"sites": self.sites[0] if len(self.sites) == 1 else list(self.sites)}
         if self.kind:
             d["kind"] = self.kind
+        if self.attention:
+            d["attention"] = self.attention
         if self.steps is not None:
             d["steps"] = self.steps if isinstance(self.steps, str) else list(self.steps)
         d["action"] = self.action
@@ -102,12 +129,22 @@ def _parse_slice(text: str) -> slice:
     return slice(*nums)
 
 
+@dataclass(frozen=True)
+class Indicator:
+    """What a ``when`` rule's indicator watches once resolved against a model: the graph node
+    (``of``'s first live-out or its modulated input) and the polynomial its change goes through."""
+
+    node: str
+    rescale: tuple[float, ...] | None = None
+
+
 @dataclass
 class CompiledPlan:
     """A plan resolved against a model's sites: one action per (site, step).
 
     ``actions[site][step]``; ``adaptive[site][step]`` is the index into ``when_rules`` of the
-    ``when`` rule deciding that (site, step), else None; ``when_rules[i] = (of, below)``.
+    ``when`` rule deciding that (site, step), else None; ``when_rules[i] = (of, below)`` and
+    ``indicators[i]`` the node it watches (empty: each ``of``'s first live-out, no rescale).
     Only sites with some non-compute step appear.
     """
 
@@ -117,6 +154,7 @@ class CompiledPlan:
     when_rules: list[tuple[str, float]]
     slots: dict[str, str]
     orders: dict[str, list[int]] = field(default_factory=dict)  # predict's Taylor order per step
+    indicators: list[Indicator] = field(default_factory=list)
 
     def action_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -224,7 +262,7 @@ class Plan:
             new_steps = tuple(i for i in range(steps) if nearest(i) in covered)
             if new_steps:
                 rules.append(Rule(sites=rule.sites, action=rule.action, steps=new_steps, kind=rule.kind,
-                                  when=rule.when, order=rule.order))
+                                  when=rule.when, order=rule.order, attention=rule.attention))
         plan = Plan(steps=steps, rules=rules, version=self.version, model=self.model,
                     name=f"{self.name or 'plan'}@{steps}")
         plan.check()
@@ -252,7 +290,7 @@ class Plan:
         """Every include pattern must match some name (a cheap check before capture)."""
         for i, rule in enumerate(self.rules):
             for pattern in rule.sites:
-                if pattern.startswith("!"):
+                if pattern.startswith("!") or is_positional(pattern):  # positions need the graph
                     continue
                 if not any(fnmatchcase(n, pattern) for n in names):
                     raise PlanError(f"pattern {pattern!r} matches no site of this model", rule=i, line=rule.line,
@@ -266,11 +304,15 @@ class Plan:
         actions: dict[str, list[str]] = {}
         adaptive: dict[str, list[int | None]] = {}
         when_rules: list[tuple[str, float]] = []
+        indicators: list[Indicator] = []
         origin: dict[tuple[str, int], int] = {}
         orders: dict[str, list[int]] = {}
         for i, rule in enumerate(self.rules):
             where = dict(rule=i, line=rule.line)
             for pattern in rule.sites:
+                if not pattern.startswith("!") and is_positional(pattern) and not sites.match([pattern]):
+                    raise PlanError(f"pattern {pattern!r} selects none of the stack's {len(sites.stack_blocks())} "
+                                    f"blocks", site=pattern, **where)
                 if not pattern.startswith("!") and not sites.match([pattern]):
                     raise PlanError(f"pattern {pattern!r} matches no site; sites are e.g. {sites.names()[:6]}",
                                     site=pattern, **where)
@@ -278,13 +320,22 @@ class Plan:
             if not matched:
                 raise PlanError(f"no site of kind {rule.kind!r} matches {list(rule.sites)}",
                                 site=",".join(rule.sites), **where)
+            if rule.attention is not None:
+                # A model without attention of this kind (DiT has no cross attention) leaves
+                # the rule without effect: PAB's per-kind ranges apply to the kinds it has.
+                matched = [s for s in matched if s.attention == rule.attention]
             when_index = None
             if rule.when is not None:
                 of = resolve_of(rule.when.of, rule.kind, sites)
                 if of is None:
                     raise PlanError(f"'when.of' names no site: {rule.when.of!r}", site=rule.when.of, **where)
+                watched = sites[of].live_outs[0] if rule.when.on == "output" else sites[of].modulated_input
+                if watched is None:
+                    raise PlanError(f"'when.on: {rule.when.on}': site {of!r} has none that ditopt can find "
+                                    f"(use on: output)", site=of, **where)
                 when_index = len(when_rules)
                 when_rules.append((of, rule.when.below))
+                indicators.append(Indicator(watched, rule.when.rescale))
                 # A site is never decided by its own output, nor by one inside or around it.
                 matched = [s for s in matched if s.name != of and of not in sites.ancestors(s.name)
                            and s.name not in sites.ancestors(of)]
@@ -330,7 +381,7 @@ class Plan:
                     raise PlanError("predict cannot be adaptive ('when'): a forecast needs a fixed step table",
                                     rule=i, line=self.rules[i].line, site=name)
         orders = {name: orders[name] for name in actions}
-        return CompiledPlan(self.steps, actions, adaptive, when_rules, slots, orders)
+        return CompiledPlan(self.steps, actions, adaptive, when_rules, slots, orders, indicators)
 
     def _check_when(self, sites, actions, adaptive, when_rules) -> None:
         order = {n: i for i, n in enumerate(sites.names())}
@@ -353,10 +404,14 @@ class Plan:
 
 
 def resolve_of(pattern: str, kind: str | None, sites: SiteTable) -> str | None:
-    """The site a ``when.of`` names: the site itself, or for a glob the first match in graph
-    order (of the rule's kind), preferring the blocks of the stack."""
+    """The site a ``when.of`` names: the site itself, for ``stack[...]`` the first block it
+    selects, or for a glob the first match in graph order (of the rule's kind), preferring the
+    blocks of the stack."""
     if pattern in sites:
         return pattern
+    if is_positional(pattern):
+        blocks = sites.match([pattern], kind="block")
+        return blocks[0].name if blocks else None
     found = sites.match([pattern], kind=kind)
     in_stack = [s for s in found if s.parent == "stack"]
     pick = (in_stack or found)
@@ -403,12 +458,26 @@ def _rule_from_dict(raw: Any, index: int, lines: dict[str, int] | None) -> Rule:
     else:
         raise PlanError(f"'sites' must be a glob or a list of globs, got {sites!r}", **at("sites"))
     label = ",".join(sites)
+    for pattern in sites:
+        if pattern.removeprefix("!").startswith("stack["):
+            try:
+                parse_position(pattern)
+            except ValueError as exc:
+                raise PlanError(str(exc), site=label, **at("sites")) from None
     action = raw.get("action")
     if action not in ACTIONS:
         raise PlanError(f"unknown action {action!r}; known: {list(ACTIONS)}", site=label, **at("action"))
     kind = raw.get("kind")
     if kind is not None and kind not in SITE_KINDS:
         raise PlanError(f"unknown kind {kind!r}; known: {list(SITE_KINDS)}", site=label, **at("kind"))
+    attention = raw.get("attention")
+    if attention is not None:
+        if attention not in ATTENTION_KINDS:
+            raise PlanError(f"unknown attention kind {attention!r}; known: {list(ATTENTION_KINDS)}", site=label,
+                            **at("attention"))
+        if kind not in (None, "attention"):
+            raise PlanError(f"'attention' narrows attention sites, but the rule's kind is {kind!r}", site=label,
+                            **at("attention"))
     steps = raw.get("steps")
     if steps is not None:
         if isinstance(steps, str):
@@ -430,16 +499,35 @@ def _rule_from_dict(raw: Any, index: int, lines: dict[str, int] | None) -> Rule:
         if not isinstance(order, int) or isinstance(order, bool) or order not in ORDERS:
             raise PlanError(f"'order' must be one of {list(ORDERS)}, got {order!r}", site=label, **at("order"))
     when = raw.get("when")
+    if isinstance(when, dict) and True in when and "on" not in when:
+        when = {("on" if k is True else k): v for k, v in when.items()}  # YAML 1.1 reads a bare `on:` as True
     if when is not None:
-        if not isinstance(when, dict) or set(when) - {"indicator", "of", "below"} or "of" not in when \
-                or "below" not in when:
-            raise PlanError("'when' must be {indicator: rel_l1, of: SITE, below: NUMBER}", site=label, **where)
+        where = at("when")  # the errors below name the line of 'when'
+        if not isinstance(when, dict) or set(when) - _WHEN_KEYS or "of" not in when or "below" not in when:
+            raise PlanError("'when' must be {indicator: rel_l1, of: SITE, below: NUMBER} with optional "
+                            "on: output|input and rescale: [NUMBER, ...]", site=label, **where)
         indicator = when.get("indicator", "rel_l1")
         if indicator not in INDICATORS:
             raise PlanError(f"unknown indicator {indicator!r}; known: {list(INDICATORS)}", site=label, **where)
         below = when["below"]
         if not isinstance(below, (int, float)) or isinstance(below, bool) or below <= 0:
             raise PlanError(f"'when.below' must be a positive number, got {below!r}", site=label, **where)
-        when = When(of=str(when["of"]), below=float(below), indicator=indicator)
-    return Rule(sites=sites, action=action, steps=steps, kind=kind, when=when, order=order, line=line,
-                step_line=lines.get("steps", line))
+        on = when.get("on", "output")
+        if on not in WATCHED:
+            raise PlanError(f"'when.on' must be one of {list(WATCHED)}, got {on!r}", site=label, **where)
+        rescale = when.get("rescale")
+        if rescale is not None:
+            if not isinstance(rescale, list) or not rescale or not all(
+                    isinstance(c, (int, float)) and not isinstance(c, bool) for c in rescale):
+                raise PlanError(f"'when.rescale' must be a non-empty list of polynomial coefficients, highest "
+                                f"power first, got {rescale!r}", site=label, **where)
+            rescale = tuple(float(c) for c in rescale)
+        of = when["of"]
+        if isinstance(of, str) and of.startswith("stack["):
+            try:
+                parse_position(of)
+            except ValueError as exc:
+                raise PlanError(f"'when.of': {exc}", site=label, **where) from None
+        when = When(of=str(of), below=float(below), indicator=indicator, on=on, rescale=rescale)
+    return Rule(sites=sites, action=action, steps=steps, kind=kind, when=when, order=order, attention=attention,
+                line=line, step_line=lines.get("steps", line))

@@ -1,12 +1,35 @@
 """Published feature-reuse methods as plan presets. Each returns an ordinary :class:`Plan`.
 
-The site globs are generic (``*`` narrowed by ``kind``), so a preset fits any DiT whose sites
-ditopt finds; edit the YAML (``plan.to_yaml()``) to narrow it.
+The site patterns are generic (``*`` narrowed by ``kind``, positions in the stack such as
+``stack[1:]``, attention kinds), so a preset fits any DiT whose sites ditopt finds; edit the
+YAML (``plan.to_yaml()``) to narrow it. ``configs/presets/`` holds each preset at 20 steps,
+written by ``tools/write_presets.py``.
+
+Presets take the number of denoising ``steps`` the plan is for; a plan for another count is
+``plan.resample(n)``.
 """
 
 from __future__ import annotations
 
 from .plan import Plan, Rule, When
+
+__all__ = ["fora", "first_block_cache", "delta_dit", "taylorseer", "teacache", "dbcache", "pab", "all_compute",
+           "PRESETS"]
+
+
+def _check_steps(steps: int) -> None:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_threshold(threshold) -> None:
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or threshold <= 0:
+        raise ValueError(f"threshold must be > 0, got {threshold!r}")
 
 
 def fora(interval: int = 2, steps: int = 50, *, warmup: int = 0, level: str = "layer") -> Plan:
@@ -64,6 +87,197 @@ def first_block_cache(threshold: float = 0.08, steps: int = 50, *, first: str = 
     return plan
 
 
+def delta_dit(steps: int = 50, interval: int = 2, k: int = 2, boundary: int | None = None) -> Plan:
+    """Δ-DiT: cache the deviation of the rear blocks early in sampling, of the front blocks late.
+
+    Follows Chen et al., "Δ-DiT: A Training-Free Acceleration Method Tailored for Diffusion
+    Transformers" (2024). Its Δ-Cache keeps a span of blocks' deviation (output minus input) and
+    adds it to the span's new input; on a contiguous span that is exactly every block reusing
+    its own residual, since the residuals telescope. Early steps shape the outline, which the
+    front blocks produce, so before step ``boundary`` the last ``k`` blocks of the stack
+    (``stack[-k:]``) reuse; from ``boundary`` on the details matter and the first ``k``
+    (``stack[:k]``) reuse. The cached blocks are refreshed (computed) every ``interval``-th step.
+    ``boundary`` defaults to half the steps; ``k`` counts blocks, so set it for the model's depth
+    (the paper caches most of PixArt-α's 28 blocks).
+
+    Example:
+        >>> plan = delta_dit(steps=8, interval=2, k=2, boundary=4)
+        >>> [(r.sites, r.step_list(8)) for r in plan.rules]
+        [(('stack[-2:]',), [1, 3]), (('stack[:2]',), [5, 7])]
+    """
+    _check_steps(steps)
+    _check_int("interval", interval, 1)
+    _check_int("k", k, 1)
+    boundary = steps // 2 if boundary is None else boundary
+    _check_int("boundary", boundary, 0)
+    if boundary > steps:
+        raise ValueError(f"boundary must be at most steps ({steps}), got {boundary}")
+    refresh = [s for s in range(steps) if s % interval != 0]
+    early = tuple(s for s in refresh if s < boundary)
+    late = tuple(s for s in refresh if s >= boundary)
+    rules = []
+    if early:
+        rules.append(Rule(sites=(f"stack[-{k}:]",), kind="block", steps=early, action="reuse_residual"))
+    if late:
+        rules.append(Rule(sites=(f"stack[:{k}]",), kind="block", steps=late, action="reuse_residual"))
+    plan = Plan(steps=steps, rules=rules or [Rule(sites=("*",), kind="block", action="compute")],
+                name=f"delta-dit-{interval}-k{k}-b{boundary}")
+    plan.check()
+    return plan
+
+
+def taylorseer(steps: int = 50, interval: int = 4, order: int = 2, *, warmup: int | None = None) -> Plan:
+    """TaylorSeer: forecast the blocks' features with a Taylor series between full steps.
+
+    Follows Liu et al., "From Reusing to Forecasting: Accelerating Diffusion Models with
+    TaylorSeers" (2025): instead of reusing a cached feature, extrapolate it from the last
+    computed steps (finite differences up to ``order``). Here every block of the stack
+    ``predict``s its residual (or output) at level block; the first ``warmup`` steps compute
+    (default ``order + 1``, so the first forecast has a full history), then every
+    ``interval``-th step computes and the others forecast. ``order=0`` is plain reuse.
+
+    Example:
+        >>> plan = taylorseer(steps=10, interval=3, order=1)
+        >>> plan.rules[0].step_list(10), plan.rules[0].order
+        ([3, 4, 6, 7, 9], 1)
+    """
+    _check_steps(steps)
+    _check_int("interval", interval, 1)
+    if order not in (0, 1, 2):
+        raise ValueError(f"order must be 0, 1 or 2, got {order!r}")
+    warmup = order + 1 if warmup is None else warmup
+    _check_int("warmup", warmup, 1)
+    forecast = tuple(s for s in range(warmup, steps) if (s - warmup) % interval != 0)
+    rules = [Rule(sites=("*",), kind="block", steps=forecast, action="predict", order=order)] if forecast else \
+        [Rule(sites=("*",), kind="block", action="compute")]
+    plan = Plan(steps=steps, rules=rules, name=f"taylorseer-{interval}-o{order}")
+    plan.check()
+    return plan
+
+
+def teacache(threshold: float = 0.1, steps: int = 50, rescale: list[float] | tuple[float, ...] | None = None) -> Plan:
+    """TeaCache: skip the blocks while the first block's modulated input barely changes.
+
+    Follows Liu et al., "Timestep Embedding Tells: It's Time to Cache for Video Diffusion
+    Model" (2024). The indicator is the relative L1 change of the first block's *modulated
+    input* (its hidden states after the timestep-conditioned norm, where they enter attention:
+    ``when.on: input``), mapped through the polynomial ``rescale`` (coefficients highest power
+    first, as the paper's fitted ones) and accumulated since the last step that computed; while
+    it stays below ``threshold`` every other block of the stack reuses its residual. The first
+    step computes (nothing to compare with) and so does the last.
+
+    The rescaling coefficients are fitted per model (TeaCache publishes ones for e.g. FLUX,
+    HunyuanVideo and Wan); the default None uses the raw relative L1, so on a new model pick
+    ``threshold`` from its indicator's range or fit coefficients first.
+
+    Example:
+        >>> w = teacache(0.2, steps=20, rescale=[2.0, 0.0]).rules[0].when
+        >>> (w.of, w.on, w.rescale, w.below)
+        ('stack[0]', 'input', (2.0, 0.0), 0.2)
+    """
+    _check_threshold(threshold)
+    _check_steps(steps)
+    if rescale is not None:
+        rescale = tuple(rescale)
+        if not rescale or not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in rescale):
+            raise ValueError(f"rescale must be a non-empty list of numbers (polynomial coefficients), got {rescale!r}")
+        rescale = tuple(float(c) for c in rescale)
+    when = When(of="stack[0]", below=float(threshold), on="input", rescale=rescale)
+    rules = [Rule(sites=("stack[1:]",), kind="block", action="reuse_residual", when=when)]
+    if steps > 1:
+        rules.append(Rule(sites=("stack[1:]",), kind="block", steps=(steps - 1,), action="compute"))
+    plan = Plan(steps=steps, rules=rules, name=f"teacache-{threshold}")
+    plan.check()
+    return plan
+
+
+def dbcache(threshold: float = 0.08, steps: int = 50, fn: int = 1, bn: int = 0, *, warmup: int = 2) -> Plan:
+    """DBCache: the first ``fn`` and last ``bn`` blocks always compute; the middle blocks reuse
+    their residuals while the output of the first ``fn`` has changed by less than ``threshold``.
+
+    Follows cache-dit's DBCache ("Dual Block Cache", vipshop/cache-dit, 2025). The front
+    blocks ``stack[:fn]`` compute and their output is the indicator (relative L1, accumulated
+    since the last computing step); the middle ``stack[fn:-bn]`` reuse residuals below the
+    threshold; the back ``stack[-bn:]`` compute on the approximated hidden states, correcting
+    them. The first ``warmup`` steps always compute (cache-dit's ``max_warmup_steps``, 8 by
+    default there for 28-50-step runs). cache-dit watches the front blocks' residual rather
+    than their output, and compares with the last computed step rather than accumulating.
+
+    Example:
+        >>> rule = dbcache(0.1, steps=20, fn=2, bn=1).rules[0]
+        >>> rule.sites, rule.when.of, rule.step_list(20)[:3]
+        (('stack[2:-1]',), 'stack[1]', [2, 3, 4])
+    """
+    _check_threshold(threshold)
+    _check_steps(steps)
+    _check_int("fn", fn, 1)
+    _check_int("bn", bn, 0)
+    _check_int("warmup", warmup, 0)
+    if warmup >= steps:
+        raise ValueError(f"warmup must be less than steps ({steps}), got {warmup}")
+    middle = f"stack[{fn}:-{bn}]" if bn else f"stack[{fn}:]"
+    rule = Rule(sites=(middle,), kind="block", action="reuse_residual", steps=f"{warmup}:" if warmup else None,
+                when=When(of=f"stack[{fn - 1}]", below=float(threshold)))
+    plan = Plan(steps=steps, rules=[rule], name=f"dbcache-F{fn}B{bn}-{threshold}")
+    plan.check()
+    return plan
+
+
+def pab(steps: int = 50, self_range: int | None = 2, cross_range: int | None = 6, joint_range: int | None = 2,
+        window: tuple[int, int] | None = None) -> Plan:
+    """Pyramid Attention Broadcast: reuse attention outputs, less often for the attention kinds
+    that change more, in the middle of sampling.
+
+    Follows Zhao et al., "Real-Time Video Generation with Pyramid Attention Broadcast" (2024).
+    Attention outputs change little in the middle of sampling, and by kind: cross attention
+    least, then temporal, then spatial (self). Each kind computes once every ``*_range`` steps
+    inside ``window = (start, stop)`` and broadcasts (reuses) its output in between; outside
+    the window everything computes. The window defaults to the steps where the timestep is in
+    PAB's (100, 800) of 1000 on a linear schedule: ``(round(0.2 * steps), round(0.9 * steps))``.
+    A range of None or 1 leaves that kind computing; a kind the model lacks is skipped
+    (DiT has only self attention; MM-DiTs such as CogVideoX have joint attention). ditopt does
+    not tell spatial from temporal self attention, so both take ``self_range``.
+
+    Example:
+        >>> plan = pab(steps=20, self_range=2, cross_range=4, joint_range=None, window=(4, 12))
+        >>> [(r.attention, r.step_list(20)) for r in plan.rules]
+        [('self', [5, 7, 9, 11]), ('cross', [5, 6, 7, 9, 10, 11])]
+    """
+    _check_steps(steps)
+    ranges = {"self": self_range, "cross": cross_range, "joint": joint_range}
+    for kind, r in ranges.items():
+        if r is not None:
+            _check_int(f"{kind}_range", r, 1)
+    if window is None:
+        window = (round(0.2 * steps), round(0.9 * steps))
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window)
+            or not 0 <= window[0] <= window[1] <= steps):
+        raise ValueError(f"window must be (start, stop) with 0 <= start <= stop <= steps ({steps}), got {window!r}")
+    start, stop = window
+    rules = []
+    for kind, r in ranges.items():
+        broadcast = tuple(s for s in range(start, stop) if r is not None and (s - start) % r != 0)
+        if broadcast:
+            rules.append(Rule(sites=("*",), kind="attention", attention=kind, steps=broadcast, action="reuse"))
+    plan = Plan(steps=steps, rules=rules or [Rule(sites=("*",), kind="block", action="compute")],
+                name=f"pab-{self_range}-{cross_range}-{joint_range}")
+    plan.check()
+    return plan
+
+
 def all_compute(steps: int = 50) -> Plan:
     """A plan that computes everything: outputs stay bit-identical to the model's."""
     return Plan(steps=steps, rules=[Rule(sites=("*",), action="compute")], name="all-compute")
+
+
+# The presets by name, as ``configs/presets/<name>.yaml`` holds them (at 20 steps).
+PRESETS = {
+    "fora": fora,
+    "first-block-cache": first_block_cache,
+    "delta-dit": delta_dit,
+    "taylorseer": taylorseer,
+    "teacache": teacache,
+    "dbcache": dbcache,
+    "pab": pab,
+}

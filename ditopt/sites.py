@@ -14,7 +14,15 @@ alone, never from a per-model table:
 - a **feedforward** is the outermost module inside a block, outside attention, that holds two
   or more matmuls and maps one token tensor to one of the same shape;
 - the **stack** runs from the first block's first node to the last block's last node, keeping
-  the nodes that depend on the first block (independent work in that range is left outside).
+  the nodes that depend on the first block (independent work in that range is left outside);
+- a site's **modulated input** is the activation its computation starts from after the norm and
+  modulation: for an attention or feed-forward site, its data input shaped like its output; for a
+  block, that of its first attention site, shaped like the block's first live-out (TeaCache
+  watches it); for the stack, its first block's.
+
+Plans address sites by glob over names (``blocks.*``) or by position in the stack: ``stack[i]``
+and ``stack[a:b]`` select the stack's blocks (the blocks whose parent is the stack, in graph
+order) by Python index or slice, with the sites inside them, as a glob would.
 
 Dataflow (region inputs, live-outs, residual form ``out = in + delta``) is computed on a
 networkx view of the graph.
@@ -67,19 +75,58 @@ class Site:
     parent: str | None = field(default=None, compare=False, repr=False)
     skippable: bool = field(default=True, compare=False, repr=False)
     why_not_skippable: str = field(default="", compare=False, repr=False)
+    modulated_input: str | None = field(default=None, compare=False, repr=False)
 
     def matches(self, pattern: str) -> bool:
         """fnmatch ``pattern`` against the name (``blocks.*`` also matches ``blocks.3.attn1``)."""
         return fnmatchcase(self.name, pattern)
 
 
-class SiteTable:
-    """The sites of one graph, in graph order, with lookups by name and glob.
+_POSITIONAL = re.compile(r"^stack\[([^\]]*)\]$")
+
+
+def is_positional(pattern: str) -> bool:
+    """``stack[...]``: a pattern that selects the stack's blocks by position, not by name."""
+    return bool(_POSITIONAL.match(pattern.removeprefix("!")))
+
+
+def parse_position(pattern: str) -> slice:
+    """The slice a ``stack[...]`` pattern takes of the stack's blocks; ValueError if malformed.
 
     Example:
-        >>> table = SiteTable([Site("blocks.0", "block"), Site("blocks.0.attn1", "attention")])
+        >>> parse_position("stack[2:]"), parse_position("stack[-1]"), parse_position("stack[0]")
+        (slice(2, None, None), slice(-1, None, None), slice(0, 1, None))
+    """
+    m = _POSITIONAL.match(pattern.removeprefix("!"))
+    if not m:
+        raise ValueError(f"not a stack position: {pattern!r} (use stack[i] or stack[start:stop:step])")
+    text = m.group(1).strip()
+    parts = text.split(":")
+    try:
+        nums = [int(p) if p.strip() else None for p in parts]
+    except ValueError:
+        raise ValueError(f"not a stack position: {pattern!r} (use stack[i] or stack[start:stop:step])") from None
+    if len(parts) == 1:
+        if nums[0] is None:
+            raise ValueError(f"empty stack position: {pattern!r}")
+        i = nums[0]
+        return slice(i, i + 1 if i != -1 else None)
+    if len(parts) > 3 or (len(parts) == 3 and nums[2] == 0):
+        raise ValueError(f"not a stack position: {pattern!r} (use stack[i] or stack[start:stop:step])")
+    return slice(*nums)
+
+
+class SiteTable:
+    """The sites of one graph, in graph order, with lookups by name, glob and stack position.
+
+    Example:
+        >>> table = SiteTable([Site("stack", "stack"), Site("blocks.0", "block", parent="stack"),
+        ...                    Site("blocks.0.attn1", "attention", parent="blocks.0"),
+        ...                    Site("blocks.1", "block", parent="stack")])
         >>> [s.name for s in table.match(["blocks.*", "!blocks.0"])]
-        ['blocks.0.attn1']
+        ['blocks.0.attn1', 'blocks.1']
+        >>> [s.name for s in table.match("stack[1:]")], [s.name for s in table.match("stack[0]", kind="block")]
+        (['blocks.1'], ['blocks.0'])
     """
 
     def __init__(self, sites: list[Site]):
@@ -101,17 +148,33 @@ class SiteTable:
     def names(self) -> list[str]:
         return [s.name for s in self.sites]
 
-    def match(self, patterns: str | list[str], kind: str | None = None) -> list[Site]:
-        """Sites matched by the globs (``!glob`` excludes), optionally of one ``kind``."""
+    def match(self, patterns: str | list[str], kind: str | None = None, attention: str | None = None) -> list[Site]:
+        """Sites matched by the patterns (``!pattern`` excludes), optionally of one ``kind`` and,
+        for attention sites, one ``attention`` kind (self | cross | joint).
+
+        A pattern is an fnmatch glob over site names, or ``stack[i]`` / ``stack[a:b:c]``: the
+        stack's blocks at those positions (see :meth:`stack_blocks`) and the sites inside them.
+        """
         patterns = [patterns] if isinstance(patterns, str) else list(patterns)
         include = [p for p in patterns if not p.startswith("!")]
         exclude = [p[1:] for p in patterns if p.startswith("!")]
         return [
             s for s in self.sites
-            if any(s.matches(p) for p in include)
-            and not any(s.matches(p) for p in exclude)
+            if any(self._matches(s, p) for p in include)
+            and not any(self._matches(s, p) for p in exclude)
             and (kind is None or s.kind == kind)
+            and (attention is None or s.attention == attention)
         ]
+
+    def stack_blocks(self) -> list[str]:
+        """The blocks whose parent is the stack, in graph order: what ``stack[...]`` indexes."""
+        return [s.name for s in self.sites if s.kind == "block" and s.parent == STACK]
+
+    def _matches(self, site: Site, pattern: str) -> bool:
+        if not is_positional(pattern):
+            return site.matches(pattern)
+        chosen = set(self.stack_blocks()[parse_position(pattern)])
+        return site.name in chosen or any(a in chosen for a in self.ancestors(site.name))
 
     def ancestors(self, name: str) -> list[str]:
         """Names of the sites that contain ``name``, innermost first."""
@@ -396,7 +459,7 @@ def find_sites(graph: fx.Graph) -> SiteTable:
         ))
     first = {s.name: order_of_first(s, graph) for s in sites}
     sites.sort(key=lambda s: (first[s.name], -len(s.nodes)))
-    return SiteTable(_with_parents(sites))
+    return SiteTable(_with_modulated_inputs(_with_parents(sites), graph))
 
 
 def order_of_first(site: Site, graph: fx.Graph) -> int:
@@ -431,6 +494,53 @@ def _stack_nodes(graph: fx.Graph, block_regions: list[list[fx.Node]], order: dic
         reach |= nx.descendants(g, n)
     members = {n for r in block_regions for n in r}
     return [n for n in in_range if n in reach or n in members]
+
+
+def _with_modulated_inputs(sites: list[Site], graph: fx.Graph) -> list[Site]:
+    """Set each site's ``modulated_input`` (see the module docstring), or leave it None.
+
+    The candidates are the data inputs of the attention (or feed-forward) region shaped like
+    the hidden states; one computed inside the enclosing block (after its norm and modulation)
+    is preferred over one that enters the block unchanged.
+    """
+    by_name = {n.name: n for n in graph.nodes}
+    table = {s.name: s for s in sites}
+
+    def shape(name: str):
+        meta = tensor_meta(by_name[name])
+        return meta[0] if meta is not None else None
+
+    def pick(region: Site, like: str, inside: Site | None) -> str | None:
+        want = shape(like)
+        found = [i for i in region.inputs if not is_param(by_name[i]) and want is not None and shape(i) == want]
+        inner = [i for i in found if inside is not None and i in set(inside.nodes)]
+        return (inner or found or [None])[0]
+
+    def first_attention(block: Site) -> Site | None:
+        return next((s for s in sites if s.kind == "attention" and block.name in _ancestor_names(s, table)), None)
+
+    modulated: dict[str, str | None] = {}
+    for s in sites:
+        if not s.live_outs:
+            modulated[s.name] = None
+        elif s.kind in ("attention", "feedforward"):
+            modulated[s.name] = pick(s, s.live_outs[0], table.get(s.parent) if s.parent else None)
+        elif s.kind == "block":
+            attn = first_attention(s)
+            modulated[s.name] = pick(attn, s.live_outs[0], s) if attn is not None else None
+    for s in sites:
+        if s.kind == "stack":
+            first = next((b for b in sites if b.kind == "block" and b.parent == s.name), None)
+            modulated[s.name] = modulated.get(first.name) if first is not None else None
+    return [Site(**{**s.__dict__, "modulated_input": modulated.get(s.name)}) for s in sites]
+
+
+def _ancestor_names(site: Site, table: dict[str, Site]) -> list[str]:
+    out, parent = [], site.parent
+    while parent is not None:
+        out.append(parent)
+        parent = table[parent].parent
+    return out
 
 
 def _with_parents(sites: list[Site]) -> list[Site]:

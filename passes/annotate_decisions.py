@@ -4,7 +4,8 @@ Matches: the nodes of every site that some step does not compute, and the output
 site a ``when`` rule watches.
 Rewrite to: no new nodes. Annotations only:
     node.meta["ditopt"]["regions"]     the names of the reusing sites the node belongs to
-    node.meta["ditopt"]["watch"]       on a watched site's first live-out: the when-rule indices
+    node.meta["ditopt"]["watch"]       on the node a when rule watches (its site's first live-out, or
+                                       its modulated input for `on: input`): the when-rule indices
     gm.meta["ditopt"]["sites"]         {site: {"slot", "live_outs", "residual_inputs", "depth"}}
     gm.meta["ditopt"]["decisions"]     the runtime's GraphDecisions for this graph
 """
@@ -37,9 +38,10 @@ def annotate_decisions(gm: fx.GraphModule, ctx: PassContext, compiled) -> PassRe
             "residual_inputs": list(site.residual_inputs),
             "depth": sum(1 for a in sites.ancestors(name) if a in compiled.actions),
         }
+    indicators = getattr(compiled, "indicators", None) or []
     for index, (of, _) in enumerate(compiled.when_rules):
-        out = by_name[sites[of].live_outs[0]]
-        ann = annotation(out)
+        watched = indicators[index].node if indicators else sites[of].live_outs[0]
+        ann = annotation(by_name[watched])
         ann["watch"] = sorted(set(ann.get("watch", ())) | {index})
     ga["sites"] = site_info
     ga["decisions"] = GraphDecisions(
@@ -51,6 +53,7 @@ def annotate_decisions(gm: fx.GraphModule, ctx: PassContext, compiled) -> PassRe
         parents={s.name: sites.ancestors(s.name) for s in sites},
         site_order=sites.names(),
         orders=dict(getattr(compiled, "orders", {})),
+        rescale=[i.rescale for i in indicators],
     )
     ga["annotated"] = True
     return PassResult(gm, bool(reusing) or bool(compiled.when_rules))

@@ -1,12 +1,16 @@
-"""Feed the output of every watched site to its ``when`` rules' indicator.
+"""Feed every watched tensor to its ``when`` rules' indicator.
 
-Matches: nodes annotated ``watch`` (the first live-out of a ``when.of`` site).
+Matches: nodes annotated ``watch``: the first live-out of a ``when.of`` site, or with
+``on: input`` its modulated input (TeaCache: the normed, modulated hidden states that enter the
+site's first attention; the plan resolves which node, ``annotate_decisions`` marks it).
 Rewrite to:
     before                          after
-    h = <site output>               h = <site output>
+    h = <watched tensor>            h = <watched tensor>
                                     ditopt.update_indicator(token, h, rid, graph, rule)
-The runtime accumulates the relative L1 change of ``h`` since the last computing step on the
-device; the decisions of the rule's sites read it as a tensor (no host read).
+The runtime accumulates the relative L1 change of ``h`` (through the rule's ``rescale``
+polynomial, if any) since the last computing step on the device; the decisions of the rule's
+sites read it as a tensor (no host read). An update inside a region that reuses is hoisted
+after its skip branch by ``insert_skip_branches``, like every effect.
 """
 
 from __future__ import annotations

@@ -32,6 +32,8 @@ class GraphDecisions:
     rule that governs that (site, step) or None, ``when_rules[i]`` the rule's ``(of, below)``.
     ``slots[site]`` names the cache slot a reusing site reads ("output" or "residual").
     ``parents[site]`` lists the sites that contain it (for "skipped" in the stats).
+    ``rescale[i]``, if given, maps rule i's per-step change through a polynomial (highest power
+    first) before it accumulates (TeaCache).
     """
 
     steps: int
@@ -42,6 +44,7 @@ class GraphDecisions:
     parents: dict[str, list[str]]
     site_order: list[str]
     orders: dict[str, list[int]] = field(default_factory=dict)  # predict: Taylor order per step
+    rescale: list[tuple[float, ...] | None] = field(default_factory=list)  # per when rule: polynomial, or None
 
 
 @dataclass
@@ -135,7 +138,8 @@ class Runtime:
         return ~reuse_ok
 
     def update_indicator(self, graph: int, rule: int, value: torch.Tensor) -> None:
-        """Accumulate the relative L1 change of a ``when`` rule's ``of`` output, on device."""
+        """Accumulate the relative L1 change of a ``when`` rule's watched tensor (its ``of``
+        site's output or modulated input), rescaled if the rule says so, on device."""
         table = self.graphs[graph]
         _, below = table.when_rules[rule]
         key = (graph, rule, self.state.branch)
@@ -148,6 +152,9 @@ class Runtime:
             return
         prev = previous.value
         change = (value - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12)
+        rescale = table.rescale[rule] if rule < len(table.rescale) else None
+        if rescale is not None:
+            change = polyval(rescale, change)
         accumulated = self._accumulated.get(key, torch.zeros((), device=value.device)) + change
         reuse_ok = accumulated < below
         # A step that computes starts the accumulation again.
@@ -198,6 +205,18 @@ class Runtime:
                 else:
                     out[site].append(resolved[site])
         return out
+
+
+def polyval(coefficients: tuple[float, ...], x: torch.Tensor) -> torch.Tensor:
+    """``numpy.polyval`` on a tensor (Horner's rule, highest power first), staying on its device.
+
+    >>> float(polyval((2.0, 0.0, 1.0), torch.tensor(3.0)))
+    19.0
+    """
+    out = torch.zeros_like(x)
+    for c in coefficients:
+        out = out * x + c
+    return out
 
 
 def taylor_forecast(steps: list[int], values: list[torch.Tensor], at: int) -> torch.Tensor:
