@@ -215,6 +215,8 @@ def optimize(model: torch.nn.Module, plan: PlanLike, *, timestep_arg: str = "tim
     if isinstance(model, OptimizedModule):
         raise DitoptError("optimize() takes the original model, not a torch.compile'd one")
     plan = as_plan(plan)
+    if plan.model and plan.model != type(model).__name__:
+        raise PlanError(f"plan was made for {plan.model}, not {type(model).__name__}")
     plan.check_patterns(candidate_site_names(model))
     runtime = Runtime()
     runtime.param_ids = {id(p) for p in model.parameters()}

@@ -33,8 +33,8 @@ class Recorder:
         >>> rec = Recorder(keep=4)
         >>> rec.observe("b", torch.ones(8), torch.zeros(8), step=0, branch=0)
         >>> rec.observe("b", 2 * torch.ones(8), torch.zeros(8), step=1, branch=0)
-        >>> rec.values[("rel_l1", "b", 1, 0)]
-        0.5
+        >>> rec.values[("rel_l1", "b", 1, 0)]   # |2 - 1| / |1|
+        1.0
     """
 
     def __init__(self, keep: int = 4096, seed: int = 0):

@@ -55,8 +55,8 @@ def test_debug_mode_verifies_after_every_pass(name, monkeypatch):
     monkeypatch.setenv("DITOPT_DEBUG", "1")
     p = prepare(make_stack(3), PLANS[name], [latents(1)[0], timesteps(1)[0]])
     report = run_pipeline(p.gm, p.ctx, p.compiled, inductor=False)
-    assert [step for step, _ in report] == ["annotate_decisions", "insert_step_tracking", "insert_indicators",
-                                            "insert_cache_ops", "insert_skip_branches", "lower_skip_branches"]
+    assert [step for step, _ in report] == ["annotate_decisions", "insert_step_tracking", "insert_observers",
+                                            "insert_indicators", "insert_cache_ops", "insert_skip_branches", "lower_skip_branches"]
 
 
 def test_an_effect_without_the_token_is_named():

@@ -1,0 +1,347 @@
+"""From a redundancy map to a plan: the least predicted error for a compute budget.
+
+For every block of the stack the planner chooses the steps it computes; at the other steps the
+block reuses its residual or forecasts it (``predict``, order 1: the line through its last two
+computed steps), whichever the calibration run says is closer. The price of a choice is replayed
+from the map's residual subsamples: at step t, after computed steps a < b, reuse costs
+``|y_t - y_b|^2`` and a forecast ``|y_t - (y_b + (y_b - y_a) (t - b) / (b - a))|^2``, both
+measured against what the site really produced at t. Errors therefore grow with the distance
+to the last computed step, which is how consecutive reuses accumulate. Each step's error is
+weighted by the step's share of the sampler's trajectory (the drop in timestep to the next step),
+since an error in the velocity at a step moves the sample by that much.
+
+Per block, a dynamic program over (previous computed step, last computed step) finds the
+schedule minimising ``error + lambda * FLOPs``, with the first and last steps computed and at
+most ``max_consecutive`` steps in a row not computed; a bisection on ``lambda`` meets the
+budget (fraction of block FLOPs) or the error bound for the whole stack.
+
+Example::
+
+    >>> import ditopt
+    >>> from ditopt import zoo
+    >>> m = zoo.load("dit-digits")
+    >>> rmap = ditopt.profile(m.model, lambda tr: m.sample(list(range(10)), seed=100, steps=8, transformer=tr),
+    ...                       steps=8, progress=False)
+    >>> plan = ditopt.plan_from_profile(rmap, budget=0.5)
+    >>> plan.steps, plan.model
+    (8, 'DiTTransformer2DModel')
+    >>> schedule = ditopt.planner.schedule_from_profile(rmap, budget=0.5)
+    >>> schedule.compute_fraction <= 0.5
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .plan import COMPUTE, PREDICT, REUSE, REUSE_RESIDUAL, Plan, Rule
+from .profile import ProfileError, RedundancyMap
+
+__all__ = ["Schedule", "schedule_from_profile", "plan_from_profile", "smoothcache"]
+
+
+@dataclass
+class Schedule:
+    """A planned action per (site, step), with what the planner predicts of it."""
+
+    steps: int
+    actions: dict[str, list[str]]  # site -> action per step (compute | reuse(_residual) | predict)
+    compute_fraction: float  # of block FLOPs
+    predicted_error: float  # relative RMS error of the blocks' residuals, weighted by step
+    lam: float = 0.0
+
+    def to_plan(self, model: str | None, name: str) -> Plan:
+        """Group sites with the same schedule into one rule per action: a short, readable YAML."""
+        groups: dict[tuple, list[str]] = {}
+        for site, row in self.actions.items():
+            groups.setdefault(tuple(row), []).append(site)
+        rules = []
+        for row, sites in groups.items():
+            for action in (REUSE, REUSE_RESIDUAL, PREDICT):
+                steps = tuple(i for i, a in enumerate(row) if a == action)
+                if steps:
+                    rules.append(Rule(sites=tuple(sites), action=action, steps=steps,
+                                      order=1 if action == PREDICT else None))
+        if not rules:
+            rules = [Rule(sites=tuple(self.actions) or ("*",), action=COMPUTE)]
+        plan = Plan(steps=self.steps, rules=rules, model=model, name=name)
+        plan.check()
+        return plan
+
+
+def _weights(rmap: RedundancyMap) -> torch.Tensor:
+    t = torch.tensor(rmap.timesteps, dtype=torch.float64)
+    n = rmap.steps
+    if len(t) != n or torch.isnan(t).any() or n < 2:
+        return torch.full((n,), 1.0 / n, dtype=torch.float64)
+    nxt = torch.cat([t[1:], torch.zeros(1, dtype=torch.float64)])
+    w = (t - nxt).abs()
+    return w / w.sum() if w.sum() > 0 else torch.full((n,), 1.0 / n, dtype=torch.float64)
+
+
+class _SiteCosts:
+    """Replayed errors of reuse and order-1 forecasts for one site (see the module docstring)."""
+
+    def __init__(self, samples: torch.Tensor, weights: torch.Tensor, max_gap: int, orders: tuple[int, ...]):
+        self.y = samples.double()  # [steps, branches, keep]
+        self.n = self.y.shape[0]
+        self.w = weights
+        self.max_gap = max_gap
+        self.orders = orders
+        self._cache: dict[tuple[int, int, int], tuple[float, str]] = {}
+        self.compute_last = True
+        self.energy = float((self.w[:, None] * (self.y ** 2).mean(dim=(1, 2))[:, None]).sum())
+
+    def diff(self, t: int, a: int, b: int, reuse_action: str) -> tuple[torch.Tensor, str]:
+        """What the site's stand-in misses at step t (the cheaper of reuse and forecast)."""
+        yt, yb = self.y[t], self.y[b]
+        best = (yt - yb, reuse_action)
+        if 1 in self.orders and a >= 0:
+            d = yt - (yb + (yb - self.y[a]) * ((t - b) / (b - a)))
+            if float((d ** 2).mean()) < float((best[0] ** 2).mean()):
+                best = (d, PREDICT)
+        return best
+
+    def err(self, t: int, a: int, b: int, reuse_action: str) -> tuple[float, str]:
+        key = (t, a, b)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        yt, yb = self.y[t], self.y[b]
+        best = (float(((yt - yb) ** 2).mean()), reuse_action)
+        if 1 in self.orders and a >= 0:
+            fore = yb + (yb - self.y[a]) * ((t - b) / (b - a))
+            e = float(((yt - fore) ** 2).mean())
+            if e < best[0]:
+                best = (e, PREDICT)
+        best = (best[0] * float(self.w[t]), best[1])
+        self._cache[key] = best
+        return best
+
+    def plan(self, lam: float, cost: float, reuse_action: str) -> tuple[list[str], float, int]:
+        """The schedule minimising error + lam * cost * computed steps (dynamic program)."""
+        n, gap = self.n, self.max_gap
+        if n == 1:
+            return [COMPUTE], 0.0, 1
+        # f[(a, b)] = best total with b the last computed step and a the one before (-1: none)
+        f: dict[tuple[int, int], float] = {(-1, 0): lam * cost}
+        back: dict[tuple[int, int], tuple[int, int] | None] = {(-1, 0): None}
+        for b in range(n - 1):
+            for (a, bb), value in [(k, v) for k, v in f.items() if k[1] == b]:
+                seg = 0.0
+                for c in range(b + 1, min(b + gap + 1, n - 1) + 1):
+                    total = value + seg + lam * cost
+                    key = (b, c)
+                    if total < f.get(key, math.inf):
+                        f[key] = total
+                        back[key] = (a, b)
+                    if c < n - 1:
+                        seg += self.err(c, a, b, reuse_action)[0]
+        finals = {k: v for k, v in f.items() if k[1] == n - 1}
+        if not self.compute_last:  # or end on a computed step b and skip the last steps
+            for (a, b), v in f.items():
+                if b < n - 1 and n - 1 - b <= gap:
+                    total = v + sum(self.err(t, a, b, reuse_action)[0] for t in range(b + 1, n))
+                    finals[(a, b)] = total
+        end = min(finals, key=finals.__getitem__)
+        computed = []
+        k: tuple[int, int] | None = end
+        while k is not None:
+            computed.append(k[1])
+            k = back[k]
+        computed.reverse()
+        actions = [COMPUTE] * n
+        error = 0.0
+        prev = -1
+        for i, b in enumerate(computed):
+            nxt = computed[i + 1] if i + 1 < len(computed) else n
+            for t in range(b + 1, nxt):
+                e, act = self.err(t, prev, b, reuse_action)
+                actions[t] = act
+                error += e
+            prev = b
+        return actions, error, len(computed)
+
+
+class _GroupCosts(_SiteCosts):
+    """Several sites planned as one: they compute at the same steps (the whole stack), and at a
+    step they skip each takes its own cheaper action. The error is the sum over the sites."""
+
+    def __init__(self, members: dict[str, _SiteCosts], reuse_actions: dict[str, str], aligned: bool = True):
+        self.members = members
+        self.reuse_actions = reuse_actions
+        first = next(iter(members.values()))
+        self.n, self.max_gap = first.n, first.max_gap
+        self._cache = {}
+        self.energy = sum(m.energy for m in members.values())
+        shapes = {tuple(m.y.shape) for m in members.values()}
+        self.aligned = aligned and len(shapes) == 1
+        self.compute_last = True
+
+    def err(self, t, a, b, reuse_action):
+        key = (t, a, b)
+        hit = self._cache.get(key)
+        if hit is None:
+            parts = {s: m.diff(t, a, b, self.reuse_actions[s]) for s, m in self.members.items()}
+            w = float(next(iter(self.members.values())).w[t])
+            if self.aligned:  # the stack's output misses the sum of what its blocks miss
+                total = sum(d for d, _ in parts.values())
+                e = float((total ** 2).mean()) * w
+            else:
+                e = sum(float((d ** 2).mean()) for d, _ in parts.values()) * w
+            hit = self._cache[key] = (e, {s: act for s, (_, act) in parts.items()})
+        return hit
+
+
+def schedule_from_profile(rmap: RedundancyMap, budget: float | None = None, *, max_error: float | None = None,
+                          max_consecutive: int = 3, orders: tuple[int, ...] = (0, 1),
+                          sites: list[str] | None = None, steps: int | None = None,
+                          granularity: str = "stack", compute_last: bool = True) -> Schedule:
+    """The planned schedule; see :func:`plan_from_profile` for the arguments."""
+    if granularity not in ("stack", "site"):
+        raise ProfileError(f"granularity must be 'stack' or 'site', got {granularity!r}")
+    if not isinstance(rmap, RedundancyMap):
+        raise ProfileError(f"expected a RedundancyMap, got {type(rmap).__name__}")
+    if (budget is None) == (max_error is None):
+        raise ProfileError("give exactly one of budget= (fraction of full block compute) or max_error=")
+    if budget is not None and not (isinstance(budget, (int, float)) and 0 < budget <= 1):
+        raise ProfileError(f"budget must be a fraction of full compute in (0, 1], got {budget!r}")
+    if max_error is not None and not (isinstance(max_error, (int, float)) and max_error >= 0):
+        raise ProfileError(f"max_error must be >= 0, got {max_error!r}")
+    if max_consecutive < 0:
+        raise ProfileError(f"max_consecutive must be >= 0, got {max_consecutive}")
+    if steps is not None:
+        rmap.check_fits(steps=steps)
+    names = list(sites) if sites is not None else list(rmap.stack)
+    if not names:
+        raise ProfileError("the redundancy map has no block stack to plan for; pass sites=")
+    for s in names:
+        rmap.index(s)  # KeyError naming the site if it is not in the map
+    weights = _weights(rmap)
+    per = {s: _SiteCosts(rmap.samples[s], weights, max_consecutive, orders) for s in names}
+    cost = {s: max(float(rmap.flops.get(s, 0.0)), 1.0) for s in names}
+    total_cost = sum(cost.values()) * rmap.steps
+    energy = sum(p.energy for p in per.values()) or 1.0
+    reuse_action = {s: REUSE_RESIDUAL if rmap.residual_form.get(s, False) else REUSE for s in names}
+
+    group = _GroupCosts(per, reuse_action) if granularity == "stack" else None
+    for c in [*per.values(), *([group] if group else [])]:
+        c.compute_last = compute_last
+
+    def solve(lam: float) -> Schedule:
+        actions, error, flops = {}, 0.0, 0.0
+        if group is not None:
+            row, error, n_computed = group.plan(lam, sum(cost.values()), "")
+            for s in names:
+                actions[s] = [a if isinstance(a, str) else a[s] for a in row]
+            flops = n_computed * sum(cost.values())
+            return Schedule(rmap.steps, actions, flops / total_cost, math.sqrt(error / energy), lam)
+        for s in names:
+            row, e, n_computed = per[s].plan(lam, cost[s], reuse_action[s])
+            actions[s] = row
+            error += e
+            flops += n_computed * cost[s]
+        return Schedule(rmap.steps, actions, flops / total_cost, math.sqrt(error / energy), lam)
+
+    def fits(sch: Schedule) -> bool:
+        return sch.compute_fraction <= budget + 1e-9 if budget is not None else sch.predicted_error <= max_error
+
+    # lam = 0 computes everything; a huge lam computes the fewest steps the constraints allow
+    scale = energy / max(cost.values())
+    hi = scale
+    fewest = solve(hi)
+    while hi < scale * 1e12:
+        more = solve(hi * 10)
+        if more.compute_fraction >= fewest.compute_fraction - 1e-12:
+            break
+        hi, fewest = hi * 10, more
+    if budget is not None:
+        if not fits(fewest):
+            raise ProfileError(f"budget {budget} is below the least compute these constraints allow "
+                               f"({fewest.compute_fraction:.3f}: first and last steps computed, at most "
+                               f"{max_consecutive} steps in a row not computed)")
+        # the smallest lam that fits the budget spends the most of it
+        lo, best = 0.0, fewest
+        for _ in range(60):
+            mid = math.sqrt(lo * hi) if lo > 0 else hi / 1e9
+            sch = solve(mid)
+            if fits(sch):
+                best, hi = sch, mid
+            else:
+                lo = mid
+            if lo > 0 and hi / lo < 1 + 1e-6:
+                break
+        return best
+    if fits(fewest):
+        return fewest
+    # the largest lam whose error still fits spends the least compute
+    lo, best = 0.0, solve(0.0)
+    for _ in range(60):
+        mid = math.sqrt(lo * hi) if lo > 0 else hi / 1e9
+        sch = solve(mid)
+        if fits(sch):
+            best, lo = sch, mid
+        else:
+            hi = mid
+        if lo > 0 and hi / lo < 1 + 1e-6:
+            break
+    return best
+
+
+def plan_from_profile(rmap: RedundancyMap, budget: float | None = None, *, max_error: float | None = None,
+                      max_consecutive: int = 3, orders: tuple[int, ...] = (0, 1), sites: list[str] | None = None,
+                      steps: int | None = None, granularity: str = "stack", compute_last: bool = True) -> Plan:
+    """The plan with the least predicted error for a compute ``budget`` (fraction of full block
+    compute, in (0, 1]) or the least compute whose predicted error is at most ``max_error``.
+
+    ``orders``: 0 allows reuse, 1 allows order-1 forecasts (``predict``). ``sites`` defaults to
+    the blocks of the stack. ``steps``, if given, must equal the profiled step count (a plan for
+    another step count is made by ``plan.resample``). The result is an ordinary plan for the
+    profiled model (``plan.model``); edit its YAML as any other.
+
+    ``granularity="stack"`` (default) makes all planned sites compute at the same steps and lets
+    each choose reuse or forecast at the others; ``"site"`` plans each site's steps on its own.
+    Measured on the zoo models, per-site schedules predict less error but do worse: a site that
+    computes while an upstream site forecasts caches a residual made from a forecast input, and
+    the next forecast extrapolates that error (dit-digits at 50%: 35.5 dB per site vs 47.7 dB for
+    a uniform stack schedule).
+    """
+    sch = schedule_from_profile(rmap, budget, max_error=max_error, max_consecutive=max_consecutive,
+                                orders=orders, sites=sites, steps=steps, granularity=granularity,
+                                compute_last=compute_last)
+    label = f"budget={budget}" if budget is not None else f"max_error={max_error}"
+    return sch.to_plan(rmap.model, f"profiled {label}")
+
+
+def smoothcache(rmap: RedundancyMap, alpha: float, *, metric: str = "rel_l1_residual", max_consecutive: int = 3,
+                sites: list[str] | None = None) -> Plan:
+    """SmoothCache / DiTango-style thresholding of a redundancy map: a site reuses its residual at a
+    step while the change it accumulated since its last computed step (``metric`` from the
+    calibration run, mean over CFG branches) stays below ``alpha``.
+
+    Follows Liu et al., "SmoothCache: A Universal Inference Acceleration Technique for Diffusion
+    Transformers" (2024), which calibrates per-layer representation errors over steps and caches
+    a layer where the error is below a threshold; DiTango's profiled schedules threshold the same
+    kind of map. The first and last steps compute; at most ``max_consecutive`` steps in a row reuse.
+    """
+    if not alpha > 0:
+        raise ProfileError(f"alpha must be > 0, got {alpha!r}")
+    names = list(sites) if sites is not None else list(rmap.stack)
+    values = rmap.metric(metric).nanmean(dim=-1)  # [steps, sites]
+    actions = {}
+    for s in names:
+        col = values[:, rmap.index(s)]
+        row, acc, run = [COMPUTE] * rmap.steps, 0.0, 0
+        reuse_action = REUSE_RESIDUAL if rmap.residual_form.get(s, False) else REUSE
+        for t in range(1, rmap.steps - 1):
+            acc += float(col[t]) if not math.isnan(float(col[t])) else math.inf
+            if acc < alpha and run < max_consecutive:
+                row[t], run = reuse_action, run + 1
+            else:
+                acc, run = 0.0, 0
+        actions[s] = row
+    sch = Schedule(rmap.steps, actions, 0.0, float("nan"))
+    return sch.to_plan(rmap.model, f"smoothcache alpha={alpha}")

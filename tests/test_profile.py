@@ -1,0 +1,143 @@
+"""Profiling (observer pass, redundancy map) and the planner, on the trained zoo models."""
+
+import math
+
+import pytest
+import torch
+
+import ditopt
+from ditopt import zoo
+from ditopt.errors import PlanError
+from ditopt.planner import schedule_from_profile, smoothcache
+from ditopt.profile import ProfileError, RedundancyMap
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def dit():
+    return zoo.load("dit-digits")
+
+
+@pytest.fixture(scope="module")
+def rmap(dit):
+    labels = list(range(10))
+    return ditopt.profile(dit.model, lambda tr: dit.sample(labels, seed=100, steps=STEPS, transformer=tr),
+                          steps=STEPS, progress=False)
+
+
+def test_map_measures_every_site_and_step(rmap, dit):
+    assert rmap.model == "DiTTransformer2DModel" and rmap.steps == STEPS and rmap.branches == 1
+    assert rmap.stack == [f"transformer_blocks.{i}" for i in range(6)]
+    change = rmap.metric("rel_l1_residual")
+    assert change.shape == (STEPS, len(rmap.sites), 1)
+    assert torch.isnan(change[0]).all() and not torch.isnan(change[1:]).any()
+    assert ((change[1:] > 0) & (change[1:] < 2)).all()
+    # the observed residual of a block really is out - in: replay one step eagerly
+    assert rmap.residual_form["transformer_blocks.0"]
+    assert rmap.flops["transformer_blocks.0"] > rmap.flops["transformer_blocks.0.attn1"] > 0
+    assert rmap.timesteps[0] == pytest.approx(1000.0) and rmap.timesteps[-1] < rmap.timesteps[0]
+
+
+def test_observing_changes_nothing(dit):
+    labels = [3, 4]
+    want = dit.sample(labels, seed=5, steps=4)
+    got = {}
+
+    def run(tr):
+        got["x"] = dit.sample(labels, seed=5, steps=4, transformer=tr)
+
+    ditopt.profile(dit.model, run, steps=4, progress=False)
+    assert torch.equal(got["x"], want)
+
+
+def test_save_load_and_heatmap(rmap, tmp_path):
+    path = rmap.save(tmp_path / "dit-map.yaml")
+    assert path.with_suffix(".safetensors").is_file()
+    back = RedundancyMap.load(path)
+    assert back.sites == rmap.sites and back.signature == rmap.signature
+    assert torch.equal(back.samples["transformer_blocks.2"], rmap.samples["transformer_blocks.2"])
+    assert torch.allclose(back.metric("cos"), rmap.metric("cos"), equal_nan=True)
+    png = rmap.heatmap(tmp_path / "heat.png")
+    assert png.stat().st_size > 2000
+
+
+def test_two_branch_model_records_cfg_difference():
+    wan = zoo.load("wan-digits")
+    rmap = ditopt.profile(wan.model, lambda tr: wan.sample([1], seed=0, steps=3, transformer=tr), steps=3,
+                          progress=False)
+    assert rmap.branches == 2
+    cfg = rmap.metric("cfg_diff")[:, rmap.index("blocks.0"), 0]
+    assert (cfg > 0).all()
+
+
+def test_planner_meets_the_budget_and_keeps_first_and_last(rmap):
+    for budget in (0.75, 0.5):
+        sch = schedule_from_profile(rmap, budget=budget)
+        assert sch.compute_fraction <= budget + 1e-9
+        for row in sch.actions.values():
+            assert row[0] == "compute" and row[-1] == "compute"
+            runs = "".join("c" if a == "compute" else "s" for a in row)
+            assert "ssss" not in runs  # max_consecutive=3
+    loose = schedule_from_profile(rmap, budget=0.75)
+    tight = schedule_from_profile(rmap, budget=0.5)
+    assert tight.predicted_error >= loose.predicted_error
+
+
+def test_planned_plan_runs_with_the_planned_compute(rmap, dit):
+    plan = ditopt.plan_from_profile(rmap, budget=0.5)
+    text = plan.to_yaml()
+    assert "predict" in text or "reuse_residual" in text
+    again = ditopt.Plan.from_yaml(text)
+    fast = ditopt.optimize(dit.model, again)
+    dit.sample(list(range(4)), seed=1, steps=STEPS, transformer=fast)
+    decisions = ditopt.stats(fast).decisions
+    executed = sum(a == "compute" for b in rmap.stack for a in decisions[b])
+    assert executed / (len(rmap.stack) * STEPS) <= 0.5
+
+
+def test_max_error_mode(rmap):
+    exact = schedule_from_profile(rmap, max_error=0.0)
+    assert exact.compute_fraction == 1.0
+    loose = schedule_from_profile(rmap, max_error=10.0)
+    assert loose.compute_fraction < 1.0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(budget=0.0), "budget must be a fraction"),
+    (dict(budget=1.5), "budget must be a fraction"),
+    (dict(), "exactly one of"),
+    (dict(budget=0.5, steps=30), "profiled at 8 steps, not 30"),
+    (dict(budget=0.5, sites=["nope.3"]), "nope.3"),
+])
+def test_bad_planner_input(rmap, kwargs, message):
+    with pytest.raises((ProfileError, KeyError), match=message):
+        ditopt.plan_from_profile(rmap, **kwargs)
+
+
+def test_a_map_from_another_model_is_refused(rmap):
+    with pytest.raises(ProfileError, match="profiled on DiTTransformer2DModel, not WanTransformer3DModel"):
+        rmap.check_fits(model="WanTransformer3DModel")
+    wan = zoo.load("wan-digits")
+    with pytest.raises(PlanError, match="plan was made for DiTTransformer2DModel, not WanTransformer3DModel"):
+        ditopt.optimize(wan.model, ditopt.plan_from_profile(rmap, budget=0.5))
+
+
+def test_smoothcache_thresholds_the_map(rmap):
+    none = smoothcache(rmap, 1e-6)
+    assert all(r.action == "compute" for r in none.rules)
+    some = smoothcache(rmap, 0.3)
+    compiled_steps = {s for r in some.rules if r.action != "compute" for s in r.steps}
+    assert compiled_steps and 0 not in compiled_steps and STEPS - 1 not in compiled_steps
+    with pytest.raises(ProfileError, match="alpha"):
+        smoothcache(rmap, 0)
+
+
+def test_resample_keeps_shape():
+    plan = ditopt.Plan(steps=20, rules=[ditopt.Rule(sites=("*",), kind="block", action="predict",
+                                                     steps=tuple(range(1, 20, 2)))])
+    p30 = plan.resample(30)
+    steps = p30.rules[0].steps
+    assert p30.steps == 30 and 0 not in steps and math.isclose(len(steps) / 30, 0.5, abs_tol=0.1)
+    with pytest.raises(PlanError, match="positive number of steps"):
+        plan.resample(0)
