@@ -373,6 +373,45 @@ def _cachedit_dbcache(steps: int) -> list[Setting]:
     return out
 
 
+_MAPS: dict[tuple[str, int], Any] = {}
+CALIBRATION_SEED = 1000  # not one of the benchmark's seeds (0..N-1)
+
+
+def _redundancy_map(ctx: Context):
+    """One calibration run per zoo model and step count, on a seed the benchmark never scores."""
+    from . import zoo
+    from .profile import profile
+
+    key = (ctx.zoo.name, ctx.steps)
+    if key not in _MAPS:
+        calib = zoo.load(ctx.zoo.name)
+        labels = torch.arange(10)
+        _MAPS[key] = profile(calib.model, lambda tr: calib.sample(labels, seed=CALIBRATION_SEED, steps=ctx.steps,
+                                                                    transformer=tr), steps=ctx.steps, progress=False)
+    return _MAPS[key]
+
+
+def _profiled_setting(label: str, make_plan: Callable[[Any], Any]) -> Setting:
+    def apply(model, ctx: Context) -> Applied:
+        fast = optimize(model, make_plan(_redundancy_map(ctx)))
+        return Applied(fast, before_generation=lambda: reset(fast), decisions=lambda: stats(fast).decisions,
+                       counts_flops=False)
+
+    return Setting(label, apply)
+
+
+def _profiled_settings(steps: int) -> list[Setting]:
+    from .planner import plan_from_profile
+
+    return [_profiled_setting(f"budget={b}", lambda m, b=b: plan_from_profile(m, budget=b)) for b in (0.5, 0.4, 0.35)]
+
+
+def _smoothcache_settings(steps: int) -> list[Setting]:
+    from .planner import smoothcache
+
+    return [_profiled_setting(f"alpha={a}", lambda m, a=a: smoothcache(m, a)) for a in (0.1, 0.2, 0.4)]
+
+
 METHODS: dict[str, Method] = {m.key: m for m in [
     Method("ditopt:all-compute", "ditopt", "all-compute", _all_compute_settings),
     Method("ditopt:fora", "ditopt", "FORA", _fora_settings),
@@ -383,6 +422,8 @@ METHODS: dict[str, Method] = {m.key: m for m in [
     Method("ditopt:teacache", "ditopt", "TeaCache", _teacache_settings),
     Method("ditopt:dbcache", "ditopt", "DBCache", _dbcache_settings),
     Method("ditopt:pab", "ditopt", "PAB", _pab_settings),
+    Method("ditopt:profiled", "ditopt", "profiled plan", _profiled_settings),
+    Method("ditopt:smoothcache", "ditopt", "SmoothCache (profiled)", _smoothcache_settings),
     Method("diffusers:fbcache", "diffusers", "FirstBlockCache", _diffusers_fbcache, "diffusers.hooks"),
     Method("diffusers:pab", "diffusers", "PyramidAttentionBroadcast", _diffusers_pab, "diffusers.hooks"),
     Method("diffusers:fastercache", "diffusers", "FasterCache", _diffusers_fastercache, "diffusers.hooks"),

@@ -127,6 +127,35 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    import torch
+
+    from . import zoo
+    from .profile import profile
+
+    if args.model not in zoo.list():
+        raise DitoptError(f"profile needs a zoo model (it runs the model's sampling loop); got {args.model!r}, "
+                          f"known: {', '.join(zoo.list())}")
+    torch.set_num_threads(args.threads)
+    zm = zoo.load(args.model)
+    steps = args.steps or zm.steps
+    labels = torch.arange(10)
+    rmap = profile(zm.model, lambda tr: zm.sample(labels, seed=args.seed, steps=steps, transformer=tr), steps=steps)
+    out = rmap.save(args.output or f"{args.model}-map.yaml")
+    png = rmap.heatmap(args.png or str(out.with_suffix(".png")))
+    print(f"profiled {args.model}: {steps} steps, {rmap.branches} CFG branch(es), {len(rmap.sites)} sites in "
+          f"{rmap.profile_seconds:.1f} s")
+    print(f"wrote {out}, {out.with_suffix('.safetensors')} and {png}")
+    if args.budget is not None:
+        from .planner import plan_from_profile
+
+        plan = plan_from_profile(rmap, budget=args.budget)
+        path = args.plan or f"{args.model}-plan-{args.budget}.yaml"
+        plan.save(path)
+        print(f"wrote {path} (plan for {args.budget:.0%} of block compute)")
+    return 0
+
+
 def cmd_bench(args) -> int:
     import shlex
 
@@ -219,6 +248,16 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--format", choices=("html", "text", "dot"), default="html")
     d.add_argument("-o", "--output", help="where to write ('-' for stdout; default ditopt-diff-MODEL.html/.txt/.dot)")
     d.set_defaults(func=cmd_diff)
+    pr = sub.add_parser("profile", help="calibration run: a redundancy map (+ heatmap), optionally a plan")
+    pr.add_argument("model", help="a zoo model: dit-digits or wan-digits")
+    pr.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    pr.add_argument("--seed", type=int, default=1000, help="calibration seed (10 digits, one each)")
+    pr.add_argument("-o", "--output", default=None, help="map file (YAML; tensors beside it as .safetensors)")
+    pr.add_argument("--png", default=None, help="heatmap PNG (default: next to the map)")
+    pr.add_argument("--budget", type=float, default=None, help="also write a plan for this compute fraction")
+    pr.add_argument("--plan", default=None, help="where to write that plan")
+    pr.add_argument("--threads", type=int, default=1)
+    pr.set_defaults(func=cmd_profile)
     b = sub.add_parser("bench", help="fidelity and compute of ditopt presets and peers on the zoo models")
     from .bench import add_arguments as _bench_arguments
 

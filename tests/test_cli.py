@@ -33,7 +33,7 @@ def test_errors_exit_non_zero_with_one_line(argv, message, capsys):
 
 
 def test_help_for_every_subcommand():
-    for sub in ("demo", "sites", "plan", "diff"):
+    for sub in ("demo", "sites", "plan", "diff", "profile", "bench"):
         r = subprocess.run([sys.executable, "-m", "ditopt.cli", sub, "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "usage" in r.stdout
 
@@ -118,3 +118,23 @@ def test_diff_bad_plan_file_is_one_line(tmp_path, capsys):
 def test_diff_needs_a_plan_or_a_preset():
     r = subprocess.run([sys.executable, "-m", "ditopt.cli", "diff", "dit"], capture_output=True, text=True)
     assert r.returncode == 2 and "one of the arguments --plan --preset is required" in r.stderr
+
+
+def test_profile_writes_map_heatmap_and_plan(tmp_path, capsys):
+    out = tmp_path / "m.yaml"
+    plan = tmp_path / "p.yaml"
+    assert main(["profile", "dit-digits", "--steps", "6", "-o", str(out), "--budget", "0.5", "--plan", str(plan)]) == 0
+    assert out.is_file() and out.with_suffix(".safetensors").is_file() and out.with_suffix(".png").is_file()
+    import ditopt
+
+    assert ditopt.Plan.load(plan).steps == 6
+    assert "profiled dit-digits: 6 steps" in capsys.readouterr().out
+
+
+def test_profile_and_bench_errors_are_one_line(capsys):
+    assert main(["profile", "dit", "--steps", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "profile needs a zoo model" in err and "\n" not in err
+    assert main(["bench", "--model", "dit-digits", "--methods", "nope:x", "--seeds", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown bench method(s) nope:x" in err and "\n" not in err
