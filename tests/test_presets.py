@@ -19,7 +19,7 @@ from ditopt import Plan, PlanError, presets
 from ditopt.bench import METHODS, psnr
 from ditopt.passes import insert_indicators, insert_step_tracking
 from ditopt.runtime import GraphDecisions, Runtime
-from real_models import build
+from real_models import build, timesteps as real_timesteps
 from synthetic import UPDATE_INDICATOR, make_stack, modulate, prepare, timesteps
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -259,14 +259,10 @@ def test_pab_gives_each_attention_kind_its_own_range(tables):
 
 # -- the presets on the trained zoo model ---------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def digits():
+def run_on_digits(plan, steps=STEPS):
+    """Decisions, output and full-compute reference of a short sampling run of dit-digits."""
     from ditopt import zoo
 
-    return zoo
-
-
-def run_on_digits(zoo, plan, steps=STEPS):
     zm = zoo.load("dit-digits")
     model = ditopt.optimize(zm.model, plan)
     out = zm.sample([3, 7], seed=0, steps=steps, transformer=model)
@@ -277,8 +273,8 @@ def run_on_digits(zoo, plan, steps=STEPS):
 BLOCKS = [f"transformer_blocks.{i}" for i in range(6)]
 
 
-def test_delta_dit_caches_rear_blocks_early_and_front_blocks_late(digits):
-    decisions, out, ref = run_on_digits(digits, presets.delta_dit(STEPS, interval=2, k=2, boundary=4))
+def test_delta_dit_caches_rear_blocks_early_and_front_blocks_late():
+    decisions, out, ref = run_on_digits(presets.delta_dit(STEPS, interval=2, k=2, boundary=4))
     r, c = "reuse_residual", "compute"
     for b in BLOCKS[-2:]:
         assert decisions[b] == [c, r, c, r, c, c, c, c]
@@ -289,15 +285,15 @@ def test_delta_dit_caches_rear_blocks_early_and_front_blocks_late(digits):
     assert psnr(out, ref) > 20
 
 
-def test_taylorseer_forecasts_every_block_between_full_steps(digits):
-    decisions, out, ref = run_on_digits(digits, presets.taylorseer(STEPS, interval=3, order=2))
+def test_taylorseer_forecasts_every_block_between_full_steps():
+    decisions, out, ref = run_on_digits(presets.taylorseer(STEPS, interval=3, order=2))
     for b in BLOCKS:
         assert decisions[b] == ["compute"] * 4 + ["predict"] * 2 + ["compute", "predict"]
     assert psnr(out, ref) > 15
 
 
-def test_teacache_keeps_the_first_and_last_step_and_block_computing(digits):
-    decisions, out, ref = run_on_digits(digits, presets.teacache(0.2, steps=STEPS))
+def test_teacache_keeps_the_first_and_last_step_and_block_computing():
+    decisions, out, ref = run_on_digits(presets.teacache(0.2, steps=STEPS))
     assert decisions[BLOCKS[0]] == ["compute"] * STEPS
     reused = [a == "reuse_residual" for a in decisions[BLOCKS[1]]]
     assert not reused[0] and not reused[-1] and any(reused)
@@ -305,8 +301,8 @@ def test_teacache_keeps_the_first_and_last_step_and_block_computing(digits):
     assert psnr(out, ref) > 15
 
 
-def test_dbcache_front_and_back_blocks_always_compute(digits):
-    decisions, out, ref = run_on_digits(digits, presets.dbcache(0.3, STEPS, fn=2, bn=1, warmup=2))
+def test_dbcache_front_and_back_blocks_always_compute():
+    decisions, out, ref = run_on_digits(presets.dbcache(0.3, STEPS, fn=2, bn=1, warmup=2))
     for b in BLOCKS[:2] + BLOCKS[-1:]:
         assert decisions[b] == ["compute"] * STEPS
     middle = decisions[BLOCKS[2]]
@@ -315,8 +311,8 @@ def test_dbcache_front_and_back_blocks_always_compute(digits):
     assert psnr(out, ref) > 15
 
 
-def test_pab_broadcasts_attention_inside_its_window(digits):
-    decisions, out, ref = run_on_digits(digits, presets.pab(STEPS, self_range=3, window=(2, 7)))
+def test_pab_broadcasts_attention_inside_its_window():
+    decisions, out, ref = run_on_digits(presets.pab(STEPS, self_range=3, window=(2, 7)))
     for b in BLOCKS:
         assert decisions[f"{b}.attn1"] == ["compute"] * 3 + ["reuse"] * 2 + ["compute", "reuse", "compute"]
         assert decisions[b] == ["compute"] * STEPS and decisions[f"{b}.ff"] == ["compute"] * STEPS
@@ -370,3 +366,26 @@ def test_each_preset_is_a_bench_method(key):
     settings = METHODS[key].settings(20)
     assert 1 <= len(settings) <= 4
     assert len({s.label for s in settings}) == len(settings)
+
+
+@pytest.mark.slow
+def test_teacache_under_inductor_decides_in_the_graph_like_eager():
+    """`on: input` with `rescale` under inductor: fullgraph, no recompile, the decisions and
+    outputs of the eager path."""
+    model, kwargs = build("dit")
+    plan = presets.teacache(0.2, steps=10, rescale=[1.0, 0.0])
+
+    def run(m):
+        with torch.no_grad():
+            return [m(**{**kwargs, "timestep": t}, return_dict=False)[0]
+                    for t in real_timesteps(10, kwargs["timestep"])]
+
+    compiled = torch.compile(model, backend="ditopt", options={"plan": plan}, fullgraph=True, dynamic=False)
+    outs = run(compiled)
+    decisions = ditopt.stats(compiled).decisions
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    eager = ditopt.optimize(model, plan)
+    for a, b in zip(outs, run(eager)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert ditopt.stats(eager).decisions == decisions
+    assert "reuse_residual" in decisions["transformer_blocks.2"]
