@@ -104,6 +104,42 @@ class RedundancyMap:
             raise ProfileError(f"redundancy map was profiled at {self.steps} steps, not {steps}: plan at "
                                f"{self.steps} steps and resample the plan (Plan.resample({steps}))")
 
+    def resample(self, steps: int) -> "RedundancyMap":
+        """The map as if profiled at ``steps`` steps: every per-step quantity interpolated
+        linearly at the same relative positions of the schedule (step ``i`` of M sits at
+        ``i / (M - 1)``); per-step changes are scaled by the step-size ratio. Plan at another
+        step count with ``plan_from_profile(rmap.resample(M), ...)``: the planner then lays
+        out its compute steps for M steps instead of stretching a plan made for N.
+        """
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
+            raise ProfileError(f"can only resample a map to 2 or more steps, got {steps!r}")
+        n = self.steps
+        pos = torch.linspace(0, n - 1, steps, dtype=torch.float64)
+        lo = pos.floor().long().clamp(max=n - 1)
+        hi = (lo + 1).clamp(max=n - 1)
+        frac = (pos - lo.double())
+
+        def interp(x: torch.Tensor) -> torch.Tensor:  # along dim 0
+            shape = (-1,) + (1,) * (x.dim() - 1)
+            f = frac.reshape(shape).to(x.dtype)
+            return x[lo] * (1 - f) + x[hi] * f
+
+        ratio = (n - 1) / (steps - 1)
+        metrics = {}
+        for name, t in self.metrics.items():
+            v = interp(torch.nan_to_num(t, nan=0.0))
+            if name.startswith("rel_l1") and name != "cfg_diff":
+                v = v / ratio
+                v[0] = math.nan
+            metrics[name] = v
+        timesteps = interp(torch.tensor(self.timesteps, dtype=torch.float64)).tolist()
+        return RedundancyMap(model=self.model, signature=self.signature, steps=steps, branches=self.branches,
+                             sites=list(self.sites), kinds=list(self.kinds), parents=dict(self.parents),
+                             residual_form=dict(self.residual_form), flops=dict(self.flops),
+                             seconds=dict(self.seconds), timesteps=timesteps, metrics=metrics,
+                             samples={k: interp(v) for k, v in self.samples.items()}, stack=list(self.stack),
+                             profile_seconds=self.profile_seconds)
+
     # -- files ----------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write ``path`` (YAML metadata) and the tensors next to it (``.safetensors``)."""

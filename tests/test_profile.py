@@ -141,3 +141,15 @@ def test_resample_keeps_shape():
     assert p30.steps == 30 and 0 not in steps and math.isclose(len(steps) / 30, 0.5, abs_tol=0.1)
     with pytest.raises(PlanError, match="positive number of steps"):
         plan.resample(0)
+
+
+def test_map_resample_interpolates_and_plans_at_the_new_count(rmap):
+    r12 = rmap.resample(12)
+    assert r12.steps == 12 and r12.samples[rmap.stack[0]].shape[0] == 12
+    assert torch.equal(r12.samples[rmap.stack[0]][0], rmap.samples[rmap.stack[0]][0])
+    assert torch.equal(r12.samples[rmap.stack[0]][-1], rmap.samples[rmap.stack[0]][-1])
+    assert r12.timesteps[0] == pytest.approx(rmap.timesteps[0]) and r12.timesteps[-1] == pytest.approx(rmap.timesteps[-1])
+    plan = ditopt.plan_from_profile(r12, budget=0.5)
+    assert plan.steps == 12
+    with pytest.raises(ProfileError, match="2 or more steps"):
+        rmap.resample(1)
