@@ -106,7 +106,7 @@ class RedundancyMap:
 
     def resample(self, steps: int) -> "RedundancyMap":
         """The map as if profiled at ``steps`` steps: every per-step quantity interpolated
-        linearly at the same relative positions of the schedule (step ``i`` of M sits at
+        (cubic) at the same relative positions of the schedule (step ``i`` of M sits at
         ``i / (M - 1)``); per-step changes are scaled by the step-size ratio. Plan at another
         step count with ``plan_from_profile(rmap.resample(M), ...)``: the planner then lays
         out its compute steps for M steps instead of stretching a plan made for N.
@@ -119,10 +119,14 @@ class RedundancyMap:
         hi = (lo + 1).clamp(max=n - 1)
         frac = (pos - lo.double())
 
-        def interp(x: torch.Tensor) -> torch.Tensor:  # along dim 0
+        def interp(x: torch.Tensor) -> torch.Tensor:  # cubic (Catmull-Rom) along dim 0
             shape = (-1,) + (1,) * (x.dim() - 1)
             f = frac.reshape(shape).to(x.dtype)
-            return x[lo] * (1 - f) + x[hi] * f
+            p0, p1 = x[(lo - 1).clamp(min=0)], x[lo]
+            p2, p3 = x[hi], x[(hi + 1).clamp(max=n - 1)]
+            # a linear blend would make order-1 forecasts inside an old step exact, and the
+            # planner would crowd its skipped steps there
+            return p1 + 0.5 * f * (p2 - p0 + f * (2 * p0 - 5 * p1 + 4 * p2 - p3 + f * (3 * (p1 - p2) + p3 - p0)))
 
         ratio = (n - 1) / (steps - 1)
         metrics = {}
