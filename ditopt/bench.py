@@ -674,28 +674,39 @@ def format_table(result: BenchResult) -> str:
 
 
 def plot_pareto(results: Sequence[BenchResult], path: str) -> str:
-    """Block compute fraction vs PSNR, one panel per model, one series per method; PNG."""
+    """Block compute fraction vs PSNR, one panel per model: every setting as a point (one marker
+    style per method), and the Pareto fronts of all ditopt rows (solid) and all peer rows (dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(7.5 * len(results), 5.6), squeeze=False)
     for ax, res in zip(axes[0], results):
-        series: dict[str, list[Row]] = {}
-        for r in res.rows:
-            if r.overhead or math.isinf(r.psnr) or r.family == "full":
-                continue
-            series.setdefault(r.method, []).append(r)
-        for i, (name, rows) in enumerate(sorted(series.items())):
-            rows = sorted(rows, key=lambda r: r.compute)
-            style = "-o" if name.startswith("ditopt") else "--s"
-            ax.plot([r.compute for r in rows], [r.psnr for r in rows], style, label=name, markersize=4)
+        rows = [r for r in res.rows if not r.overhead and not math.isinf(r.psnr) and r.family != "full"]
+        methods = sorted({r.method for r in rows})
+        cmap = plt.get_cmap("tab20")
+        for i, name in enumerate(methods):
+            pts = [r for r in rows if r.method == name]
+            ours = name.startswith("ditopt")
+            ax.scatter([r.compute for r in pts], [r.psnr for r in pts], s=28 if ours else 22,
+                       marker="o" if ours else "s", color=cmap(i % 20), label=name,
+                       edgecolors="black" if ours else "none", linewidths=0.5)
+        for family, style, label in ((True, "-", "ditopt front"), (False, "--", "peers front")):
+            pts = sorted((r for r in rows if r.method.startswith("ditopt") == family), key=lambda r: r.compute)
+            front, best = [], -math.inf
+            for r in pts:  # the best PSNR at this compute or less
+                if r.psnr > best:
+                    front.append(r)
+                    best = r.psnr
+            if front:
+                ax.step([r.compute for r in front], [r.psnr for r in front], style, where="post", color="black",
+                        linewidth=1.2, label=label)
         ax.set_xlabel("fraction of block compute executed")
         ax.set_ylabel("PSNR vs full compute (dB)")
         ax.set_title(f"{res.model}: {res.steps} steps, {res.seeds} seeds")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6.5, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
