@@ -64,7 +64,7 @@ def fora(interval: int = 2, steps: int = 50, *, warmup: int = 0, level: str = "l
     return plan
 
 
-def first_block_cache(threshold: float = 0.08, steps: int = 50, *, first: str = "*") -> Plan:
+def first_block_cache(threshold: float = 0.08, steps: int = 50, *, first: str = "stack[0]") -> Plan:
     """First-Block-Cache: the first block always runs; the other blocks reuse their cached
     residuals while the first block's output has changed by less than ``threshold``
     (relative L1, accumulated since the last step that computed).
@@ -81,7 +81,7 @@ def first_block_cache(threshold: float = 0.08, steps: int = 50, *, first: str = 
     if threshold <= 0:
         raise ValueError(f"threshold must be > 0, got {threshold}")
     plan = Plan(steps=steps, name=f"fbcache-{threshold}", rules=[
-        Rule(sites=("*",), kind="block", action="reuse_residual", when=When(of=first, below=float(threshold))),
+        Rule(sites=("stack[:]",), kind="block", action="reuse_residual", when=When(of=first, below=float(threshold))),
     ])
     plan.check()
     return plan

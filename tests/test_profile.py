@@ -153,3 +153,46 @@ def test_map_resample_interpolates_and_plans_at_the_new_count(rmap):
     assert plan.steps == 12
     with pytest.raises(ProfileError, match="2 or more steps"):
         rmap.resample(1)
+
+
+def _toy_loop(model, kw, steps):
+    def run(tr):
+        x = kw["hidden_states"].clone()
+        for t in torch.linspace(999, 100, steps):
+            args = dict(kw, hidden_states=x, timestep=torch.full((x.shape[0],), float(t)).to(kw["timestep"].dtype))
+            out = tr(**args, return_dict=False)[0]
+            x = x + 0.01 * out[:, : x.shape[1]]
+        return x
+    return run
+
+
+@pytest.mark.parametrize("name", ["cogvideox", "hunyuan"])
+def test_profile_and_plan_on_other_classes(name):
+    """Dual-stream blocks (CogVideoX) and blocks outside the stack (HunyuanVideo's refiner)."""
+    from ditopt.small_models import build
+
+    model, kw = build(name)
+    run = _toy_loop(model, kw, 5)
+    with torch.no_grad():
+        ref = run(model)
+    rmap = ditopt.profile(model, run, steps=5, progress=False)
+    assert rmap.stack and all(s in rmap.sites for s in rmap.stack)
+    fast = ditopt.optimize(model, ditopt.plan_from_profile(rmap, budget=0.6))
+    with torch.no_grad():
+        got = run(fast)
+    decisions = ditopt.stats(fast).decisions
+    executed = sum(a == "compute" for s in rmap.stack for a in decisions[s]) / (5 * len(rmap.stack))
+    assert executed <= 0.6 and torch.allclose(got, ref, atol=0.05)
+
+
+def test_first_block_cache_leaves_blocks_outside_the_stack_alone():
+    from ditopt.small_models import build
+
+    model, kw = build("hunyuan")
+    fast = ditopt.optimize(model, ditopt.presets.first_block_cache(10.0, steps=4))
+    with torch.no_grad():
+        _toy_loop(model, kw, 4)(fast)
+    d = ditopt.stats(fast).decisions
+    assert set(d["context_embedder.token_refiner.refiner_blocks.0"]) == {"compute"}
+    assert d["transformer_blocks.0"] == ["compute"] * 4
+    assert "reuse_residual" in d["transformer_blocks.1"]
