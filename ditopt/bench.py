@@ -387,7 +387,8 @@ def _redundancy_map(ctx: Context):
         calib = zoo.load(ctx.zoo.name)
         labels = torch.arange(10)
         _MAPS[key] = profile(calib.model, lambda tr: calib.sample(labels, seed=CALIBRATION_SEED, steps=ctx.steps,
-                                                                    transformer=tr), steps=ctx.steps, progress=False)
+                                                                    transformer=tr), steps=ctx.steps, progress=False,
+                             cfg="batched" if calib.cfg_mode == "batched" else None)
     return _MAPS[key]
 
 

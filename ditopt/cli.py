@@ -140,7 +140,8 @@ def cmd_profile(args) -> int:
     zm = zoo.load(args.model)
     steps = args.steps or zm.steps
     labels = torch.arange(10)
-    rmap = profile(zm.model, lambda tr: zm.sample(labels, seed=args.seed, steps=steps, transformer=tr), steps=steps)
+    rmap = profile(zm.model, lambda tr: zm.sample(labels, seed=args.seed, steps=steps, transformer=tr), steps=steps,
+                   cfg="batched" if zm.cfg_mode == "batched" else None)
     out = rmap.save(args.output or f"{args.model}-map.yaml")
     png = rmap.heatmap(args.png or str(out.with_suffix(".png")))
     print(f"profiled {args.model}: {steps} steps, {rmap.branches} CFG branch(es), {len(rmap.sites)} sites in "

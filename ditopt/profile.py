@@ -274,12 +274,15 @@ class _FirstCall:
 
 
 def profile(model: torch.nn.Module, run: Callable[[Any], Any], *, steps: int, progress: bool = True,
-            keep: int = 4096, timestep_arg: str = "timestep") -> RedundancyMap:
+            keep: int = 4096, timestep_arg: str = "timestep", cfg: str | None = None) -> RedundancyMap:
     """Run one calibration sampling loop and measure every site; see the module docstring.
 
     ``run(transformer)`` must run one generation of ``steps`` denoising steps calling
     ``transformer`` like the model (CFG as one batched call or as two calls per step are both
     understood). ``keep`` is the number of residual elements sampled per site and step.
+    ``cfg="batched"`` says each call carries ``[cond, uncond]`` as the two halves of its batch,
+    so ``cfg_diff`` compares them; two calls per step are recognised as CFG branches by
+    themselves (``cfg_diff`` compares the calls).
     """
     from . import presets
     from .backend import optimize, runtime_of
@@ -295,7 +298,9 @@ def profile(model: torch.nn.Module, run: Callable[[Any], Any], *, steps: int, pr
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc=f"profile {type(model).__name__}", unit="step")
-    recorder = Recorder(keep=keep)
+    if cfg not in (None, "batched", "separate"):
+        raise ProfileError(f"cfg must be None, 'batched' or 'separate', got {cfg!r}")
+    recorder = Recorder(keep=keep, batched_cfg=cfg == "batched")
     rt = runtime_of(fast)
     rt.recorder = recorder
     timesteps: dict[int, float] = {}

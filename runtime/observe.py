@@ -4,7 +4,8 @@ Per (site, step, CFG branch) the recorder keeps: the relative L1 change and the 
 similarity of the site's output and of its residual (output - input) against the previous step
 of the same branch, and a fixed random subsample of the residual (of the output for sites
 without residual form), from which a planner can replay what reuse or a forecast would have
-cost at any step. The metrics are estimated on that fixed subsample of elements (``keep``, 4096
+cost at any step. With CFG batched into one call (``batched_cfg``) the cond-vs-uncond
+difference compares the two halves of the batch. The metrics are estimated on that fixed subsample of elements (``keep``, 4096
 by default), which keeps observing cheap next to the site's own work. At the second branch of a step it also records the relative L1 difference
 between the branches (cond vs uncond).
 """
@@ -37,9 +38,11 @@ class Recorder:
         1.0
     """
 
-    def __init__(self, keep: int = 4096, seed: int = 0):
+    def __init__(self, keep: int = 4096, seed: int = 0, batched_cfg: bool = False):
         self.keep = keep
         self.seed = seed
+        self.batched_cfg = batched_cfg  # CFG as one call on [cond, uncond]: compare the batch halves
+        self._half_index: dict[str, torch.Tensor] = {}
         self.values: dict[tuple[str, str, int, int], float] = {}
         self.samples: dict[tuple[str, int, int], torch.Tensor] = {}
         self.residual_form: dict[str, bool] = {}
@@ -73,7 +76,14 @@ class Recorder:
             self.values[("rel_l1_residual", site, step, branch)] = _rel_l1(r, p_res)
             self.values[("cos_residual", site, step, branch)] = _cos(r, p_res)
         self._prev[(site, branch)] = (step, o, r)
-        if branch == 0:
+        if self.batched_cfg and out.shape[0] % 2 == 0 and out.shape[0] >= 2:
+            halves = out.detach().reshape(2, -1)
+            if site not in self._half_index:
+                g = torch.Generator().manual_seed(self.seed + 1)
+                self._half_index[site] = torch.randperm(halves.shape[1], generator=g)[: self.keep]
+            h = halves[:, self._half_index[site]].float()
+            self.values[("cfg_diff", site, step, branch)] = _rel_l1(h[1], h[0])
+        elif branch == 0:
             self._branch0[(site, step)] = o
         elif branch == 1:
             first = self._branch0.pop((site, step), None)

@@ -23,7 +23,7 @@ def dit():
 def rmap(dit):
     labels = list(range(10))
     return ditopt.profile(dit.model, lambda tr: dit.sample(labels, seed=100, steps=STEPS, transformer=tr),
-                          steps=STEPS, progress=False)
+                          steps=STEPS, progress=False, cfg="batched")
 
 
 def test_map_measures_every_site_and_step(rmap, dit):
@@ -37,6 +37,8 @@ def test_map_measures_every_site_and_step(rmap, dit):
     assert rmap.residual_form["transformer_blocks.0"]
     assert rmap.flops["transformer_blocks.0"] > rmap.flops["transformer_blocks.0.attn1"] > 0
     assert rmap.timesteps[0] == pytest.approx(1000.0) and rmap.timesteps[-1] < rmap.timesteps[0]
+    cfg = rmap.metric("cfg_diff")[:, rmap.index("transformer_blocks.5"), 0]  # [cond, uncond] halves
+    assert ((cfg > 0) & (cfg < 2)).all()
 
 
 def test_observing_changes_nothing(dit):
