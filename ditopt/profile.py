@@ -39,7 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import DitoptError
 
-__all__ = ["RedundancyMap", "ProfileError", "profile"]
+__all__ = ["RedundancyMap", "ProfileError", "profile", "profile_pipeline"]
 
 FORMAT = 1
 
@@ -274,6 +274,57 @@ class _FirstCall:
         return getattr(self.inner, name)
 
 
+class _Tracked:
+    """Calls ``call``; every other attribute is the optimised model's (a pipeline reads
+    ``transformer.config``, ``dtype`` and so on)."""
+
+    def __init__(self, model, call):
+        object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_call", call)
+
+    def __call__(self, *args, **kwargs):
+        return self._call(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def profile_pipeline(pipe, *, steps: int, progress: bool = True, cfg: str | None = None, keep: int = 4096,
+                     **call_kwargs) -> RedundancyMap:
+    """Profile ``pipe.transformer`` over one real call of a diffusers pipeline:
+    ``pipe(num_inference_steps=steps, **call_kwargs)``. The pipeline's transformer is restored
+    afterwards. ``cfg="batched"`` when the pipeline runs CFG as one call on a doubled batch
+    (most diffusers image pipelines; DiTPipeline puts the conditional half first).
+
+    Example::
+
+        >>> import torch, ditopt
+        >>> from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+        >>> net = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+        ...     num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=1000).eval()
+        >>> vae = AutoencoderKL(block_out_channels=(8,), latent_channels=4, norm_num_groups=8, sample_size=8).eval()
+        >>> pipe = DiTPipeline(transformer=net, vae=vae, scheduler=DDIMScheduler())
+        >>> pipe.set_progress_bar_config(disable=True)
+        >>> rmap = ditopt.profile_pipeline(pipe, steps=4, cfg="batched", progress=False, class_labels=[1, 2],
+        ...                                output_type="np")
+        >>> rmap.steps, rmap.stack, pipe.transformer is net
+        (4, ['transformer_blocks.0', 'transformer_blocks.1'], True)
+    """
+    original = pipe.transformer
+
+    def run(transformer):
+        pipe.transformer = transformer
+        try:
+            return pipe(num_inference_steps=steps, **call_kwargs)
+        finally:
+            pipe.transformer = original
+
+    try:
+        return profile(original, run, steps=steps, progress=progress, keep=keep, cfg=cfg)
+    finally:
+        pipe.transformer = original
+
+
 def profile(model: torch.nn.Module, run: Callable[[Any], Any], *, steps: int, progress: bool = True,
             keep: int = 4096, timestep_arg: str = "timestep", cfg: str | None = None) -> RedundancyMap:
     """Run one calibration sampling loop and measure every site; see the module docstring.
@@ -306,7 +357,7 @@ def profile(model: torch.nn.Module, run: Callable[[Any], Any], *, steps: int, pr
     rt.recorder = recorder
     timesteps: dict[int, float] = {}
 
-    def tracked(*args, **kwargs):
+    def call(*args, **kwargs):
         out = probe(*args, **kwargs)
         t = kwargs.get(timestep_arg)
         if isinstance(t, torch.Tensor):
@@ -316,6 +367,7 @@ def profile(model: torch.nn.Module, run: Callable[[Any], Any], *, steps: int, pr
             bar.refresh()
         return out
 
+    tracked = _Tracked(fast, call)  # looks like the model to a pipeline (config, dtype, ...)
     try:
         with torch.no_grad():
             run(tracked)

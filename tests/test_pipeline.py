@@ -40,3 +40,19 @@ def test_dit_pipeline_runs_with_an_optimized_transformer():
     decisions = ditopt.stats(pipe.transformer).decisions["transformer_blocks.1"]
     assert decisions == ["compute", "reuse_residual"] * (steps // 2)
     assert abs(fast - reference).max() > 0  # reuse really changed something
+
+
+def test_profile_a_pipeline_then_run_it_with_the_planned_plan():
+    pipe = _pipe()
+    steps = 8
+    rmap = ditopt.profile_pipeline(pipe, steps=steps, cfg="batched", progress=False, class_labels=[1, 2],
+                                   guidance_scale=4.0, output_type="np")
+    assert isinstance(pipe.transformer, DiTTransformer2DModel)  # restored
+    assert (rmap.metric("cfg_diff")[:, rmap.index("transformer_blocks.1"), 0] > 0).all()
+    plan = ditopt.plan_from_profile(rmap, budget=0.75)
+    pipe.transformer = ditopt.optimize(pipe.transformer, plan)
+    out = pipe(class_labels=[1, 2], num_inference_steps=steps, guidance_scale=4.0,
+               generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert out.shape[0] == 2
+    d = ditopt.stats(pipe.transformer).decisions
+    assert sum(a == "compute" for b in rmap.stack for a in d[b]) <= 0.75 * steps * len(rmap.stack)
