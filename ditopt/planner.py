@@ -1,14 +1,17 @@
 """From a redundancy map to a plan: the least predicted error for a compute budget.
 
-For every block of the stack the planner chooses the steps it computes; at the other steps the
-block reuses its residual or forecasts it (``predict``, order 1: the line through its last two
-computed steps), whichever the calibration run says is closer. The price of a choice is replayed
+The planner chooses the steps at which the blocks of the stack compute (all together by default:
+``granularity="stack"``; per block with ``"site"``); at the other steps each block reuses its
+residual or forecasts it (``predict``, order 1: the line through its last two computed steps),
+whichever the calibration run says is closer. The price of a choice is replayed
 from the map's residual subsamples: at step t, after computed steps a < b, reuse costs
 ``|y_t - y_b|^2`` and a forecast ``|y_t - (y_b + (y_b - y_a) (t - b) / (b - a))|^2``, both
 measured against what the site really produced at t. Errors therefore grow with the distance
 to the last computed step, which is how consecutive reuses accumulate. Each step's error is
 weighted by the step's share of the sampler's trajectory (the drop in timestep to the next step),
-since an error in the velocity at a step moves the sample by that much.
+since an error in the velocity at a step moves the sample by that much. With the whole stack
+planned together, a step's error is that of the stack's output: the blocks' misses summed
+element by element (they partly cancel), not the sum of their sizes.
 
 A dynamic program over (previous computed step, last computed step) finds the schedule
 minimising ``error + lambda * FLOPs``, with the first step computed (the last too if asked) and
