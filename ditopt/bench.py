@@ -44,15 +44,15 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from . import presets
 from .backend import optimize, reset, sites, stats
 from .errors import DitoptError
+from .flops import ModuleCost
 
 __all__ = ["Row", "BenchResult", "Method", "METHODS", "run_bench", "format_table", "plot_pareto",
            "method_names"]
@@ -69,7 +69,7 @@ class Applied:
     transformer: Callable
     before_generation: Callable[[], None] = lambda: None
     decisions: Callable[[], dict] | None = None  # ditopt: the runtime's decisions of the last run
-    counts_flops: bool = True  # eager: run it under FlopCounterMode to count executed block FLOPs
+    # (None: an eager peer, whose block FLOPs are counted with FlopCounterMode instead)
 
 
 @dataclass
@@ -125,11 +125,14 @@ class BenchResult:
 # ditopt methods
 
 
+def _optimized(model, plan) -> Applied:
+    fast = optimize(model, plan)
+    return Applied(fast, before_generation=lambda: reset(fast), decisions=lambda: stats(fast).decisions)
+
+
 def _ditopt_setting(label: str, make_plan: Callable[[int], Any], overhead: bool = False) -> Setting:
     def apply(model, ctx: Context) -> Applied:
-        fast = optimize(model, make_plan(ctx.steps))
-        return Applied(fast, before_generation=lambda: reset(fast), decisions=lambda: stats(fast).decisions,
-                       counts_flops=False)
+        return _optimized(model, make_plan(ctx.steps))
 
     return Setting(label, apply, overhead)
 
@@ -394,9 +397,7 @@ def _redundancy_map(ctx: Context):
 
 def _profiled_setting(label: str, make_plan: Callable[[Any], Any]) -> Setting:
     def apply(model, ctx: Context) -> Applied:
-        fast = optimize(model, make_plan(_redundancy_map(ctx)))
-        return Applied(fast, before_generation=lambda: reset(fast), decisions=lambda: stats(fast).decisions,
-                       counts_flops=False)
+        return _optimized(model, make_plan(_redundancy_map(ctx)))
 
     return Setting(label, apply)
 
@@ -470,44 +471,6 @@ def ssim(x: torch.Tensor, ref: torch.Tensor, data_range: float = 2.0) -> float:
     return float(sum(structural_similarity(p, q, data_range=data_range, win_size=win) for p, q in zip(a, b)) / len(a))
 
 
-class _BlockFlops:
-    """Counts FLOPs executed inside named modules with forward (pre-)hooks reading a running
-    FlopCounterMode total; a module that runs but skips its work contributes nothing."""
-
-    def __init__(self, model: torch.nn.Module, names: Iterable[str]):
-        self.names = list(names)
-        self.modules = {n: model.get_submodule(n) for n in self.names}
-        self.flops = {n: 0 for n in self.names}
-        self.calls = {n: 0 for n in self.names}
-        self._counter: FlopCounterMode | None = None
-        self._start: dict[str, list[int]] = {n: [] for n in self.names}
-        self._handles = []
-
-    @contextlib.contextmanager
-    def counting(self):
-        self._counter = FlopCounterMode(display=False)
-        for n, m in self.modules.items():
-            self._handles.append(m.register_forward_pre_hook(lambda mod, a, n=n: self._pre(n)))
-            self._handles.append(m.register_forward_hook(lambda mod, a, o, n=n: self._post(n)))
-        try:
-            with self._counter:
-                yield self
-        finally:
-            for h in self._handles:
-                h.remove()
-            self._handles.clear()
-
-    def _pre(self, name):
-        self._start[name].append(self._counter.get_total_flops())
-
-    def _post(self, name):
-        self.flops[name] += self._counter.get_total_flops() - self._start[name].pop()
-        self.calls[name] += 1
-
-    def total(self) -> int:
-        return sum(self.flops.values())
-
-
 def _executed_block_flops(decisions: dict[str, list[str]], blocks: list[str], per_call: dict[str, float],
                           parents: dict[str, str | None]) -> float:
     """Block FLOPs a ditopt run executed, from its decisions: a block that computes costs its
@@ -526,11 +489,6 @@ def _executed_block_flops(decisions: dict[str, list[str]], blocks: list[str], pe
                         cost -= per_call[site]
             total += cost
     return total
-
-
-def _accuracy(zm, x: torch.Tensor, labels: torch.Tensor) -> float:
-    pred = torch.as_tensor(zm.classify(x)).reshape(len(labels), -1)
-    return float((pred == labels[:, None]).float().mean())
 
 
 def run_bench(model: str = "dit-digits", *, seeds: int = 4, steps: int | None = None,
@@ -566,14 +524,14 @@ def run_bench(model: str = "dit-digits", *, seeds: int = 4, steps: int | None = 
 
     # full compute: references, times, and the FLOPs of every site per call
     references, full_times = [], []
-    counter = _BlockFlops(ref_zoo.model, counted)
+    counter = ModuleCost(ref_zoo.model, counted)
     with counter.counting():
         references.append(ref_zoo.sample(labels, seed=0, steps=n_steps))
-    per_call = {n: counter.flops[n] / max(counter.calls[n], 1) for n in counted}
+    per_call = counter.per_call(counter.flops)
     full_block_flops = sum(counter.flops[b] for b in blocks)
     for seed in range(1, seeds):
         references.append(ref_zoo.sample(labels, seed=seed, steps=n_steps))
-    acc_full = sum(_accuracy(ref_zoo, r, labels) for r in references) / seeds
+    acc_full = sum(ref_zoo.accuracy(r, labels) for r in references) / seeds
 
     rows = [Row("full", "full", "-", 1.0, 1.0, math.inf, 1.0, acc_full)]
     failed: dict[str, str] = {}
@@ -640,7 +598,7 @@ def _run_setting(model_name, ctx, method, setting, labels, references, full_bloc
         if applied.decisions is not None:
             executed += _executed_block_flops(applied.decisions(), blocks, per_call, parents)
         else:
-            counter = _BlockFlops(fresh.model, blocks)
+            counter = ModuleCost(fresh.model, blocks)
             applied.before_generation()
             with counter.counting():
                 counted_out = fresh.sample(labels, seed=seed, steps=ctx.steps, transformer=applied.transformer)
@@ -649,7 +607,7 @@ def _run_setting(model_name, ctx, method, setting, labels, references, full_bloc
                 raise RuntimeError("the method's output changed between two runs of the same seed")
         psnrs.append(psnr(out, references[seed]))
         ssims.append(ssim(out, references[seed]))
-        accs.append(_accuracy(ref_zoo, out, labels))
+        accs.append(ref_zoo.accuracy(out, labels))
     return Row(label, method.family, setting.label, executed / (full_block_flops * seeds), t_full / t_method,
                sum(psnrs) / seeds, sum(ssims) / seeds, sum(accs) / seeds, setting.overhead)
 

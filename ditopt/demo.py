@@ -105,15 +105,11 @@ def run_zoo_demo(name: str = "dit-digits", interval: int = 2, repeats: int = 3, 
         t0 = time.perf_counter()
         result = zm.sample(labels, seed, transformer=fast)
         fast_times.append(time.perf_counter() - t0)
-    mse = float(((result - reference) ** 2).mean())
-    peak = float(reference.max() - reference.min())
-    psnr = 10 * torch.log10(torch.tensor(peak ** 2 / max(mse, 1e-12))).item()
-
-    def accuracy(x):
-        return float((torch.as_tensor(zm.classify(x)).reshape(len(labels), -1) == labels[:, None]).float().mean())
+    from .bench import psnr  # data range 2, as in the benchmark tables
 
     return ZooDemoResult(stats(fast).decisions, min(full_times), min(fast_times),
-                         float((result - reference).abs().max()), psnr, accuracy(reference), accuracy(result))
+                         float((result - reference).abs().max()), psnr(result, reference),
+                         zm.accuracy(reference, labels), zm.accuracy(result, labels))
 
 
 def format_table(result: DemoResult) -> str:

@@ -268,34 +268,25 @@ def schedule_from_profile(rmap: RedundancyMap, budget: float | None = None, *, m
         if more.compute_fraction >= fewest.compute_fraction - 1e-12:
             break
         hi, fewest = hi * 10, more
-    if budget is not None:
-        if not fits(fewest):
-            raise ProfileError(f"budget {budget} is below the least compute these constraints allow "
-                               f"({fewest.compute_fraction:.3f}: first step computed, at most "
-                               f"{max_consecutive} steps in a row not computed)")
-        # the smallest lam that fits the budget spends the most of it
-        lo, best = 0.0, fewest
-        for _ in range(60):
-            mid = math.sqrt(lo * hi) if lo > 0 else hi / 1e9
-            sch = solve(mid)
-            if fits(sch):
-                best, hi = sch, mid
-            else:
-                lo = mid
-            if lo > 0 and hi / lo < 1 + 1e-6:
-                break
-        return best
-    if fits(fewest):
+    if budget is not None and not fits(fewest):
+        raise ProfileError(f"budget {budget} is below the least compute these constraints allow "
+                           f"({fewest.compute_fraction:.3f}: first step computed, at most "
+                           f"{max_consecutive} steps in a row not computed)")
+    if max_error is not None and fits(fewest):
         return fewest
-    # the largest lam whose error still fits spends the least compute
-    lo, best = 0.0, solve(0.0)
+    # Bisect lam (log scale). For a budget, the smallest lam that fits spends the most of it;
+    # for an error bound, the largest lam that fits spends the least compute.
+    fit_lowers_hi = budget is not None
+    lo, best = 0.0, fewest if fit_lowers_hi else solve(0.0)
     for _ in range(60):
         mid = math.sqrt(lo * hi) if lo > 0 else hi / 1e9
         sch = solve(mid)
         if fits(sch):
-            best, lo = sch, mid
-        else:
+            best = sch
+        if fits(sch) == fit_lowers_hi:
             hi = mid
+        else:
+            lo = mid
         if lo > 0 and hi / lo < 1 + 1e-6:
             break
     return best

@@ -35,9 +35,9 @@ from typing import Any, Callable
 
 import torch
 import yaml
-from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import DitoptError
+from .flops import ModuleCost
 
 __all__ = ["RedundancyMap", "ProfileError", "profile", "profile_pipeline"]
 
@@ -221,41 +221,16 @@ class RedundancyMap:
 
 
 def _site_costs(model: torch.nn.Module, names: list[str], call_args: tuple, call_kwargs: dict) -> tuple[dict, dict]:
-    """FLOPs and seconds per call of each site module, from one eager forward with hooks.
-
-    FLOPs come from the shapes of the matmul-like ops each module runs (FlopCounterMode's
-    formulas); seconds from a second, uncounted forward (time of one call, noisy on small models).
-    """
-    modules = {n: model.get_submodule(n) for n in names if n != "stack"}
-    flops = {n: 0.0 for n in modules}
-    seconds = {n: 0.0 for n in modules}
-    starts: dict[str, list[float]] = {n: [] for n in modules}
-    counter: FlopCounterMode | None = None
-    handles = []
-
-    def pre(n):
-        starts[n].append(counter.get_total_flops() if counter is not None else time.perf_counter())
-
-    def post(n):
-        if counter is not None:
-            flops[n] += counter.get_total_flops() - starts[n].pop()
-        else:
-            seconds[n] += time.perf_counter() - starts[n].pop()
-
-    for n, m in modules.items():
-        handles.append(m.register_forward_pre_hook(lambda mod, a, n=n: pre(n)))
-        handles.append(m.register_forward_hook(lambda mod, a, o, n=n: post(n)))
-    try:
-        with torch.no_grad():
-            counter = FlopCounterMode(display=False)
-            with counter:
-                model(*call_args, **call_kwargs)
-            counter = None
+    """FLOPs and seconds per call of each site module: one eager forward counting FLOPs
+    (FlopCounterMode's formulas on the ops' shapes), a second one timed (noisy on small models)."""
+    cost = ModuleCost(model, [n for n in names if n != "stack"])
+    with torch.no_grad():
+        with cost.counting():
             model(*call_args, **call_kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    return flops, seconds
+        with cost.timing():
+            model(*call_args, **call_kwargs)
+    # each forward called every site once: the per-call figures are the totals
+    return {n: float(v) for n, v in cost.flops.items()}, dict(cost.seconds)
 
 
 class _FirstCall:

@@ -141,6 +141,13 @@ class ZooModel:
         return classify(samples, kind="image")
 
 
+    def accuracy(self, samples: torch.Tensor, labels) -> float:
+        """The share of samples (video: frames) :meth:`classify` labels as the digit asked for."""
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        pred = torch.as_tensor(self.classify(samples)).reshape(len(labels), -1)
+        return float((pred == labels[:, None]).float().mean())
+
+
 def _read(name: str) -> tuple[dict, dict]:
     from safetensors.torch import load_file
 
