@@ -685,8 +685,8 @@ def report_markdown(results: Sequence[BenchResult], png: str | None, command: st
              "(FlopCounterMode on the peers' eager runs; ditopt's from its runtime decisions times per-site "
              "FLOPs counted the same way); *speedup* is full-compute wall time over the method's, interleaved "
              "per seed in one process (on these small models Python overhead is a large share of a step, so "
-             "speedups understate the compute saved and are noisy to ~±15%); PSNR and SSIM are against full "
-             "compute with the same seed; *accuracy* is the share of samples (video: frames) the digit "
+             "speedups understate the compute saved and are noisy: see the overhead rows, whose work "
+             "equals full compute's); PSNR and SSIM are against full compute with the same seed; *accuracy* is the share of samples (video: frames) the digit "
              "classifier labels as the requested digit. Rows marked *overhead* run a method at a setting "
              "that caches nothing.", ""]
     for res in results:

@@ -240,8 +240,8 @@ class Plan:
         steps around each new step's position), and error diffusion decides which new steps the
         rule takes, so the rule keeps its share of steps region by region
         and a regular pattern stays regular (every other step stays every other step; a plan
-        mapped by nearest step instead turns "compute, forecast" into runs of two forecasts,
-        measured 9 dB worse). ``when`` rules without steps apply to every step, as before.
+        mapped by nearest step instead turns "compute, forecast" into runs of two forecasts).
+        ``when`` rules without steps apply to every step, as before.
 
         Example:
             >>> plan = Plan(steps=4, rules=[Rule(sites=("*",), kind="block", steps=(1, 3), action="reuse_residual")])

@@ -308,12 +308,12 @@ def plan_from_profile(rmap: RedundancyMap, budget: float | None = None, *, max_e
     each choose reuse or forecast at the others; ``"site"`` plans each site's steps on its own.
     Measured on the zoo models, per-site schedules predict less error but do worse: a site that
     computes while an upstream site forecasts caches a residual made from a forecast input, and
-    the next forecast extrapolates that error (dit-digits at 50%: 35.5 dB per site vs 47.7 dB for
-    a uniform stack schedule).
+    the next forecast extrapolates that error (at 50%: dit-digits 36.7 dB per site vs 45.1 dB for
+    the stack schedule, wan-digits 30.9 vs 41.5; ``tools/bench_planner.py --only variants``).
 
     The first step always computes. ``compute_last=True`` also forces the last; measured, that
     costs more than it gives (the compute is better spent earlier): at 50% of block compute,
-    wan-digits 36.9 dB with the last step forced vs 41.5 dB without, dit-digits 41.3 vs 45.1.
+    wan-digits 38.7 dB with the last step forced vs 41.5 dB without, dit-digits 41.3 vs 45.1.
     ``accumulation`` multiplies a skipped step's replayed error by ``(1 + accumulation)`` per
     step since the last computed one: forecasts made from forecast-fed states drift further than
     the clean calibration trajectory shows.

@@ -1,11 +1,13 @@
 """Profiling cost and plan resampling on the zoo models.
 
-    python tools/bench_planner.py --threads 1
+    python tools/bench_planner.py --threads 1            # or --only profile|variants|resample
 
 1. Profiling time against one full-compute generation of the same sampling call (10 digits),
    in the same process: ``ditopt.profile`` (capture, observer pass, calibration run, site costs)
    / ``zoo.sample`` unoptimised. The generation is timed twice and the faster kept.
-2. Resampling: a map profiled at 20 steps resampled to 30 (``RedundancyMap.resample``) and
+2. Planner variants at the budget: the default, the last step forced to compute, and a
+   schedule per block instead of one for the stack (PSNR on seeds the calibration never saw).
+3. Resampling: a map profiled at 20 steps resampled to 30 (``RedundancyMap.resample``) and
    planned there, and a plan made at 20 stretched to 30 (``Plan.resample``), against a plan
    profiled at 30, all at the same budget; PSNR against full compute at 30 steps on seeds the
    calibration never saw.
@@ -35,6 +37,22 @@ def generation_seconds(zm, labels, steps: int) -> float:
     return best
 
 
+def capture_seconds(zm, labels) -> float:
+    """One call of a freshly optimised all-compute model minus one warm call: dynamo's capture
+    plus ditopt's passes."""
+    fast = ditopt.optimize(zm.model, ditopt.presets.all_compute(zm.steps))
+    x = torch.zeros(zm.sample_shape(len(labels)))
+    kwargs = dict(hidden_states=x, timestep=torch.full((len(labels),), 500.0), **zm.make_conditioning(labels),
+                  return_dict=False)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        fast(**kwargs)
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fast(**kwargs)
+    return first - (time.perf_counter() - t0)
+
+
 def profile_of(zm, labels, steps: int):
     return ditopt.profile(zm.model, lambda tr: zm.sample(labels, seed=CALIBRATION_SEED, steps=steps, transformer=tr),
                           steps=steps, progress=False)
@@ -59,23 +77,37 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--budget", type=float, default=0.5)
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--only", choices=("profile", "resample"), default=None, help="run one part only")
+    parser.add_argument("--only", choices=("profile", "resample", "variants"), default=None,
+                        help="run one part only")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     labels = torch.arange(10)
     seeds = list(range(args.seeds))
     rows = [(name, zoo.load(name)) for name in args.model or zoo.list()]
-    if args.only != "resample":
-        print("| model | full generation (s) | profile (s) | profile / generation |")
-        print("|---|---|---|---|")
+    if args.only in (None, "profile"):
+        print("| model | full generation (s) | capture + passes (s) | profile (s) | profile / generation |")
+        print("|---|---|---|---|---|")
         for name, zm in rows:
             zm.sample(labels[:2], seed=0, steps=2)  # warm the eager model
             gen = generation_seconds(zm, labels, zm.steps)
             rmap = profile_of(zm, labels, zm.steps)
-            print(f"| {name} | {gen:.2f} | {rmap.profile_seconds:.2f} | {rmap.profile_seconds / gen:.2f}x |",
-                  flush=True)
+            print(f"| {name} | {gen:.2f} | {capture_seconds(zm, labels):.2f} | {rmap.profile_seconds:.2f} | "
+                  f"{rmap.profile_seconds / gen:.2f}x |", flush=True)
         print()
-    if args.only == "profile":
+    if args.only in (None, "variants"):
+        print(f"| model | planner variant (budget {args.budget}) | block compute | PSNR vs full (dB) |")
+        print("|---|---|---|---|")
+        for name, zm in rows:
+            rmap = profile_of(zm, labels, zm.steps)
+            variants = [("default (stack schedule, last step free)", {}),
+                        ("last step forced to compute", {"compute_last": True}),
+                        ("each block its own schedule", {"granularity": "site"})]
+            for label, kwargs in variants:
+                plan = ditopt.plan_from_profile(rmap, budget=args.budget, **kwargs)
+                value, frac = mean_psnr(zm, plan, labels, zm.steps, seeds, rmap.stack)
+                print(f"| {name} | {label} | {frac:.3f} | {value:.2f} |", flush=True)
+        print()
+    if args.only not in (None, "resample"):
         return 0
     print(f"| model | plan at 30 steps (budget {args.budget}) | block compute | PSNR vs full (dB) |")
     print("|---|---|---|---|")
