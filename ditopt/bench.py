@@ -6,10 +6,11 @@ method at each of its settings and records, against that reference:
 - ``compute``: the fraction of block compute executed (FLOPs inside the block stack, summed over
   the generation, divided by full compute's). Peers run eagerly, so their block FLOPs are counted
   with ``torch.utils.flop_counter.FlopCounterMode`` and forward hooks on the stack's blocks
-  (a block a peer skips contributes nothing). A ditopt model runs through dynamo, which a
-  dispatch mode would force to re-trace, so its fraction is computed from the decisions the
+  (a block a peer skips contributes nothing). A ditopt model's blocks are not modules that run
+  (they are regions of one rewritten graph), so its fraction is computed from the decisions the
   runtime took (``ditopt.stats(model).decisions``) times each site's FLOPs counted the same way
-  on the unoptimised model;
+  on the unoptimised model; ``tests/test_cost.py`` checks that such a figure equals the FLOPs the
+  rewritten graph executes, counted with FlopCounterMode around the graph module;
 - ``speedup``: wall time of full compute / wall time of the method, the two interleaved per seed
   in the same process, summed over seeds;
 - ``psnr`` and ``ssim`` of the final samples against full compute (data range 2, per image or

@@ -249,6 +249,8 @@ def test_predicted_fraction_matches_executed_flops_at_two_sizes(model_name, plan
         assert from_decisions.compute_fraction == pytest.approx(measured, abs=0.02)
         assert predicted.cache_bytes_peak == stats.cache_bytes
         fractions.append((dims["S"], predicted.compute_fraction, measured))
+        dims_text = ", ".join(f"{k}={v}" for k, v in dims.items())  # the row docs/BENCHMARKS.md quotes
+        print(f"\n| {model_name} | {plan_name} | {dims_text} | {predicted.compute_fraction:.4f} | {measured:.4f} |")
     record_property("fractions", fractions)
     if plan_name in ("fora-layer", "attn1"):  # attention grows as S^2: reusing it saves more at larger S
         assert fractions[1][1] < fractions[0][1]
