@@ -46,7 +46,6 @@ class Recorder:
         self.values: dict[tuple[str, str, int, int], float] = {}
         self.samples: dict[tuple[str, int, int], torch.Tensor] = {}
         self.residual_form: dict[str, bool] = {}
-        self.numel: dict[str, int] = {}
         self._index: dict[str, torch.Tensor] = {}
         self._prev: dict[tuple[str, int], tuple[int, torch.Tensor, torch.Tensor]] = {}
         self._branch0: dict[tuple[str, int], torch.Tensor] = {}
@@ -59,7 +58,6 @@ class Recorder:
         if site not in self._index:
             g = torch.Generator().manual_seed(self.seed)
             n = flat_out.numel()
-            self.numel[site] = n
             self._index[site] = torch.randperm(n, generator=g)[: min(self.keep, n)].sort().values
         index = self._index[site]
         o = flat_out[index].float()  # the metrics are estimated on the same fixed subsample

@@ -71,7 +71,6 @@ class Runtime:
         self.graphs: dict[int, GraphDecisions] = {}
         self.records: list[CallRecord] = []
         self.param_ids: set[int] = set()
-        self._graph_ids = itertools.count()
         self._accumulated: dict[tuple[int, int, int], torch.Tensor] = {}
         self._reuse_ok: dict[tuple[int, int, int], torch.Tensor] = {}
         self._module_ref: weakref.ref | None = None
@@ -79,9 +78,9 @@ class Runtime:
 
     # -- set-up ---------------------------------------------------------------------------
     def add_graph(self, decisions: GraphDecisions) -> int:
-        graph = next(self._graph_ids)
-        self.graphs[graph] = decisions
-        self._fit_depth(decisions)
+        """Register a decision table under the next graph id, and return the id."""
+        graph = len(self.graphs)
+        self.set_graph(graph, decisions)
         return graph
 
     def set_graph(self, graph: int, decisions: GraphDecisions) -> None:
