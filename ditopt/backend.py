@@ -27,7 +27,7 @@ from ditopt.runtime import Runtime, find_runtime
 
 from .errors import CaptureError, DitoptError, PlanError
 from .plan import Plan
-from .sites import STACK, SiteTable, find_sites
+from .sites import OUTPUT, STACK, SiteTable, find_sites
 
 PlanLike = Plan | str | Path | dict
 
@@ -187,7 +187,7 @@ class DitoptModule(OptimizedModule):
 
 def candidate_site_names(model: torch.nn.Module) -> list[str]:
     """Module paths a plan may name, known before capture (the graph decides the rest)."""
-    return [STACK, *(name for name, _ in model.named_modules() if name)]
+    return [STACK, OUTPUT, *(name for name, _ in model.named_modules() if name)]
 
 
 def optimize(model: torch.nn.Module, plan: PlanLike, *, timestep_arg: str = "timestep",

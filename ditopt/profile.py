@@ -223,7 +223,7 @@ class RedundancyMap:
 def _site_costs(model: torch.nn.Module, names: list[str], call_args: tuple, call_kwargs: dict) -> tuple[dict, dict]:
     """FLOPs and seconds per call of each site module: one eager forward counting FLOPs
     (FlopCounterMode's formulas on the ops' shapes), a second one timed (noisy on small models)."""
-    cost = ModuleCost(model, [n for n in names if n != "stack"])
+    cost = ModuleCost(model, [n for n in names if n not in ("stack", "output")])
     with torch.no_grad():
         with cost.counting():
             model(*call_args, **call_kwargs)

@@ -15,6 +15,9 @@ alone, never from a per-model table:
   or more matmuls and maps one token tensor to one of the same shape;
 - the **stack** runs from the first block's first node to the last block's last node, keeping
   the nodes that depend on the first block (independent work in that range is left outside);
+- the **output** is every node from the stack's first to the graph's output (the stack, final
+  norm, projection, unpatchify): the model's output as a function of what ran before the stack. Forecasting
+  it is forecasting what the sampler receives;
 - a site's **modulated input** is the activation its computation starts from after the norm and
   modulation: for an attention or feed-forward site, its data input shaped like its output; for a
   block, that of its first attention site, shaped like the block's first live-out (TeaCache
@@ -41,8 +44,9 @@ import torch.fx as fx
 
 from .capture import module_stack
 
-SITE_KINDS = ("block", "attention", "feedforward", "stack")
+SITE_KINDS = ("block", "attention", "feedforward", "stack", "output")
 STACK = "stack"
+OUTPUT = "output"
 
 _INDEXED = re.compile(r"^(.*)\.(\d+)$")
 # Ops a residual stream passes through unchanged in value (up to dtype).
@@ -442,7 +446,11 @@ def find_sites(graph: fx.Graph) -> SiteTable:
         candidates.append((p, "feedforward", regions[p], None))
     stack_blocks = _main_stack_blocks(blocks)
     if stack_blocks:
-        candidates.append((STACK, "stack", _stack_nodes(graph, [regions[b] for b in stack_blocks], order), None))
+        stack_nodes = _stack_nodes(graph, [regions[b] for b in stack_blocks], order)
+        candidates.append((STACK, "stack", stack_nodes, None))
+        head = _output_nodes(graph, stack_nodes, order)
+        if len(head) > len(stack_nodes):
+            candidates.append((OUTPUT, "output", head, None))
 
     sites = []
     for name, kind, nodes, attn in candidates:
@@ -451,7 +459,7 @@ def find_sites(graph: fx.Graph) -> SiteTable:
         res, residual = residual_inputs(region)
         ok, why = _extractable(region, order)
         sites.append(Site(
-            name=name, kind=kind, attention=attn, module_type=types.get(name, "") if kind != "stack" else "stack",
+            name=name, kind=kind, attention=attn, module_type=types.get(name, "") if kind not in ("stack", "output") else kind,
             nodes=tuple(n.name for n in nodes), inputs=tuple(n.name for n in region.inputs),
             live_outs=tuple(n.name for n in region.live_outs),
             residual_inputs=tuple(r.name if r is not None else None for r in res),
@@ -496,6 +504,13 @@ def _stack_nodes(graph: fx.Graph, block_regions: list[list[fx.Node]], order: dic
     return [n for n in in_range if n in reach or n in members]
 
 
+def _output_nodes(graph: fx.Graph, stack_nodes: list[fx.Node], order: dict[fx.Node, int]) -> list[fx.Node]:
+    """Every node from the stack's first to the graph's output: the model's output as a function
+    of what was computed before the stack (all of it is used only on the way to the output)."""
+    first = min(order[n] for n in stack_nodes)
+    return [n for n in graph.nodes if order[n] >= first and n.op not in ("placeholder", "output")]
+
+
 def _with_modulated_inputs(sites: list[Site], graph: fx.Graph) -> list[Site]:
     """Set each site's ``modulated_input`` (see the module docstring), or leave it None.
 
@@ -529,7 +544,7 @@ def _with_modulated_inputs(sites: list[Site], graph: fx.Graph) -> list[Site]:
             attn = first_attention(s)
             modulated[s.name] = pick(attn, s.live_outs[0], s) if attn is not None else None
     for s in sites:
-        if s.kind == "stack":
+        if s.kind in ("stack", "output"):
             first = next((b for b in sites if b.kind == "block" and b.parent == s.name), None)
             modulated[s.name] = modulated.get(first.name) if first is not None else None
     return [Site(**{**s.__dict__, "modulated_input": modulated.get(s.name)}) for s in sites]

@@ -244,7 +244,7 @@ def test_page_renders_in_a_headless_browser(tmp_path):
     assert main(["diff", "wan", "--preset", "fora-2", "-o", str(page_path)]) == 0
     html = page_path.read_text()
     expected_sites = sorted(set(re.findall(r'<details class="grp site"[^>]*data-site="([^"]+)"', html)))
-    assert len(expected_sites) == 9
+    assert len(expected_sites) == 10  # output, stack, 2 blocks x (block, attn1, attn2, ffn)
 
     url = page_path.as_uri() + "#node=decide_default"
     dom = _headless(chromium, "--dump-dom", url)

@@ -56,7 +56,8 @@ def test_sites_are_found_from_the_graph(name):
         assert len(table["transformer_blocks.0"].live_outs) == 2
     else:
         assert all(len(s.live_outs) == 1 for s in blocks)
-    assert table["stack"].parent is None
+    assert table["stack"].parent == "output" and table["output"].parent is None
+    assert table["output"].kind == "output" and set(table["stack"].nodes) < set(table["output"].nodes)
 
 
 class HookReference:

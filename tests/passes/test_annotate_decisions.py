@@ -43,7 +43,7 @@ def test_marks_exactly_the_nodes_of_each_reusing_site():
     assert info["blocks.1"]["residual_inputs"] == list(p.sites["blocks.0"].live_outs)
     decisions = p.gm.meta["ditopt"]["decisions"]
     assert decisions.actions["blocks.0"] == ["compute", "reuse_residual", "compute", "reuse_residual"]
-    assert decisions.parents["blocks.0.attn"] == ["blocks.0", "stack"]
+    assert decisions.parents["blocks.0.attn"] == ["blocks.0", "stack", "output"]
 
 
 def test_nested_sites_carry_both_regions_and_their_depth():
