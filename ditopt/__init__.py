@@ -7,18 +7,19 @@
 """
 
 from . import presets
-from .backend import DitoptBackend, Stats, optimize, reset, set_step, sites, stats
+from .backend import DitoptBackend, Stats, optimize, reset, set_plan, set_step, sites, stats
 from .cost import CostModel, Prediction, cost_model
 from .errors import CaptureError, DitoptError, PlanError
 from .plan import CompiledPlan, Plan, Rule, When
 from .profile import ProfileError, RedundancyMap, profile, profile_pipeline
 from . import planner
 from .planner import plan_from_profile
+from .tune import Tuned, tune
 from .sites import Site, SiteTable, find_sites
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CaptureError", "CompiledPlan", "DitoptBackend", "DitoptError", "Plan", "PlanError", "Rule", "Site",
-    "SiteTable", "Stats", "When", "find_sites", "optimize", "presets", "profile", "profile_pipeline", "plan_from_profile", "planner", "ProfileError", "RedundancyMap", "reset", "set_step", "sites", "stats",
+    "SiteTable", "Stats", "When", "find_sites", "optimize", "presets", "profile", "profile_pipeline", "plan_from_profile", "planner", "ProfileError", "RedundancyMap", "reset", "set_plan", "set_step", "sites", "stats", "tune", "Tuned",
 ]

@@ -14,7 +14,7 @@ The model itself is never modified: dynamo wraps it, and the cache lives in a
 from __future__ import annotations
 
 import importlib.metadata
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -271,6 +271,57 @@ def stats(model: torch.nn.Module) -> Stats:
                  generation=rt.state.generation, calls=len(rt.records), graphs=len(rt.graphs))
 
 
+def set_plan(model: torch.nn.Module, plan: PlanLike) -> None:
+    """Give an optimised model another static plan without recompiling.
+
+    The rewritten graph holds a skip branch and cache nodes for every site its plan addresses;
+    which way each branch goes at each step is a table in the runtime. A plan that addresses the
+    same sites, with the same cache slots and no ``when`` rules, needs only a new table: this
+    swaps it and resets the caches. Anything else raises :class:`PlanError` and leaves the model
+    as it was (optimise again for a plan of another shape).
+
+    Example:
+        >>> import torch, ditopt
+        >>> from diffusers import DiTTransformer2DModel
+        >>> model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+        ...     out_channels=4, num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+        >>> fast = ditopt.optimize(model, ditopt.presets.fora(interval=2, steps=4))
+        >>> x, y = torch.randn(1, 4, 8, 8), torch.tensor([3])
+        >>> def generate():
+        ...     ditopt.reset(fast)
+        ...     with torch.no_grad():
+        ...         for t in (999, 700, 400, 100):
+        ...             _ = fast(x, timestep=torch.tensor([t]), class_labels=y)
+        >>> generate()
+        >>> ditopt.set_plan(fast, ditopt.presets.fora(interval=3, steps=4))
+        >>> generate(); ditopt.stats(fast).decisions["transformer_blocks.1.attn1"]
+        ['compute', 'reuse', 'reuse', 'compute']
+    """
+    backend = model.__dict__.get("_ditopt_backend")
+    if backend is None:
+        raise DitoptError("set_plan() takes a model returned by ditopt.optimize()")
+    plan = as_plan(plan)
+    rt = runtime_of(model)
+    if not rt.graphs or not backend.last:
+        raise DitoptError("the model has not been called yet: there is no compiled graph to re-plan")
+    compiled = plan.compile(backend.last["sites"])
+    tables = {}
+    for graph, old in rt.graphs.items():
+        if compiled.when_rules or old.when_rules:
+            raise PlanError("set_plan() swaps static plans only; this plan or the model's has `when` rules")
+        if set(compiled.actions) != set(old.actions) or dict(compiled.slots) != dict(old.slots):
+            raise PlanError(f"plan {plan.name or ''!r} addresses other sites than the compiled graph "
+                            f"({sorted(compiled.actions)} vs {sorted(old.actions)}); optimise again instead")
+        if compiled.steps != old.steps:
+            raise PlanError(f"plan has {compiled.steps} steps, the compiled graph {old.steps}")
+        tables[graph] = replace(old, actions=compiled.actions, adaptive=compiled.adaptive,
+                                orders=dict(getattr(compiled, "orders", {})))
+    for graph, table in tables.items():
+        rt.set_graph(graph, table)
+    backend.plan = plan
+    rt.reset()
+
+
 def reset(model: torch.nn.Module) -> None:
     """Forget caches and step state: the next call starts a new generation."""
     runtime_of(model).reset()
@@ -292,7 +343,7 @@ def sites(model: torch.nn.Module, *args, **example_inputs) -> SiteTable:
         >>> table = ditopt.sites(model, hidden_states=torch.randn(1, 4, 8, 8), timestep=torch.tensor([1]),
         ...                      class_labels=torch.tensor([1]))
         >>> [(s.name, s.kind) for s in table][:3]
-        [('stack', 'stack'), ('transformer_blocks.0', 'block'), ('transformer_blocks.0.attn1', 'attention')]
+        [('output', 'output'), ('stack', 'stack'), ('transformer_blocks.0', 'block')]
     """
     from .capture import capture
 

@@ -381,17 +381,23 @@ _MAPS: dict[tuple[str, int], Any] = {}
 CALIBRATION_SEED = 1000  # not one of the benchmark's seeds (0..N-1)
 
 
-def _redundancy_map(ctx: Context):
-    """One calibration run per zoo model and step count, on a seed the benchmark never scores."""
+def _calibration_run(ctx: Context):
+    """The calibration call (10 digits, a seed the benchmark never scores) and its model."""
     from . import zoo
+
+    calib = zoo.load(ctx.zoo.name)
+    labels = torch.arange(10)
+    return calib, lambda tr: calib.sample(labels, seed=CALIBRATION_SEED, steps=ctx.steps, transformer=tr)
+
+
+def _redundancy_map(ctx: Context):
+    """One calibration run per zoo model and step count."""
     from .profile import profile
 
     key = (ctx.zoo.name, ctx.steps)
     if key not in _MAPS:
-        calib = zoo.load(ctx.zoo.name)
-        labels = torch.arange(10)
-        _MAPS[key] = profile(calib.model, lambda tr: calib.sample(labels, seed=CALIBRATION_SEED, steps=ctx.steps,
-                                                                    transformer=tr), steps=ctx.steps, progress=False,
+        calib, run = _calibration_run(ctx)
+        _MAPS[key] = profile(calib.model, run, steps=ctx.steps, progress=False,
                              cfg="batched" if calib.cfg_mode == "batched" else None)
     return _MAPS[key]
 
@@ -407,6 +413,21 @@ def _profiled_settings(steps: int) -> list[Setting]:
     from .planner import plan_from_profile
 
     return [_profiled_setting(f"budget={b}", lambda m, b=b: plan_from_profile(m, budget=b)) for b in (0.5, 0.4, 0.35)]
+
+
+def _tuned_settings(steps: int) -> list[Setting]:
+    """Closed-loop plans (:func:`ditopt.tune`) on the same calibration seed as the profile."""
+    from .tune import tune
+
+    def setting(budget: float) -> Setting:
+        def apply(model, ctx: Context) -> Applied:
+            calib, run = _calibration_run(ctx)
+            tuned = tune(calib.model, run, _redundancy_map(ctx), budget=budget, progress=False)
+            return _optimized(model, tuned.plan)
+
+        return Setting(f"budget={budget}", apply)
+
+    return [setting(b) for b in (0.5, 0.4, 0.35)]
 
 
 def _smoothcache_settings(steps: int) -> list[Setting]:
@@ -427,6 +448,7 @@ METHODS: dict[str, Method] = {m.key: m for m in [
     Method("ditopt:pab", "ditopt", "PAB", _pab_settings),
     Method("ditopt:profiled", "ditopt", "profiled plan", _profiled_settings),
     Method("ditopt:smoothcache", "ditopt", "SmoothCache (profiled)", _smoothcache_settings),
+    Method("ditopt:tuned", "ditopt", "tuned plan (closed loop)", _tuned_settings),
     Method("diffusers:fbcache", "diffusers", "FirstBlockCache", _diffusers_fbcache, "diffusers.hooks"),
     Method("diffusers:pab", "diffusers", "PyramidAttentionBroadcast", _diffusers_pab, "diffusers.hooks"),
     Method("diffusers:fastercache", "diffusers", "FasterCache", _diffusers_fastercache, "diffusers.hooks"),

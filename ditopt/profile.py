@@ -37,6 +37,7 @@ import torch
 import yaml
 
 from .errors import DitoptError
+from .passes.insert_observers import OBSERVED_KINDS
 from .flops import ModuleCost
 
 __all__ = ["RedundancyMap", "ProfileError", "profile", "profile_pipeline"]
@@ -352,7 +353,7 @@ def profile(model: torch.nn.Module, run: Callable[[Any], Any], *, steps: int, pr
     rt.recorder = None
     backend_last = rt.last_compile
     table = backend_last["sites"]
-    observed = [s for s in table if s.kind in ("block", "attention", "feedforward")]
+    observed = [s for s in table if s.kind in OBSERVED_KINDS]
     names = [s.name for s in observed]
     kinds = [s.kind for s in observed]
     n_steps = recorder.max_step + 1

@@ -1,6 +1,6 @@
 """Observe every site's output (and residual) for profiling; no effect on what is computed.
 
-Matches: every block, attention and feed-forward site, when ``ctx.observe`` is set (the
+Matches: every block, attention, feed-forward and output site, when ``ctx.observe`` is set (the
 profiler's all-compute graphs); otherwise nothing.
 Rewrite to (a site with live-out ``h1`` and residual input ``h0``):
     before                          after
@@ -18,7 +18,7 @@ import torch.fx as fx
 from .insert_step_tracking import token_of
 from .pass_base import PassContext, PassResult, annotation
 
-OBSERVED_KINDS = ("block", "attention", "feedforward")
+OBSERVED_KINDS = ("block", "attention", "feedforward", "output")
 
 
 def insert_observers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:

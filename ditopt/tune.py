@@ -1,0 +1,228 @@
+"""Closed-loop planning: try candidate plans on the calibration run, keep the one that measures best.
+
+:func:`ditopt.plan_from_profile` predicts a plan's error by replaying reuse and forecasts on
+the calibration trajectory. That ranks plans only roughly: a forecast error at one step
+changes what the model sees at the next, and how much that matters depends on where in the
+network the error enters. Measured on the zoo models, plans whose replayed errors differ by
+1 dB swap order once run (``docs/BENCHMARKS.md``). :func:`tune` therefore treats the planner
+as a source of candidates, as autotuners do: it runs each candidate through the same sampling
+call the profile used, compares the result with that call at full compute, and returns the
+candidate with the least error that fits the budget.
+
+The candidates are every combination of
+
+- **where** to skip: the blocks of the stack (each block reuses or forecasts its residual) or
+  the model's ``output`` site (the stack, final norm and projection are skipped together and
+  the model's output is forecast: what the sampler integrates);
+- **when**: the profiled dynamic-programming schedule, and evenly spread schedules with a
+  warm-up of 1-3 computed steps, an optional gap after it and 0-2 trailing steps left out;
+- **how**: forecasts of order 1 or 2 (TaylorSeer's finite differences). Plain reuse was a
+  candidate too and never came out best on the zoo models (FORA-style reuse loses 8-10 dB to
+  forecasts at the same compute), so it is left out to halve the tuning time.
+
+Each candidate runs without recompiling: one graph per site choice is compiled and then given
+each candidate's decision table (:func:`ditopt.set_plan`).
+
+Example::
+
+    >>> import torch, ditopt
+    >>> from ditopt import zoo
+    >>> m = zoo.load("dit-digits")
+    >>> run = lambda tr: m.sample(list(range(4)), seed=100, steps=8, transformer=tr)
+    >>> rmap = ditopt.profile(m.model, run, steps=8, cfg="batched", progress=False)
+    >>> tuned = ditopt.tune(m.model, run, rmap, budget=0.5, progress=False)
+    >>> tuned.plan.steps, tuned.best.compute_fraction <= 0.5
+    (8, True)
+    >>> tuned.best.psnr >= max(c.psnr for c in tuned.candidates)
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .backend import optimize, reset, set_plan
+from .errors import PlanError
+from .plan import COMPUTE, PREDICT, REUSE, REUSE_RESIDUAL, Plan, Rule
+from .planner import schedule_from_profile
+from .profile import ProfileError, RedundancyMap
+from .sites import OUTPUT
+
+__all__ = ["Candidate", "Tuned", "candidate_plans", "tune"]
+
+
+@dataclass
+class Candidate:
+    """One plan tried on the calibration run."""
+
+    label: str
+    plan: Plan
+    compute_fraction: float  # of block compute: computed steps / steps
+    psnr: float = math.nan  # of the calibration run's output against full compute (dB, peak 1)
+
+
+@dataclass
+class Tuned:
+    """What :func:`tune` found: the best plan and every candidate it measured."""
+
+    plan: Plan
+    best: Candidate
+    candidates: list[Candidate] = field(default_factory=list)
+
+    def table(self) -> str:
+        """The candidates as a markdown table, best first."""
+        rows = ["| candidate | compute | calibration PSNR (dB) |", "|---|---|---|"]
+        for c in sorted(self.candidates, key=lambda c: -c.psnr):
+            rows.append(f"| {c.label} | {c.compute_fraction:.3f} | {c.psnr:.2f} |")
+        return "\n".join(rows)
+
+
+def spread_schedules(steps: int, computed: int) -> list[tuple[int, ...]]:
+    """Evenly spread sets of ``computed`` steps out of ``steps``: a warm-up of 1-3 steps, then the
+    rest spread from just after it (or one step later) to the last step (or 1-2 before it).
+
+    Example:
+        >>> (0, 2, 4, 6, 8) in spread_schedules(10, 5), (0, 1, 2, 5, 8) in spread_schedules(10, 5)
+        (True, True)
+    """
+    out: dict[tuple[int, ...], None] = {}
+    for warmup in (1, 2, 3):
+        rest = computed - warmup
+        if rest < 0:
+            continue
+        for gap in (0, 1):
+            for tail in (0, 1, 2):
+                lo, hi = warmup + gap, steps - 1 - tail
+                if rest == 0:
+                    pts: list[int] = []
+                elif rest == 1:
+                    pts = [lo]
+                else:
+                    if hi - lo + 1 < rest:
+                        continue
+                    pts = [lo + round(i * (hi - lo) / (rest - 1)) for i in range(rest)]
+                chosen = tuple(sorted(set(range(warmup)) | set(pts)))
+                if len(chosen) == computed and chosen[-1] < steps:
+                    out[chosen] = None
+    return list(out)
+
+
+def _plan(steps: int, sites: tuple[str, ...], computed: tuple[int, ...], action: str, order: int | None,
+          model: str | None, name: str) -> Plan:
+    skipped = tuple(t for t in range(steps) if t not in set(computed))
+    if not skipped:
+        rules = [Rule(sites=sites, action=COMPUTE)]
+    else:
+        rules = [Rule(sites=sites, action=action, steps=skipped, order=order if action == PREDICT else None)]
+    return Plan(steps=steps, rules=rules, model=model, name=name)
+
+
+def candidate_plans(rmap: RedundancyMap, budget: float) -> list[Candidate]:
+    """The plans :func:`tune` tries for ``budget`` (see the module docstring)."""
+    if not (isinstance(budget, (int, float)) and 0 < budget <= 1):
+        raise ProfileError(f"budget must be a fraction of full compute in (0, 1], got {budget!r}")
+    n = rmap.steps
+    computed = max(1, int(math.floor(budget * n + 1e-9)))
+    blocks = tuple(rmap.stack)
+    if not blocks:
+        raise ProfileError("the redundancy map has no block stack to plan for")
+    reuse = REUSE_RESIDUAL if all(rmap.residual_form.get(b, False) for b in blocks) else REUSE
+    where: list[tuple[str, tuple[str, ...], str]] = [("blocks", blocks, reuse)]
+    if OUTPUT in rmap.sites:
+        where.append(("output", (OUTPUT,), REUSE_RESIDUAL if rmap.residual_form.get(OUTPUT) else REUSE))
+    schedules: dict[tuple[int, ...], str] = {}
+    try:
+        sch = schedule_from_profile(rmap, budget)
+        row = sch.actions[blocks[0]]
+        schedules[tuple(i for i, a in enumerate(row) if a == COMPUTE)] = "profiled schedule"
+    except ProfileError:
+        pass  # the budget is below what the planner's constraints allow; spread schedules remain
+    if OUTPUT in rmap.sites:
+        try:
+            sch = schedule_from_profile(rmap, budget, sites=[OUTPUT], granularity="site")
+            key = tuple(i for i, a in enumerate(sch.actions[OUTPUT]) if a == COMPUTE)
+            schedules.setdefault(key, "profiled output schedule")
+        except ProfileError:
+            pass
+    for s in spread_schedules(n, computed):
+        schedules.setdefault(s, "spread " + ",".join(map(str, s)))
+    out = []
+    for label_where, sites, reuse_action in where:
+        for comp, label in schedules.items():
+            fraction = len(comp) / n
+            if fraction > budget + 1e-9:
+                continue
+            for action, order in ((PREDICT, 1), (PREDICT, 2)):
+                how = f"predict order {order}" if action == PREDICT else action
+                name = f"tuned: {label_where}, {how}, {label}"
+                out.append(Candidate(name, _plan(n, sites, comp, action, order, rmap.model, name), fraction))
+    return out
+
+
+def _psnr(out: Any, ref: Any) -> float:
+    a = torch.cat([t.detach().double().flatten() for t in _tensors(out)])
+    b = torch.cat([t.detach().double().flatten() for t in _tensors(ref)])
+    if a.shape != b.shape:
+        raise ProfileError(f"the run returned {tuple(a.shape)} under a plan but {tuple(b.shape)} at full compute")
+    mse = float(((a - b) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _tensors(v)]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in _tensors(v)]
+    for name in ("images", "frames", "sample"):
+        if hasattr(x, name):
+            return _tensors(getattr(x, name))
+    raise ProfileError(f"the run returned {type(x).__name__}; tune needs it to return tensors to compare")
+
+
+def tune(model: torch.nn.Module, run: Callable[[Any], Any], rmap: RedundancyMap, *, budget: float,
+         candidates: list[Candidate] | None = None, progress: bool = True) -> Tuned:
+    """The plan that measures best within ``budget`` on the calibration run ``run``.
+
+    ``run(transformer)`` is the same sampling call given to :func:`ditopt.profile` (it must
+    return the samples as tensors); ``rmap`` the map that profile returned, which supplies the
+    profiled schedule and the sites. Each candidate (:func:`candidate_plans`, or ``candidates``)
+    runs once; its PSNR against ``run(model)`` at full compute is measured with a peak of 1 (a
+    relative figure, for ranking). The model itself is not changed. Costs one full-compute
+    run, two graph captures and one run per candidate (about 70 at 20 steps).
+    """
+    rmap.check_fits(model=type(model).__name__)
+    cands = candidate_plans(rmap, budget) if candidates is None else list(candidates)
+    if not cands:
+        raise ProfileError(f"no candidate plan fits budget {budget}")
+    with torch.no_grad():
+        reference = run(model)
+    compiled: dict[tuple, torch.nn.Module] = {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(cands), desc="tune", unit="plan")
+    for cand in cands:
+        key = tuple(sorted({s for r in cand.plan.rules for s in r.sites}))
+        fast = compiled.get(key)
+        try:
+            if fast is None:
+                raise PlanError("not compiled yet")
+            set_plan(fast, cand.plan)
+        except PlanError:  # first plan of its shape: compile it
+            fast = compiled[key] = optimize(model, cand.plan)
+        reset(fast)
+        with torch.no_grad():
+            cand.psnr = _psnr(run(fast), reference)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    best = max(cands, key=lambda c: (c.psnr, -c.compute_fraction))
+    return Tuned(best.plan, best, cands)

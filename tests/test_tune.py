@@ -1,0 +1,112 @@
+"""Closed-loop tuning (ditopt.tune), plan swapping without recompiling (ditopt.set_plan) and the
+``output`` site, on the trained dit-digits model."""
+
+import math
+
+import pytest
+import torch
+
+import ditopt
+from ditopt import zoo
+from ditopt.errors import DitoptError, PlanError
+from ditopt.plan import Plan, Rule
+from ditopt.profile import ProfileError
+from ditopt.tune import candidate_plans, spread_schedules
+
+STEPS = 6
+LABELS = [1, 7]
+
+
+@pytest.fixture(scope="module")
+def dit():
+    return zoo.load("dit-digits")
+
+
+def run_of(dit, seed=100):
+    return lambda tr: dit.sample(LABELS, seed=seed, steps=STEPS, transformer=tr)
+
+
+@pytest.fixture(scope="module")
+def rmap(dit):
+    return ditopt.profile(dit.model, run_of(dit), steps=STEPS, progress=False, cfg="batched")
+
+
+def output_plan(skipped, order=1):
+    return Plan(steps=STEPS, rules=[Rule(sites=("output",), action="predict", steps=tuple(skipped), order=order)])
+
+
+def test_output_site_holds_the_stack_and_what_follows(dit):
+    x = torch.zeros(dit.sample_shape(1))
+    table = ditopt.sites(dit.model, hidden_states=x, timestep=torch.tensor([500.0]), class_labels=torch.tensor([3]))
+    out, stack = table["output"], table["stack"]
+    assert out.kind == "output" and out.parent is None and stack.parent == "output"
+    assert set(stack.nodes) < set(out.nodes) and len(out.live_outs) == 1
+
+
+def test_forecasting_the_output_skips_every_block(dit):
+    fast = ditopt.optimize(dit.model, output_plan([2, 4], order=1))
+    ref = dit.sample(LABELS, seed=3, steps=STEPS)
+    out = dit.sample(LABELS, seed=3, steps=STEPS, transformer=fast)
+    decisions = ditopt.stats(fast).decisions
+    assert decisions["output"] == ["compute", "compute", "predict", "compute", "predict", "compute"]
+    assert decisions["transformer_blocks.3"][2] == "skipped" and decisions["transformer_blocks.3"][3] == "compute"
+    mse = float(((out - ref) ** 2).mean())
+    assert 0 < mse < 0.01  # a forecast, close to full compute but not equal
+
+
+def test_set_plan_equals_a_fresh_compile(dit):
+    a, b = output_plan([2, 4], order=1), output_plan([3], order=2)
+    fast = ditopt.optimize(dit.model, a)
+    dit.sample(LABELS, seed=3, steps=STEPS, transformer=fast)
+    graphs = ditopt.stats(fast).graphs
+    ditopt.set_plan(fast, b)
+    swapped = dit.sample(LABELS, seed=3, steps=STEPS, transformer=fast)
+    assert ditopt.stats(fast).decisions["output"][3] == "predict"
+    assert ditopt.stats(fast).graphs == graphs  # no recompile
+    fresh = dit.sample(LABELS, seed=3, steps=STEPS, transformer=ditopt.optimize(dit.model, b))
+    assert torch.equal(swapped, fresh)
+
+
+def test_set_plan_refuses_another_shape_of_plan(dit):
+    fast = ditopt.optimize(dit.model, output_plan([2, 4]))
+    with pytest.raises(DitoptError, match="not been called"):
+        ditopt.set_plan(fast, output_plan([3]))
+    dit.sample(LABELS, seed=3, steps=STEPS, transformer=fast)
+    before = ditopt.stats(fast).decisions["output"]
+    with pytest.raises(PlanError, match="other sites"):
+        ditopt.set_plan(fast, ditopt.presets.fora(interval=2, steps=STEPS))
+    with pytest.raises(DitoptError, match="ditopt.optimize"):
+        ditopt.set_plan(dit.model, output_plan([3]))
+    dit.sample(LABELS, seed=3, steps=STEPS, transformer=fast)
+    assert ditopt.stats(fast).decisions["output"] == before  # left as it was
+
+
+def test_spread_schedules_fit_the_count():
+    for steps, computed in ((20, 10), (20, 7), (6, 3)):
+        scheds = spread_schedules(steps, computed)
+        assert scheds and all(len(s) == computed and s[0] == 0 and s[-1] < steps for s in scheds)
+        assert len(set(scheds)) == len(scheds)
+
+
+def test_tune_keeps_the_best_measured_candidate(dit, rmap):
+    tuned = ditopt.tune(dit.model, run_of(dit), rmap, budget=0.5, progress=False)
+    labels = [c.label for c in tuned.candidates]
+    assert any("output" in l for l in labels) and any("blocks" in l for l in labels)
+    assert all(c.compute_fraction <= 0.5 and not math.isnan(c.psnr) for c in tuned.candidates)
+    assert tuned.best.psnr == max(c.psnr for c in tuned.candidates)
+    assert tuned.plan is tuned.best.plan and tuned.plan.model == "DiTTransformer2DModel"
+    # the figure it reports is what the plan does on the calibration run
+    fast = ditopt.optimize(dit.model, Plan.from_yaml(tuned.plan.to_yaml()))
+    out, ref = run_of(dit)(fast), run_of(dit)(dit.model)
+    assert 10 * math.log10(1 / float(((out - ref) ** 2).mean())) == pytest.approx(tuned.best.psnr, abs=1e-6)
+    assert "| candidate |" in tuned.table()
+
+
+def test_tune_bad_input(dit, rmap):
+    with pytest.raises(ProfileError, match="budget"):
+        candidate_plans(rmap, 1.5)
+    with pytest.raises(ProfileError, match="tensors"):
+        ditopt.tune(dit.model, lambda tr: (run_of(dit)(tr), None)[1], rmap, budget=0.5, progress=False)
+    other = zoo.load("wan-digits")
+    with pytest.raises(ProfileError):
+        ditopt.tune(other.model, run_of(dit), rmap, budget=0.5, progress=False)
