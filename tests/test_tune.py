@@ -51,7 +51,7 @@ def test_forecasting_the_output_skips_every_block(dit):
     assert decisions["output"] == ["compute", "compute", "predict", "compute", "predict", "compute"]
     assert decisions["transformer_blocks.3"][2] == "skipped" and decisions["transformer_blocks.3"][3] == "compute"
     mse = float(((out - ref) ** 2).mean())
-    assert 0 < mse < 0.01  # a forecast, close to full compute but not equal
+    assert 0 < mse < 0.1  # a forecast (two of six steps): near full compute, not equal (unrelated samples: ~0.3)
 
 
 def test_set_plan_equals_a_fresh_compile(dit):
