@@ -140,8 +140,12 @@ def cmd_profile(args) -> int:
     zm = zoo.load(args.model)
     steps = args.steps or zm.steps
     labels = torch.arange(10)
-    rmap = profile(zm.model, lambda tr: zm.sample(labels, seed=args.seed, steps=steps, transformer=tr), steps=steps,
-                   cfg="batched" if zm.cfg_mode == "batched" else None)
+    def run(tr):
+        return zm.sample(labels, seed=args.seed, steps=steps, transformer=tr)
+
+    if args.tune and args.budget is None:
+        raise DitoptError("--tune needs --budget")
+    rmap = profile(zm.model, run, steps=steps, cfg="batched" if zm.cfg_mode == "batched" else None)
     out = rmap.save(args.output or f"{args.model}-map.yaml")
     png = rmap.heatmap(args.png or str(out.with_suffix(".png")))
     print(f"profiled {args.model}: {steps} steps, {rmap.branches} CFG branch(es), {len(rmap.sites)} sites in "
@@ -150,7 +154,15 @@ def cmd_profile(args) -> int:
     if args.budget is not None:
         from .planner import plan_from_profile
 
-        plan = plan_from_profile(rmap, budget=args.budget)
+        if args.tune:
+            from .tune import tune
+
+            tuned = tune(zm.model, run, rmap, budget=args.budget)
+            plan = tuned.plan
+            print(f"tuned: {tuned.best.label} ({tuned.best.psnr:.2f} dB on the calibration run, "
+                  f"best of {len(tuned.candidates)})")
+        else:
+            plan = plan_from_profile(rmap, budget=args.budget)
         path = args.plan or f"{args.model}-plan-{args.budget}.yaml"
         plan.save(path)
         print(f"wrote {path} (plan for {args.budget:.0%} of block compute)")
@@ -263,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--png", default=None, help="heatmap PNG (default: next to the map)")
     pr.add_argument("--budget", type=float, default=None, help="also write a plan for this compute fraction")
     pr.add_argument("--plan", default=None, help="where to write that plan")
+    pr.add_argument("--tune", action="store_true",
+                    help="choose the plan by measuring candidates on the calibration run (ditopt.tune; slower)")
     pr.add_argument("--threads", type=int, default=1)
     pr.set_defaults(func=cmd_profile)
     b = sub.add_parser("bench", help="fidelity and compute of ditopt presets and peers on the zoo models")

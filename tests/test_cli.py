@@ -131,10 +131,24 @@ def test_profile_writes_map_heatmap_and_plan(tmp_path, capsys):
     assert "profiled dit-digits: 6 steps" in capsys.readouterr().out
 
 
+def test_profile_tune_writes_the_measured_best_plan(tmp_path, capsys):
+    plan = tmp_path / "p.yaml"
+    assert main(["profile", "dit-digits", "--steps", "4", "-o", str(tmp_path / "m.yaml"), "--budget", "0.5",
+                 "--plan", str(plan), "--tune"]) == 0
+    import ditopt
+
+    loaded = ditopt.Plan.load(plan)
+    assert loaded.steps == 4 and loaded.name.startswith("tuned: ")
+    assert "on the calibration run, best of" in capsys.readouterr().out
+
+
 def test_profile_and_bench_errors_are_one_line(capsys):
     assert main(["profile", "dit", "--steps", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert "profile needs a zoo model" in err and "\n" not in err
+    assert main(["profile", "dit-digits", "--steps", "2", "--tune"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--tune needs --budget" in err and "\n" not in err
     assert main(["bench", "--model", "dit-digits", "--methods", "nope:x", "--seeds", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert "unknown bench method(s) nope:x" in err and "\n" not in err

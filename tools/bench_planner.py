@@ -9,8 +9,11 @@
    schedule per block instead of one for the stack (PSNR on seeds the calibration never saw).
 3. Resampling: a map profiled at 20 steps resampled to 30 (``RedundancyMap.resample``) and
    planned there, and a plan made at 20 stretched to 30 (``Plan.resample``), against a plan
-   profiled at 30, all at the same budget; PSNR against full compute at 30 steps on seeds the
-   calibration never saw.
+   profiled at 30, all at the same budget; the same for tuned plans (``ditopt.tune`` at 20,
+   stretched, against ``ditopt.tune`` at 30). PSNR against full compute at 30 steps on seeds
+   the calibration never saw.
+4. Tuning (``--only tune``): ``ditopt.tune``'s time against one generation, its candidate
+   count, and the chosen plan's PSNR on the calibration seed and on the scored seeds, per budget.
 """
 
 from __future__ import annotations
@@ -58,6 +61,12 @@ def profile_of(zm, labels, steps: int):
                           steps=steps, progress=False)
 
 
+def tune_of(zm, labels, steps: int, budget: float, rmap=None):
+    run = lambda tr: zm.sample(labels, seed=CALIBRATION_SEED, steps=steps, transformer=tr)  # noqa: E731
+    rmap = rmap if rmap is not None else profile_of(zm, labels, steps)
+    return ditopt.tune(zm.model, run, rmap, budget=budget, progress=False)
+
+
 def mean_psnr(zm, plan, labels, steps: int, seeds, blocks: list[str]) -> tuple[float, float]:
     fast = ditopt.optimize(zm.model, plan)
     values, executed, total = [], 0, 0
@@ -77,7 +86,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--budget", type=float, default=0.5)
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--only", choices=("profile", "resample", "variants"), default=None,
+    parser.add_argument("--only", choices=("profile", "resample", "variants", "tune"), default=None,
                         help="run one part only")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -107,6 +116,23 @@ def main(argv=None) -> int:
                 value, frac = mean_psnr(zm, plan, labels, zm.steps, seeds, rmap.stack)
                 print(f"| {name} | {label} | {frac:.3f} | {value:.2f} |", flush=True)
         print()
+    if args.only in (None, "tune"):
+        print("| model | budget | tune / generation | candidates | chosen | block compute | "
+              "PSNR calibration seed (peak 1) | PSNR scored seeds (dB) |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name, zm in rows:
+            zm.sample(labels[:2], seed=0, steps=2)
+            gen = generation_seconds(zm, labels, zm.steps)
+            rmap = profile_of(zm, labels, zm.steps)
+            for budget in (0.5, 0.4, 0.35):
+                t0 = time.perf_counter()
+                tuned = tune_of(zm, labels, zm.steps, budget, rmap)
+                spent = time.perf_counter() - t0
+                value, frac = mean_psnr(zm, tuned.plan, labels, zm.steps, seeds, rmap.stack)
+                print(f"| {name} | {budget} | {spent / gen:.0f}x | {len(tuned.candidates)} | "
+                      f"{tuned.best.label.removeprefix('tuned: ')} | {frac:.3f} | {tuned.best.psnr:.2f} | "
+                      f"{value:.2f} |", flush=True)
+        print()
     if args.only not in (None, "resample"):
         return 0
     print(f"| model | plan at 30 steps (budget {args.budget}) | block compute | PSNR vs full (dB) |")
@@ -116,9 +142,13 @@ def main(argv=None) -> int:
         stretched = ditopt.plan_from_profile(map20, budget=args.budget).resample(30)
         replanned = ditopt.plan_from_profile(map20.resample(30), budget=args.budget)
         at30 = ditopt.plan_from_profile(profile_of(zm, labels, 30), budget=args.budget)
+        tuned_stretched = tune_of(zm, labels, 20, args.budget, map20).plan.resample(30)
+        tuned30 = tune_of(zm, labels, 30, args.budget).plan
         for label, plan in (("profiled at 20, map resampled to 30, planned at 30", replanned),
                             ("profiled at 20, plan resampled to 30 (Plan.resample)", stretched),
-                            ("profiled at 30", at30)):
+                            ("profiled at 30", at30),
+                            ("tuned at 20, plan resampled to 30 (Plan.resample)", tuned_stretched),
+                            ("tuned at 30", tuned30)):
             value, frac = mean_psnr(zm, plan, labels, 30, seeds, map20.stack)
             print(f"| {name} | {label} | {frac:.3f} | {value:.2f} |", flush=True)
     return 0
