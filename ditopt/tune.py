@@ -47,7 +47,7 @@ import torch
 
 from .backend import optimize, reset, set_plan
 from .errors import PlanError
-from .plan import COMPUTE, PREDICT, REUSE, REUSE_RESIDUAL, Plan, Rule
+from .plan import COMPUTE, PREDICT, Plan, Rule
 from .planner import schedule_from_profile
 from .profile import ProfileError, RedundancyMap
 from .sites import OUTPUT
@@ -63,6 +63,7 @@ class Candidate:
     plan: Plan
     compute_fraction: float  # of block compute: computed steps / steps
     psnr: float = math.nan  # of the calibration run's output against full compute (dB, peak 1)
+    shape: tuple | None = field(default=None, repr=False)  # (where, sites, {step: order}) of a forecast plan
 
 
 @dataclass
@@ -111,18 +112,25 @@ def spread_schedules(steps: int, computed: int) -> list[tuple[int, ...]]:
     return list(out)
 
 
-def _plan(steps: int, sites: tuple[str, ...], computed: tuple[int, ...], action: str, order: int | None,
-          model: str | None, name: str) -> Plan:
-    skipped = tuple(t for t in range(steps) if t not in set(computed))
-    if not skipped:
-        rules = [Rule(sites=sites, action=COMPUTE)]
-    else:
-        rules = [Rule(sites=sites, action=action, steps=skipped, order=order if action == PREDICT else None)]
-    return Plan(steps=steps, rules=rules, model=model, name=name)
+def _forecast_plan(steps: int, sites: tuple[str, ...], orders: dict[int, int], model: str | None,
+                   name: str) -> Plan:
+    """Every step not in ``orders`` computes; step t forecasts with Taylor order ``orders[t]``."""
+    rules = [Rule(sites=sites, action=PREDICT, steps=tuple(sorted(t for t, o in orders.items() if o == order)),
+                  order=order) for order in sorted(set(orders.values()))]
+    return Plan(steps=steps, rules=rules or [Rule(sites=sites, action=COMPUTE)], model=model, name=name)
+
+
+def _forecast_candidate(rmap: RedundancyMap, where: str, sites: tuple[str, ...], orders: dict[int, int],
+                        label: str) -> Candidate:
+    name = f"tuned: {where}, {label}"
+    cand = Candidate(name, _forecast_plan(rmap.steps, sites, orders, rmap.model, name),
+                     (rmap.steps - len(orders)) / rmap.steps)
+    cand.shape = (where, sites, dict(orders))
+    return cand
 
 
 def candidate_plans(rmap: RedundancyMap, budget: float) -> list[Candidate]:
-    """The plans :func:`tune` tries for ``budget`` (see the module docstring)."""
+    """The plans :func:`tune` tries first for ``budget`` (see the module docstring)."""
     if not (isinstance(budget, (int, float)) and 0 < budget <= 1):
         raise ProfileError(f"budget must be a fraction of full compute in (0, 1], got {budget!r}")
     n = rmap.steps
@@ -130,15 +138,16 @@ def candidate_plans(rmap: RedundancyMap, budget: float) -> list[Candidate]:
     blocks = tuple(rmap.stack)
     if not blocks:
         raise ProfileError("the redundancy map has no block stack to plan for")
-    reuse = REUSE_RESIDUAL if all(rmap.residual_form.get(b, False) for b in blocks) else REUSE
-    where: list[tuple[str, tuple[str, ...], str]] = [("blocks", blocks, reuse)]
+    where: list[tuple[str, tuple[str, ...]]] = [("blocks", blocks)]
     if OUTPUT in rmap.sites:
-        where.append(("output", (OUTPUT,), REUSE_RESIDUAL if rmap.residual_form.get(OUTPUT) else REUSE))
+        where.append(("output", (OUTPUT,)))
+    out: list[Candidate] = []
     schedules: dict[tuple[int, ...], str] = {}
     try:
         sch = schedule_from_profile(rmap, budget)
-        row = sch.actions[blocks[0]]
-        schedules[tuple(i for i, a in enumerate(row) if a == COMPUTE)] = "profiled schedule"
+        schedules[tuple(i for i, a in enumerate(sch.actions[blocks[0]]) if a == COMPUTE)] = "profiled schedule"
+        plan = sch.to_plan(rmap.model, "tuned: blocks, profiled plan (reuse or order-1 forecast per block)")
+        out.append(Candidate(plan.name, plan, sch.compute_fraction))
     except ProfileError:
         pass  # the budget is below what the planner's constraints allow; spread schedules remain
     if OUTPUT in rmap.sites:
@@ -150,16 +159,34 @@ def candidate_plans(rmap: RedundancyMap, budget: float) -> list[Candidate]:
             pass
     for s in spread_schedules(n, computed):
         schedules.setdefault(s, "spread " + ",".join(map(str, s)))
-    out = []
-    for label_where, sites, reuse_action in where:
+    for label_where, sites in where:
         for comp, label in schedules.items():
-            fraction = len(comp) / n
-            if fraction > budget + 1e-9:
+            if len(comp) / n > budget + 1e-9:
                 continue
-            for action, order in ((PREDICT, 1), (PREDICT, 2)):
-                how = f"predict order {order}" if action == PREDICT else action
-                name = f"tuned: {label_where}, {how}, {label}"
-                out.append(Candidate(name, _plan(n, sites, comp, action, order, rmap.model, name), fraction))
+            for order in (1, 2):
+                orders = {t: order for t in range(n) if t not in set(comp)}
+                out.append(_forecast_candidate(rmap, label_where, sites, orders, f"predict order {order}, {label}"))
+    return out
+
+
+def _neighbours(rmap: RedundancyMap, best: Candidate) -> list[Candidate]:
+    """One-step changes of a forecast candidate: each forecast step's order flipped (1 <-> 2),
+    each computed step but the first moved one step earlier or later."""
+    where, sites, orders = best.shape
+    n = rmap.steps
+    out = []
+    for t in sorted(orders):
+        flipped = dict(orders)
+        flipped[t] = 3 - orders[t]
+        out.append(_forecast_candidate(rmap, where, sites, flipped, f"refined, step {t} order {flipped[t]}"))
+    computed = [t for t in range(n) if t not in orders]
+    for c in computed[1:]:
+        for d in (-1, 1):
+            m = c + d
+            if 0 < m < n and m in orders:
+                moved = {t: o for t, o in orders.items() if t != m}
+                moved[c] = orders[m]
+                out.append(_forecast_candidate(rmap, where, sites, moved, f"refined, compute {m} not {c}"))
     return out
 
 
@@ -186,15 +213,18 @@ def _tensors(x: Any) -> list[torch.Tensor]:
 
 
 def tune(model: torch.nn.Module, run: Callable[[Any], Any], rmap: RedundancyMap, *, budget: float,
-         candidates: list[Candidate] | None = None, progress: bool = True) -> Tuned:
+         candidates: list[Candidate] | None = None, refine: bool = True, progress: bool = True) -> Tuned:
     """The plan that measures best within ``budget`` on the calibration run ``run``.
 
     ``run(transformer)`` is the same sampling call given to :func:`ditopt.profile` (it must
     return the samples as tensors); ``rmap`` the map that profile returned, which supplies the
     profiled schedule and the sites. Each candidate (:func:`candidate_plans`, or ``candidates``)
     runs once; its PSNR against ``run(model)`` at full compute is measured with a peak of 1 (a
-    relative figure, for ranking). The model itself is not changed. Costs one full-compute
-    run, two graph captures and one run per candidate (about 70 at 20 steps).
+    relative figure, for ranking). With ``refine``, the best forecast candidate is then improved
+    greedily by one-step changes (a forecast's order flipped, a computed step moved by one),
+    each kept if it measures better. The model itself is not changed. Costs one full-compute
+    run, two graph captures and one run per candidate (about 70, plus about 30 refining, at 20
+    steps and budget 0.5).
     """
     rmap.check_fits(model=type(model).__name__)
     cands = candidate_plans(rmap, budget) if candidates is None else list(candidates)
@@ -208,7 +238,8 @@ def tune(model: torch.nn.Module, run: Callable[[Any], Any], rmap: RedundancyMap,
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(cands), desc="tune", unit="plan")
-    for cand in cands:
+
+    def measure(cand: Candidate) -> float:
         key = tuple(sorted({s for r in cand.plan.rules for s in r.sites}))
         fast = compiled.get(key)
         try:
@@ -222,7 +253,48 @@ def tune(model: torch.nn.Module, run: Callable[[Any], Any], rmap: RedundancyMap,
             cand.psnr = _psnr(run(fast), reference)
         if bar is not None:
             bar.update(1)
+        return cand.psnr
+
+    tried = []
+    for cand in cands:
+        measure(cand)
+        tried.append(cand)
+    forecasts = [c for c in tried if c.shape is not None]
+    if refine and forecasts:
+        current = max(forecasts, key=lambda c: c.psnr)
+        for neighbour in _neighbours(rmap, current):
+            if bar is not None:
+                bar.total += 1
+            # re-derive the move from the current best, so accepted moves compose
+            where, sites, orders = current.shape
+            target = neighbour.shape[2]
+            moved = _apply_move(orders, current.shape[2], target, rmap.steps)
+            if moved is None:
+                continue
+            cand = _forecast_candidate(rmap, where, sites, moved, neighbour.label.split(", ", 1)[1])
+            if cand.compute_fraction > budget + 1e-9:
+                continue
+            measure(cand)
+            tried.append(cand)
+            if cand.psnr > current.psnr:
+                current = cand
     if bar is not None:
         bar.close()
-    best = max(cands, key=lambda c: (c.psnr, -c.compute_fraction))
-    return Tuned(best.plan, best, cands)
+    best = max(tried, key=lambda c: (c.psnr, -c.compute_fraction))
+    return Tuned(best.plan, best, tried)
+
+
+def _apply_move(current: dict[int, int], base: dict[int, int], target: dict[int, int], steps: int
+                ) -> dict[int, int] | None:
+    """Apply to ``current`` the change that turns ``base`` into ``target`` (None if it no longer applies)."""
+    out = dict(current)
+    for t in range(steps):
+        if base.get(t) == target.get(t):
+            continue
+        if current.get(t) != base.get(t):
+            return None  # an accepted move already changed this step
+        if target.get(t) is None:
+            out.pop(t, None)
+        else:
+            out[t] = target[t]
+    return out if out != current else None
