@@ -192,3 +192,26 @@ def test_reset_and_explicit_step_override():
         fast(**kwargs, return_dict=False)  # same timestep, but told it is step 1
     assert ditopt.stats(fast).decisions["transformer_blocks.1"] == ["compute", "reuse_residual"]
 
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_forecasting_the_output_site_extrapolates_the_models_output(name):
+    """On every class, a plan on the ``output`` site skips the whole network at a predict step and
+    returns the line (order 1) or parabola (order 2) through the outputs of earlier steps."""
+    model, kwargs = build(name)
+    full = run_steps(model, kwargs, 5)
+    plan = ditopt.Plan(steps=5, rules=[ditopt.Rule(sites=("output",), action="predict", steps=(2,), order=1),
+                                       ditopt.Rule(sites=("output",), action="predict", steps=(4,), order=2)])
+    fast = ditopt.optimize(model, plan)
+    got = run_steps(fast, kwargs, 5)
+    for i in (0, 1, 3):
+        assert torch.equal(got[i], full[i])
+    torch.testing.assert_close(got[2], 2 * full[1] - full[0])
+    # through steps 0, 1, 3 (computed): Newton's parabola evaluated at step 4
+    y0, y1, y3 = full[0], full[1], full[3]
+    d01, d13 = y1 - y0, (y3 - y1) / 2
+    torch.testing.assert_close(got[4], y3 + d13 * 1 + (d13 - d01) / 3 * (4 - 3) * (4 - 1))
+    decisions = ditopt.stats(fast).decisions
+    assert decisions["output"] == ["compute", "compute", "predict", "compute", "predict"]
+    blocks = [s for s in decisions if s.startswith(("blocks.", "transformer_blocks."))]
+    assert blocks and all(decisions[b][2] == "skipped" and decisions[b][4] == "skipped" for b in blocks)
