@@ -13,6 +13,10 @@ since an error in the velocity at a step moves the sample by that much. With the
 planned together, a step's error is that of the stack's output: the blocks' misses summed
 element by element (they partly cancel), not the sum of their sizes.
 
+The replayed error ranks plans only roughly (it cannot see how a forecast error at one step
+changes what the model sees at the next); :func:`ditopt.tune` uses this planner's schedules as
+candidates among others and keeps the plan that measures best on the calibration run.
+
 A dynamic program over (previous computed step, last computed step) finds the schedule
 minimising ``error + lambda * FLOPs``, with the first step computed (the last too if asked) and
 at most ``max_consecutive`` steps in a row not computed; a bisection on ``lambda`` meets the
