@@ -3,8 +3,7 @@
 :func:`ditopt.plan_from_profile` predicts a plan's error by replaying reuse and forecasts on
 the calibration trajectory. That ranks plans only roughly: a forecast error at one step
 changes what the model sees at the next, and how much that matters depends on where in the
-network the error enters. Measured on the zoo models, plans whose replayed errors differ by
-1 dB swap order once run (``docs/BENCHMARKS.md``). :func:`tune` therefore treats the planner
+network the error enters. :func:`tune` therefore treats the planner
 as a source of candidates, as autotuners do: it runs each candidate through the same sampling
 call the profile used, compares the result with that call at full compute, and returns the
 candidate with the least error that fits the budget.
@@ -16,9 +15,12 @@ The candidates are every combination of
   the model's output is forecast: what the sampler integrates);
 - **when**: the profiled dynamic-programming schedule, and evenly spread schedules with a
   warm-up of 1-3 computed steps, an optional gap after it and 0-2 trailing steps left out;
-- **how**: forecasts of order 1 or 2 (TaylorSeer's finite differences). Plain reuse was a
-  candidate too and never came out best on the zoo models (FORA-style reuse loses 8-10 dB to
-  forecasts at the same compute), so it is left out to halve the tuning time.
+- **how**: forecasts of order 1 or 2 (TaylorSeer's finite differences). Plain reuse is left
+  out, which halves the tuning time: on the zoo models FORA-2 (reuse) scores about 8 dB below
+  TaylorSeer (forecasts) at about the same compute (``docs/BENCHMARKS.md``).
+
+The open-loop plan of :func:`ditopt.plan_from_profile` (per block, reuse or an order-1
+forecast) is a candidate too, so tuning never measures worse than it on the calibration run.
 
 Each candidate runs without recompiling: one graph per site choice is compiled and then given
 each candidate's decision table (:func:`ditopt.set_plan`).
