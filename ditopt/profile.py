@@ -19,9 +19,9 @@ Example::
     >>> rmap = ditopt.profile(m.model, lambda tr: m.sample([1, 7], seed=0, steps=6, transformer=tr), steps=6,
     ...                       progress=False)
     >>> rmap.steps, rmap.branches, rmap.sites[:2]
-    (6, 1, ['transformer_blocks.0', 'transformer_blocks.0.attn1'])
+    (6, 1, ['output', 'transformer_blocks.0'])
     >>> tuple(rmap.metric("rel_l1_residual").shape)   # [steps, sites, branches]; step 0 is NaN
-    (6, 18, 1)
+    (6, 19, 1)
 """
 
 from __future__ import annotations
