@@ -65,7 +65,7 @@ class Candidate:
     plan: Plan
     compute_fraction: float  # of block compute: computed steps / steps
     psnr: float = math.nan  # of the calibration run's output against full compute (dB, peak 1)
-    shape: tuple | None = field(default=None, repr=False)  # (where, sites, {step: order}) of a forecast plan
+    recipe: tuple | None = field(default=None, repr=False)  # (where, sites, {step: order}) of a forecast plan
 
 
 @dataclass
@@ -127,7 +127,7 @@ def _forecast_candidate(rmap: RedundancyMap, where: str, sites: tuple[str, ...],
     name = f"tuned: {where}, {label}"
     cand = Candidate(name, _forecast_plan(rmap.steps, sites, orders, rmap.model, name),
                      (rmap.steps - len(orders)) / rmap.steps)
-    cand.shape = (where, sites, dict(orders))
+    cand.recipe = (where, sites, dict(orders))
     return cand
 
 
@@ -174,7 +174,7 @@ def candidate_plans(rmap: RedundancyMap, budget: float) -> list[Candidate]:
 def _neighbours(rmap: RedundancyMap, best: Candidate) -> list[Candidate]:
     """One-step changes of a forecast candidate: each forecast step's order flipped (1 <-> 2),
     each computed step but the first moved one step earlier or later."""
-    where, sites, orders = best.shape
+    where, sites, orders = best.recipe
     n = rmap.steps
     out = []
     for t in sorted(orders):
@@ -261,16 +261,16 @@ def tune(model: torch.nn.Module, run: Callable[[Any], Any], rmap: RedundancyMap,
     for cand in cands:
         measure(cand)
         tried.append(cand)
-    forecasts = [c for c in tried if c.shape is not None]
+    forecasts = [c for c in tried if c.recipe is not None]
     if refine and forecasts:
         current = max(forecasts, key=lambda c: c.psnr)
         for neighbour in _neighbours(rmap, current):
             if bar is not None:
                 bar.total += 1
             # re-derive the move from the current best, so accepted moves compose
-            where, sites, orders = current.shape
-            target = neighbour.shape[2]
-            moved = _apply_move(orders, current.shape[2], target, rmap.steps)
+            where, sites, orders = current.recipe
+            target = neighbour.recipe[2]
+            moved = _apply_move(orders, current.recipe[2], target, rmap.steps)
             if moved is None:
                 continue
             cand = _forecast_candidate(rmap, where, sites, moved, neighbour.label.split(", ", 1)[1])

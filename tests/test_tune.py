@@ -120,13 +120,13 @@ def test_refinement_moves_keep_the_compute_and_compose(rmap):
     moves = _neighbours(rmap, start)
     flips = [m for m in moves if "order" in m.label]
     shifts = [m for m in moves if "compute" in m.label]
-    assert len(flips) == 3 and {tuple(sorted(m.shape[2].items())) for m in flips} == {
+    assert len(flips) == 3 and {tuple(sorted(m.recipe[2].items())) for m in flips} == {
         ((1, 2), (3, 2), (5, 1)), ((1, 1), (3, 1), (5, 1)), ((1, 1), (3, 2), (5, 2))}
     # computed steps 0, 2, 4: 2 may move to 1 or 3, 4 to 3 or 5; step 0 never moves
     assert len(shifts) == 4 and all(m.compute_fraction == start.compute_fraction for m in moves)
-    base = start.shape[2]
-    after_flip = _apply_move(base, base, flips[0].shape[2], rmap.steps)
+    base = start.recipe[2]
+    after_flip = _apply_move(base, base, flips[0].recipe[2], rmap.steps)
     assert after_flip == {1: 2, 3: 2, 5: 1}
     # a second move on another step applies on top of the first; one on the same step does not
-    assert _apply_move(after_flip, base, flips[2].shape[2], rmap.steps) == {1: 2, 3: 2, 5: 2}
-    assert _apply_move(after_flip, base, flips[0].shape[2], rmap.steps) is None
+    assert _apply_move(after_flip, base, flips[2].recipe[2], rmap.steps) == {1: 2, 3: 2, 5: 2}
+    assert _apply_move(after_flip, base, flips[0].recipe[2], rmap.steps) is None
