@@ -14,12 +14,12 @@ from .plan import CompiledPlan, Plan, Rule, When
 from .profile import ProfileError, RedundancyMap, profile, profile_pipeline
 from . import planner
 from .planner import plan_from_profile
-from .tune import Tuned, tune
+from .tune import Tuned, tune, tune_pipeline
 from .sites import Site, SiteTable, find_sites
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CaptureError", "CompiledPlan", "DitoptBackend", "DitoptError", "Plan", "PlanError", "Rule", "Site",
-    "SiteTable", "Stats", "When", "find_sites", "optimize", "presets", "profile", "profile_pipeline", "plan_from_profile", "planner", "ProfileError", "RedundancyMap", "reset", "set_plan", "set_step", "sites", "stats", "tune", "Tuned",
+    "SiteTable", "Stats", "When", "find_sites", "optimize", "presets", "profile", "profile_pipeline", "plan_from_profile", "planner", "ProfileError", "RedundancyMap", "reset", "set_plan", "set_step", "sites", "stats", "tune", "tune_pipeline", "Tuned",
 ]

@@ -54,7 +54,7 @@ from .planner import schedule_from_profile
 from .profile import ProfileError, RedundancyMap
 from .sites import OUTPUT
 
-__all__ = ["Candidate", "Tuned", "candidate_plans", "tune"]
+__all__ = ["Candidate", "Tuned", "candidate_plans", "tune", "tune_pipeline"]
 
 
 @dataclass
@@ -202,8 +202,13 @@ def _psnr(out: Any, ref: Any) -> float:
 
 
 def _tensors(x: Any) -> list[torch.Tensor]:
+    """The tensors in what a run returned: tensors, numpy arrays, PIL images, a pipeline output."""
     if isinstance(x, torch.Tensor):
         return [x]
+    if type(x).__module__ == "numpy" or hasattr(x, "__array_interface__"):  # ndarray, PIL image
+        import numpy as np
+
+        return [torch.from_numpy(np.asarray(x, dtype=np.float64))]
     if isinstance(x, (list, tuple)):
         return [t for v in x for t in _tensors(v)]
     if isinstance(x, dict):
@@ -300,3 +305,42 @@ def _apply_move(current: dict[int, int], base: dict[int, int], target: dict[int,
         else:
             out[t] = target[t]
     return out if out != current else None
+
+
+def tune_pipeline(pipe, rmap: RedundancyMap, *, budget: float, seed: int = 0, progress: bool = True,
+                  refine: bool = True, **call_kwargs) -> Tuned:
+    """:func:`tune` ``pipe.transformer`` over real calls of a diffusers pipeline:
+    ``pipe(num_inference_steps=rmap.steps, generator=torch.Generator().manual_seed(seed),
+    **call_kwargs)``, the same noise for every candidate. ``rmap`` is the map of
+    :func:`ditopt.profile_pipeline` on that pipeline. The pipeline's transformer is restored.
+
+    Example::
+
+        >>> import torch, ditopt
+        >>> from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+        >>> net = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+        ...     num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=1000).eval()
+        >>> vae = AutoencoderKL(block_out_channels=(8,), latent_channels=4, norm_num_groups=8, sample_size=8).eval()
+        >>> pipe = DiTPipeline(transformer=net, vae=vae, scheduler=DDIMScheduler())
+        >>> pipe.set_progress_bar_config(disable=True)
+        >>> call = dict(class_labels=[1, 2], output_type="np")
+        >>> rmap = ditopt.profile_pipeline(pipe, steps=6, cfg="batched", progress=False, **call)
+        >>> tuned = ditopt.tune_pipeline(pipe, rmap, budget=0.5, progress=False, **call)
+        >>> tuned.plan.steps, pipe.transformer is net
+        (6, True)
+    """
+    if "generator" in call_kwargs or "num_inference_steps" in call_kwargs:
+        raise ProfileError("tune_pipeline sets generator (from seed=) and num_inference_steps (from the map)")
+    original = pipe.transformer
+
+    def run(transformer):
+        pipe.transformer = transformer
+        try:
+            return pipe(num_inference_steps=rmap.steps, generator=torch.Generator().manual_seed(seed), **call_kwargs)
+        finally:
+            pipe.transformer = original
+
+    try:
+        return tune(original, run, rmap, budget=budget, progress=progress, refine=refine)
+    finally:
+        pipe.transformer = original

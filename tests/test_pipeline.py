@@ -56,3 +56,25 @@ def test_profile_a_pipeline_then_run_it_with_the_planned_plan():
     assert out.shape[0] == 2
     d = ditopt.stats(pipe.transformer).decisions
     assert sum(a == "compute" for b in rmap.stack for a in d[b]) <= 0.75 * steps * len(rmap.stack)
+
+
+def test_tune_a_pipeline_measures_each_candidate_on_the_same_noise():
+    import math
+
+    import pytest
+
+    from ditopt.profile import ProfileError
+
+    pipe = _pipe()
+    steps = 6
+    call = dict(class_labels=[1, 2], guidance_scale=4.0, output_type="np")
+    rmap = ditopt.profile_pipeline(pipe, steps=steps, cfg="batched", progress=False, **call)
+    tuned = ditopt.tune_pipeline(pipe, rmap, budget=0.5, seed=3, progress=False, **call)
+    assert isinstance(pipe.transformer, DiTTransformer2DModel)  # restored
+    reference = pipe(num_inference_steps=steps, generator=torch.Generator().manual_seed(3), **call).images
+    pipe.transformer = ditopt.optimize(pipe.transformer, tuned.plan)
+    out = pipe(num_inference_steps=steps, generator=torch.Generator().manual_seed(3), **call).images
+    mse = float(((out.astype("float64") - reference) ** 2).mean())
+    assert 10 * math.log10(1 / mse) == pytest.approx(tuned.best.psnr, abs=1e-6)
+    with pytest.raises(ProfileError, match="generator"):
+        ditopt.tune_pipeline(pipe, rmap, budget=0.5, generator=torch.Generator(), **call)
