@@ -185,12 +185,13 @@ PRESETS = [
     (r"fbcache-(\d*\.?\d+)", lambda m, steps: presets.first_block_cache(float(m[1]), steps)),
     (r"all-compute", lambda m, steps: presets.all_compute(steps)),
     (r"taylorseer-(\d+)", lambda m, steps: presets.taylorseer(steps, interval=int(m[1]))),
+    (r"taylorseer-(\d+)-output", lambda m, steps: presets.taylorseer(steps, interval=int(m[1]), level="output")),
     (r"teacache-(\d*\.?\d+)", lambda m, steps: presets.teacache(float(m[1]), steps)),
     (r"dbcache-(\d*\.?\d+)", lambda m, steps: presets.dbcache(float(m[1]), steps)),
     (r"delta-dit", lambda m, steps: presets.delta_dit(steps)),
     (r"pab", lambda m, steps: presets.pab(steps)),
 ]
-PRESET_HELP = ("fora-N (layer level), fora-N-block, fbcache-THRESHOLD, taylorseer-N, teacache-THRESHOLD, "
+PRESET_HELP = ("fora-N (layer level), fora-N-block, fbcache-THRESHOLD, taylorseer-N, taylorseer-N-output, teacache-THRESHOLD, "
                "dbcache-THRESHOLD, delta-dit, pab, all-compute")
 
 

@@ -126,13 +126,16 @@ def delta_dit(steps: int = 50, interval: int = 2, k: int = 2, boundary: int | No
     return plan
 
 
-def taylorseer(steps: int = 50, interval: int = 4, order: int = 2, *, warmup: int | None = None) -> Plan:
+def taylorseer(steps: int = 50, interval: int = 4, order: int = 2, *, warmup: int | None = None,
+               level: str = "block") -> Plan:
     """TaylorSeer: forecast the blocks' features with a Taylor series between full steps.
 
     Follows Liu et al., "From Reusing to Forecasting: Accelerating Diffusion Models with
     TaylorSeers" (2025): instead of reusing a cached feature, extrapolate it from the last
-    computed steps (finite differences up to ``order``). Here every block of the stack
-    ``predict``s its residual (or output) at level block; the first ``warmup`` steps compute
+    computed steps (finite differences up to ``order``). With ``level="block"`` every block of
+    the stack ``predict``s its residual (or output); with ``level="output"`` the model's
+    ``output`` site is forecast as a whole (every block, the final norm and projection skipped),
+    as TaylorSeer's lite mode forecasts the final projection. The first ``warmup`` steps compute
     (default ``order + 1``, so the first forecast has a full history), then every
     ``interval``-th step computes and the others forecast. ``order=0`` is plain reuse.
 
@@ -140,17 +143,23 @@ def taylorseer(steps: int = 50, interval: int = 4, order: int = 2, *, warmup: in
         >>> plan = taylorseer(steps=10, interval=3, order=1)
         >>> plan.rules[0].step_list(10), plan.rules[0].order
         ([3, 4, 6, 7, 9], 1)
+        >>> taylorseer(steps=10, interval=2, order=1, level="output").rules[0].sites
+        ('output',)
     """
     _check_steps(steps)
     _check_int("interval", interval, 1)
     if order not in (0, 1, 2):
         raise ValueError(f"order must be 0, 1 or 2, got {order!r}")
+    if level not in ("block", "output"):
+        raise ValueError(f"level must be 'block' or 'output', got {level!r}")
     warmup = order + 1 if warmup is None else warmup
     _check_int("warmup", warmup, 1)
     forecast = tuple(s for s in range(warmup, steps) if (s - warmup) % interval != 0)
-    rules = [Rule(sites=("*",), kind="block", steps=forecast, action="predict", order=order)] if forecast else \
-        [Rule(sites=("*",), kind="block", action="compute")]
-    plan = Plan(steps=steps, rules=rules, name=f"taylorseer-{interval}-o{order}")
+    where = dict(sites=("*",), kind="block") if level == "block" else dict(sites=("output",))
+    rules = [Rule(**where, steps=forecast, action="predict", order=order)] if forecast else \
+        [Rule(**where, action="compute")]
+    suffix = "" if level == "block" else "-output"
+    plan = Plan(steps=steps, rules=rules, name=f"taylorseer-{interval}-o{order}{suffix}")
     plan.check()
     return plan
 
@@ -277,6 +286,7 @@ PRESETS = {
     "first-block-cache": first_block_cache,
     "delta-dit": delta_dit,
     "taylorseer": taylorseer,
+    "taylorseer-output": lambda steps=50: taylorseer(steps, level="output"),
     "teacache": teacache,
     "dbcache": dbcache,
     "pab": pab,

@@ -154,7 +154,7 @@ def test_profile_and_bench_errors_are_one_line(capsys):
     assert "unknown bench method(s) nope:x" in err and "\n" not in err
 
 
-@pytest.mark.parametrize("preset", ["taylorseer-3", "teacache-0.1", "dbcache-0.1", "delta-dit", "pab"])
+@pytest.mark.parametrize("preset", ["taylorseer-3", "taylorseer-2-output", "teacache-0.1", "dbcache-0.1", "delta-dit", "pab"])
 def test_diff_takes_every_published_preset_by_name(preset, tmp_path, capsys):
     out = tmp_path / "d.txt"
     assert main(["diff", "dit", "--preset", preset, "--format", "text", "-o", str(out)]) == 0

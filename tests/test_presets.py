@@ -234,6 +234,7 @@ PRESETS = {
     "first-block-cache": lambda n: presets.first_block_cache(0.1, steps=n),
     "delta-dit": lambda n: presets.delta_dit(n, interval=2, k=1),
     "taylorseer": lambda n: presets.taylorseer(n, interval=2, order=1),
+    "taylorseer-output": lambda n: presets.taylorseer(n, interval=2, order=1, level="output"),
     "teacache": lambda n: presets.teacache(0.1, steps=n),
     "dbcache": lambda n: presets.dbcache(0.1, n, fn=1, bn=0, warmup=1),
     "pab": lambda n: presets.pab(n, window=(1, n)),
@@ -292,6 +293,13 @@ def test_taylorseer_forecasts_every_block_between_full_steps():
     assert psnr(out, ref) > 15
 
 
+def test_taylorseer_at_output_level_skips_the_whole_network_between_full_steps():
+    decisions, out, ref = run_on_digits(presets.taylorseer(STEPS, interval=3, order=2, level="output"))
+    assert decisions["output"] == ["compute"] * 4 + ["predict"] * 2 + ["compute", "predict"]
+    assert all(decisions[b] == ["compute"] * 4 + ["skipped"] * 2 + ["compute", "skipped"] for b in BLOCKS)
+    assert psnr(out, ref) > 15
+
+
 def test_teacache_keeps_the_first_and_last_step_and_block_computing():
     decisions, out, ref = run_on_digits(presets.teacache(0.2, steps=STEPS))
     assert decisions[BLOCKS[0]] == ["compute"] * STEPS
@@ -327,6 +335,7 @@ def test_pab_broadcasts_attention_inside_its_window():
     (lambda: presets.delta_dit(10, boundary=11), "boundary must be at most steps"),
     (lambda: presets.taylorseer(10, order=3), "order must be 0, 1 or 2, got 3"),
     (lambda: presets.taylorseer(10, interval=-1), "interval must be"),
+    (lambda: presets.taylorseer(10, level="stack"), "level must be 'block' or 'output'"),
     (lambda: presets.taylorseer(0), "steps must be a positive integer"),
     (lambda: presets.teacache(0, steps=10), "threshold must be > 0"),
     (lambda: presets.teacache(0.1, steps=10, rescale=[]), "rescale must be a non-empty list"),
