@@ -153,6 +153,12 @@ def _fbcache_settings(steps: int) -> list[Setting]:
             for t in (0.05, 0.1, 0.2, 0.3)]
 
 
+def _taylorseer_output_settings(steps: int) -> list[Setting]:
+    return [_ditopt_setting(f"output, interval={k}, order={o}",
+                            lambda n, k=k, o=o: presets.taylorseer(n, interval=k, order=o, level="output"))
+            for k, o in ((2, 1), (2, 2), (3, 1), (3, 2), (4, 2))]
+
+
 def _taylorseer_settings(steps: int) -> list[Setting]:
     return [_ditopt_setting(f"interval={k}, order={o}", lambda n, k=k, o=o: presets.taylorseer(n, interval=k, order=o))
             for k, o in ((2, 1), (3, 1), (3, 2), (4, 2))]
@@ -442,6 +448,7 @@ METHODS: dict[str, Method] = {m.key: m for m in [
     Method("ditopt:fora-layer", "ditopt", "FORA (layer)", _fora_layer_settings),
     Method("ditopt:fbcache", "ditopt", "First-Block-Cache", _fbcache_settings),
     Method("ditopt:taylorseer", "ditopt", "TaylorSeer", _taylorseer_settings),
+    Method("ditopt:taylorseer-output", "ditopt", "TaylorSeer (output)", _taylorseer_output_settings),
     Method("ditopt:delta-dit", "ditopt", "Δ-DiT", _delta_dit_settings),
     Method("ditopt:teacache", "ditopt", "TeaCache", _teacache_settings),
     Method("ditopt:dbcache", "ditopt", "DBCache", _dbcache_settings),
