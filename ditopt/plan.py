@@ -265,14 +265,44 @@ class Plan:
                     carry -= 1.0
             return tuple(chosen)
 
+        # Static non-compute rules on the same sites are resampled together: the steps they
+        # skip as one density (so two rules that share a schedule, e.g. forecasts of order 1 and 2,
+        # neither collide nor leave gaps), each new step then taking the rule of the nearest old step.
+        def target(rule: Rule):
+            return (rule.sites, rule.kind, rule.attention) if rule.action != COMPUTE and rule.when is None \
+                and rule.steps is not None else None
+
+        assigned: dict[int, tuple[int, ...]] = {}
+        groups: dict[tuple, list[int]] = {}
+        for index, rule in enumerate(self.rules):
+            key = target(rule)
+            if key is not None:
+                groups.setdefault(key, []).append(index)
+        for members in groups.values():
+            owner: dict[int, int] = {}
+            for index in members:  # a later rule overrides an earlier one on the same step
+                for st in self.rules[index].step_list(old):
+                    owner[st] = index
+            picked: dict[int, list[int]] = {index: [] for index in members}
+            for i in spread(set(owner)):
+                if i == 0:
+                    continue  # nothing is cached before the first step
+                position = (i + 0.5) * scale - 0.5
+                nearest = min(owner, key=lambda st: (abs(st - position), -st))
+                picked[owner[nearest]].append(i)
+            assigned.update({index: tuple(v) for index, v in picked.items()})
+
         rules = []
-        for rule in self.rules:
+        for index, rule in enumerate(self.rules):
             if rule.steps is None:
                 rules.append(rule)
                 continue
-            new_steps = spread(set(rule.step_list(old)))
-            if rule.action != COMPUTE and rule.when is None:
-                new_steps = tuple(s for s in new_steps if s > 0)
+            if index in assigned:
+                new_steps = assigned[index]
+            else:
+                new_steps = spread(set(rule.step_list(old)))
+                if rule.action != COMPUTE and rule.when is None:
+                    new_steps = tuple(s for s in new_steps if s > 0)
             if new_steps:
                 rules.append(Rule(sites=rule.sites, action=rule.action, steps=new_steps, kind=rule.kind,
                                   when=rule.when, order=rule.order, attention=rule.attention))
