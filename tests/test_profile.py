@@ -145,6 +145,24 @@ def test_resample_keeps_shape():
         plan.resample(0)
 
 
+def test_resample_treats_rules_on_the_same_sites_as_one_schedule():
+    """Forecasts of two orders sharing one schedule (what tune's refinement writes) keep the
+    schedule's density when resampled: no step claimed twice, none dropped."""
+    skipped = (2, 4, 6, 8, 10, 12, 13, 15, 17, 19)
+    plan = ditopt.Plan(steps=20, rules=[
+        ditopt.Rule(sites=("output",), action="predict", steps=(13,), order=1),
+        ditopt.Rule(sites=("output",), action="predict", steps=tuple(s for s in skipped if s != 13), order=2)])
+    first, second = plan.resample(30).rules
+    assert not set(first.steps) & set(second.steps)
+    assert len(first.steps) + len(second.steps) == 15 and 0 not in second.steps
+    assert first.order == 1 and all(18 <= s <= 21 for s in first.steps)  # around old step 13 (x1.5)
+    # rules on other sites keep their own schedules
+    other = ditopt.Plan(steps=4, rules=[ditopt.Rule(sites=("a",), action="reuse", steps=(1, 3)),
+                                        ditopt.Rule(sites=("b",), action="reuse", steps=(2,))]).resample(8)
+    alone = ditopt.Plan(steps=4, rules=[ditopt.Rule(sites=("b",), action="reuse", steps=(2,))]).resample(8)
+    assert other.rules[0].steps == (1, 3, 5, 7) and other.rules[1].steps == alone.rules[0].steps
+
+
 def test_map_resample_interpolates_and_plans_at_the_new_count(rmap):
     r12 = rmap.resample(12)
     assert r12.steps == 12 and r12.samples[rmap.stack[0]].shape[0] == 12
