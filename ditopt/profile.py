@@ -286,17 +286,16 @@ def profile_pipeline(pipe, *, steps: int, progress: bool = True, cfg: str | None
         >>> rmap.steps, rmap.stack, pipe.transformer is net
         (4, ['transformer_blocks.0', 'transformer_blocks.1'], True)
     """
+    return profile(pipe.transformer, lambda tr: call_with(pipe, tr, num_inference_steps=steps, **call_kwargs),
+                   steps=steps, progress=progress, keep=keep, cfg=cfg)
+
+
+def call_with(pipe, transformer, **call_kwargs):
+    """One call of ``pipe`` with ``transformer`` in place of ``pipe.transformer``, restored after."""
     original = pipe.transformer
-
-    def run(transformer):
-        pipe.transformer = transformer
-        try:
-            return pipe(num_inference_steps=steps, **call_kwargs)
-        finally:
-            pipe.transformer = original
-
+    pipe.transformer = transformer
     try:
-        return profile(original, run, steps=steps, progress=progress, keep=keep, cfg=cfg)
+        return pipe(**call_kwargs)
     finally:
         pipe.transformer = original
 
