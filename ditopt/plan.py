@@ -28,6 +28,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -236,17 +238,30 @@ class Plan:
     def resample(self, steps: int) -> "Plan":
         """The same plan for ``steps`` denoising steps instead of ``self.steps``.
 
-        Each rule's steps are treated as a density along the schedule (its share of the two old
-        steps around each new step's position), and error diffusion decides which new steps the
-        rule takes, so the rule keeps its share of steps region by region
-        and a regular pattern stays regular (every other step stays every other step; a plan
-        mapped by nearest step instead turns "compute, forecast" into runs of two forecasts).
+        The static rules that skip a site (reuse, forecast) are resampled together, as one
+        schedule of computed and skipped steps per site, which keeps the schedule's shape
+        in steps rather than stretching it:
+
+        - the warm-up (the computed steps before the first skipped one) keeps its length;
+        - after it, the new schedule is walked from computed step to computed step, and each
+          run of skipped steps is as long as the run the old plan had at the same relative
+          position of the schedule. "Compute, forecast" stays an alternation, and the longest
+          run of consecutive skips (the plan's bound on consecutive reuse) is kept.
+          Stretching runs by ``steps / self.steps`` instead was measured 2-5 dB worse on
+          the zoo models (20 to 30 steps, ``docs/BENCHMARKS.md``);
+        - the number of skipped steps is then brought to within one step of the old share of
+          the schedule, by breaking the longest run or lengthening the shortest, latest first;
+        - each new skipped step takes the rule (action, order) of the nearest old skipped step.
+
+        Other rules with steps (compute rules) are spread as a density along the schedule;
         ``when`` rules without steps apply to every step, as before.
 
         Example:
             >>> plan = Plan(steps=4, rules=[Rule(sites=("*",), kind="block", steps=(1, 3), action="reuse_residual")])
             >>> plan.resample(8).rules[0].steps
             (1, 3, 5, 7)
+            >>> Plan(steps=10, rules=[Rule(sites=("b",), steps=(3, 4, 6, 7, 9), action="predict")]).resample(15).rules[0].steps
+            (3, 4, 6, 7, 9, 10, 12, 13)
         """
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise PlanError(f"can only resample to a positive number of steps, got {steps!r}")
@@ -265,9 +280,9 @@ class Plan:
                     carry -= 1.0
             return tuple(chosen)
 
-        # Static non-compute rules on the same sites are resampled together: the steps they
-        # skip as one density (so two rules that share a schedule, e.g. forecasts of order 1 and 2,
-        # neither collide nor leave gaps), each new step then taking the rule of the nearest old step.
+        # Static non-compute rules on the same sites are resampled together, as one schedule
+        # (so two rules that share it, e.g. forecasts of order 1 and 2, neither collide nor leave
+        # gaps), each new skipped step then taking the rule of the nearest old step.
         def target(rule: Rule):
             return (rule.sites, rule.kind, rule.attention) if rule.action != COMPUTE and rule.when is None \
                 and rule.steps is not None else None
@@ -284,9 +299,7 @@ class Plan:
                 for st in self.rules[index].step_list(old):
                     owner[st] = index
             picked: dict[int, list[int]] = {index: [] for index in members}
-            for i in spread(set(owner)):
-                if i == 0:
-                    continue  # nothing is cached before the first step
+            for i in _walk(set(owner), old, steps):
                 position = (i + 0.5) * scale - 0.5
                 nearest = min(owner, key=lambda st: (abs(st - position), -st))
                 picked[owner[nearest]].append(i)
@@ -574,3 +587,65 @@ def _rule_from_dict(raw: Any, index: int, lines: dict[str, int] | None) -> Rule:
         when = When(of=str(of), below=float(below), indicator=indicator, on=on, rescale=rescale)
     return Rule(sites=sites, action=action, steps=steps, kind=kind, when=when, order=order, attention=attention,
                 line=line, step_line=lines.get("steps", line))
+
+
+def _walk(skipped: set[int], old: int, steps: int) -> list[int]:
+    """The skipped steps of a schedule of ``old`` steps resampled to ``steps`` (see
+    :meth:`Plan.resample`): the warm-up kept, the runs of skips kept in length along the
+    schedule, the share of skipped steps kept.
+
+    Example:
+        >>> _walk({1, 3, 5, 7, 9}, 10, 15)
+        [1, 3, 5, 7, 9, 11, 13]
+        >>> _walk({3, 5, 7, 9, 11, 13, 14, 16, 18, 19}, 20, 30)
+        [3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 22, 24, 26, 28, 29]
+    """
+    skipped = {s for s in skipped if 0 < s < old}
+    if not skipped or steps < 2:
+        return []
+    computed = [s for s in range(old) if s not in skipped]
+    warmup = min(skipped)  # steps 0 .. warmup-1 compute
+    run_after = {a: b - a - 1 for a, b in zip(computed, computed[1:] + [old])}
+    anchors = [c for c in computed if c >= warmup - 1]
+    new_computed = list(range(min(warmup, steps - 1)))
+    p = len(new_computed) - 1
+    while True:
+        q = p * (old - 1) / (steps - 1)
+        anchor = max((c for c in anchors if c <= q + 1e-9), default=anchors[0])
+        p += run_after[anchor] + 1
+        if p > steps - 1:
+            break
+        new_computed.append(p)
+    done = set(new_computed)
+    out = [i for i in range(steps) if i not in done]
+    exact = len(skipped) * steps / old  # the old share of skipped steps, kept to within one step
+    most, least = min(steps - 1, math.ceil(exact - 1e-9)), max(1, math.floor(exact + 1e-9))
+
+    def runs() -> list[tuple[int, int]]:  # (start, length) of each run of skips
+        found, start = [], None
+        for i in range(1, steps + 1):
+            if i < steps and i not in done:
+                start = i if start is None else start
+            elif start is not None:
+                found.append((start, i - start))
+                start = None
+        return found
+
+    while len(out) > most:  # break the longest run (latest first) in its middle
+        start, length = max(runs(), key=lambda r: (r[1], r[0]))
+        done.add(start + length // 2)
+        out = [i for i in range(steps) if i not in done]
+    while len(out) < least:  # skip a computed step after the warm-up, where the run it makes is shortest
+        def made(c: int) -> int:
+            lo, hi = c - 1, c + 1
+            while lo > 0 and lo not in done:
+                lo -= 1
+            while hi < steps and hi not in done:
+                hi += 1
+            return hi - lo - 1
+        free = [c for c in done if c >= max(1, warmup)]
+        if not free:
+            break
+        done.discard(min(free, key=lambda c: (made(c), -c)))
+        out = [i for i in range(steps) if i not in done]
+    return out
