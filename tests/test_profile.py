@@ -145,6 +145,26 @@ def test_resample_keeps_shape():
         plan.resample(0)
 
 
+def test_resample_keeps_warmup_and_runs_of_skips_in_steps():
+    """A plan is a warm-up, then runs of skipped steps between computed ones: resampling keeps
+    both lengths (in steps) and the share of skipped steps, instead of stretching runs."""
+    skipped = (3, 5, 7, 9, 11, 13, 14, 16, 18, 19)  # warm-up 0-2, alternation, two runs of two
+    plan = ditopt.Plan(steps=20, rules=[ditopt.Rule(sites=("*",), kind="block", action="predict", steps=skipped)])
+    for steps in (30, 40, 13):
+        new = plan.resample(steps).rules[0].steps
+        assert min(new) == 3  # the warm-up keeps its three computed steps
+        runs, run = [], 0
+        for i in range(steps):
+            run = run + 1 if i in new else 0
+            runs.append(run)
+        assert max(runs) == 2  # no run longer than the old plan's longest
+        assert abs(len(new) - len(skipped) * steps / 20) <= 1
+    # a regular alternation stays one at any step count
+    alternation = ditopt.Plan(steps=20, rules=[ditopt.Rule(sites=("b",), action="predict", steps=tuple(range(1, 20, 2)))])
+    assert alternation.resample(30).rules[0].steps == tuple(range(1, 30, 2))
+    assert alternation.resample(12).rules[0].steps == tuple(range(1, 12, 2))
+
+
 def test_resample_treats_rules_on_the_same_sites_as_one_schedule():
     """Forecasts of two orders sharing one schedule (what tune's refinement writes) keep the
     schedule's density when resampled: no step claimed twice, none dropped."""
