@@ -183,6 +183,11 @@ class DitoptModule(OptimizedModule):
             if isinstance(inner, DitoptError):
                 raise inner from None
             raise
+        except torch._dynamo.exc.TorchDynamoException as exc:  # dynamo could not trace the model
+            name = type(self._orig_mod).__name__
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CaptureError(f"could not capture {name} as one graph: dynamo raised {type(exc).__name__}: "
+                               f"{first}") from exc
 
 
 def candidate_site_names(model: torch.nn.Module) -> list[str]:

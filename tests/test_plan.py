@@ -90,6 +90,30 @@ def test_errors_found_only_in_the_graph_are_raised_unwrapped_on_first_call():
         model(**kwargs)
 
 
+def test_a_model_dynamo_cannot_capture_whole_raises_capture_error_naming_it():
+    """Data-dependent Python control flow (as Lumina2's mask handling has) cannot be one graph:
+    the first call raises ditopt's CaptureError naming the model class, with dynamo's reason."""
+
+    class DataDependent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(2))
+
+        def forward(self, hidden_states, timestep):
+            for block in self.blocks:
+                hidden_states = hidden_states + block(hidden_states)
+            if int(hidden_states.abs().sum()) > 0:  # a Python branch on a tensor's value
+                return hidden_states * 2
+            return hidden_states
+
+    model = DataDependent().eval()
+    before = copy.deepcopy(model.state_dict())
+    fast = ditopt.optimize(model, ditopt.presets.all_compute(steps=2))
+    with torch.no_grad(), pytest.raises(ditopt.CaptureError, match="could not capture DataDependent as one graph"):
+        fast(torch.randn(2, 4), torch.tensor([1.0]))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_adaptive_rule_must_not_reuse_its_watched_site():
     model, kwargs = build("dit")
     plan = Plan.from_yaml("""\
