@@ -17,6 +17,10 @@
    the calibration never saw.
 4. Tuning (``--only tune``): ``ditopt.tune``'s time against one generation, its candidate
    count, and the chosen plan's PSNR on the calibration seed and on the scored seeds, per budget.
+5. Per-sample spread (``--only samples --budget B``): every first-pass candidate of ``tune`` at
+   the budget (``ditopt.tune.candidate_plans``), its PSNR on the calibration seed and on each
+   scored seed, and the worst single sample's PSNR on each: whether one sample decides a
+   seed's figure, and whether the calibration seed can see it.
 """
 
 from __future__ import annotations
@@ -90,13 +94,41 @@ def mean_psnr(zm, plan, labels, steps: int, seeds, blocks: list[str]) -> tuple[f
     return sum(values) / len(values), executed / total
 
 
+def per_sample_spread(rows, labels, seeds, budget: float) -> None:
+    from ditopt.tune import candidate_plans
+
+    all_seeds = [CALIBRATION_SEED, *seeds]
+    head = " | ".join(f"seed {s}: batch / worst sample" for s in all_seeds)
+    print(f"| model | candidate (budget {budget}) | {head} |")
+    print("|---|---|" + "---|" * len(all_seeds))
+    for name, zm in rows:
+        rmap = profile_of(zm, labels, zm.steps)
+        refs = {s: zm.sample(labels, seed=s, steps=zm.steps) for s in all_seeds}
+        compiled: dict[tuple, torch.nn.Module] = {}
+        for cand in candidate_plans(rmap, budget):
+            key = tuple(sorted({site for r in cand.plan.rules for site in r.sites}))
+            if key in compiled:
+                ditopt.set_plan(compiled[key], cand.plan)
+            else:
+                compiled[key] = ditopt.optimize(zm.model, cand.plan)
+            fast = compiled[key]
+            cells = []
+            for s in all_seeds:
+                ditopt.reset(fast)
+                out = zm.sample(labels, seed=s, steps=zm.steps, transformer=fast)
+                worst = min(psnr(o, r) for o, r in zip(out, refs[s]))
+                cells.append(f"{psnr(out, refs[s]):.2f} / {worst:.1f}")
+            print(f"| {name} | {cand.label.removeprefix('tuned: ')} | " + " | ".join(cells) + " |", flush=True)
+    print()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", action="append", choices=zoo.list())
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--budget", type=float, default=0.5)
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--only", choices=("profile", "resample", "variants", "tune"), default=None,
+    parser.add_argument("--only", choices=("profile", "resample", "variants", "tune", "samples"), default=None,
                         help="run one part only")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -145,6 +177,8 @@ def main(argv=None) -> int:
                       f"{tuned.best.label.removeprefix('tuned: ')} | {frac:.3f} | {tuned.best.psnr:.2f} | "
                       f"{value:.2f} |", flush=True)
         print()
+    if args.only == "samples":
+        per_sample_spread(rows, labels, seeds, args.budget)
     if args.only not in (None, "resample"):
         return 0
     print(f"| model | plan at 30 steps (budget {args.budget}) | block compute | PSNR vs full (dB) |")
