@@ -247,8 +247,8 @@ class Plan:
           run of skipped steps is as long as the run the old plan had at the same relative
           position of the schedule. "Compute, forecast" stays an alternation, and the longest
           run of consecutive skips (the plan's bound on consecutive reuse) is kept.
-          Stretching runs by ``steps / self.steps`` instead was measured 2-5 dB worse on
-          the zoo models (20 to 30 steps, ``docs/BENCHMARKS.md``);
+          Stretching runs by ``steps / self.steps`` instead measured 1.5-1.9 dB worse on
+          wan-digits and the same on dit-digits (20 to 30 steps, ``docs/BENCHMARKS.md``);
         - the number of skipped steps is then brought to within one step of the old share of
           the schedule, by breaking the longest run or lengthening the shortest, latest first;
         - each new skipped step takes the rule (action, order) of the nearest old skipped step.
