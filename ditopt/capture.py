@@ -8,6 +8,8 @@ turns that into the module path a user writes (``blocks.0.attn1``).
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +56,32 @@ def module_stack(node: fx.Node) -> list[tuple[str, str, type | str]]:
     return out
 
 
+@contextlib.contextmanager
+def gc_paused():
+    """Python's cyclic garbage collector off for the duration (it is put back as it was).
+
+    Dynamo's tracing allocates many short-lived containers, and each generational collection
+    walks every tracked object of the process (torch's, the model's): measured on dit-digits,
+    capturing with the collector off takes 0.15-0.2 s less (of 1.1-1.3 s). Nothing is lost:
+    cycles made meanwhile are collected by the next collection after.
+
+    Example:
+        >>> import gc
+        >>> with gc_paused():
+        ...     gc.isenabled()
+        False
+        >>> gc.isenabled()
+        True
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 @dataclass
 class Captured:
     gm: fx.GraphModule
@@ -77,7 +105,7 @@ def capture(model: torch.nn.Module, *args, **kwargs) -> Captured:
 
     compiled = torch.compile(model, backend=record, fullgraph=True, dynamic=False)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), gc_paused():
             compiled(*args, **kwargs)
     except Exception as exc:  # dynamo raises many types; the cause is what matters to a user
         raise CaptureError(f"could not capture {type(model).__name__} as one graph: {exc}") from exc

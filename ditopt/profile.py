@@ -221,17 +221,23 @@ class RedundancyMap:
         return path
 
 
-def _site_costs(model: torch.nn.Module, names: list[str], call_args: tuple, call_kwargs: dict) -> tuple[dict, dict]:
-    """FLOPs and seconds per call of each site module: one eager forward counting FLOPs
-    (FlopCounterMode's formulas on the ops' shapes), a second one timed (noisy on small models)."""
-    cost = ModuleCost(model, [n for n in names if n not in ("stack", "output")])
-    with torch.no_grad():
-        with cost.counting():
-            model(*call_args, **call_kwargs)
-        with cost.timing():
-            model(*call_args, **call_kwargs)
-    # each forward called every site once: the per-call figures are the totals
-    return {n: float(v) for n, v in cost.flops.items()}, dict(cost.seconds)
+def _site_costs(model: torch.nn.Module, graph: torch.fx.Graph, table, names: list[str], call_args: tuple,
+                call_kwargs: dict) -> tuple[dict, dict]:
+    """FLOPs and seconds per call of each site module. FLOPs come from the captured graph's
+    shapes, node by node with FlopCounterMode's formulas (:func:`ditopt.cost.node_flops`; equal
+    to FlopCounterMode's count on the tested models, ``tests/test_cost.py``), so no forward is
+    spent on them; seconds from one timed eager forward (noisy on small models)."""
+    from .cost import node_flops
+
+    modules = [n for n in names if n not in ("stack", "output")]
+    nodes = {n.name: n for n in graph.nodes}
+    flops = {}
+    for name in modules:
+        flops[name] = float(sum(int(node_flops(nodes[x], int)) for x in table[name].nodes if x in nodes))
+    cost = ModuleCost(model, modules)
+    with torch.no_grad(), cost.timing():
+        model(*call_args, **call_kwargs)
+    return flops, dict(cost.seconds)
 
 
 class _FirstCall:
@@ -380,7 +386,7 @@ def profile(model: torch.nn.Module, run: Callable[[Any], Any], *, steps: int, pr
                     t[step, branch] = v
         samples[site] = t
     args, kwargs = probe.args
-    flops, seconds = _site_costs(model, names, args, kwargs)
+    flops, seconds = _site_costs(model, backend_last["original"].graph, table, names, args, kwargs)
     timesteps = [timesteps.get(i, math.nan) for i in range(steps)]
     model_class = type(model).__name__
     rmap = RedundancyMap(model=model_class, signature=signature(model_class, names, kinds), steps=steps,
