@@ -225,8 +225,9 @@ def _site_costs(model: torch.nn.Module, graph: torch.fx.Graph, table, names: lis
                 call_kwargs: dict) -> tuple[dict, dict]:
     """FLOPs and seconds per call of each site module. FLOPs come from the captured graph's
     shapes, node by node with FlopCounterMode's formulas (:func:`ditopt.cost.node_flops`; equal
-    to FlopCounterMode's count on the tested models, ``tests/test_cost.py``), so no forward is
-    spent on them; seconds from one timed eager forward (noisy on small models)."""
+    to FlopCounterMode's count with attention on SDPA's math kernel, ``tests/test_cost.py``; on
+    the CPU flash kernel FlopCounterMode counts attention as 0), so no forward is spent on them;
+    seconds from one timed eager forward (noisy on small models)."""
     from .cost import node_flops
 
     modules = [n for n in names if n not in ("stack", "output")]
