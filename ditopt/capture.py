@@ -61,9 +61,10 @@ def gc_paused():
     """Python's cyclic garbage collector off for the duration (it is put back as it was).
 
     Dynamo's tracing allocates many short-lived containers, and each generational collection
-    walks every tracked object of the process (torch's, the model's): measured on dit-digits,
-    capturing with the collector off takes 0.15-0.2 s less (of 1.1-1.3 s). Nothing is lost:
-    cycles made meanwhile are collected by the next collection after.
+    walks every tracked object of the process (torch's, the model's). Measured on dit-digits,
+    the first ``ditopt.profile`` in a process took 0.1-0.15 s less of about 2.2 s
+    (``docs/BENCHMARKS.md``). Nothing is lost: cycles made meanwhile are collected by the
+    next collection after.
 
     Example:
         >>> import gc
