@@ -39,6 +39,7 @@ import yaml
 from .errors import DitoptError
 from .passes.insert_observers import OBSERVED_KINDS
 from .flops import ModuleCost
+from .sites import OUTPUT, STACK
 
 __all__ = ["RedundancyMap", "ProfileError", "profile", "profile_pipeline"]
 
@@ -230,11 +231,9 @@ def _site_costs(model: torch.nn.Module, graph: torch.fx.Graph, table, names: lis
     seconds from one timed eager forward (noisy on small models)."""
     from .cost import node_flops
 
-    modules = [n for n in names if n not in ("stack", "output")]
-    nodes = {n.name: n for n in graph.nodes}
-    flops = {}
-    for name in modules:
-        flops[name] = float(sum(int(node_flops(nodes[x], int)) for x in table[name].nodes if x in nodes))
+    modules = [n for n in names if n not in (STACK, OUTPUT)]
+    nodes = {n.name: n for n in graph.nodes}  # the graph the sites were found on, names kept
+    flops = {name: float(sum(int(node_flops(nodes[x], int)) for x in table[name].nodes)) for name in modules}
     cost = ModuleCost(model, modules)
     with torch.no_grad(), cost.timing():
         model(*call_args, **call_kwargs)

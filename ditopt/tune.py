@@ -192,6 +192,22 @@ def _neighbours(rmap: RedundancyMap, best: Candidate) -> list[Candidate]:
     return out
 
 
+def running(model: torch.nn.Module, plan: Plan, compiled: dict) -> torch.nn.Module:
+    """``model`` optimised to run ``plan``, reusing ``compiled`` (a dict the caller keeps): one
+    graph per set of sites the plans name, each later plan of that set given to it with
+    :func:`ditopt.set_plan` instead of a new capture; a plan ``set_plan`` cannot take is compiled."""
+    key = tuple(sorted({s for r in plan.rules for s in r.sites}))
+    fast = compiled.get(key)
+    if fast is not None:
+        try:
+            set_plan(fast, plan)
+            return fast
+        except PlanError:
+            pass
+    fast = compiled[key] = optimize(model, plan)
+    return fast
+
+
 def _psnr(out: Any, ref: Any) -> float:
     a = torch.cat([t.detach().double().flatten() for t in _tensors(out)])
     b = torch.cat([t.detach().double().flatten() for t in _tensors(ref)])
@@ -247,14 +263,7 @@ def tune(model: torch.nn.Module, run: Callable[[Any], Any], rmap: RedundancyMap,
         bar = tqdm(total=len(cands), desc="tune", unit="plan")
 
     def measure(cand: Candidate) -> float:
-        key = tuple(sorted({s for r in cand.plan.rules for s in r.sites}))
-        fast = compiled.get(key)
-        try:
-            if fast is None:
-                raise PlanError("not compiled yet")
-            set_plan(fast, cand.plan)
-        except PlanError:  # first plan of its shape: compile it
-            fast = compiled[key] = optimize(model, cand.plan)
+        fast = running(model, cand.plan, compiled)
         reset(fast)
         with torch.no_grad():
             cand.psnr = _psnr(run(fast), reference)

@@ -95,7 +95,7 @@ def mean_psnr(zm, plan, labels, steps: int, seeds, blocks: list[str]) -> tuple[f
 
 
 def per_sample_spread(rows, labels, seeds, budget: float) -> None:
-    from ditopt.tune import candidate_plans
+    from ditopt.tune import candidate_plans, running
 
     all_seeds = [CALIBRATION_SEED, *seeds]
     head = " | ".join(f"seed {s}: batch / worst sample" for s in all_seeds)
@@ -106,12 +106,7 @@ def per_sample_spread(rows, labels, seeds, budget: float) -> None:
         refs = {s: zm.sample(labels, seed=s, steps=zm.steps) for s in all_seeds}
         compiled: dict[tuple, torch.nn.Module] = {}
         for cand in candidate_plans(rmap, budget):
-            key = tuple(sorted({site for r in cand.plan.rules for site in r.sites}))
-            if key in compiled:
-                ditopt.set_plan(compiled[key], cand.plan)
-            else:
-                compiled[key] = ditopt.optimize(zm.model, cand.plan)
-            fast = compiled[key]
+            fast = running(zm.model, cand.plan, compiled)
             cells = []
             for s in all_seeds:
                 ditopt.reset(fast)
