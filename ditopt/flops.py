@@ -20,7 +20,17 @@ import contextlib
 import time
 from typing import Callable, Iterable
 
-from torch.utils.flop_counter import FlopCounterMode
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+# FlopCounterMode has formulas for SDPA's CUDA kernels only; on CPU the default (flash) kernel
+# would count as 0 FLOPs and attention's QK/AV matmuls would be missing from every total.
+# Same formula as the CUDA kernels: 4*b*h*s_q*s_k*d (QK and AV), causal masks not discounted.
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_CPU_KERNELS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
 
 __all__ = ["ModuleCost"]
 
@@ -55,8 +65,9 @@ class ModuleCost:
 
     @contextlib.contextmanager
     def counting(self):
-        """Count FLOPs (matmul-like ops, attention, convolution: FlopCounterMode's set)."""
-        counter = FlopCounterMode(display=False)
+        """Count FLOPs (matmul-like ops, attention, convolution: FlopCounterMode's set, plus
+        SDPA's CPU flash kernel, which FlopCounterMode leaves out)."""
+        counter = FlopCounterMode(display=False, custom_mapping=_CPU_KERNELS)
         with counter, self._hooked(counter.get_total_flops, self.flops):
             yield self
 

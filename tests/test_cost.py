@@ -342,3 +342,24 @@ def test_fixed_size_is_an_error_not_a_wrong_number():
         cost.flops("transformer_blocks.0", S=96)
     with pytest.raises(ValueError, match="fixed"):
         cost.dims_for(**{**kwargs, "hidden_states": torch.randn(1, 3, 4, 16, 16)})
+
+
+def test_module_cost_counts_attention_on_the_cpu_default_kernel():
+    """FlopCounterMode alone counts SDPA's CPU flash kernel as 0; ModuleCost must not."""
+    from ditopt.flops import ModuleCost
+
+    class Attend(torch.nn.Module):
+        def forward(self, q):
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q)
+
+    net = torch.nn.Sequential(Attend())
+    q = torch.randn(2, 3, 16, 8)
+    default = ModuleCost(net, ["0"])
+    with default.counting():
+        out_default = net(q)
+    with sdpa_kernel(SDPBackend.MATH):
+        math_kernel = ModuleCost(net, ["0"])
+        with math_kernel.counting():
+            net(q)
+    assert default.flops["0"] == math_kernel.flops["0"] == 4 * 2 * 3 * 16 * 16 * 8
+    assert torch.equal(out_default, net(q))  # counting does not change the kernel that runs
