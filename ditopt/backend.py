@@ -25,7 +25,7 @@ from torch._dynamo.eval_frame import OptimizedModule
 from ditopt.passes import PassContext, run_pipeline
 from ditopt.runtime import Runtime, find_runtime
 
-from .capture import gc_paused
+from .capture import lean_tracing
 from .errors import CaptureError, DitoptError, PlanError
 from .plan import Plan
 from .sites import OUTPUT, STACK, SiteTable, find_sites
@@ -180,7 +180,7 @@ class DitoptModule(OptimizedModule):
         try:
             if self._ditopt_runtime.graphs:
                 return super().__call__(*args, **kwargs)
-            with gc_paused():  # the first call captures the model
+            with lean_tracing():  # the first call captures the model
                 return super().__call__(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as exc:
             inner = getattr(exc, "inner_exception", None)

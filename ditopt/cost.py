@@ -52,7 +52,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from .capture import gc_paused
+from .capture import lean_tracing
 from .errors import CaptureError
 from .plan import COMPUTE, SLOTS, CompiledPlan, Plan
 from .sites import SiteTable, find_sites
@@ -197,7 +197,7 @@ def capture_symbolic(model: torch.nn.Module, **inputs) -> SymbolicCapture:
 
     compiled = torch.compile(model, backend=record, fullgraph=True, dynamic=True)
     try:
-        with fx_config.patch(use_duck_shape=False), torch.no_grad(), gc_paused():
+        with fx_config.patch(use_duck_shape=False), torch.no_grad(), lean_tracing():
             compiled(**inputs)
     except Exception as exc:  # dynamo raises many types; the cause is what matters to a user
         raise CaptureError(f"could not capture {type(model).__name__} with symbolic shapes: {exc}") from exc
