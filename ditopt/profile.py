@@ -104,14 +104,16 @@ class RedundancyMap:
                                f"e.g. not found here: {missing})")
         if steps is not None and steps != self.steps:
             raise ProfileError(f"redundancy map was profiled at {self.steps} steps, not {steps}: plan at "
-                               f"{self.steps} steps and resample the plan (Plan.resample({steps}))")
+                               f"{self.steps} steps: plan for {steps} with plan_from_profile(rmap, ..., steps={steps}), "
+                               f"or resample a plan with Plan.resample({steps})")
 
     def resample(self, steps: int) -> "RedundancyMap":
         """The map as if profiled at ``steps`` steps: every per-step quantity interpolated
         (cubic) at the same relative positions of the schedule (step ``i`` of M sits at
-        ``i / (M - 1)``); per-step changes are scaled by the step-size ratio. Plan at another
-        step count with ``plan_from_profile(rmap.resample(M), ...)``: the planner then lays
-        out its compute steps for M steps instead of stretching a plan made for N.
+        ``i / (M - 1)``); per-step changes are scaled by the step-size ratio. To plan for M steps
+        from a map profiled at N, use ``plan_from_profile(rmap, ..., steps=M)``: it plans on
+        this resampled map and keeps the warm-up of the N-step plan, which the interpolation
+        cannot see (``docs/BENCHMARKS.md``).
         """
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
             raise ProfileError(f"can only resample a map to 2 or more steps, got {steps!r}")

@@ -47,7 +47,7 @@ from typing import Any, Callable
 
 import torch
 
-from .backend import optimize, reset, set_plan
+from .backend import optimize, reset, runtime_of, set_plan
 from .errors import PlanError
 from .plan import COMPUTE, PREDICT, Plan, Rule
 from .planner import schedule_from_profile
@@ -266,7 +266,12 @@ def tune(model: torch.nn.Module, run: Callable[[Any], Any], rmap: RedundancyMap,
         fast = running(model, cand.plan, compiled)
         reset(fast)
         with torch.no_grad():
-            cand.psnr = _psnr(run(fast), reference)
+            out = run(fast)
+        made = runtime_of(fast).state.step + 1
+        if made != rmap.steps:
+            raise ProfileError(f"the run made {made} denoising steps, but the redundancy map was profiled at "
+                               f"{rmap.steps}: profile with the run to tune (or tune with a run of {rmap.steps})")
+        cand.psnr = _psnr(out, reference)
         if bar is not None:
             bar.update(1)
         return cand.psnr

@@ -109,12 +109,37 @@ def test_max_error_mode(rmap):
     (dict(budget=0.0), "budget must be a fraction"),
     (dict(budget=1.5), "budget must be a fraction"),
     (dict(), "exactly one of"),
-    (dict(budget=0.5, steps=30), "profiled at 8 steps, not 30"),
+    (dict(budget=0.5, steps=1), "steps must be an integer >= 2"),
+    (dict(budget=0.5, warmup=0), "warmup"),
+    (dict(budget=0.5, warmup=STEPS), "warmup"),  # no step left to skip
+    (dict(budget=0.5, warmup=STEPS - 1, compute_last=True), "warmup"),
+    (dict(budget=0.5, warmup=2, max_consecutive=0), "warmup"),
     (dict(budget=0.5, sites=["nope.3"]), "nope.3"),
 ])
 def test_bad_planner_input(rmap, kwargs, message):
     with pytest.raises((ProfileError, KeyError), match=message):
         ditopt.plan_from_profile(rmap, **kwargs)
+
+
+def _first_skipped(plan):
+    return min(s for r in plan.rules if r.action != "compute" for s in r.step_list(plan.steps))
+
+
+def test_warmup_is_the_first_step_not_computed(rmap):
+    for w in (1, 2, 3):
+        plan = ditopt.plan_from_profile(rmap, budget=0.5, warmup=w)
+        assert _first_skipped(plan) == w
+
+
+def test_planning_for_another_step_count_keeps_the_warmup(rmap):
+    here = ditopt.plan_from_profile(rmap, budget=0.5)
+    more = ditopt.plan_from_profile(rmap, budget=0.5, steps=2 * STEPS)
+    assert more.steps == 2 * STEPS and more.model == here.model
+    assert _first_skipped(more) == _first_skipped(here)
+    computed = [s for s in range(more.steps) if not any(s in r.step_list(more.steps) for r in more.rules
+                                                         if r.action != "compute")]
+    assert len(computed) / more.steps <= 0.5
+    assert ditopt.plan_from_profile(rmap, budget=0.5, steps=STEPS).to_dict() == here.to_dict()
 
 
 def test_a_map_from_another_model_is_refused(rmap):

@@ -10,11 +10,12 @@
    one-layer module, and its time printed. Each model is profiled twice and both are shown.
 2. Planner variants at the budget: the default, the last step forced to compute, and a
    schedule per block instead of one for the stack (PSNR on seeds the calibration never saw).
-3. Resampling: a map profiled at 20 steps resampled to 30 (``RedundancyMap.resample``) and
-   planned there, and a plan made at 20 stretched to 30 (``Plan.resample``), against a plan
-   profiled at 30, all at the same budget; the same for tuned plans (``ditopt.tune`` at 20,
-   stretched, against ``ditopt.tune`` at 30). PSNR against full compute at 30 steps on seeds
-   the calibration never saw.
+3. Resampling: a map profiled at 20 steps planned for 30 (``plan_from_profile(map, steps=30)``:
+   the map resampled, the 20-step plan's warm-up kept), the same without the warm-up kept
+   (``plan_from_profile(map.resample(30))``), and a plan made at 20 resampled to 30
+   (``Plan.resample``), against a plan profiled at 30, all at the same budget; the same for tuned
+   plans (``ditopt.tune`` at 20, resampled, against ``ditopt.tune`` at 30). PSNR against full
+   compute at 30 steps on seeds the calibration never saw.
 4. Tuning (``--only tune``): ``ditopt.tune``'s time against one generation, its candidate
    count, and the chosen plan's PSNR on the calibration seed and on the scored seeds, per budget.
 5. Per-sample spread (``--only samples --budget B``): every first-pass candidate of ``tune`` at
@@ -182,10 +183,12 @@ def main(argv=None) -> int:
         map20 = profile_of(zm, labels, 20)
         stretched = ditopt.plan_from_profile(map20, budget=args.budget).resample(30)
         replanned = ditopt.plan_from_profile(map20.resample(30), budget=args.budget)
+        planned30 = ditopt.plan_from_profile(map20, budget=args.budget, steps=30)
         at30 = ditopt.plan_from_profile(profile_of(zm, labels, 30), budget=args.budget)
         tuned_stretched = tune_of(zm, labels, 20, args.budget, map20).plan.resample(30)
         tuned30 = tune_of(zm, labels, 30, args.budget).plan
-        for label, plan in (("profiled at 20, map resampled to 30, planned at 30", replanned),
+        for label, plan in (("profiled at 20, planned for 30 (`plan_from_profile(map, steps=30)`)", planned30),
+                            ("profiled at 20, map resampled to 30, planned at 30", replanned),
                             ("profiled at 20, plan resampled to 30 (Plan.resample)", stretched),
                             ("profiled at 30", at30),
                             ("tuned at 20, plan resampled to 30 (Plan.resample)", tuned_stretched),
