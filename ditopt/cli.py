@@ -145,6 +145,8 @@ def cmd_profile(args) -> int:
 
     if args.tune and args.budget is None:
         raise DitoptError("--tune needs --budget")
+    if args.plan_steps is not None and (args.budget is None or args.tune):
+        raise DitoptError("--plan-steps needs --budget, and not --tune (tune measures plans at the profiled count)")
     rmap = profile(zm.model, run, steps=steps, cfg="batched" if zm.cfg_mode == "batched" else None)
     out = rmap.save(args.output or f"{args.model}-map.yaml")
     png = rmap.heatmap(args.png or str(out.with_suffix(".png")))
@@ -162,10 +164,10 @@ def cmd_profile(args) -> int:
             print(f"tuned: {tuned.best.label} ({tuned.best.psnr:.2f} dB on the calibration run, "
                   f"best of {len(tuned.candidates)})")
         else:
-            plan = plan_from_profile(rmap, budget=args.budget)
+            plan = plan_from_profile(rmap, budget=args.budget, steps=args.plan_steps)
         path = args.plan or f"{args.model}-plan-{args.budget}.yaml"
         plan.save(path)
-        print(f"wrote {path} (plan for {args.budget:.0%} of block compute)")
+        print(f"wrote {path} (plan for {plan.steps} steps at {args.budget:.0%} of block compute)")
     return 0
 
 
@@ -276,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--png", default=None, help="heatmap PNG (default: next to the map)")
     pr.add_argument("--budget", type=float, default=None, help="also write a plan for this compute fraction")
     pr.add_argument("--plan", default=None, help="where to write that plan")
+    pr.add_argument("--plan-steps", type=int, default=None,
+                    help="make that plan for this many steps instead of the profiled count "
+                         "(plan_from_profile(..., steps=N); not with --tune)")
     pr.add_argument("--tune", action="store_true",
                     help="choose the plan by measuring candidates on the calibration run (ditopt.tune; slower)")
     pr.add_argument("--threads", type=int, default=1)

@@ -131,6 +131,16 @@ def test_profile_writes_map_heatmap_and_plan(tmp_path, capsys):
     assert "profiled dit-digits: 6 steps" in capsys.readouterr().out
 
 
+def test_profile_plans_for_another_step_count(tmp_path, capsys):
+    plan = tmp_path / "p.yaml"
+    assert main(["profile", "dit-digits", "--steps", "4", "-o", str(tmp_path / "m.yaml"), "--budget", "0.5",
+                 "--plan", str(plan), "--plan-steps", "7"]) == 0
+    import ditopt
+
+    assert ditopt.Plan.load(plan).steps == 7
+    assert "plan for 7 steps at 50% of block compute" in capsys.readouterr().out
+
+
 def test_profile_tune_writes_the_measured_best_plan(tmp_path, capsys):
     plan = tmp_path / "p.yaml"
     assert main(["profile", "dit-digits", "--steps", "4", "-o", str(tmp_path / "m.yaml"), "--budget", "0.5",
@@ -149,6 +159,8 @@ def test_profile_and_bench_errors_are_one_line(capsys):
     assert main(["profile", "dit-digits", "--steps", "2", "--tune"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--tune needs --budget" in err and "\n" not in err
+    assert main(["profile", "dit-digits", "--steps", "2", "--budget", "0.5", "--tune", "--plan-steps", "4"]) == 2
+    assert "--plan-steps needs --budget, and not --tune" in capsys.readouterr().err
     assert main(["bench", "--model", "dit-digits", "--methods", "nope:x", "--seeds", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert "unknown bench method(s) nope:x" in err and "\n" not in err
