@@ -356,6 +356,8 @@ def plan_from_profile(rmap: RedundancyMap, budget: float | None = None, *, max_e
                                 orders=orders, sites=sites, steps=steps, granularity=granularity,
                                 compute_last=compute_last, accumulation=accumulation, warmup=warmup)
     label = f"budget={budget}" if budget is not None else f"max_error={max_error}"
+    if sch.steps != rmap.steps:
+        label += f", from a map of {rmap.steps} steps"
     return sch.to_plan(rmap.model, f"profiled {label}")
 
 
