@@ -96,9 +96,9 @@ def source_names_skipped():
     and a diffusers model's code spans a dozen large files. The header is only read by dynamo's
     ``trace_call`` and ``trace_source`` logs, so while neither is enabled the lookup answers
     ``None`` (the header then names the code object without its qualified name). Measured on
-    dit-digits: the first capture in a process took about 0.15 s less of 1.05-1.2 s
-    (``docs/BENCHMARKS.md``). Nothing is patched when those logs are on, or when this torch has
-    no such lookup.
+    dit-digits with ``tools/bench_planner.py --only profile``: the first profile in a process
+    took 1.86-1.97 s, 2.08-2.10 s before (``docs/BENCHMARKS.md``). Nothing is patched when
+    those logs are on, or when this torch has no such lookup.
 
     Example:
         >>> with source_names_skipped():
