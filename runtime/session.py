@@ -8,6 +8,7 @@ model (one per input shape) registers its decision table here under a graph id.
 from __future__ import annotations
 
 import itertools
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,6 +75,7 @@ class Runtime:
         self._accumulated: dict[tuple[int, int, int], torch.Tensor] = {}
         self._reuse_ok: dict[tuple[int, int, int], torch.Tensor] = {}
         self._module_ref: weakref.ref | None = None
+        self._overran = False  # this generation has run past the plan's steps (warned once)
         _RUNTIMES[self.id] = self
 
     # -- set-up ---------------------------------------------------------------------------
@@ -109,7 +111,14 @@ class Runtime:
             self.records.clear()
             self._accumulated.clear()
             self._reuse_ok.clear()
+            self._overran = False
         self.records.append(CallRecord(step, branch, graph))
+        table = self.graphs.get(graph)
+        if table is not None and step >= table.steps and not self._overran:
+            self._overran = True  # once per generation
+            warnings.warn(f"ditopt: denoising step {step} is past the plan's {table.steps} steps, so it and every later "
+                          f"step compute; make the plan for this sampler's step count (Plan.resample, or "
+                          f"plan_from_profile(..., steps=N))", RuntimeWarning, stacklevel=2)
 
     def key(self, graph: int, site: str, slot: str) -> tuple[int, str, str, int]:
         return (graph, site, slot, self.state.branch)

@@ -55,3 +55,30 @@ def test_many_optimised_models_of_one_class_in_one_process():
             ref = model(x, timestep=torch.tensor([900]), class_labels=y).sample
         assert torch.equal(out[0], ref)
         assert ditopt.stats(fast).decisions["transformer_blocks.0"] == ["compute", "reuse_residual"]
+
+
+def test_running_past_the_plans_steps_warns_once_per_generation():
+    import warnings
+
+    import ditopt
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                  num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+    fast = ditopt.optimize(model, ditopt.presets.fora(interval=2, steps=2, level="block"))
+    x, y = torch.randn(1, 4, 8, 8), torch.tensor([3])
+
+    def generation(timesteps):
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            ditopt.reset(fast)
+            for t in timesteps:
+                fast(x, timestep=torch.tensor([t]), class_labels=y)
+        return [w for w in caught if issubclass(w.category, RuntimeWarning) and "ditopt" in str(w.message)]
+
+    assert generation((900, 500)) == []
+    over = generation((900, 600, 300, 100))
+    assert len(over) == 1 and "step 2 is past the plan's 2 steps" in str(over[0].message)
+    assert ditopt.stats(fast).decisions["transformer_blocks.0"] == ["compute", "reuse_residual", "compute", "compute"]
+    assert len(generation((900, 600, 300))) == 1  # again in the next generation

@@ -112,7 +112,8 @@ def test_tune_bad_input(dit, rmap):
         ditopt.tune(other.model, run_of(dit), rmap, budget=0.5, progress=False)
     longer = lambda tr: dit.sample(LABELS, seed=100, steps=STEPS + 2, transformer=tr)  # noqa: E731
     with pytest.raises(ProfileError, match=f"the run made {STEPS + 2} denoising steps, but the redundancy map "
-                                           f"was profiled at {STEPS}"):
+                                           f"was profiled at {STEPS}"), \
+            pytest.warns(RuntimeWarning, match=f"step {STEPS} is past the plan's {STEPS} steps"):
         ditopt.tune(dit.model, longer, rmap, budget=0.5, candidates=candidate_plans(rmap, 0.5)[:1], progress=False)
 
 
