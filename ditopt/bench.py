@@ -674,13 +674,22 @@ def plot_pareto(results: Sequence[BenchResult], path: str) -> str:
     for ax, res in zip(axes[0], results):
         rows = [r for r in res.rows if not r.overhead and not math.isinf(r.psnr) and r.family != "full"]
         methods = sorted({r.method for r in rows})
-        cmap = plt.get_cmap("tab20")
-        for i, name in enumerate(methods):
+        # no greys or pale tints: every method must stay visible on white
+        palette = [c for c in plt.get_cmap("tab20").colors[::2] if max(c) - min(c) > 0.15]
+        palette += [c for c in plt.get_cmap("Dark2").colors if max(c) - min(c) > 0.15]
+        planned = {"ditopt tuned plan (closed loop)": "tab:red", "ditopt profiled plan": "black"}
+        ours_rest = [m for m in methods if m.startswith("ditopt") and m not in planned]
+        peers = [m for m in methods if not m.startswith("ditopt")]
+        for name in methods:
             pts = [r for r in rows if r.method == name]
             ours = name.startswith("ditopt")
-            ax.scatter([r.compute for r in pts], [r.psnr for r in pts], s=28 if ours else 22,
-                       marker="o" if ours else "s", color=cmap(i % 20), label=name,
-                       edgecolors="black" if ours else "none", linewidths=0.5)
+            if name in planned:  # the plans the profiler and tuner make: drawn large, on top
+                style = dict(s=90, marker="*", color=planned[name], zorder=4, edgecolors="none")
+            else:
+                style = dict(s=28 if ours else 22, marker="o" if ours else "s",
+                             color=palette[(ours_rest if ours else peers).index(name) % len(palette)],
+                             edgecolors="black" if ours else "none", linewidths=0.5)
+            ax.scatter([r.compute for r in pts], [r.psnr for r in pts], label=name, **style)
         for family, style, label in ((True, "-", "ditopt front"), (False, "--", "peers front")):
             pts = sorted((r for r in rows if r.method.startswith("ditopt") == family), key=lambda r: r.compute)
             front, best = [], -math.inf

@@ -64,3 +64,38 @@ def test_bad_input_names_it():
         run_bench("dit-digits", methods=["no-such-method"], progress=False)
     with pytest.raises(DitoptError, match="unknown zoo model 'mars'"):
         run_bench("mars", progress=False)
+
+
+def test_pareto_plot_draws_every_method_and_the_planned_ones_on_top(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgb
+
+    from ditopt.bench import BenchResult, Row, plot_pareto
+
+    names = [f"ditopt M{i}" for i in range(12)] + [f"peer P{i}" for i in range(7)]
+    rows = [Row(n, n.split()[0], "s", 0.3 + 0.03 * i, 1.0, 30.0 + i, 0.9, 1.0) for i, n in enumerate(names)]
+    rows += [Row("ditopt tuned plan (closed loop)", "ditopt", "budget=0.5", 0.5, 1.0, 47.0, 0.99, 1.0),
+             Row("ditopt profiled plan", "ditopt", "budget=0.5", 0.5, 1.0, 45.0, 0.99, 1.0)]
+    shown = []
+    real_savefig = plt.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        shown.extend(c for ax in fig.axes for c in ax.collections)
+        return real_savefig(fig, *args, **kwargs)
+
+    plt.Figure.savefig = keep
+    try:
+        plot_pareto([BenchResult("m", 20, 2, rows)], str(tmp_path / "p.png"))
+    finally:
+        plt.Figure.savefig = real_savefig
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    colours = {c.get_label(): to_rgb(c.get_facecolor()[0]) for c in shown}
+    assert set(colours) == set(names) | {"ditopt tuned plan (closed loop)", "ditopt profiled plan"}
+    for label, rgb in colours.items():  # nothing grey or pale, except the profiled plan's black
+        assert max(rgb) - min(rgb) > 0.15 or label == "ditopt profiled plan", label
+    assert len({colours[n] for n in names[:12]}) == 12 and len({colours[n] for n in names[12:]}) == 7
+    tuned = next(c for c in shown if c.get_label() == "ditopt tuned plan (closed loop)")
+    assert tuned.get_zorder() > max(c.get_zorder() for c in shown if c.get_label() in names)
