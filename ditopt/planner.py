@@ -230,6 +230,7 @@ def schedule_from_profile(rmap: RedundancyMap, budget: float | None = None, *, m
         raise ProfileError(f"max_error must be >= 0, got {max_error!r}")
     if max_consecutive < 0:
         raise ProfileError(f"max_consecutive must be >= 0, got {max_consecutive}")
+    kept_warmup = False
     if steps is not None and steps != rmap.steps:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
             raise ProfileError(f"steps must be an integer >= 2, got {steps!r}")
@@ -239,7 +240,7 @@ def schedule_from_profile(rmap: RedundancyMap, budget: float | None = None, *, m
                                          compute_last=compute_last, accumulation=accumulation)
             skipped = [t for row in here.actions.values() for t, a in enumerate(row) if a != COMPUTE]
             if skipped and min(skipped) < steps - 1 - compute_last:
-                warmup = min(skipped)
+                warmup, kept_warmup = min(skipped), True
         rmap = rmap.resample(steps)
     names = list(sites) if sites is not None else list(rmap.stack)
     if not names:
@@ -294,8 +295,10 @@ def schedule_from_profile(rmap: RedundancyMap, budget: float | None = None, *, m
             break
         hi, fewest = hi * 10, more
     if budget is not None and not fits(fewest):
+        first = "first step computed" if warmup is None else \
+            f"steps 0-{warmup - 1} computed (warm-up{' kept from the profiled plan' if kept_warmup else ''})"
         raise ProfileError(f"budget {budget} is below the least compute these constraints allow "
-                           f"({fewest.compute_fraction:.3f}: first step computed, at most "
+                           f"({fewest.compute_fraction:.3f}: {first}, at most "
                            f"{max_consecutive} steps in a row not computed)")
     if max_error is not None and fits(fewest):
         return fewest
