@@ -114,6 +114,7 @@ def test_max_error_mode(rmap):
     (dict(budget=0.5, warmup=STEPS), "warmup"),  # no step left to skip
     (dict(budget=0.5, warmup=STEPS - 1, compute_last=True), "warmup"),
     (dict(budget=0.5, warmup=2, max_consecutive=0), "warmup"),
+    (dict(budget=0.1, warmup=2), r"steps 0-1 computed \(warm-up\)"),
     (dict(budget=0.5, sites=["nope.3"]), "nope.3"),
 ])
 def test_bad_planner_input(rmap, kwargs, message):
