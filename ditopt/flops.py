@@ -23,6 +23,9 @@ from typing import Callable, Iterable
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+__all__ = ["ModuleCost"]
+
+
 # FlopCounterMode has formulas for SDPA's CUDA kernels only; on CPU the default (flash) kernel
 # would count as 0 FLOPs and attention's QK/AV matmuls would be missing from every total.
 # Same formula as the CUDA kernels: 4*b*h*s_q*s_k*d (QK and AV), causal masks not discounted.
@@ -31,8 +34,6 @@ def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kw
 
 
 _CPU_KERNELS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
-
-__all__ = ["ModuleCost"]
 
 
 class ModuleCost:
