@@ -103,8 +103,8 @@ class RedundancyMap:
             raise ProfileError(f"redundancy map does not match this model's sites (profiled on {self.model}; "
                                f"e.g. not found here: {missing})")
         if steps is not None and steps != self.steps:
-            raise ProfileError(f"redundancy map was profiled at {self.steps} steps, not {steps}: plan at "
-                               f"{self.steps} steps: plan for {steps} with plan_from_profile(rmap, ..., steps={steps}), "
+            raise ProfileError(f"the redundancy map was profiled at {self.steps} steps, not {steps}: profile at "
+                               f"{steps}, plan for {steps} with plan_from_profile(rmap, ..., steps={steps}), "
                                f"or resample a plan with Plan.resample({steps})")
 
     def resample(self, steps: int) -> "RedundancyMap":

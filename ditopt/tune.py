@@ -268,9 +268,10 @@ def tune(model: torch.nn.Module, run: Callable[[Any], Any], rmap: RedundancyMap,
         with torch.no_grad():
             out = run(fast)
         made = runtime_of(fast).state.step + 1
-        if made != rmap.steps:
-            raise ProfileError(f"the run made {made} denoising steps, but the redundancy map was profiled at "
-                               f"{rmap.steps}: profile with the run to tune (or tune with a run of {rmap.steps})")
+        try:
+            rmap.check_fits(steps=made)
+        except ProfileError as exc:
+            raise ProfileError(f"the run made {made} denoising steps, but {exc}") from None
         cand.psnr = _psnr(out, reference)
         if bar is not None:
             bar.update(1)

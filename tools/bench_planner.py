@@ -181,17 +181,17 @@ def main(argv=None) -> int:
     print("|---|---|---|---|")
     for name, zm in rows:
         map20 = profile_of(zm, labels, 20)
-        stretched = ditopt.plan_from_profile(map20, budget=args.budget).resample(30)
+        resampled = ditopt.plan_from_profile(map20, budget=args.budget).resample(30)
         replanned = ditopt.plan_from_profile(map20.resample(30), budget=args.budget)
         planned30 = ditopt.plan_from_profile(map20, budget=args.budget, steps=30)
         at30 = ditopt.plan_from_profile(profile_of(zm, labels, 30), budget=args.budget)
-        tuned_stretched = tune_of(zm, labels, 20, args.budget, map20).plan.resample(30)
+        tuned_resampled = tune_of(zm, labels, 20, args.budget, map20).plan.resample(30)
         tuned30 = tune_of(zm, labels, 30, args.budget).plan
         for label, plan in (("profiled at 20, planned for 30 (`plan_from_profile(map, steps=30)`)", planned30),
                             ("profiled at 20, map resampled to 30, planned at 30", replanned),
-                            ("profiled at 20, plan resampled to 30 (Plan.resample)", stretched),
+                            ("profiled at 20, plan resampled to 30 (Plan.resample)", resampled),
                             ("profiled at 30", at30),
-                            ("tuned at 20, plan resampled to 30 (Plan.resample)", tuned_stretched),
+                            ("tuned at 20, plan resampled to 30 (Plan.resample)", tuned_resampled),
                             ("tuned at 30", tuned30)):
             value, frac = mean_psnr(zm, plan, labels, 30, seeds, map20.stack)
             print(f"| {name} | {label} | {frac:.3f} | {value:.2f} |", flush=True)
