@@ -26,3 +26,20 @@ class PlanError(DitoptError, ValueError):
 
 class CaptureError(DitoptError, RuntimeError):
     """The model could not be captured as a single graph."""
+
+
+def check_count(value, name: str, *, minimum: int = 1, error: type[Exception] = ValueError) -> int:
+    """``value`` if it is an int (not a bool) of at least ``minimum``; else ``error`` naming ``name``.
+
+    The one check of step counts, intervals and the like.
+
+    >>> check_count(20, "steps")
+    20
+    >>> check_count(True, "steps")
+    Traceback (most recent call last):
+    ...
+    ValueError: steps must be an integer >= 1, got True
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise error(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value

@@ -1,0 +1,138 @@
+"""The decision table: which action every site takes at every step of one compiled graph.
+
+``Plan.compile(sites)`` builds it, the backend hands it to :meth:`Runtime.set_graph`, and the
+runtime only indexes it. It is the one owner of the action names (:class:`Action`), of the
+cache slot each reusing site reads, and of the nested-skip rule: a site inside a region that
+does not compute at a call is not executed there, whatever its own row says.
+
+Example:
+    >>> table = DecisionTable(steps=2, actions={"blocks.0": [Action.COMPUTE, Action.REUSE_RESIDUAL]},
+    ...     adaptive={"blocks.0": [None, None]}, slots={"blocks.0": "residual"},
+    ...     parents={"blocks.0": ["stack"], "blocks.0.attn1": ["blocks.0", "stack"]},
+    ...     site_order=["stack", "blocks.0", "blocks.0.attn1"])
+    >>> table.action("blocks.0", 1), table.action("blocks.0.attn1", 1)
+    ('reuse_residual', 'compute')
+    >>> table.with_nested_skips({"stack": "compute", "blocks.0": "reuse_residual", "blocks.0.attn1": "compute"})
+    {'stack': 'compute', 'blocks.0': 'reuse_residual', 'blocks.0.attn1': 'skipped'}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Action(str, Enum):
+    """What a site does at a step. The values are the plan's YAML spellings."""
+
+    COMPUTE = "compute"  # run the site
+    REUSE = "reuse"  # return its cached output
+    REUSE_RESIDUAL = "reuse_residual"  # add its cached residual (output - input) to its input
+    PREDICT = "predict"  # Taylor forecast of its residual (or output) from its last computed steps
+    SKIPPED = "skipped"  # stats only: an enclosing site did not compute, so this one did not run
+
+    def __str__(self) -> str:
+        return self.value
+
+    __repr__ = __str__
+
+
+PLAN_ACTIONS = (Action.COMPUTE, Action.REUSE, Action.REUSE_RESIDUAL, Action.PREDICT)  # what a rule may say
+SLOTS = {Action.REUSE: "output", Action.REUSE_RESIDUAL: "residual"}  # the cache slot a reusing action reads
+
+
+@dataclass(frozen=True)
+class Indicator:
+    """A ``when`` rule resolved against a graph: the rule's ``of`` site and bound, the graph node
+    whose change is accumulated (``of``'s first live-out, or its modulated input), and the
+    polynomial the change goes through first (highest power first; None is the identity)."""
+
+    of: str
+    below: float
+    node: str
+    rescale: tuple[float, ...] | None = None
+
+
+@dataclass
+class DecisionTable:
+    """Actions per (site, step) for one graph, with what the runtime needs to carry them out.
+
+    ``actions[site][step]``: only sites with some non-compute step appear.
+    ``adaptive[site][step]``: the index into ``indicators`` of the ``when`` rule deciding that
+    (site, step), else None. ``slots[site]``: the cache slot a reusing site reads ("output" or
+    "residual"). ``orders[site][step]``: a ``predict`` step's Taylor order (0 elsewhere).
+    ``parents[site]``: the sites that contain it; ``site_order``: every site in graph order.
+    """
+
+    steps: int
+    actions: dict[str, list[Action]]
+    adaptive: dict[str, list[int | None]]
+    slots: dict[str, str]
+    indicators: list[Indicator] = field(default_factory=list)
+    orders: dict[str, list[int]] = field(default_factory=dict)
+    parents: dict[str, list[str]] = field(default_factory=dict)
+    site_order: list[str] = field(default_factory=list)
+
+    @property
+    def when_rules(self) -> list[tuple[str, float]]:
+        """``(of, below)`` of each ``when`` rule, in rule order."""
+        return [(i.of, i.below) for i in self.indicators]
+
+    @property
+    def depth(self) -> int:
+        """Computed steps each cache key must keep: the highest Taylor order + 1."""
+        return 1 + max((max(row) for row in self.orders.values() if row), default=0)
+
+    def action(self, site: str, step: int) -> Action:
+        """The planned action of ``site`` at ``step`` (compute for unplanned sites and steps)."""
+        row = self.actions.get(site)
+        return row[step] if row is not None and 0 <= step < self.steps else Action.COMPUTE
+
+    def order(self, site: str, step: int) -> int:
+        row = self.orders.get(site)
+        return row[step] if row is not None and 0 <= step < self.steps else 0
+
+    def is_adaptive(self) -> bool:
+        return any(r is not None for row in self.adaptive.values() for r in row)
+
+    def action_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for row in self.actions.values():
+            for a in row:
+                counts[a.value] = counts.get(a.value, 0) + 1
+        return counts
+
+    def with_nested_skips(self, call: dict[str, str]) -> dict[str, str]:
+        """One call's decisions with every site inside a non-computing site marked skipped."""
+        return {site: Action.SKIPPED.value if any(call.get(p, Action.COMPUTE) != Action.COMPUTE
+                                                  for p in self.parents.get(site, ())) else str(action)
+                for site, action in call.items()}
+
+    def static_decisions(self, step_of_call: list[int], sites: list[str] | None = None) -> dict[str, list[str]]:
+        """The decisions a static table makes at these calls (one step per call), nested skips
+        included: what ``ditopt.stats(model).decisions`` reports after such a run."""
+        names = self.site_order if sites is None else sites
+        rows: dict[str, list[str]] = {s: [] for s in names}
+        for step in step_of_call:
+            call = {s: str(self.action(s, step)) for s in {*names, *(p for s in names for p in self.parents.get(s, ()))}}
+            resolved = self.with_nested_skips(call)
+            for s in names:
+                rows[s].append(resolved[s])
+        return rows
+
+    def incompatibility(self, other: "DecisionTable") -> str | None:
+        """Why ``other`` cannot replace this table in an already rewritten graph, or None.
+
+        The graph holds a skip branch and cache nodes per planned site, and indicator nodes per
+        ``when`` rule: a static table for the same sites, slots and step count swaps in."""
+        if self.indicators or other.indicators:
+            return "set_plan() swaps static plans only; this plan or the model's has `when` rules"
+        if set(self.actions) != set(other.actions) or self.slots != other.slots:
+            return (f"the plan addresses other sites than the compiled graph ({sorted(other.actions)} vs "
+                    f"{sorted(self.actions)}); optimise again instead")
+        if self.steps != other.steps:
+            return f"plan has {other.steps} steps, the compiled graph {self.steps}"
+        return None
+
+
+__all__ = ["Action", "DecisionTable", "Indicator", "PLAN_ACTIONS", "SLOTS"]
