@@ -209,30 +209,13 @@ def running(model: torch.nn.Module, plan: Plan, compiled: dict) -> torch.nn.Modu
 
 
 def _psnr(out: Any, ref: Any) -> float:
-    a = torch.cat([t.detach().double().flatten() for t in _tensors(out)])
-    b = torch.cat([t.detach().double().flatten() for t in _tensors(ref)])
-    if a.shape != b.shape:
-        raise ProfileError(f"the run returned {tuple(a.shape)} under a plan but {tuple(b.shape)} at full compute")
-    mse = float(((a - b) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+    """PSNR (peak 1) of what the run returned under a plan against what it returned at full compute."""
+    from .metrics import psnr
 
-
-def _tensors(x: Any) -> list[torch.Tensor]:
-    """The tensors in what a run returned: tensors, numpy arrays, PIL images, a pipeline output."""
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if type(x).__module__ == "numpy" or hasattr(x, "__array_interface__"):  # ndarray, PIL image
-        import numpy as np
-
-        return [torch.from_numpy(np.asarray(x, dtype=np.float64))]
-    if isinstance(x, (list, tuple)):
-        return [t for v in x for t in _tensors(v)]
-    if isinstance(x, dict):
-        return [t for v in x.values() for t in _tensors(v)]
-    for name in ("images", "frames", "sample"):
-        if hasattr(x, name):
-            return _tensors(getattr(x, name))
-    raise ProfileError(f"the run returned {type(x).__name__}; tune needs it to return tensors to compare")
+    try:
+        return psnr(out, ref, data_range=1.0)
+    except ValueError as exc:
+        raise ProfileError(f"tune compares what the run returns under a plan with full compute: {exc}") from None
 
 
 def tune(model: torch.nn.Module, run: Callable[[Any], Any], rmap: RedundancyMap, *, budget: float,
