@@ -4,22 +4,29 @@
     plan = ditopt.presets.fora(interval=2, steps=50)
     pipe.transformer = ditopt.optimize(pipe.transformer, plan)
     ditopt.stats(pipe.transformer).decisions
+
+See docs/ARCHITECTURE.md for how the package is laid out.
 """
 
 from . import presets
-from .backend import DitoptBackend, Stats, optimize, reset, set_plan, set_step, sites, stats
+from .api import Stats, compiled_graph, optimize, reset, set_plan, set_step, sites, stats
+from .backend import CompiledGraph, DitoptBackend
 from .cost import CostModel, Prediction, cost_model
 from .errors import CaptureError, DitoptError, PlanError
 from .plan import CompiledPlan, Plan, Rule, When
 from .profile import ProfileError, RedundancyMap, profile, profile_pipeline
 from . import planner
-from .planner import plan_from_profile
+from .planner import PlannerConfig, plan_from_profile
+from .runtime import Action, DecisionTable
 from .tune import Tuned, tune, tune_pipeline
 from .sites import Site, SiteTable, find_sites
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CaptureError", "CompiledPlan", "DitoptBackend", "DitoptError", "Plan", "PlanError", "Rule", "Site",
-    "SiteTable", "Stats", "When", "find_sites", "optimize", "presets", "profile", "profile_pipeline", "plan_from_profile", "planner", "ProfileError", "RedundancyMap", "reset", "set_plan", "set_step", "sites", "stats", "tune", "tune_pipeline", "Tuned",
+    "Action", "CaptureError", "CompiledGraph", "CompiledPlan", "CostModel", "DecisionTable", "DitoptBackend",
+    "DitoptError", "Plan", "PlanError", "PlannerConfig", "Prediction", "ProfileError", "RedundancyMap", "Rule",
+    "Site", "SiteTable", "Stats", "Tuned", "When", "compiled_graph", "cost_model", "find_sites", "optimize",
+    "plan_from_profile", "planner", "presets", "profile", "profile_pipeline", "reset", "set_plan", "set_step",
+    "sites", "stats", "tune", "tune_pipeline",
 ]

@@ -1,34 +1,35 @@
-"""The dynamo backend, ``optimize()``, ``stats()`` and ``reset()``.
+"""The dynamo backend: rewrite each graph dynamo captures according to a plan.
 
 Both entry points run the same pass pipeline on the graph dynamo captures:
 
-- ``ditopt.optimize(model, plan)`` compiles with ``DitoptBackend(inductor=False)``: the
-  rewritten graph runs as Python, with skip branches lowered to plain ``if``;
+- ``ditopt.optimize(model, plan)`` (:mod:`ditopt.api`) compiles with
+  ``DitoptBackend(inductor=False)``: the rewritten graph runs as Python, with skip branches
+  lowered to plain ``if``;
 - ``torch.compile(model, backend="ditopt", options={"plan": plan})`` runs the passes and hands
   the rewritten graph (conds and custom ops included) to inductor.
 
-The model itself is never modified: dynamo wraps it, and the cache lives in a
-:class:`~ditopt.runtime.Runtime` attached to the wrapper.
+Per captured graph: find the sites, ``Plan.compile`` them into the one
+:class:`~ditopt.runtime.DecisionTable`, run the passes (which read only node annotations),
+and hand the table straight to :meth:`Runtime.set_graph`. What was compiled is kept as a
+:class:`CompiledGraph`. The model itself is never modified.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._dynamo.eval_frame import OptimizedModule
 
 from ditopt.passes import PassContext, run_pipeline
-from ditopt.runtime import Runtime, find_runtime
+from ditopt.runtime import DecisionTable, Runtime, find_runtime
 
-from .capture import lean_tracing
-from .errors import CaptureError, DitoptError, PlanError
+from .errors import PlanError
 from .plan import Plan
-from .sites import OUTPUT, STACK, SiteTable, find_sites
+from .sites import SiteTable, find_sites
 
 PlanLike = Plan | str | Path | dict
 
@@ -46,6 +47,20 @@ def as_plan(plan: PlanLike) -> Plan:
     raise PlanError(f"expected a Plan, a YAML path or YAML text, got {type(plan).__name__}")
 
 
+@dataclass
+class CompiledGraph:
+    """One graph the backend rewrote: the graph dynamo captured (``original``, untouched), the
+    rewritten one, the sites found in the original, the decision table the runtime indexes
+    under ``graph_id``, and ``[(pass, modified)]`` from the pipeline."""
+
+    graph_id: int
+    original: fx.GraphModule
+    rewritten: fx.GraphModule
+    sites: SiteTable
+    table: DecisionTable
+    report: list[tuple[str, bool]]
+
+
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy the passes may rewrite; dynamo keeps using the graph it handed us."""
     graph = fx.Graph()
@@ -59,11 +74,14 @@ def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 class DitoptBackend:
     """A dynamo backend that rewrites each captured graph according to ``plan``.
 
+    ``observe`` inserts the profiler's observer nodes (:func:`ditopt.profile` sets it).
+    ``last`` is the :class:`CompiledGraph` of the latest graph compiled.
+
     Example:
         >>> import torch, ditopt
         >>> backend = DitoptBackend(ditopt.presets.fora(interval=2, steps=4), inductor=False)
-        >>> callable(backend)
-        True
+        >>> callable(backend), backend.last
+        (True, None)
     """
 
     def __init__(self, plan: PlanLike, runtime: Runtime | None = None, *, inductor: bool = True,
@@ -73,25 +91,24 @@ class DitoptBackend:
         self.runtime = runtime
         self.inductor = inductor
         self.timestep_arg = timestep_arg
-        self.last: dict[str, Any] = {}
+        self.last: CompiledGraph | None = None
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]):
         params = {id(t) for t in example_inputs if isinstance(t, torch.nn.Parameter)}
         runtime = self.runtime or find_runtime(params) or Runtime()
         runtime.param_ids |= params
         self.runtime = runtime
+        _BACKENDS[runtime.id] = self
         original = gm
         gm = _copy_graph_module(gm)
         sites = find_sites(gm.graph)
-        compiled_plan = self.plan.compile(sites)  # raises PlanError before anything is rewritten
+        table = self.plan.compile(sites)  # raises PlanError before anything is rewritten
         graph_id = len(runtime.graphs)
         ctx = PassContext(sites=sites, runtime_id=runtime.id, graph_id=graph_id, inductor=self.inductor,
                           timestep=self.timestep_arg, observe=self.observe)
-        report = run_pipeline(gm, ctx, compiled_plan, inductor=self.inductor)
-        runtime.set_graph(graph_id, gm.meta["ditopt"]["decisions"])
-        self.last = {"original": original, "rewritten": gm, "sites": sites, "report": report,
-                     "plan": compiled_plan}
-        runtime.last_compile = self.last
+        report = run_pipeline(gm, ctx, table, inductor=self.inductor)
+        runtime.set_graph(graph_id, table)
+        self.last = CompiledGraph(graph_id, original, gm, sites, table, report)
         token = torch.zeros(1, dtype=torch.int64)
         if self.inductor:
             from torch._inductor.compile_fx import compile_fx
@@ -99,6 +116,14 @@ class DitoptBackend:
             compiled = compile_fx(gm, [*example_inputs, token])
             return lambda *args: compiled(*args, token)
         return lambda *args: gm(*args, token)
+
+
+_BACKENDS: dict[int, DitoptBackend] = {}  # runtime id -> the backend that last compiled for it
+
+
+def backend_of(runtime: Runtime) -> DitoptBackend | None:
+    """The backend that last compiled a graph for ``runtime`` (also through ``torch.compile``)."""
+    return _BACKENDS.get(runtime.id)
 
 
 def compile_graph(gm: fx.GraphModule, plan: PlanLike, example_inputs: list[Any], *, inductor: bool = False,
@@ -172,197 +197,4 @@ def _register_backend() -> None:
 _register_backend()
 
 
-class DitoptModule(OptimizedModule):
-    """What ``optimize()`` returns: dynamo's wrapper (so a pipeline sees the original module's
-    attributes, ``config``, ``dtype`` and ``device``) that reports plan errors unwrapped."""
-
-    def __call__(self, *args, **kwargs):
-        try:
-            if self._ditopt_runtime.graphs:
-                return super().__call__(*args, **kwargs)
-            with lean_tracing():  # the first call captures the model
-                return super().__call__(*args, **kwargs)
-        except torch._dynamo.exc.BackendCompilerFailed as exc:
-            inner = getattr(exc, "inner_exception", None)
-            if isinstance(inner, DitoptError):
-                raise inner from None
-            raise
-        except torch._dynamo.exc.TorchDynamoException as exc:  # dynamo could not trace the model
-            name = type(self._orig_mod).__name__
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CaptureError(f"could not capture {name} as one graph: dynamo raised {type(exc).__name__}: "
-                               f"{first}") from exc
-
-
-def candidate_site_names(model: torch.nn.Module) -> list[str]:
-    """Module paths a plan may name, known before capture (the graph decides the rest)."""
-    return [STACK, OUTPUT, *(name for name, _ in model.named_modules() if name)]
-
-
-def optimize(model: torch.nn.Module, plan: PlanLike, *, timestep_arg: str = "timestep",
-             observe: bool = False) -> torch.nn.Module:
-    """Make ``model`` reuse features as ``plan`` says; a drop-in replacement for the model.
-
-    The plan is checked at once against the model's module paths (a plan for another model,
-    unknown sites, bad steps fail here, naming rule and site); the graph is captured on the
-    first call, where the plan is resolved against the sites found in it. ``observe`` adds the
-    profiler's observer nodes (see :func:`ditopt.profile`).
-
-    Example:
-        >>> import torch, ditopt
-        >>> from diffusers import DiTTransformer2DModel
-        >>> model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
-        ...     out_channels=4, num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
-        >>> fast = ditopt.optimize(model, ditopt.presets.fora(interval=2, steps=4))
-        >>> x, y = torch.randn(1, 4, 8, 8), torch.tensor([3])
-        >>> with torch.no_grad():
-        ...     for t in (999, 700, 400, 100):
-        ...         _ = fast(x, timestep=torch.tensor([t]), class_labels=y)
-        >>> ditopt.stats(fast).decisions["transformer_blocks.1.attn1"]
-        ['compute', 'reuse', 'compute', 'reuse']
-    """
-    if isinstance(model, OptimizedModule):
-        raise DitoptError("optimize() takes the original model, not a torch.compile'd one")
-    plan = as_plan(plan)
-    if plan.model and plan.model != type(model).__name__:
-        raise PlanError(f"plan was made for {plan.model}, not {type(model).__name__}")
-    plan.check_patterns(candidate_site_names(model))
-    runtime = Runtime()
-    runtime.param_ids = {id(p) for p in model.parameters()}
-    backend = DitoptBackend(plan, runtime, inductor=False, timestep_arg=timestep_arg, observe=observe)
-    _make_room_for_another_model()
-    wrapped = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
-    wrapped.__class__ = DitoptModule
-    object.__setattr__(wrapped, "_ditopt_runtime", runtime)
-    object.__setattr__(wrapped, "_ditopt_backend", backend)
-    return wrapped
-
-
-def _make_room_for_another_model(limit: int = 256) -> None:
-    """Dynamo keys compiled code by the code object of ``forward``, which every instance of a
-    class shares, and each optimised model adds its own entry (its backend and parameters
-    differ). Past dynamo's default of 8 entries, the ninth model of one class in a process
-    (trying plans, a benchmark) would fail with a recompile-limit error under fullgraph=True."""
-    config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, limit)
-    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * limit)
-
-
-def runtime_of(model: torch.nn.Module) -> Runtime:
-    rt = model.__dict__.get("_ditopt_runtime")
-    if rt is not None:
-        return rt
-    inner = model._orig_mod if isinstance(model, OptimizedModule) else model
-    rt = find_runtime({id(p) for p in inner.parameters()})
-    if rt is None:
-        raise DitoptError(f"{type(inner).__name__} has not been optimised by ditopt (or not yet called)")
-    return rt
-
-
-@dataclass
-class Stats:
-    """What the runtime did in the last generation.
-
-    ``decisions[site]`` has one entry per call: compute, reuse, reuse_residual or skipped.
-    """
-
-    decisions: dict[str, list[str]]
-    cache_bytes: int
-    step: int
-    generation: int
-    calls: int
-    graphs: int
-
-
-def stats(model: torch.nn.Module) -> Stats:
-    rt = runtime_of(model)
-    return Stats(decisions=rt.decisions(), cache_bytes=rt.store.nbytes, step=rt.state.step,
-                 generation=rt.state.generation, calls=len(rt.records), graphs=len(rt.graphs))
-
-
-def set_plan(model: torch.nn.Module, plan: PlanLike) -> None:
-    """Give an optimised model another static plan without recompiling.
-
-    The rewritten graph holds a skip branch and cache nodes for every site its plan addresses;
-    which way each branch goes at each step is a table in the runtime. A plan that addresses the
-    same sites, with the same cache slots and no ``when`` rules, needs only a new table: this
-    swaps it and resets the caches. Anything else raises :class:`PlanError` and leaves the model
-    as it was (optimise again for a plan of another shape).
-
-    Example:
-        >>> import torch, ditopt
-        >>> from diffusers import DiTTransformer2DModel
-        >>> model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
-        ...     out_channels=4, num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
-        >>> fast = ditopt.optimize(model, ditopt.presets.fora(interval=2, steps=4))
-        >>> x, y = torch.randn(1, 4, 8, 8), torch.tensor([3])
-        >>> def generate():
-        ...     ditopt.reset(fast)
-        ...     with torch.no_grad():
-        ...         for t in (999, 700, 400, 100):
-        ...             _ = fast(x, timestep=torch.tensor([t]), class_labels=y)
-        >>> generate()
-        >>> ditopt.set_plan(fast, ditopt.presets.fora(interval=3, steps=4))
-        >>> generate(); ditopt.stats(fast).decisions["transformer_blocks.1.attn1"]
-        ['compute', 'reuse', 'reuse', 'compute']
-    """
-    backend = model.__dict__.get("_ditopt_backend")
-    if backend is None:
-        raise DitoptError("set_plan() takes a model returned by ditopt.optimize()")
-    plan = as_plan(plan)
-    rt = runtime_of(model)
-    if not rt.graphs or not backend.last:
-        raise DitoptError("the model has not been called yet: there is no compiled graph to re-plan")
-    compiled = plan.compile(backend.last["sites"])
-    tables = {}
-    for graph, old in rt.graphs.items():
-        if compiled.when_rules or old.when_rules:
-            raise PlanError("set_plan() swaps static plans only; this plan or the model's has `when` rules")
-        if set(compiled.actions) != set(old.actions) or dict(compiled.slots) != dict(old.slots):
-            raise PlanError(f"plan {plan.name or ''!r} addresses other sites than the compiled graph "
-                            f"({sorted(compiled.actions)} vs {sorted(old.actions)}); optimise again instead")
-        if compiled.steps != old.steps:
-            raise PlanError(f"plan has {compiled.steps} steps, the compiled graph {old.steps}")
-        tables[graph] = replace(old, actions=compiled.actions, adaptive=compiled.adaptive,
-                                orders=dict(getattr(compiled, "orders", {})))
-    for graph, table in tables.items():
-        rt.set_graph(graph, table)
-    backend.plan = plan
-    rt.reset()
-
-
-def reset(model: torch.nn.Module) -> None:
-    """Forget caches and step state: the next call starts a new generation."""
-    runtime_of(model).reset()
-
-
-def set_step(model: torch.nn.Module, step: int, branch: int = 0) -> None:
-    """Tell the runtime which step (and CFG branch) the next call is, overriding detection."""
-    runtime_of(model).state.set(step, branch)
-
-
-def sites(model: torch.nn.Module, *args, **example_inputs) -> SiteTable:
-    """The sites of ``model``, found in the graph captured from one call with these inputs.
-
-    Example:
-        >>> import torch, ditopt
-        >>> from diffusers import DiTTransformer2DModel
-        >>> model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
-        ...     out_channels=4, num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
-        >>> table = ditopt.sites(model, hidden_states=torch.randn(1, 4, 8, 8), timestep=torch.tensor([1]),
-        ...                      class_labels=torch.tensor([1]))
-        >>> [(s.name, s.kind) for s in table][:3]
-        [('output', 'output'), ('stack', 'stack'), ('transformer_blocks.0', 'block')]
-    """
-    from .capture import capture
-
-    if isinstance(model, OptimizedModule):
-        model = model._orig_mod
-    cap = capture(model, *args, **example_inputs)
-    table = find_sites(cap.gm.graph)
-    table.model = type(model).__name__
-    return table
-
-
-__all__ = ["DitoptBackend", "DitoptModule", "Stats", "as_plan", "ditopt_backend", "optimize", "reset",
-           "runtime_of", "set_step", "sites", "stats", "CaptureError"]
+__all__ = ["CompiledGraph", "DitoptBackend", "PlanLike", "as_plan", "backend_of", "compile_graph", "ditopt_backend"]

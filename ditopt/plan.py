@@ -28,7 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -36,16 +35,14 @@ from typing import Any
 
 import yaml
 
-from .errors import PlanError
+from ditopt.runtime.decisions import PLAN_ACTIONS, SLOTS, Action, DecisionTable  # noqa: F401 (SLOTS: until cost.py imports it from runtime)
+
+from .errors import PlanError, check_count
 from .sites import SITE_KINDS, SiteTable, is_positional, parse_position
 
 VERSION = 1
-COMPUTE = "compute"
-REUSE = "reuse"
-REUSE_RESIDUAL = "reuse_residual"
-PREDICT = "predict"
-ACTIONS = (COMPUTE, REUSE, REUSE_RESIDUAL, PREDICT)
-SLOTS = {REUSE: "output", REUSE_RESIDUAL: "residual"}
+COMPUTE, REUSE, REUSE_RESIDUAL, PREDICT = (Action.COMPUTE, Action.REUSE, Action.REUSE_RESIDUAL, Action.PREDICT)
+ACTIONS = tuple(a.value for a in PLAN_ACTIONS)
 ORDERS = (0, 1, 2)
 INDICATORS = ("rel_l1",)
 WATCHED = ("output", "input")  # when.on: a site's first live-out, or its modulated input
@@ -93,6 +90,10 @@ class Rule:
     line: int | None = field(default=None, compare=False)
     step_line: int | None = field(default=None, compare=False)
 
+    def __post_init__(self):
+        if isinstance(self.action, Action):  # the plain YAML spelling, so that plans dump as YAML
+            object.__setattr__(self, "action", self.action.value)
+
     def step_list(self, total: int) -> list[int]:
         """The steps this rule covers, for a plan of ``total`` steps."""
         if self.steps is None:
@@ -130,39 +131,7 @@ def _parse_slice(text: str) -> slice:
     return slice(*nums)
 
 
-@dataclass(frozen=True)
-class Indicator:
-    """What a ``when`` rule's indicator watches once resolved against a model: the graph node
-    (``of``'s first live-out or its modulated input) and the polynomial its change goes through."""
-
-    node: str
-    rescale: tuple[float, ...] | None = None
-
-
-@dataclass
-class CompiledPlan:
-    """A plan resolved against a model's sites: one action per (site, step).
-
-    ``actions[site][step]``; ``adaptive[site][step]`` is the index into ``when_rules`` of the
-    ``when`` rule deciding that (site, step), else None; ``when_rules[i] = (of, below)`` and
-    ``indicators[i]`` the node it watches (empty: each ``of``'s first live-out, no rescale).
-    Only sites with some non-compute step appear.
-    """
-
-    steps: int
-    actions: dict[str, list[str]]
-    adaptive: dict[str, list[int | None]]
-    when_rules: list[tuple[str, float]]
-    slots: dict[str, str]
-    orders: dict[str, list[int]] = field(default_factory=dict)  # predict's Taylor order per step
-    indicators: list[Indicator] = field(default_factory=list)
-
-    def action_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for row in self.actions.values():
-            for a in row:
-                counts[a] = counts.get(a, 0) + 1
-        return counts
+CompiledPlan = DecisionTable  # the name before the redesign: Plan.compile returns a DecisionTable
 
 
 @dataclass
@@ -235,98 +204,18 @@ class Plan:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
     def resample(self, steps: int) -> "Plan":
-        """The same plan for ``steps`` denoising steps instead of ``self.steps``.
-
-        The static rules that skip a site (reuse, forecast) are resampled together, as one
-        schedule of computed and skipped steps per site, which keeps the schedule's shape
-        in steps rather than stretching it:
-
-        - the warm-up (the computed steps before the first skipped one) keeps its length;
-        - after it, the new schedule is walked from computed step to computed step, and each
-          run of skipped steps is as long as the run the old plan had at the same relative
-          position of the schedule. "Compute, forecast" stays an alternation, and the longest
-          run of consecutive skips (the plan's bound on consecutive reuse) is kept.
-          Stretching runs by ``steps / self.steps`` instead measured 1.5-1.9 dB worse on
-          wan-digits and the same on dit-digits (20 to 30 steps, ``docs/BENCHMARKS.md``);
-        - the number of skipped steps is then brought to within one step of the old share of
-          the schedule, by breaking the longest run or lengthening the shortest, latest first;
-        - each new skipped step takes the rule (action, order) of the nearest old skipped step.
-
-        Other rules with steps (compute rules) are spread as a density along the schedule;
-        ``when`` rules without steps apply to every step, as before.
-
-        A plan made by the planner from a redundancy map is better re-planned from that map:
-        ``plan_from_profile(rmap, budget=..., steps=M)`` lays the skipped steps out for M steps
-        where this walk keeps their positions (measured 20 to 30 steps on wan-digits: 48.00 dB
-        against 45.22 for this method; ``docs/BENCHMARKS.md``).
+        """The same plan for ``steps`` denoising steps: the schedule's warm-up and runs of skipped
+        steps kept in length (see :func:`ditopt.resample.resample_plan`). A plan the planner made
+        from a redundancy map is better re-planned from it: ``plan_from_profile(rmap, steps=M)``.
 
         Example:
             >>> plan = Plan(steps=4, rules=[Rule(sites=("*",), kind="block", steps=(1, 3), action="reuse_residual")])
             >>> plan.resample(8).rules[0].steps
             (1, 3, 5, 7)
-            >>> Plan(steps=10, rules=[Rule(sites=("b",), steps=(3, 4, 6, 7, 9), action="predict")]).resample(15).rules[0].steps
-            (3, 4, 6, 7, 9, 10, 12, 13)
         """
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise PlanError(f"can only resample to a positive number of steps, got {steps!r}")
-        old = self.steps
-        scale = old / steps
+        from .resample import resample_plan
 
-        def spread(covered: set[int]) -> tuple[int, ...]:
-            chosen, carry = [], 0.0
-            for i in range(steps):
-                centre = (i + 0.5) * scale  # the rule's local density: its share of 2 old steps around
-                lo, hi = centre - 1.0, centre + 1.0
-                share = sum(max(0.0, min(hi, s + 1) - max(lo, s)) for s in covered if s + 1 > lo and s < hi) / 2.0
-                carry += share
-                if carry >= 0.5:
-                    chosen.append(i)
-                    carry -= 1.0
-            return tuple(chosen)
-
-        # Static non-compute rules on the same sites are resampled together, as one schedule
-        # (so two rules that share it, e.g. forecasts of order 1 and 2, neither collide nor leave
-        # gaps), each new skipped step then taking the rule of the nearest old step.
-        def target(rule: Rule):
-            return (rule.sites, rule.kind, rule.attention) if rule.action != COMPUTE and rule.when is None \
-                and rule.steps is not None else None
-
-        assigned: dict[int, tuple[int, ...]] = {}
-        groups: dict[tuple, list[int]] = {}
-        for index, rule in enumerate(self.rules):
-            key = target(rule)
-            if key is not None:
-                groups.setdefault(key, []).append(index)
-        for members in groups.values():
-            owner: dict[int, int] = {}
-            for index in members:  # a later rule overrides an earlier one on the same step
-                for st in self.rules[index].step_list(old):
-                    owner[st] = index
-            picked: dict[int, list[int]] = {index: [] for index in members}
-            for i in _walk(set(owner), old, steps):
-                position = (i + 0.5) * scale - 0.5
-                nearest = min(owner, key=lambda st: (abs(st - position), -st))
-                picked[owner[nearest]].append(i)
-            assigned.update({index: tuple(v) for index, v in picked.items()})
-
-        rules = []
-        for index, rule in enumerate(self.rules):
-            if rule.steps is None:
-                rules.append(rule)
-                continue
-            if index in assigned:
-                new_steps = assigned[index]
-            else:
-                new_steps = spread(set(rule.step_list(old)))
-                if rule.action != COMPUTE and rule.when is None:
-                    new_steps = tuple(s for s in new_steps if s > 0)
-            if new_steps:
-                rules.append(Rule(sites=rule.sites, action=rule.action, steps=new_steps, kind=rule.kind,
-                                  when=rule.when, order=rule.order, attention=rule.attention))
-        plan = Plan(steps=steps, rules=rules, version=self.version, model=self.model,
-                    name=f"{self.name or 'plan'}@{steps}")
-        plan.check()
-        return plan
+        return resample_plan(self, steps)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_yaml())
@@ -357,125 +246,12 @@ class Plan:
                                     site=pattern)
 
     # -- resolving against a model --------------------------------------------------------------
-    def compile(self, sites: SiteTable) -> CompiledPlan:
-        """Resolve the rules against ``sites``; raise PlanError naming rule and site on misuse."""
-        if self.model and sites.sites and getattr(sites, "model", None) not in (None, self.model):
-            raise PlanError(f"plan was made for {self.model}, not {sites.model}")
-        actions: dict[str, list[str]] = {}
-        adaptive: dict[str, list[int | None]] = {}
-        when_rules: list[tuple[str, float]] = []
-        indicators: list[Indicator] = []
-        origin: dict[tuple[str, int], int] = {}
-        orders: dict[str, list[int]] = {}
-        for i, rule in enumerate(self.rules):
-            where = dict(rule=i, line=rule.line)
-            for pattern in rule.sites:
-                if not pattern.startswith("!") and is_positional(pattern) and not sites.match([pattern]):
-                    raise PlanError(f"pattern {pattern!r} selects none of the stack's {len(sites.stack_blocks())} "
-                                    f"blocks", site=pattern, **where)
-                if not pattern.startswith("!") and not sites.match([pattern]):
-                    raise PlanError(f"pattern {pattern!r} matches no site; sites are e.g. {sites.names()[:6]}",
-                                    site=pattern, **where)
-            matched = sites.match(list(rule.sites), kind=rule.kind)
-            if not matched:
-                raise PlanError(f"no site of kind {rule.kind!r} matches {list(rule.sites)}",
-                                site=",".join(rule.sites), **where)
-            if rule.attention is not None:
-                # A model without attention of this kind (DiT has no cross attention) leaves
-                # the rule without effect: PAB's per-kind ranges apply to the kinds it has.
-                matched = [s for s in matched if s.attention == rule.attention]
-            when_index = None
-            if rule.when is not None:
-                of = resolve_of(rule.when.of, rule.kind, sites)
-                if of is None:
-                    raise PlanError(f"'when.of' names no site: {rule.when.of!r}", site=rule.when.of, **where)
-                watched = sites[of].live_outs[0] if rule.when.on == "output" else sites[of].modulated_input
-                if watched is None:
-                    raise PlanError(f"'when.on: {rule.when.on}': site {of!r} has none that ditopt can find "
-                                    f"(use on: output)", site=of, **where)
-                when_index = len(when_rules)
-                when_rules.append((of, rule.when.below))
-                indicators.append(Indicator(watched, rule.when.rescale))
-                # A site is never decided by its own output, nor by one inside or around it.
-                matched = [s for s in matched if s.name != of and of not in sites.ancestors(s.name)
-                           and s.name not in sites.ancestors(of)]
-            for site in matched:
-                if rule.action != COMPUTE and not site.skippable:
-                    raise PlanError(f"site cannot be skipped: {site.why_not_skippable}", site=site.name, **where)
-                if rule.action == REUSE_RESIDUAL and any(r is None for r in site.residual_inputs):
-                    raise PlanError("reuse_residual needs an input shaped like each output; this site has none "
-                                    "(use 'reuse')", site=site.name, **where)
-                row = actions.setdefault(site.name, [COMPUTE] * self.steps)
-                arow = adaptive.setdefault(site.name, [None] * self.steps)
-                orow = orders.setdefault(site.name, [0] * self.steps)
-                for s in rule.step_list(self.steps):
-                    row[s] = rule.action
-                    arow[s] = when_index if rule.action != COMPUTE else None
-                    orow[s] = (1 if rule.order is None else rule.order) if rule.action == PREDICT else 0
-                    origin[(site.name, s)] = i
-        slots: dict[str, str] = {}
-        for name, row in list(actions.items()):
-            used = {a for a in row if a != COMPUTE}
-            if not used:
-                del actions[name], adaptive[name]
-                continue
-            kinds = used - {PREDICT}
-            if len(kinds) > 1:
-                raise PlanError(f"a site takes one kind of reuse per plan, got {sorted(used)}", site=name)
-            if kinds:
-                slots[name] = SLOTS[kinds.pop()]
-            else:  # predict alone forecasts the residual where the site has one, else its output
-                residual = all(r is not None for r in sites[name].residual_inputs) and sites[name].residual_inputs
-                slots[name] = "residual" if residual else "output"
-            static = [s for s, a in enumerate(row) if a != COMPUTE and adaptive[name][s] is None]
-            first = static[0] if static else None  # adaptive steps compute by themselves while nothing is cached
-            if first is not None and COMPUTE not in row[:first]:
-                i = origin[(name, first)]
-                raise PlanError(f"{row[first]} at step {first} before the site computed at any step",
-                                rule=i, line=self.rules[i].line, site=name)
-        self._check_when(sites, actions, adaptive, when_rules)
-        for name, row in actions.items():
-            for st, a in enumerate(row):
-                if a == PREDICT and adaptive[name][st] is not None:
-                    i = origin[(name, st)]
-                    raise PlanError("predict cannot be adaptive ('when'): a forecast needs a fixed step table",
-                                    rule=i, line=self.rules[i].line, site=name)
-        orders = {name: orders[name] for name in actions}
-        return CompiledPlan(self.steps, actions, adaptive, when_rules, slots, orders, indicators)
+    def compile(self, sites: SiteTable) -> DecisionTable:
+        """Resolve the rules against ``sites`` (see :mod:`ditopt.resolve`); raise PlanError naming
+        rule and site on misuse."""
+        from .resolve import compile_plan
 
-    def _check_when(self, sites, actions, adaptive, when_rules) -> None:
-        order = {n: i for i, n in enumerate(sites.names())}
-        for index, (of, _) in enumerate(when_rules):
-            governed = [s for s, row in adaptive.items() if index in row]
-            rule_i = [i for i, r in enumerate(self.rules) if r.when is not None][index]
-            where = dict(rule=rule_i, line=self.rules[rule_i].line)
-            for s in governed:
-                if s == of or of in sites.ancestors(s) or s in sites.ancestors(of):
-                    raise PlanError(f"'when.of' site {of!r} cannot be {s!r}, inside it or contain it",
-                                    site=s, **where)
-                if order[s] <= order[of]:
-                    raise PlanError(f"site {s!r} runs before its 'when.of' site {of!r}", site=s, **where)
-            steps = {st for s in governed for st, r in enumerate(adaptive[s]) if r == index}
-            for anc in [of, *sites.ancestors(of)]:
-                row = actions.get(anc)
-                if row and any(row[st] != COMPUTE for st in steps):
-                    raise PlanError(f"the 'when.of' site must compute at every step the rule decides, but "
-                                    f"{anc!r} reuses", site=of, **where)
-
-
-def resolve_of(pattern: str, kind: str | None, sites: SiteTable) -> str | None:
-    """The site a ``when.of`` names: the site itself, for ``stack[...]`` the first block it
-    selects, or for a glob the first match in graph order (of the rule's kind), preferring the
-    blocks of the stack."""
-    if pattern in sites:
-        return pattern
-    if is_positional(pattern):
-        blocks = sites.match([pattern], kind="block")
-        return blocks[0].name if blocks else None
-    found = sites.match([pattern], kind=kind)
-    in_stack = [s for s in found if s.parent == "stack"]
-    pick = (in_stack or found)
-    return pick[0].name if pick else None
+        return compile_plan(self, sites)
 
 
 def _rule_lines(root) -> list[dict[str, int]]:
@@ -591,65 +367,3 @@ def _rule_from_dict(raw: Any, index: int, lines: dict[str, int] | None) -> Rule:
         when = When(of=str(of), below=float(below), indicator=indicator, on=on, rescale=rescale)
     return Rule(sites=sites, action=action, steps=steps, kind=kind, when=when, order=order, attention=attention,
                 line=line, step_line=lines.get("steps", line))
-
-
-def _walk(skipped: set[int], old: int, steps: int) -> list[int]:
-    """The skipped steps of a schedule of ``old`` steps resampled to ``steps`` (see
-    :meth:`Plan.resample`): the warm-up kept, the runs of skips kept in length along the
-    schedule, the share of skipped steps kept.
-
-    Example:
-        >>> _walk({1, 3, 5, 7, 9}, 10, 15)
-        [1, 3, 5, 7, 9, 11, 13]
-        >>> _walk({3, 5, 7, 9, 11, 13, 14, 16, 18, 19}, 20, 30)
-        [3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 22, 24, 26, 28, 29]
-    """
-    skipped = {s for s in skipped if 0 < s < old}
-    if not skipped or steps < 2:
-        return []
-    computed = [s for s in range(old) if s not in skipped]
-    warmup = min(skipped)  # steps 0 .. warmup-1 compute
-    run_after = {a: b - a - 1 for a, b in zip(computed, computed[1:] + [old])}
-    anchors = [c for c in computed if c >= warmup - 1]
-    new_computed = list(range(min(warmup, steps - 1)))
-    p = len(new_computed) - 1
-    while True:
-        q = p * (old - 1) / (steps - 1)
-        anchor = max((c for c in anchors if c <= q + 1e-9), default=anchors[0])
-        p += run_after[anchor] + 1
-        if p > steps - 1:
-            break
-        new_computed.append(p)
-    done = set(new_computed)
-    out = [i for i in range(steps) if i not in done]
-    exact = len(skipped) * steps / old  # the old share of skipped steps, kept to within one step
-    most, least = min(steps - 1, math.ceil(exact - 1e-9)), max(1, math.floor(exact + 1e-9))
-
-    def runs() -> list[tuple[int, int]]:  # (start, length) of each run of skips
-        found, start = [], None
-        for i in range(1, steps + 1):
-            if i < steps and i not in done:
-                start = i if start is None else start
-            elif start is not None:
-                found.append((start, i - start))
-                start = None
-        return found
-
-    while len(out) > most:  # break the longest run (latest first) in its middle
-        start, length = max(runs(), key=lambda r: (r[1], r[0]))
-        done.add(start + length // 2)
-        out = [i for i in range(steps) if i not in done]
-    while len(out) < least:  # skip a computed step after the warm-up, where the run it makes is shortest
-        def made(c: int) -> int:
-            lo, hi = c - 1, c + 1
-            while lo > 0 and lo not in done:
-                lo -= 1
-            while hi < steps and hi not in done:
-                hi += 1
-            return hi - lo - 1
-        free = [c for c in done if c >= max(1, warmup)]
-        if not free:
-            break
-        done.discard(min(free, key=lambda c: (made(c), -c)))
-        out = [i for i in range(steps) if i not in done]
-    return out

@@ -40,14 +40,76 @@ Example::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from .plan import COMPUTE, PREDICT, REUSE, REUSE_RESIDUAL, Plan, Rule
+from ditopt.runtime.decisions import Action
+
+from .errors import check_count
+from .plan import Plan, Rule
 from .profile import ProfileError, RedundancyMap
 
-__all__ = ["Schedule", "schedule_from_profile", "plan_from_profile", "smoothcache"]
+COMPUTE, REUSE, REUSE_RESIDUAL, PREDICT = Action.COMPUTE, Action.REUSE, Action.REUSE_RESIDUAL, Action.PREDICT
+
+__all__ = ["PlannerConfig", "Schedule", "schedule_from_profile", "plan_from_profile", "smoothcache"]
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    """The planner's knobs, one line each (what was measured for them: :func:`plan_from_profile`).
+
+    Example:
+        >>> PlannerConfig(budget=0.5).with_(steps=30).steps
+        30
+        >>> PlannerConfig(budget=2.0)
+        Traceback (most recent call last):
+        ...
+        ditopt.profile.ProfileError: budget must be a fraction of full compute in (0, 1], got 2.0
+    """
+
+    budget: float | None = None  # fraction of full block compute in (0, 1] the plan may spend
+    max_error: float | None = None  # instead of a budget: the least compute with at most this predicted error
+    max_consecutive: int = 3  # most steps in a row a site may go without computing
+    orders: tuple[int, ...] = (0, 1)  # 0 allows reuse, 1 allows order-1 forecasts (predict)
+    sites: tuple[str, ...] | None = None  # the sites planned (default: the blocks of the stack)
+    steps: int | None = None  # plan for this step count from a map profiled at another (warm-up kept)
+    granularity: str = "stack"  # "stack": planned sites compute at the same steps; "site": each on its own
+    compute_last: bool = False  # force the last step to compute
+    accumulation: float = 1.0  # a skipped step's replayed error grows by (1 + this) per step since a compute
+    warmup: int | None = None  # steps 0..warmup-1 compute; step warmup is the first that does not
+
+    def __post_init__(self):
+        if self.sites is not None and not isinstance(self.sites, tuple):
+            object.__setattr__(self, "sites", tuple(self.sites))
+        object.__setattr__(self, "orders", tuple(self.orders))
+        if self.granularity not in ("stack", "site"):
+            raise ProfileError(f"granularity must be 'stack' or 'site', got {self.granularity!r}")
+        if self.budget is not None and not (isinstance(self.budget, (int, float)) and 0 < self.budget <= 1):
+            raise ProfileError(f"budget must be a fraction of full compute in (0, 1], got {self.budget!r}")
+        if self.max_error is not None and not (isinstance(self.max_error, (int, float)) and self.max_error >= 0):
+            raise ProfileError(f"max_error must be >= 0, got {self.max_error!r}")
+        check_count(self.max_consecutive, "max_consecutive", minimum=0, error=ProfileError)
+        if self.steps is not None:
+            check_count(self.steps, "steps", minimum=2, error=ProfileError)
+        if not isinstance(self.accumulation, (int, float)) or self.accumulation < 0:
+            raise ProfileError(f"accumulation must be >= 0, got {self.accumulation!r}")
+
+    def with_(self, **knobs) -> "PlannerConfig":
+        """A copy with these knobs changed (unknown names raise ProfileError naming them)."""
+        unknown = set(knobs) - set(self.__dataclass_fields__)
+        if unknown:
+            raise ProfileError(f"unknown planner knob(s) {sorted(unknown)}; known: {sorted(self.__dataclass_fields__)}")
+        return replace(self, **knobs)
+
+
+def _config(config: PlannerConfig | None, budget: float | None, knobs: dict) -> PlannerConfig:
+    config = (config or PlannerConfig()).with_(**knobs)
+    if budget is not None:
+        config = config.with_(budget=budget)
+    if (config.budget is None) == (config.max_error is None):
+        raise ProfileError("give exactly one of budget= (fraction of full block compute) or max_error=")
+    return config
 
 
 @dataclass
@@ -92,16 +154,17 @@ def _weights(rmap: RedundancyMap) -> torch.Tensor:
 class _SiteCosts:
     """Replayed errors of reuse and order-1 forecasts for one site (see the module docstring)."""
 
-    def __init__(self, samples: torch.Tensor, weights: torch.Tensor, max_gap: int, orders: tuple[int, ...]):
+    def __init__(self, samples: torch.Tensor, weights: torch.Tensor, config: PlannerConfig,
+                 warmup: int | None = None):
         self.y = samples.double()  # [steps, branches, keep]
         self.n = self.y.shape[0]
         self.w = weights
-        self.max_gap = max_gap
-        self.orders = orders
+        self.max_gap = config.max_consecutive
+        self.orders = config.orders
         self._cache: dict[tuple[int, int, int], tuple[float, str]] = {}
-        self.compute_last = True
-        self.accumulation = 0.0
-        self.warmup: int | None = None
+        self.compute_last = config.compute_last
+        self.accumulation = float(config.accumulation)
+        self.warmup = warmup
         self.energy = float((self.w[:, None] * (self.y ** 2).mean(dim=(1, 2))[:, None]).sum())
 
     def diff(self, t: int, a: int, b: int, reuse_action: str) -> tuple[torch.Tensor, str]:
@@ -188,13 +251,11 @@ class _GroupCosts(_SiteCosts):
         self.reuse_actions = reuse_actions
         first = next(iter(members.values()))
         self.n, self.max_gap = first.n, first.max_gap
+        self.compute_last, self.accumulation, self.warmup = first.compute_last, first.accumulation, first.warmup
         self._cache = {}
         self.energy = sum(m.energy for m in members.values())
         shapes = {tuple(m.y.shape) for m in members.values()}
         self.aligned = aligned and len(shapes) == 1
-        self.compute_last = True
-        self.accumulation = 0.0
-        self.warmup: int | None = None
 
     def err(self, t, a, b, reuse_action):
         key = (t, a, b)
@@ -212,124 +273,119 @@ class _GroupCosts(_SiteCosts):
         return hit
 
 
-def schedule_from_profile(rmap: RedundancyMap, budget: float | None = None, *, max_error: float | None = None,
-                          max_consecutive: int = 3, orders: tuple[int, ...] = (0, 1),
-                          sites: list[str] | None = None, steps: int | None = None,
-                          granularity: str = "stack", compute_last: bool = False,
-                          accumulation: float = 1.0, warmup: int | None = None) -> Schedule:
+def schedule_from_profile(rmap: RedundancyMap, budget: float | None = None, config: PlannerConfig | None = None,
+                          **knobs) -> Schedule:
     """The planned schedule; see :func:`plan_from_profile` for the arguments."""
-    if granularity not in ("stack", "site"):
-        raise ProfileError(f"granularity must be 'stack' or 'site', got {granularity!r}")
     if not isinstance(rmap, RedundancyMap):
         raise ProfileError(f"expected a RedundancyMap, got {type(rmap).__name__}")
-    if (budget is None) == (max_error is None):
-        raise ProfileError("give exactly one of budget= (fraction of full block compute) or max_error=")
-    if budget is not None and not (isinstance(budget, (int, float)) and 0 < budget <= 1):
-        raise ProfileError(f"budget must be a fraction of full compute in (0, 1], got {budget!r}")
-    if max_error is not None and not (isinstance(max_error, (int, float)) and max_error >= 0):
-        raise ProfileError(f"max_error must be >= 0, got {max_error!r}")
-    if max_consecutive < 0:
-        raise ProfileError(f"max_consecutive must be >= 0, got {max_consecutive}")
-    kept_warmup = False
-    if steps is not None and steps != rmap.steps:
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-            raise ProfileError(f"steps must be an integer >= 2, got {steps!r}")
+    config = _config(config, budget, knobs)
+    warmup, kept_warmup = config.warmup, False
+    if config.steps is not None and config.steps != rmap.steps:
         if warmup is None:  # kept in steps from the plan at the profiled step count
-            here = schedule_from_profile(rmap, budget, max_error=max_error, max_consecutive=max_consecutive,
-                                         orders=orders, sites=sites, granularity=granularity,
-                                         compute_last=compute_last, accumulation=accumulation)
-            skipped = [t for row in here.actions.values() for t, a in enumerate(row) if a != COMPUTE]
-            if skipped and min(skipped) < steps - 1 - compute_last:
-                warmup, kept_warmup = min(skipped), True
-        rmap = rmap.resample(steps)
-    names = list(sites) if sites is not None else list(rmap.stack)
-    if not names:
-        raise ProfileError("the redundancy map has no block stack to plan for; pass sites=")
-    for s in names:
-        rmap.index(s)  # KeyError naming the site if it is not in the map
-    weights = _weights(rmap)
-    per = {s: _SiteCosts(rmap.samples[s], weights, max_consecutive, orders) for s in names}
-    cost = {s: max(float(rmap.flops.get(s, 0.0)), 1.0) for s in names}
-    total_cost = sum(cost.values()) * rmap.steps
-    energy = sum(p.energy for p in per.values()) or 1.0
-    reuse_action = {s: REUSE_RESIDUAL if rmap.residual_form.get(s, False) else REUSE for s in names}
-
-    group = _GroupCosts(per, reuse_action) if granularity == "stack" else None
-    if accumulation < 0:
-        raise ProfileError(f"accumulation must be >= 0, got {accumulation!r}")
+            warmup = _profiled_warmup(rmap, config)
+            kept_warmup = warmup is not None
+        rmap = rmap.resample(config.steps)
     if warmup is not None:
-        top = rmap.steps - 1 - int(compute_last)
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or not 1 <= warmup <= top or max_consecutive < 1:
+        top = rmap.steps - 1 - int(config.compute_last)
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or not 1 <= warmup <= top \
+                or config.max_consecutive < 1:
             raise ProfileError(f"warmup (the first step not computed) must be an integer in [1, {top}] with "
                                f"max_consecutive >= 1, got warmup={warmup!r}")
-    for c in [*per.values(), *([group] if group else [])]:
-        c.compute_last = compute_last
-        c.accumulation = float(accumulation)
-        c.warmup = warmup
+    return _Problem(rmap, config, warmup).best(kept_warmup)
 
-    def solve(lam: float) -> Schedule:
+
+def _profiled_warmup(rmap: RedundancyMap, config: PlannerConfig) -> int | None:
+    """The first step not computed by the plan made at the map's own step count, if it leaves room."""
+    here = schedule_from_profile(rmap, config=config.with_(steps=None))
+    skipped = [t for row in here.actions.values() for t, a in enumerate(row) if a != COMPUTE]
+    if skipped and min(skipped) < config.steps - 1 - config.compute_last:
+        return min(skipped)
+    return None
+
+
+class _Problem:
+    """One planning problem: the sites' replayed costs, solved for a multiplier ``lam`` on FLOPs."""
+
+    def __init__(self, rmap: RedundancyMap, config: PlannerConfig, warmup: int | None):
+        self.rmap, self.config, self.warmup = rmap, config, warmup
+        self.names = list(config.sites) if config.sites is not None else list(rmap.stack)
+        if not self.names:
+            raise ProfileError("the redundancy map has no block stack to plan for; pass sites=")
+        for s in self.names:
+            rmap.index(s)  # KeyError naming the site if it is not in the map
+        weights = _weights(rmap)
+        self.per = {s: _SiteCosts(rmap.samples[s], weights, config, warmup) for s in self.names}
+        self.cost = {s: max(float(rmap.flops.get(s, 0.0)), 1.0) for s in self.names}
+        self.total_cost = sum(self.cost.values()) * rmap.steps
+        self.energy = sum(p.energy for p in self.per.values()) or 1.0
+        self.reuse_action = {s: REUSE_RESIDUAL if rmap.residual_form.get(s, False) else REUSE for s in self.names}
+        self.group = _GroupCosts(self.per, self.reuse_action) if config.granularity == "stack" else None
+
+    def solve(self, lam: float) -> Schedule:
         actions, error, flops = {}, 0.0, 0.0
-        if group is not None:
-            row, error, n_computed = group.plan(lam, sum(cost.values()), "")
-            for s in names:
+        if self.group is not None:
+            row, error, n_computed = self.group.plan(lam, sum(self.cost.values()), "")
+            for s in self.names:
                 actions[s] = [a if isinstance(a, str) else a[s] for a in row]
-            flops = n_computed * sum(cost.values())
-            return Schedule(rmap.steps, actions, flops / total_cost, math.sqrt(error / energy), lam)
-        for s in names:
-            row, e, n_computed = per[s].plan(lam, cost[s], reuse_action[s])
-            actions[s] = row
-            error += e
-            flops += n_computed * cost[s]
-        return Schedule(rmap.steps, actions, flops / total_cost, math.sqrt(error / energy), lam)
+            flops = n_computed * sum(self.cost.values())
+        else:
+            for s in self.names:
+                row, e, n_computed = self.per[s].plan(lam, self.cost[s], self.reuse_action[s])
+                actions[s] = row
+                error += e
+                flops += n_computed * self.cost[s]
+        return Schedule(self.rmap.steps, actions, flops / self.total_cost, math.sqrt(error / self.energy), lam)
 
-    def fits(sch: Schedule) -> bool:
+    def fits(self, sch: Schedule) -> bool:
+        budget, max_error = self.config.budget, self.config.max_error
         return sch.compute_fraction <= budget + 1e-9 if budget is not None else sch.predicted_error <= max_error
 
-    # lam = 0 computes everything; a huge lam computes the fewest steps the constraints allow
-    scale = energy / max(cost.values())
-    hi = scale
-    fewest = solve(hi)
-    while hi < scale * 1e12:
-        more = solve(hi * 10)
-        if more.compute_fraction >= fewest.compute_fraction - 1e-12:
-            break
-        hi, fewest = hi * 10, more
-    if budget is not None and not fits(fewest):
-        first = "first step computed" if warmup is None else \
-            f"steps 0-{warmup - 1} computed (warm-up{' kept from the profiled plan' if kept_warmup else ''})"
-        raise ProfileError(f"budget {budget} is below the least compute these constraints allow "
-                           f"({fewest.compute_fraction:.3f}: {first}, at most "
-                           f"{max_consecutive} steps in a row not computed)")
-    if max_error is not None and fits(fewest):
-        return fewest
-    # Bisect lam (log scale). For a budget, the smallest lam that fits spends the most of it;
-    # for an error bound, the largest lam that fits spends the least compute.
-    fit_lowers_hi = budget is not None
-    lo, best = 0.0, fewest if fit_lowers_hi else solve(0.0)
-    for _ in range(60):
-        mid = math.sqrt(lo * hi) if lo > 0 else hi / 1e9
-        sch = solve(mid)
-        if fits(sch):
-            best = sch
-        if fits(sch) == fit_lowers_hi:
-            hi = mid
-        else:
-            lo = mid
-        if lo > 0 and hi / lo < 1 + 1e-6:
-            break
-    return best
+    def best(self, kept_warmup: bool) -> Schedule:
+        """lam = 0 computes everything; a huge lam the fewest steps the constraints allow. Bisect
+        lam (log scale): for a budget, the smallest lam that fits spends the most of it; for an
+        error bound, the largest lam that fits spends the least compute."""
+        config = self.config
+        scale = self.energy / max(self.cost.values())
+        hi = scale
+        fewest = self.solve(hi)
+        while hi < scale * 1e12:
+            more = self.solve(hi * 10)
+            if more.compute_fraction >= fewest.compute_fraction - 1e-12:
+                break
+            hi, fewest = hi * 10, more
+        if config.budget is not None and not self.fits(fewest):
+            first = "first step computed" if self.warmup is None else \
+                f"steps 0-{self.warmup - 1} computed (warm-up{' kept from the profiled plan' if kept_warmup else ''})"
+            raise ProfileError(f"budget {config.budget} is below the least compute these constraints allow "
+                               f"({fewest.compute_fraction:.3f}: {first}, at most "
+                               f"{config.max_consecutive} steps in a row not computed)")
+        if config.max_error is not None and self.fits(fewest):
+            return fewest
+        fit_lowers_hi = config.budget is not None
+        lo, best = 0.0, fewest if fit_lowers_hi else self.solve(0.0)
+        for _ in range(60):
+            mid = math.sqrt(lo * hi) if lo > 0 else hi / 1e9
+            sch = self.solve(mid)
+            if self.fits(sch):
+                best = sch
+            if self.fits(sch) == fit_lowers_hi:
+                hi = mid
+            else:
+                lo = mid
+            if lo > 0 and hi / lo < 1 + 1e-6:
+                break
+        return best
 
 
-def plan_from_profile(rmap: RedundancyMap, budget: float | None = None, *, max_error: float | None = None,
-                      max_consecutive: int = 3, orders: tuple[int, ...] = (0, 1), sites: list[str] | None = None,
-                      steps: int | None = None, granularity: str = "stack", compute_last: bool = False,
-                      accumulation: float = 1.0, warmup: int | None = None) -> Plan:
+def plan_from_profile(rmap: RedundancyMap, budget: float | None = None, config: PlannerConfig | None = None,
+                      **knobs) -> Plan:
     """The plan with the least predicted error for a compute ``budget`` (fraction of full block
     compute, in (0, 1]) or the least compute whose predicted error is at most ``max_error``.
 
-    ``orders``: 0 allows reuse, 1 allows order-1 forecasts (``predict``). ``sites`` defaults to
-    the blocks of the stack. The result is an ordinary plan for the profiled model
-    (``plan.model``); edit its YAML as any other.
+    The knobs are the fields of :class:`PlannerConfig`, given as a ``config`` or as keywords
+    (keywords override the config's fields). ``orders``: 0 allows reuse, 1 allows order-1
+    forecasts (``predict``). ``sites`` defaults to the blocks of the stack. The result is an
+    ordinary plan for the profiled model (``plan.model``); edit its YAML as any other.
 
     ``steps`` plans for another step count than the profiled one, without profiling again: the
     map is resampled (:meth:`RedundancyMap.resample`) and planned there, with the warm-up (the
@@ -355,10 +411,9 @@ def plan_from_profile(rmap: RedundancyMap, budget: float | None = None, *, max_e
     step since the last computed one: forecasts made from forecast-fed states drift further than
     the clean calibration trajectory shows.
     """
-    sch = schedule_from_profile(rmap, budget, max_error=max_error, max_consecutive=max_consecutive,
-                                orders=orders, sites=sites, steps=steps, granularity=granularity,
-                                compute_last=compute_last, accumulation=accumulation, warmup=warmup)
-    label = f"budget={budget}" if budget is not None else f"max_error={max_error}"
+    sch = schedule_from_profile(rmap, budget, config, **knobs)
+    config = _config(config, budget, knobs)
+    label = f"budget={config.budget}" if config.budget is not None else f"max_error={config.max_error}"
     if sch.steps != rmap.steps:
         label += f", from a map of {rmap.steps} steps"
     return sch.to_plan(rmap.model, f"profiled {label}")

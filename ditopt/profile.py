@@ -36,7 +36,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from .errors import DitoptError
+from .errors import DitoptError, check_count
 from .passes.insert_observers import OBSERVED_KINDS
 from .flops import ModuleCost
 from .sites import OUTPUT, STACK
@@ -115,38 +115,9 @@ class RedundancyMap:
         this resampled map and keeps the warm-up of the N-step plan, which the interpolation
         cannot see (``docs/BENCHMARKS.md``).
         """
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
-            raise ProfileError(f"can only resample a map to 2 or more steps, got {steps!r}")
-        n = self.steps
-        pos = torch.linspace(0, n - 1, steps, dtype=torch.float64)
-        lo = pos.floor().long().clamp(max=n - 1)
-        hi = (lo + 1).clamp(max=n - 1)
-        frac = (pos - lo.double())
+        from .resample import resample_map
 
-        def interp(x: torch.Tensor) -> torch.Tensor:  # cubic (Catmull-Rom) along dim 0
-            shape = (-1,) + (1,) * (x.dim() - 1)
-            f = frac.reshape(shape).to(x.dtype)
-            p0, p1 = x[(lo - 1).clamp(min=0)], x[lo]
-            p2, p3 = x[hi], x[(hi + 1).clamp(max=n - 1)]
-            # a linear blend would make order-1 forecasts inside an old step exact, and the
-            # planner would crowd its skipped steps there
-            return p1 + 0.5 * f * (p2 - p0 + f * (2 * p0 - 5 * p1 + 4 * p2 - p3 + f * (3 * (p1 - p2) + p3 - p0)))
-
-        ratio = (n - 1) / (steps - 1)
-        metrics = {}
-        for name, t in self.metrics.items():
-            v = interp(torch.nan_to_num(t, nan=0.0))
-            if name.startswith("rel_l1") and name != "cfg_diff":
-                v = v / ratio
-                v[0] = math.nan
-            metrics[name] = v
-        timesteps = interp(torch.tensor(self.timesteps, dtype=torch.float64)).tolist()
-        return RedundancyMap(model=self.model, signature=self.signature, steps=steps, branches=self.branches,
-                             sites=list(self.sites), kinds=list(self.kinds), parents=dict(self.parents),
-                             residual_form=dict(self.residual_form), flops=dict(self.flops),
-                             seconds=dict(self.seconds), timesteps=timesteps, metrics=metrics,
-                             samples={k: interp(v) for k, v in self.samples.items()}, stack=list(self.stack),
-                             profile_seconds=self.profile_seconds)
+        return resample_map(self, steps)
 
     # -- files ----------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -320,24 +291,24 @@ def profile(model: torch.nn.Module, run: Callable[[Any], Any], *, steps: int, pr
     themselves (``cfg_diff`` compares the calls).
     """
     from . import presets
-    from .backend import optimize, runtime_of
+    from .api import compiled_graph, wrap
+    from .runtime import Runtime
     from .runtime.observe import METRICS, Recorder
 
-    if not isinstance(steps, int) or steps < 1:
-        raise ProfileError(f"steps must be a positive integer, got {steps!r}")
+    check_count(steps, "steps", error=ProfileError)
+    if cfg not in (None, "batched", "separate"):
+        raise ProfileError(f"cfg must be None, 'batched' or 'separate', got {cfg!r}")
     start = time.perf_counter()
-    fast = optimize(model, presets.all_compute(steps=steps), timestep_arg=timestep_arg, observe=True)
+    recorder = Recorder(keep=keep, batched_cfg=cfg == "batched")
+    rt = Runtime()
+    rt.recorder = recorder  # the observer nodes feed it
+    fast = wrap(model, presets.all_compute(steps=steps), timestep_arg=timestep_arg, observe=True, runtime=rt)
     probe = _FirstCall(fast)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc=f"profile {type(model).__name__}", unit="step")
-    if cfg not in (None, "batched", "separate"):
-        raise ProfileError(f"cfg must be None, 'batched' or 'separate', got {cfg!r}")
-    recorder = Recorder(keep=keep, batched_cfg=cfg == "batched")
-    rt = runtime_of(fast)
-    rt.recorder = recorder
     timesteps: dict[int, float] = {}
 
     def call(*args, **kwargs):
@@ -358,8 +329,8 @@ def profile(model: torch.nn.Module, run: Callable[[Any], Any], *, steps: int, pr
         if bar is not None:
             bar.close()
     rt.recorder = None
-    backend_last = rt.last_compile
-    table = backend_last["sites"]
+    captured = compiled_graph(fast)
+    table = captured.sites
     observed = [s for s in table if s.kind in OBSERVED_KINDS]
     names = [s.name for s in observed]
     kinds = [s.kind for s in observed]
@@ -388,7 +359,7 @@ def profile(model: torch.nn.Module, run: Callable[[Any], Any], *, steps: int, pr
                     t[step, branch] = v
         samples[site] = t
     args, kwargs = probe.args
-    flops, seconds = _site_costs(model, backend_last["original"].graph, table, names, args, kwargs)
+    flops, seconds = _site_costs(model, captured.original.graph, table, names, args, kwargs)
     timesteps = [timesteps.get(i, math.nan) for i in range(steps)]
     model_class = type(model).__name__
     rmap = RedundancyMap(model=model_class, signature=signature(model_class, names, kinds), steps=steps,

@@ -47,10 +47,12 @@ from typing import Any, Callable
 
 import torch
 
-from .backend import optimize, reset, runtime_of, set_plan
+from ditopt.runtime.decisions import Action
+
+from .api import optimize, reset, runtime_of, set_plan
 from .errors import PlanError
-from .plan import COMPUTE, PREDICT, Plan, Rule
-from .planner import schedule_from_profile
+from .plan import Plan, Rule
+from .planner import PlannerConfig, schedule_from_profile
 from .profile import ProfileError, RedundancyMap, call_with
 from .sites import OUTPUT
 
@@ -117,9 +119,10 @@ def spread_schedules(steps: int, computed: int) -> list[tuple[int, ...]]:
 def _forecast_plan(steps: int, sites: tuple[str, ...], orders: dict[int, int], model: str | None,
                    name: str) -> Plan:
     """Every step not in ``orders`` computes; step t forecasts with Taylor order ``orders[t]``."""
-    rules = [Rule(sites=sites, action=PREDICT, steps=tuple(sorted(t for t, o in orders.items() if o == order)),
-                  order=order) for order in sorted(set(orders.values()))]
-    return Plan(steps=steps, rules=rules or [Rule(sites=sites, action=COMPUTE)], model=model, name=name)
+    rules = [Rule(sites=sites, action=Action.PREDICT, order=order,
+                  steps=tuple(sorted(t for t, o in orders.items() if o == order)))
+             for order in sorted(set(orders.values()))]
+    return Plan(steps=steps, rules=rules or [Rule(sites=sites, action=Action.COMPUTE)], model=model, name=name)
 
 
 def _forecast_candidate(rmap: RedundancyMap, where: str, sites: tuple[str, ...], orders: dict[int, int],
@@ -131,10 +134,10 @@ def _forecast_candidate(rmap: RedundancyMap, where: str, sites: tuple[str, ...],
     return cand
 
 
-def candidate_plans(rmap: RedundancyMap, budget: float) -> list[Candidate]:
-    """The plans :func:`tune` tries first for ``budget`` (see the module docstring)."""
-    if not (isinstance(budget, (int, float)) and 0 < budget <= 1):
-        raise ProfileError(f"budget must be a fraction of full compute in (0, 1], got {budget!r}")
+def candidate_plans(rmap: RedundancyMap, budget: float, config: PlannerConfig | None = None) -> list[Candidate]:
+    """The plans :func:`tune` tries first for ``budget`` (see the module docstring); the
+    planner's schedules among them are planned with ``config``'s other knobs."""
+    config = (config or PlannerConfig()).with_(budget=budget, max_error=None)
     n = rmap.steps
     computed = max(1, int(math.floor(budget * n + 1e-9)))
     blocks = tuple(rmap.stack)
@@ -146,16 +149,16 @@ def candidate_plans(rmap: RedundancyMap, budget: float) -> list[Candidate]:
     out: list[Candidate] = []
     schedules: dict[tuple[int, ...], str] = {}
     try:
-        sch = schedule_from_profile(rmap, budget)
-        schedules[tuple(i for i, a in enumerate(sch.actions[blocks[0]]) if a == COMPUTE)] = "profiled schedule"
+        sch = schedule_from_profile(rmap, config=config)
+        schedules[tuple(i for i, a in enumerate(sch.actions[blocks[0]]) if a == Action.COMPUTE)] = "profiled schedule"
         plan = sch.to_plan(rmap.model, "tuned: blocks, profiled plan (reuse or order-1 forecast per block)")
         out.append(Candidate(plan.name, plan, sch.compute_fraction))
     except ProfileError:
         pass  # the budget is below what the planner's constraints allow; spread schedules remain
     if OUTPUT in rmap.sites:
         try:
-            sch = schedule_from_profile(rmap, budget, sites=[OUTPUT], granularity="site")
-            key = tuple(i for i, a in enumerate(sch.actions[OUTPUT]) if a == COMPUTE)
+            sch = schedule_from_profile(rmap, config=config.with_(sites=(OUTPUT,), granularity="site"))
+            key = tuple(i for i, a in enumerate(sch.actions[OUTPUT]) if a == Action.COMPUTE)
             schedules.setdefault(key, "profiled output schedule")
         except ProfileError:
             pass
@@ -219,12 +222,14 @@ def _psnr(out: Any, ref: Any) -> float:
 
 
 def tune(model: torch.nn.Module, run: Callable[[Any], Any], rmap: RedundancyMap, *, budget: float,
-         candidates: list[Candidate] | None = None, refine: bool = True, progress: bool = True) -> Tuned:
+         config: PlannerConfig | None = None, candidates: list[Candidate] | None = None, refine: bool = True,
+         progress: bool = True) -> Tuned:
     """The plan that measures best within ``budget`` on the calibration run ``run``.
 
     ``run(transformer)`` is the same sampling call given to :func:`ditopt.profile` (it must
     return the samples as tensors); ``rmap`` the map that profile returned, which supplies the
-    profiled schedule and the sites. Each candidate (:func:`candidate_plans`, or ``candidates``)
+    profiled schedule and the sites; ``config`` the planner's knobs for the profiled candidates
+    (its budget is ``budget``). Each candidate (:func:`candidate_plans`, or ``candidates``)
     runs once; its PSNR against ``run(model)`` at full compute is measured with a peak of 1 (a
     relative figure, for ranking). With ``refine``, every one-step change of the best forecast
     candidate (a forecast's order flipped, a computed step moved by one) is measured too, and
@@ -233,7 +238,7 @@ def tune(model: torch.nn.Module, run: Callable[[Any], Any], rmap: RedundancyMap,
     steps and budget 0.5).
     """
     rmap.check_fits(model=type(model).__name__)
-    cands = candidate_plans(rmap, budget) if candidates is None else list(candidates)
+    cands = candidate_plans(rmap, budget, config) if candidates is None else list(candidates)
     if not cands:
         raise ProfileError(f"no candidate plan fits budget {budget}")
     with torch.no_grad():

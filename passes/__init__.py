@@ -9,6 +9,9 @@ import os
 
 import torch.fx as fx
 
+from ditopt.runtime.decisions import DecisionTable
+
+from . import annotations
 from .annotate_decisions import annotate_decisions
 from .insert_cache_ops import insert_cache_ops
 from .insert_indicators import insert_indicators
@@ -19,7 +22,7 @@ from .lower_skip_branches import lower_skip_branches
 from .pass_base import PassContext, PassResult
 from .verify_graph import GraphInvariantError, verify_graph
 
-# annotate_decisions runs first and alone reads the plan (it takes the compiled plan).
+# annotate_decisions runs first and alone reads the plan (it takes the decision table).
 PIPELINE = [
     insert_step_tracking,   # token + begin_step: every later runtime op reads the token
     insert_observers,       # profiling graphs only (ctx.observe): observe each site's output
@@ -32,10 +35,11 @@ EAGER_ONLY = [
 ]
 
 
-def run_pipeline(gm: fx.GraphModule, ctx: PassContext, compiled_plan, *, inductor: bool) -> list[tuple[str, bool]]:
+def run_pipeline(gm: fx.GraphModule, ctx: PassContext, table: DecisionTable, *,
+                 inductor: bool) -> list[tuple[str, bool]]:
     """Run every pass; return ``[(pass name, modified)]``. ``DITOPT_DEBUG=1`` verifies after each."""
     debug = os.environ.get("DITOPT_DEBUG") == "1"
-    report = [("annotate_decisions", annotate_decisions(gm, ctx, compiled_plan).modified)]
+    report = [("annotate_decisions", annotate_decisions(gm, ctx, table).modified)]
     passes = PIPELINE + ([] if inductor else EAGER_ONLY)
     for p in passes:
         result = p(gm, ctx)
@@ -47,7 +51,7 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, compiled_plan, *, inducto
 
 
 __all__ = [
-    "EAGER_ONLY", "PIPELINE", "GraphInvariantError", "PassContext", "PassResult", "annotate_decisions",
+    "annotations", "EAGER_ONLY", "PIPELINE", "GraphInvariantError", "PassContext", "PassResult", "annotate_decisions",
     "insert_cache_ops", "insert_indicators", "insert_observers", "insert_skip_branches", "insert_step_tracking",
     "lower_skip_branches", "run_pipeline", "verify_graph",
 ]

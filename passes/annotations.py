@@ -42,9 +42,6 @@ class Role(str, Enum):
     BRANCH_OUTPUT = "branch_output"  # getitem of a skip branch's output
 
 
-EFFECTS = (Role.BEGIN_STEP, Role.STORE, Role.INDICATOR, Role.OBSERVE)  # ops that mutate the token
-
-
 @dataclass(frozen=True)
 class NodeAnnotation:
     role: Role | None = None
@@ -124,5 +121,5 @@ def graph_annotation(gm: fx.GraphModule) -> GraphAnnotation:
     return ga
 
 
-__all__ = ["EFFECTS", "GraphAnnotation", "KEY", "NodeAnnotation", "Role", "SiteRewrite", "annotate",
+__all__ = ["GraphAnnotation", "KEY", "NodeAnnotation", "Role", "SiteRewrite", "annotate",
            "graph_annotation", "node_annotation", "nodes_with_role", "regions_of", "role_of", "token_of"]

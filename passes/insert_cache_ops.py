@@ -1,6 +1,6 @@
 """Insert the decision, the cache loads and the cache stores around every reusing site.
 
-Matches: each site in ``gm.meta["ditopt"]["sites"]`` (its nodes carry the site in ``regions``).
+Matches: each site in ``GraphAnnotation.rewrites`` (its nodes carry the site in ``regions``).
 Rewrite to (a ``reuse_residual`` site with one live-out ``h1`` and residual input ``h0``):
     before                          after
                                     pred = ditopt.decide(token, rid, graph, "blocks.3", shape)
@@ -22,34 +22,25 @@ import torch.fx as fx
 
 from ditopt.sites import tensor_meta
 
-from .insert_step_tracking import token_of
-from .pass_base import PassContext, PassResult, annotation, graph_annotation, regions_of
-
-
-def _copy_meta(new: fx.Node, like: fx.Node, example=None) -> None:
-    new.meta["nn_module_stack"] = like.meta.get("nn_module_stack", {})
-    if example is not None and "tensor_meta" in like.meta:
-        new.meta["tensor_meta"] = like.meta["tensor_meta"]
-    if example is not None:
-        new.meta["example_value"] = example
+from .annotations import Role, annotate, graph_annotation, node_annotation, nodes_with_role, regions_of, token_of
+from .pass_base import PassContext, PassResult, copy_meta
 
 
 def insert_cache_ops(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     graph = gm.graph
-    sites = graph_annotation(gm).get("sites", {})
+    rewrites = graph_annotation(gm).rewrites
     token = token_of(graph)
-    have = {n.meta["ditopt"].get("site") for n in graph.nodes
-            if n.meta.get("ditopt", {}).get("role") == "decide"}
+    have = {node_annotation(n).site for n in nodes_with_role(graph, Role.DECIDE)}
     by_name = {n.name: n for n in graph.nodes}
     order = {n: i for i, n in enumerate(graph.nodes)}
     changed = False
-    for site, info in sites.items():
+    for site, rewrite in rewrites.items():
         if site in have:
             continue
         members = [n for n in graph.nodes if site in regions_of(n)]
         outer = regions_of(members[0]) - {site}
-        live_outs = [by_name[n] for n in info["live_outs"]]
-        residual = info["slot"] == "residual"
+        live_outs = [by_name[n] for n in ctx.sites[site].live_outs]
+        residual = rewrite.slot == "residual"
         shapes = [tensor_meta(o) for o in live_outs]
 
         with graph.inserting_before(members[0]):
@@ -58,23 +49,23 @@ def insert_cache_ops(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             loads = []
             for i, (shape, dtype) in enumerate(shapes):
                 load = graph.call_function(torch.ops.ditopt.cache_load.default, (
-                    token, ctx.runtime_id, ctx.graph_id, site, f"{info['slot']}{i}", list(shape), dtype, ctx.inductor))
+                    token, ctx.runtime_id, ctx.graph_id, site, f"{rewrite.slot}{i}", list(shape), dtype, ctx.inductor))
                 loads.append(load)
-        _copy_meta(pred, members[0], torch.zeros((), dtype=torch.bool))
-        annotation(pred).update(role="decide", site=site, regions=sorted(outer))
+        copy_meta(pred, members[0], torch.zeros((), dtype=torch.bool))
+        annotate(pred, role=Role.DECIDE, site=site, regions=outer)
         for i, load in enumerate(loads):
-            _copy_meta(load, members[0], torch.zeros(shapes[i][0], dtype=shapes[i][1]))
-            annotation(load).update(role="load", site=site, index=i, regions=sorted(outer))
+            copy_meta(load, members[0], torch.zeros(shapes[i][0], dtype=shapes[i][1]))
+            annotate(load, role=Role.LOAD, site=site, index=i, regions=outer)
 
         anchor = max(members, key=order.__getitem__)
         values = []
         for i, out in enumerate(live_outs):
             if residual:
-                main = by_name[info["residual_inputs"][i]]
+                main = by_name[ctx.sites[site].residual_inputs[i]]
                 with graph.inserting_after(anchor):
                     value = graph.call_function(operator.sub, (out, main))
-                _copy_meta(value, out, out.meta.get("example_value", out.meta.get("tensor_meta")))
-                annotation(value).update(role="residual", site=site, regions=sorted(outer | {site}))
+                copy_meta(value, out, out.meta.get("example_value", out.meta.get("tensor_meta")))
+                annotate(value, role=Role.RESIDUAL, site=site, regions=outer | {site})
                 anchor = value
             else:
                 value = out
@@ -82,10 +73,10 @@ def insert_cache_ops(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         for i, value in enumerate(values):
             with graph.inserting_after(anchor):
                 store = graph.call_function(torch.ops.ditopt.cache_store.default, (
-                    token, value, pred, ctx.runtime_id, ctx.graph_id, site, f"{info['slot']}{i}",
+                    token, value, pred, ctx.runtime_id, ctx.graph_id, site, f"{rewrite.slot}{i}",
                     ctx.inductor or not residual))
-            _copy_meta(store, live_outs[i])
-            annotation(store).update(role="store", site=site, index=i, regions=sorted(outer))
+            copy_meta(store, live_outs[i])
+            annotate(store, role=Role.STORE, site=site, index=i, regions=outer)
             anchor = store
         changed = True
     if changed:

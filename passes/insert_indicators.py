@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .insert_step_tracking import token_of
-from .pass_base import PassContext, PassResult, annotation
+from .annotations import Role, annotate, node_annotation, token_of
+from .pass_base import PassContext, PassResult
 
 
 def insert_indicators(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -28,15 +28,13 @@ def insert_indicators(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     done = {n.args[4] for n in graph.nodes if n.target is torch.ops.ditopt.update_indicator.default}
     inserted = 0
     for node in list(graph.nodes):
-        for rule in node.meta.get("ditopt", {}).get("watch", ()):
+        for rule in node_annotation(node).watch:
             if rule in done:
                 continue
             with graph.inserting_after(node):
                 upd = graph.call_function(torch.ops.ditopt.update_indicator.default,
                                           (token, node, ctx.runtime_id, ctx.graph_id, rule))
-            ann = annotation(upd)
-            ann["role"] = "indicator"
-            ann["regions"] = list(node.meta.get("ditopt", {}).get("regions", ()))
+            annotate(upd, role=Role.INDICATOR, regions=node_annotation(node).regions)
             upd.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
             inserted += 1
     if inserted:

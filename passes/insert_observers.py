@@ -15,14 +15,14 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .insert_step_tracking import token_of
-from .pass_base import PassContext, PassResult, annotation
+from .annotations import Role, annotate, node_annotation, token_of
+from .pass_base import PassContext, PassResult
 
 OBSERVED_KINDS = ("block", "attention", "feedforward", "output")
 
 
 def insert_observers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    if not getattr(ctx, "observe", False):
+    if not ctx.observe:
         return PassResult(gm, False)
     graph = gm.graph
     token = token_of(graph)
@@ -42,8 +42,7 @@ def insert_observers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         with graph.inserting_after(anchor):
             node = graph.call_function(torch.ops.ditopt.observe.default,
                                        (token, out, inp, ctx.runtime_id, ctx.graph_id, site.name))
-        annotation(node).update(role="observe", site=site.name,
-                                regions=list(out.meta.get("ditopt", {}).get("regions", ())))
+        annotate(node, role=Role.OBSERVE, site=site.name, regions=node_annotation(out).regions)
         node.meta["nn_module_stack"] = out.meta.get("nn_module_stack", {})
         inserted += 1
     if inserted:

@@ -1,6 +1,6 @@
 """Replace each reusing site's region by a skip branch, so reused work is really not run.
 
-Matches: the nodes of each site in ``gm.meta["ditopt"]["sites"]`` (after insert_cache_ops),
+Matches: the nodes of each site in ``GraphAnnotation.rewrites`` (after insert_cache_ops),
 innermost sites first.
 Rewrite to (``reuse_residual``, one live-out):
     before                                   after
@@ -16,7 +16,8 @@ branch returns ``r_old.clone()`` (cond branches may not return their inputs).
 Effects inside a region (the cache stores of sites nested in it) are hoisted after the cond:
 their tensor arguments become extra outputs, which the reuse branch fills with an empty
 tensor and a False predicate, so nothing is stored for a site that did not run.
-Keeps: the live-outs' users (now reading ``out[i]``), ``nn_module_stack`` and example values.
+Keeps: the live-outs' users (now reading ``out[i]``), ``nn_module_stack`` and example values;
+``ctx.sites`` is replaced by a table that names the cond's outputs where it named the live-outs.
 """
 
 from __future__ import annotations
@@ -28,11 +29,8 @@ import torch.fx as fx
 
 from ditopt.sites import tensor_meta
 
-from .pass_base import PassContext, PassResult, annotation, graph_annotation, regions_of
-
-
-def _role(node: fx.Node) -> str | None:
-    return node.meta.get("ditopt", {}).get("role")
+from .annotations import Role, annotate, graph_annotation, nodes_with_role, regions_of, role_of
+from .pass_base import PassContext, PassResult, replace_site_nodes
 
 
 def _example(node: fx.Node):
@@ -45,35 +43,34 @@ def _example(node: fx.Node):
 
 def insert_skip_branches(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     ga = graph_annotation(gm)
-    sites = ga.get("sites", {})
-    done = set(ga.get("skip_branches", ()))
-    todo = sorted((s for s in sites if s not in done), key=lambda s: -sites[s]["depth"])
+    done = set(ga.skip_branches or ())
+    todo = sorted((s for s in ga.rewrites if s not in done), key=lambda s: -ga.rewrites[s].depth)
     for site in todo:
-        _extract(gm, site, sites[site])
+        renames = _extract(gm, ctx, site, ga.rewrites[site].slot == "residual")
+        ctx.sites = replace_site_nodes(ctx.sites, renames)  # sites still to extract may name a replaced node
         done.add(site)
-    ga["skip_branches"] = sorted(done)
+    ga.skip_branches = done
     if todo:
         gm.graph.lint()
         gm.recompile()
     return PassResult(gm, bool(todo))
 
 
-def _extract(gm: fx.GraphModule, site: str, info: dict) -> None:
+def _extract(gm: fx.GraphModule, ctx: PassContext, site: str, residual: bool) -> dict[str, str]:
+    """Make ``site``'s region a cond; return the renames of its live-outs (old -> cond output)."""
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     members_all = [n for n in graph.nodes if site in regions_of(n)]
-    hoisted = [n for n in members_all if _role(n) in ("store", "indicator")]
+    hoisted = [n for n in members_all if role_of(n) in (Role.STORE, Role.INDICATOR)]
     members = [n for n in members_all if n not in hoisted]
     member_set = set(members)
     by_name = {n.name: n for n in graph.nodes}
-    decide = next(n for n in graph.nodes if _role(n) == "decide" and n.meta["ditopt"]["site"] == site)
-    loads = sorted((n for n in graph.nodes if _role(n) == "load" and n.meta["ditopt"]["site"] == site),
-                   key=lambda n: n.meta["ditopt"]["index"])
-    stores = sorted((n for n in graph.nodes if _role(n) == "store" and n.meta["ditopt"]["site"] == site),
-                    key=lambda n: n.meta["ditopt"]["index"])
-    residual = info["slot"] == "residual"
-    live_outs = [by_name[n] for n in info["live_outs"]]
-    mains = [by_name[n] if n else None for n in info["residual_inputs"]] if residual else [None] * len(live_outs)
+    decide = nodes_with_role(graph, Role.DECIDE, site)[0]
+    loads = nodes_with_role(graph, Role.LOAD, site)
+    stores = nodes_with_role(graph, Role.STORE, site)
+    info = ctx.sites[site]
+    live_outs = [by_name[n] for n in info.live_outs]
+    mains = [by_name[n] if n else None for n in info.residual_inputs] if residual else [None] * len(live_outs)
     values = [s.args[1] for s in stores]  # the tensors this site stores: residuals, or the live-outs
     # Arguments of effects nested in the region that the region computes: extra outputs.
     hoisted_args = []
@@ -108,12 +105,11 @@ def _extract(gm: fx.GraphModule, site: str, info: dict) -> None:
         false_fn = graph.get_attr(base + "_reuse")
     with graph.inserting_after(false_fn):
         cond = graph.call_function(torch.ops.higher_order.cond, (decide, true_fn, false_fn, tuple(operands)))
-    outer = sorted(regions_of(members[0]) - {site})
-    annotation(cond).update(role="skip_branch", site=site, regions=outer)
+    outer = regions_of(members[0]) - {site}
+    annotate(cond, role=Role.SKIP_BRANCH, site=site, regions=outer, replaced=[n.name for n in members])
     for fn in (true_fn, false_fn):  # an enclosing site must take the branches along, not as operands
-        annotation(fn).update(role="branch_fn", site=site, regions=outer)
+        annotate(fn, role=Role.BRANCH_FN, site=site, regions=outer)
     cond.meta["nn_module_stack"] = members[0].meta.get("nn_module_stack", {})
-    cond.meta["ditopt_replaced"] = [n.name for n in members]
     results = {}
     previous = cond
     for i, out in enumerate(outputs):
@@ -121,26 +117,18 @@ def _extract(gm: fx.GraphModule, site: str, info: dict) -> None:
             item = graph.call_function(operator.getitem, (cond, i))
         item.meta.update({k: v for k, v in out.meta.items() if k in ("example_value", "val", "tensor_meta",
                                                                        "nn_module_stack")})
-        annotation(item).update(role="branch_output", site=site,
-                                regions=sorted(regions_of(out) - {site}))
+        annotate(item, role=Role.BRANCH_OUTPUT, site=site, regions=regions_of(out) - {site})
         results[out] = item
         previous = item
     for out, item in results.items():
         out.replace_all_uses_with(item, delete_user_cb=lambda user: user not in member_set)
-    _rename_in_annotations(gm, {out.name: item.name for out, item in results.items()})
     # Hoisted effects run after the cond, reading its outputs.
     for h in hoisted:
         previous.append(h)
         previous = h
     for n in reversed(members):
         graph.erase_node(n)
-
-
-def _rename_in_annotations(gm: fx.GraphModule, renames: dict[str, str]) -> None:
-    """Sites still to extract may name a node this extraction replaced by a cond output."""
-    for info in graph_annotation(gm).get("sites", {}).values():
-        for key in ("live_outs", "residual_inputs"):
-            info[key] = [renames.get(n, n) if n else n for n in info[key]]
+    return {out.name: item.name for out, item in results.items()}
 
 
 def _branch_graph(members: list[fx.Node], operands: list[fx.Node], outputs: list[fx.Node]) -> fx.Graph:

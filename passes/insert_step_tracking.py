@@ -18,7 +18,8 @@ import torch.fx as fx
 
 from ditopt.errors import CaptureError
 
-from .pass_base import PassContext, PassResult, annotation, graph_annotation
+from .annotations import Role, annotate, graph_annotation, token_of
+from .pass_base import PassContext, PassResult
 
 TOKEN = "ditopt_token"
 
@@ -36,16 +37,8 @@ def find_timestep(graph: fx.Graph, name: str) -> fx.Node | None:
     return None
 
 
-def token_of(graph: fx.Graph) -> fx.Node | None:
-    for node in graph.find_nodes(op="placeholder"):
-        if node.meta.get("ditopt", {}).get("role") == "token":
-            return node
-    return None
-
-
 def insert_step_tracking(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    ga = graph_annotation(gm)
-    if not ga.get("annotated") or token_of(gm.graph) is not None:
+    if not graph_annotation(gm).annotated or token_of(gm.graph) is not None:
         return PassResult(gm, False)
     graph = gm.graph
     timestep = find_timestep(graph, ctx.timestep)
@@ -57,10 +50,10 @@ def insert_step_tracking(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         token = graph.placeholder(TOKEN)
     token._dynamo_source = None
     token.meta["example_value"] = torch.zeros(1, dtype=torch.int64)
-    annotation(token)["role"] = "token"
+    annotate(token, role=Role.TOKEN)
     with graph.inserting_after(token):
         begin = graph.call_function(torch.ops.ditopt.begin_step.default, (token, timestep, ctx.runtime_id, ctx.graph_id))
-    annotation(begin)["role"] = "begin_step"
+    annotate(begin, role=Role.BEGIN_STEP)
     graph.lint()
     gm.recompile()
     return PassResult(gm, True)

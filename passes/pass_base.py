@@ -1,50 +1,61 @@
 """What every ditopt pass takes and returns.
 
 A pass is ``(gm, ctx) -> PassResult``. ``ctx`` carries what passes share that is not in the
-graph (the site table, the runtime and graph ids); everything a pass decides from is in node
-annotations: ``node.meta["ditopt"]`` on nodes, ``gm.meta["ditopt"]`` on the graph.
+graph: the site table (the one source of site information) and the runtime and graph ids.
+Everything a pass decides from is in typed node and graph annotations (:mod:`.annotations`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-ANNOTATION = "ditopt"
+from ditopt.sites import SiteTable
 
 
 @dataclass
 class PassContext:
     """Shared inputs of the pass pipeline for one graph.
 
+    ``sites`` describes the graph being rewritten: a pass that replaces a site's live-outs
+    (``insert_skip_branches``) replaces the table with one naming the new nodes.
     ``runtime_id``/``graph_id`` are baked into the runtime ops; ``inductor`` says whether
     inductor compiles the result (cache tensors are then copied, since inductor may reuse an
     output buffer); ``timestep`` names the forward argument that carries the timestep;
     ``observe`` asks for the profiler's observer nodes.
     """
 
-    sites: Any
+    sites: SiteTable
     runtime_id: int
     graph_id: int
     inductor: bool = False
     timestep: str = "timestep"
-    observe: bool = False  # profiling: insert_observers records every site's output
+    observe: bool = False
 
 
-def annotation(node: fx.Node) -> dict[str, Any]:
-    """The node's ditopt annotation, created empty on first use."""
-    return node.meta.setdefault(ANNOTATION, {})
+def replace_site_nodes(sites: SiteTable, renames: dict[str, str]) -> SiteTable:
+    """``sites`` with every live-out and residual input in ``renames`` renamed (a new table)."""
+    from dataclasses import replace
+
+    def rename(names):
+        return tuple(renames.get(n, n) if n else n for n in names)
+
+    table = SiteTable([replace(s, live_outs=rename(s.live_outs), residual_inputs=rename(s.residual_inputs))
+                       for s in sites])
+    if hasattr(sites, "model"):
+        table.model = sites.model
+    return table
 
 
-def regions_of(node: fx.Node) -> frozenset[str]:
-    return frozenset(node.meta.get(ANNOTATION, {}).get("regions", ()))
+def copy_meta(new: fx.Node, like: fx.Node, example=None) -> None:
+    """Give an inserted node the provenance of the node it stands for (and an example value)."""
+    new.meta["nn_module_stack"] = like.meta.get("nn_module_stack", {})
+    if example is not None and "tensor_meta" in like.meta:
+        new.meta["tensor_meta"] = like.meta["tensor_meta"]
+    if example is not None:
+        new.meta["example_value"] = example
 
 
-def graph_annotation(gm: fx.GraphModule) -> dict[str, Any]:
-    return gm.meta.setdefault(ANNOTATION, {})
-
-
-__all__ = ["ANNOTATION", "PassContext", "PassResult", "annotation", "graph_annotation", "regions_of"]
+__all__ = ["PassContext", "PassResult", "copy_meta", "replace_site_nodes"]

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .pass_base import PassContext, PassResult, graph_annotation
+from .annotations import Role, graph_annotation, role_of
+from .pass_base import PassContext, PassResult
 
 _EFFECTS = {"begin_step", "cache_store", "update_indicator"}
 
@@ -25,9 +26,10 @@ def verify_graph(gm: fx.GraphModule, ctx: PassContext | None = None) -> PassResu
     graph = gm.graph
     graph.lint()
     ga = graph_annotation(gm)
-    token = [n for n in graph.find_nodes(op="placeholder") if n.meta.get("ditopt", {}).get("role") == "token"]
-    if len(token) > 1:
-        _fail(token[1], "more than one runtime token")
+    tokens = [n for n in graph.find_nodes(op="placeholder") if role_of(n) is Role.TOKEN]
+    if len(tokens) > 1:
+        _fail(tokens[1], "more than one runtime token")
+    token = tokens
     for node in graph.nodes:
         target = node.target
         name = getattr(target, "_opname", None) if node.op == "call_function" else None
@@ -48,7 +50,7 @@ def verify_graph(gm: fx.GraphModule, ctx: PassContext | None = None) -> PassResu
                 for inner in sub.graph.nodes:
                     if getattr(inner.target, "_opname", None) in _EFFECTS:
                         _fail(inner, "a runtime effect inside a skip branch (it must be hoisted)")
-    missing = set(ga.get("sites", {})) - set(ga.get("skip_branches", ()))
-    if ga.get("skip_branches") is not None and missing:
+    missing = set(ga.rewrites) - set(ga.skip_branches or ())
+    if ga.skip_branches is not None and missing:
         raise GraphInvariantError(f"sites annotated for reuse but never given a skip branch: {sorted(missing)}")
     return PassResult(gm, False)

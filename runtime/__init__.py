@@ -1,12 +1,15 @@
-"""ditopt's runtime: step state, cache store and the custom ops rewritten graphs call."""
+"""ditopt's runtime: decision tables, step state, cache store and the custom ops rewritten graphs call.
+
+It imports nothing from the passes, the public API or the harnesses.
+"""
 
 from . import observe, ops
 from .cache_store import CacheStore
-from .session import COMPUTE, SKIPPED, GraphDecisions, Runtime, find_runtime, get_runtime, taylor_forecast
+from .decisions import PLAN_ACTIONS, SLOTS, Action, DecisionTable, Indicator
+from .session import Runtime, find_runtime, get_runtime, taylor_forecast
 from .step_state import StepState
 
 __all__ = [
-    "taylor_forecast",
-    "COMPUTE", "SKIPPED", "CacheStore", "GraphDecisions", "Runtime", "StepState",
-    "find_runtime", "get_runtime", "observe", "ops",
+    "PLAN_ACTIONS", "SLOTS", "Action", "CacheStore", "DecisionTable", "Indicator", "Runtime", "StepState",
+    "find_runtime", "get_runtime", "observe", "ops", "taylor_forecast",
 ]

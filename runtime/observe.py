@@ -94,9 +94,8 @@ def observe(token: torch.Tensor, out: torch.Tensor, inp: torch.Tensor, rid: int,
     """Hand a site's output and input to the runtime's recorder (profiling graphs only)."""
     token.add_(1)
     rt = get_runtime(rid)
-    recorder = getattr(rt, "recorder", None)
-    if recorder is not None:
-        recorder.observe(site, out, inp, rt.state.step, rt.state.branch)
+    if rt.recorder is not None:
+        rt.recorder.observe(site, out, inp, rt.state.step, rt.state.branch)
 
 
 @observe.register_fake

@@ -11,42 +11,19 @@ import itertools
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .cache_store import CacheStore
+from .decisions import Action, DecisionTable
 from .step_state import StepState
+
+if TYPE_CHECKING:
+    from .observe import Recorder
 
 _RUNTIMES: dict[int, "Runtime"] = {}
 _IDS = itertools.count(1)
-
-COMPUTE = "compute"
-SKIPPED = "skipped"
-
-
-@dataclass
-class GraphDecisions:
-    """What one compiled graph needs from its plan.
-
-    ``actions[site][step]`` is the action, ``adaptive[site][step]`` the index of the ``when``
-    rule that governs that (site, step) or None, ``when_rules[i]`` the rule's ``(of, below)``.
-    ``slots[site]`` names the cache slot a reusing site reads ("output" or "residual").
-    ``parents[site]`` lists the sites that contain it (for "skipped" in the stats).
-    ``rescale[i]``, if given, maps rule i's per-step change through a polynomial (highest power
-    first) before it accumulates (TeaCache).
-    """
-
-    steps: int
-    actions: dict[str, list[str]]
-    adaptive: dict[str, list[int | None]]
-    when_rules: list[tuple[str, float]]
-    slots: dict[str, str]
-    parents: dict[str, list[str]]
-    site_order: list[str]
-    orders: dict[str, list[int]] = field(default_factory=dict)  # predict: Taylor order per step
-    rescale: list[tuple[float, ...] | None] = field(default_factory=list)  # per when rule: polynomial, or None
-
 
 @dataclass
 class CallRecord:
@@ -69,9 +46,10 @@ class Runtime:
         self.id = next(_IDS)
         self.state = StepState()
         self.store = CacheStore(depth=depth)
-        self.graphs: dict[int, GraphDecisions] = {}
-        self.records: list[CallRecord] = []
-        self.param_ids: set[int] = set()
+        self.graphs: dict[int, DecisionTable] = {}  # graph id -> its decision table (set by the backend)
+        self.records: list[CallRecord] = []  # one per call of the current generation
+        self.param_ids: set[int] = set()  # the captured model's parameters (how a backend finds this runtime)
+        self.recorder: Recorder | None = None  # profiling: what ditopt::observe feeds
         self._accumulated: dict[tuple[int, int, int], torch.Tensor] = {}
         self._reuse_ok: dict[tuple[int, int, int], torch.Tensor] = {}
         self._module_ref: weakref.ref | None = None
@@ -79,21 +57,17 @@ class Runtime:
         _RUNTIMES[self.id] = self
 
     # -- set-up ---------------------------------------------------------------------------
-    def add_graph(self, decisions: GraphDecisions) -> int:
+    def add_graph(self, decisions: DecisionTable) -> int:
         """Register a decision table under the next graph id, and return the id."""
         graph = len(self.graphs)
         self.set_graph(graph, decisions)
         return graph
 
-    def set_graph(self, graph: int, decisions: GraphDecisions) -> None:
-        """Register the decision table of the graph compiled under id ``graph``."""
+    def set_graph(self, graph: int, decisions: DecisionTable) -> None:
+        """Register the decision table of the graph compiled under id ``graph``; keep as many
+        computed steps per cache key as its highest Taylor order needs (order + 1)."""
         self.graphs[graph] = decisions
-        self._fit_depth(decisions)
-
-    def _fit_depth(self, decisions: GraphDecisions) -> None:
-        """Keep as many computed steps per site as the highest Taylor order needs (order + 1)."""
-        need = 1 + max((max(row) for row in decisions.orders.values() if row), default=0)
-        self.store.ensure_depth(need)
+        self.store.ensure_depth(decisions.depth)
 
     def reset(self) -> None:
         """Forget caches, step state and records (the next call starts a new generation)."""
@@ -128,10 +102,11 @@ class Runtime:
         table = self.graphs[graph]
         step = self.state.step
         decision: bool | None = True
-        if 0 <= step < table.steps and table.actions[site][step] != COMPUTE:
+        if table.action(site, step) != Action.COMPUTE:
             if self.store.has(self.key(graph, site, table.slots[site] + "0"), shape):
                 decision = None if table.adaptive[site][step] is not None else False
-        self._record(site, COMPUTE if decision is True else table.actions[site][step] if decision is False else None)
+        if decision is not None:  # an adaptive decision is recorded by decide_adaptive
+            self._record(site, Action.COMPUTE if decision else table.action(site, step))
         return decision
 
     def decide_adaptive(self, graph: int, site: str) -> torch.Tensor:
@@ -140,7 +115,7 @@ class Runtime:
         rule = table.adaptive[site][self.state.step]
         reuse_ok = self._reuse_ok.get((graph, rule, self.state.branch))
         if reuse_ok is None:  # the rule's indicator has no history yet
-            self.records[-1].decisions[site] = COMPUTE
+            self.records[-1].decisions[site] = Action.COMPUTE
             return torch.ones((), dtype=torch.bool)
         self.records[-1].decisions[site] = (reuse_ok, table.actions[site][self.state.step])
         return ~reuse_ok
@@ -148,8 +123,7 @@ class Runtime:
     def update_indicator(self, graph: int, rule: int, value: torch.Tensor) -> None:
         """Accumulate the relative L1 change of a ``when`` rule's watched tensor (its ``of``
         site's output or modulated input), rescaled if the rule says so, on device."""
-        table = self.graphs[graph]
-        _, below = table.when_rules[rule]
+        indicator = self.graphs[graph].indicators[rule]
         key = (graph, rule, self.state.branch)
         prev_key = self.key(graph, f"when{rule}", "previous")
         previous = self.store.latest(prev_key)
@@ -160,11 +134,10 @@ class Runtime:
             return
         prev = previous.value
         change = (value - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12)
-        rescale = table.rescale[rule] if rule < len(table.rescale) else None
-        if rescale is not None:
-            change = polyval(rescale, change)
+        if indicator.rescale is not None:
+            change = polyval(indicator.rescale, change)
         accumulated = self._accumulated.get(key, torch.zeros((), device=value.device)) + change
-        reuse_ok = accumulated < below
+        reuse_ok = accumulated < indicator.below
         # A step that computes starts the accumulation again.
         self._accumulated[key] = torch.where(reuse_ok, accumulated, torch.zeros_like(accumulated))
         self._reuse_ok[key] = reuse_ok
@@ -176,9 +149,7 @@ class Runtime:
         key = self.key(graph, site, slot)
         table = self.graphs.get(graph)
         step = self.state.step
-        order = 0
-        if table is not None and site in table.orders and 0 <= step < table.steps:
-            order = table.orders[site][step]
+        order = table.order(site, step) if table is not None else 0
         if order == 0:
             entry = self.store.latest(key)
             return None if entry is None else entry.value
@@ -187,31 +158,28 @@ class Runtime:
             return None
         return taylor_forecast([e.step for e in history], [e.value for e in history], step)
 
-    def _record(self, site: str, decision: str | None) -> None:
-        if decision is not None and self.records:
+    def _record(self, site: str, decision: Action) -> None:
+        if self.records:
             self.records[-1].decisions[site] = decision
 
     # -- reading back -----------------------------------------------------------------------
     def decisions(self) -> dict[str, list[str]]:
-        """One entry per call of the current (last) generation, for every site of the graph."""
+        """One entry per call of the current (last) generation, for every site of the graph:
+        compute, the reuse action taken, or skipped (inside a site that did not compute)."""
         if not self.records:
             return {}
-        table = self.graphs.get(self.records[-1].graph)
-        sites = table.site_order if table else sorted({s for r in self.records for s in r.decisions})
+        table = self.graphs.get(self.records[-1].graph) or DecisionTable(steps=0, actions={}, adaptive={}, slots={})
+        sites = table.site_order or sorted({s for r in self.records for s in r.decisions})
         out: dict[str, list[str]] = {s: [] for s in sites}
         for record in self.records:
-            resolved = {}
+            call = {}
             for site in sites:
-                d = record.decisions.get(site, COMPUTE)
+                d = record.decisions.get(site, Action.COMPUTE)
                 if isinstance(d, tuple):  # (reuse_ok tensor, action), read only now
-                    d = d[1] if bool(d[0]) else COMPUTE
-                resolved[site] = d
-            for site in sites:
-                parents = table.parents.get(site, []) if table else []
-                if any(resolved[p] != COMPUTE for p in parents if p in resolved):
-                    out[site].append(SKIPPED)
-                else:
-                    out[site].append(resolved[site])
+                    d = d[1] if bool(d[0]) else Action.COMPUTE
+                call[site] = str(d)
+            for site, d in table.with_nested_skips(call).items():
+                out[site].append(d)
         return out
 
 

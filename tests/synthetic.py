@@ -300,7 +300,7 @@ class Prepared:
 
     def __call__(self, *args) -> tuple[torch.Tensor, ...]:
         """Run the rewritten graph, registering its decisions and passing the token."""
-        self.runtime.graphs[0] = self.gm.meta["ditopt"]["decisions"]
+        self.runtime.set_graph(0, self.compiled)
         with torch.no_grad():
             out = self.gm(*args, torch.zeros(1, dtype=torch.int64))
         return out if isinstance(out, tuple) else (out,)

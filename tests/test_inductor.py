@@ -45,7 +45,7 @@ def test_adaptive_plan_fullgraph_no_recompiles_and_same_decisions_as_eager():
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b)
 
-    rewritten = ditopt.backend.runtime_of(compiled).last_compile["rewritten"]
+    rewritten = ditopt.compiled_graph(compiled).rewritten
     ditopt_eager = ditopt.optimize(model, plan)
     eager = _run(ditopt_eager, kwargs, 10)
     assert ditopt.stats(ditopt_eager).decisions == decisions

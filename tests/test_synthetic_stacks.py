@@ -26,7 +26,7 @@ def test_all_compute_plan_is_bit_identical_to_eager():
     xs, ts = latents(2 * steps), timesteps(steps)
     run, backend = compile_stack(model, ditopt.presets.all_compute(steps), [xs[0], ts[0]])
 
-    assert targets(backend.last["rewritten"], nested=True)[COND] == 0
+    assert targets(backend.last.rewritten, nested=True)[COND] == 0
     for step, t in enumerate(ts):
         for branch in range(2):
             x = xs[2 * step + branch]

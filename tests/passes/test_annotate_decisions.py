@@ -1,8 +1,8 @@
 """annotate_decisions: the one pass that reads the plan; it adds annotations, never nodes.
 
     before                          after (FORA, block level)
-    add_5 = x + ff(...)             add_5 = x + ff(...)        meta["ditopt"]["regions"] = ["blocks.0"]
-                                    gm.meta["ditopt"]["sites"]["blocks.0"] = {slot: residual, ...}
+    add_5 = x + ff(...)             add_5 = x + ff(...)        node_annotation(add_5).regions == ("blocks.0",)
+                                    graph_annotation(gm).rewrites["blocks.0"] == SiteRewrite("residual", 0)
 """
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ from __future__ import annotations
 import torch
 
 import ditopt
+from ditopt.passes.annotations import SiteRewrite, graph_annotation, node_annotation
 from synthetic import eager, latents, make_stack, prepare, snapshot, timesteps
 
 
 def regions(gm):
-    return {n.name: n.meta["ditopt"]["regions"] for n in gm.graph.nodes if n.meta.get("ditopt", {}).get("regions")}
+    return {n.name: list(node_annotation(n).regions) for n in gm.graph.nodes if node_annotation(n).regions}
 
 
 def setup(plan, depth=2):
@@ -36,12 +37,13 @@ def test_marks_exactly_the_nodes_of_each_reusing_site():
     assert all(len(r) == 1 for r in marked.values())  # attention/ff sites do not reuse here
     assert not any(n.startswith(("t_embed", "norm_out", "proj_out")) for n in marked)
 
-    info = p.gm.meta["ditopt"]["sites"]
+    info = graph_annotation(p.gm).rewrites
     assert sorted(info) == ["blocks.0", "blocks.1"]
-    assert info["blocks.0"] == {"slot": "residual", "live_outs": list(p.sites["blocks.0"].live_outs),
-                                "residual_inputs": ["x"], "depth": 0}
-    assert info["blocks.1"]["residual_inputs"] == list(p.sites["blocks.0"].live_outs)
-    decisions = p.gm.meta["ditopt"]["decisions"]
+    assert info["blocks.0"] == SiteRewrite(slot="residual", depth=0)
+    assert p.ctx.sites["blocks.0"].residual_inputs == ("x",)  # the site table is the one source of site facts
+    assert p.ctx.sites["blocks.1"].residual_inputs == p.sites["blocks.0"].live_outs
+    assert not any(isinstance(v, ditopt.DecisionTable) for v in vars(graph_annotation(p.gm)).values())
+    decisions = p.compiled  # the table goes to the runtime; the graph keeps no copy of it
     assert decisions.actions["blocks.0"] == ["compute", "reuse_residual", "compute", "reuse_residual"]
     assert decisions.parents["blocks.0.attn"] == ["blocks.0", "stack", "output"]
 
@@ -56,22 +58,22 @@ def test_nested_sites_carry_both_regions_and_their_depth():
 
     marked = regions(p.gm)
     assert {n for n, r in marked.items() if r == ["blocks.0", "blocks.0.attn"]} == set(p.sites["blocks.0.attn"].nodes)
-    info = p.gm.meta["ditopt"]["sites"]
-    assert (info["blocks.0"]["depth"], info["blocks.0.attn"]["depth"]) == (0, 1)
-    assert (info["blocks.0"]["slot"], info["blocks.0.attn"]["slot"]) == ("residual", "output")
+    info = graph_annotation(p.gm).rewrites
+    assert (info["blocks.0"].depth, info["blocks.0.attn"].depth) == (0, 1)
+    assert (info["blocks.0"].slot, info["blocks.0.attn"].slot) == ("residual", "output")
 
 
 def test_watches_the_first_live_out_of_a_when_site():
     _, _, _, p = setup(ditopt.presets.first_block_cache(0.1, steps=4), depth=3)
     p.annotate()
 
-    watched = [n for n in p.gm.graph.nodes if n.meta.get("ditopt", {}).get("watch")]
+    watched = [n for n in p.gm.graph.nodes if node_annotation(n).watch]
     assert [n.name for n in watched] == [p.sites["blocks.0"].live_outs[0]]
-    assert watched[0].meta["ditopt"]["watch"] == [0]
+    assert node_annotation(watched[0]).watch == (0,)
     marked = regions(p.gm)
     assert not set(p.sites["blocks.0"].nodes) & set(marked)  # the watched block itself always computes
     assert sorted({r for rs in marked.values() for r in rs}) == ["blocks.1", "blocks.2"]
-    assert p.gm.meta["ditopt"]["decisions"].when_rules == [("blocks.0", 0.1)]
+    assert p.compiled.when_rules == [("blocks.0", 0.1)]
 
 
 def test_annotated_graph_computes_like_eager():
@@ -88,16 +90,16 @@ def test_all_compute_plan_marks_nothing():
     assert not p.annotate().modified
 
     assert regions(p.gm) == {}
-    assert p.gm.meta["ditopt"]["sites"] == {}
-    assert p.gm.meta["ditopt"]["decisions"].actions == {}
+    assert graph_annotation(p.gm).rewrites == {}
+    assert p.compiled.actions == {}
     assert snapshot(p.gm) == before
 
 
 def test_idempotent():
     _, _, _, p = setup(ditopt.presets.fora(interval=2, steps=4, level="layer"))
     assert p.annotate().modified
-    before = (snapshot(p.gm), regions(p.gm), repr(p.gm.meta["ditopt"]["sites"]))
+    before = (snapshot(p.gm), regions(p.gm), repr(graph_annotation(p.gm).rewrites))
 
     assert not p.annotate().modified
 
-    assert (snapshot(p.gm), regions(p.gm), repr(p.gm.meta["ditopt"]["sites"])) == before
+    assert (snapshot(p.gm), regions(p.gm), repr(graph_annotation(p.gm).rewrites)) == before

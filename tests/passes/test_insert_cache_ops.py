@@ -17,6 +17,7 @@ import torch
 
 import ditopt
 from ditopt.passes import insert_cache_ops, insert_indicators
+from ditopt.passes.annotations import node_annotation
 from ditopt.sites import tensor_meta
 from synthetic import (
     CACHE_LOAD, CACHE_STORE, COND, DECIDE, block_plan, eager, latents, make_dual_stack, make_stack, prepare, snapshot,
@@ -35,8 +36,7 @@ def setup(plan=FORA, model=None, inputs=None):
 
 
 def by_role(gm, role, site):
-    return [n for n in gm.graph.nodes
-            if n.meta.get("ditopt", {}).get("role") == role and n.meta["ditopt"].get("site") == site]
+    return [n for n in gm.graph.nodes if node_annotation(n).role == role and node_annotation(n).site == site]
 
 
 def test_each_site_gets_a_decision_a_load_and_a_store_around_its_region():
@@ -62,7 +62,7 @@ def test_each_site_gets_a_decision_a_load_and_a_store_around_its_region():
         assert store.args[5:7] == (site, "residual0")
         assert order[store.name] > max(order[n] for n in nodes)
         assert store.meta["nn_module_stack"]  # new nodes say where they came from
-        assert residual.meta["ditopt"]["regions"] == [site]  # computed only when the site is
+        assert node_annotation(residual).regions == (site,)  # computed only when the site is
 
 
 def test_residual_nodes_carry_the_shape_of_their_live_out():

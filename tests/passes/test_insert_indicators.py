@@ -14,6 +14,7 @@ import ditopt
 from ditopt.passes import (
     insert_cache_ops, insert_indicators, insert_skip_branches, insert_step_tracking, lower_skip_branches,
 )
+from ditopt.passes.annotations import Role, node_annotation
 from synthetic import UPDATE_INDICATOR, eager, make_stack, prepare, snapshot, targets, timesteps
 
 STEPS = 6
@@ -77,7 +78,7 @@ def test_inserts_one_update_right_after_the_watched_output():
     token = next(n for n in p.gm.graph.find_nodes(op="placeholder") if n.name == "ditopt_token")
     assert update.target is UPDATE_INDICATOR
     assert update.args == (token, watched, p.runtime.id, 0, 0)
-    assert update.meta["ditopt"]["role"] == "indicator"
+    assert node_annotation(update).role is Role.INDICATOR
     assert update.meta["nn_module_stack"] == watched.meta["nn_module_stack"]
 
 

@@ -20,6 +20,7 @@ import torch.fx as fx
 
 import ditopt
 from ditopt.passes import insert_cache_ops, insert_skip_branches, lower_skip_branches, verify_graph
+from ditopt.passes.annotations import Role, node_annotation
 from synthetic import (
     CACHE_STORE, COND, COUNTS, DECIDE, NESTED_STEPS, SDPA, HandCache, actions_of, block_plan, eager, hand_nested,
     latents, make_dual_stack, make_stack, nested_plan, prepare, snapshot, targets, timesteps,
@@ -52,14 +53,14 @@ def test_each_reusing_site_becomes_one_cond_over_its_region():
     assert not [m for m in called_modules(p.gm) if m.startswith("blocks.")]
     assert (found[DECIDE], found[CACHE_STORE]) == (2, 2)  # effects stay outside the branches
     for site in ("blocks.0", "blocks.1"):
-        cond = next(n for n in p.gm.graph.nodes if n.target is COND and n.meta["ditopt"]["site"] == site)
+        cond = next(n for n in p.gm.graph.nodes if n.target is COND and node_annotation(n).site == site)
         pred, true_fn, false_fn, operands = cond.args
         assert pred.target is DECIDE and pred.args[3] == site
         assert (true_fn.op, true_fn.target) == ("get_attr", f"ditopt_{site.replace('.', '_')}_compute")
         assert (false_fn.op, false_fn.target) == ("get_attr", f"ditopt_{site.replace('.', '_')}_reuse")
-        load = next(n for n in p.gm.graph.nodes if n.meta.get("ditopt", {}).get("role") == "load"
-                    and n.meta["ditopt"]["site"] == site)
-        residual_input = p.gm.meta["ditopt"]["sites"][site]["residual_inputs"][0]  # renamed once blocks.0 is a cond
+        load = next(n for n in p.gm.graph.nodes if node_annotation(n).role is Role.LOAD
+                    and node_annotation(n).site == site)
+        residual_input = p.ctx.sites[site].residual_inputs[0]  # renamed once blocks.0 is a cond
         assert load in operands and residual_input in [o.name for o in operands]
         compute, reuse = getattr(p.gm, true_fn.target), getattr(p.gm, false_fn.target)
         assert targets(compute)[SDPA] == 1

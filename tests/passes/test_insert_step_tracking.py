@@ -16,6 +16,7 @@ import torch.nn as nn
 import ditopt
 from ditopt.errors import CaptureError
 from ditopt.passes import insert_step_tracking
+from ditopt.passes.annotations import Role, node_annotation
 from synthetic import BEGIN_STEP, Block, eager, latents, make_stack, prepare, snapshot, targets, timesteps
 
 FORA = ditopt.presets.fora(interval=2, steps=4, level="block")
@@ -37,7 +38,7 @@ def test_appends_a_token_and_begins_the_step_before_any_work():
     placeholders = list(p.gm.graph.find_nodes(op="placeholder"))
     assert [n.name for n in placeholders] == ["x", "timestep", "ditopt_token"]
     token = placeholders[-1]
-    assert token.meta["ditopt"]["role"] == "token"
+    assert node_annotation(token).role is Role.TOKEN
     assert targets(p.gm)[BEGIN_STEP] == 1
     begin = token.next
     assert begin.target is BEGIN_STEP

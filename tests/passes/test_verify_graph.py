@@ -11,6 +11,7 @@ import pytest
 
 import ditopt
 from ditopt.passes import GraphInvariantError, run_pipeline, verify_graph
+from ditopt.passes.annotations import Role, annotate, graph_annotation
 from synthetic import CACHE_STORE, COND, latents, make_dual_stack, make_stack, nested_plan, prepare, snapshot, timesteps
 
 PLANS = {
@@ -75,7 +76,7 @@ def test_a_second_token_is_refused():
     placeholders = list(p.gm.graph.find_nodes(op="placeholder"))
     with p.gm.graph.inserting_after(placeholders[-1]):
         extra = p.gm.graph.placeholder("another_token")
-    extra.meta["ditopt"] = {"role": "token"}
+    annotate(extra, role=Role.TOKEN)
 
     with pytest.raises(GraphInvariantError, match="more than one runtime token"):
         verify_graph(p.gm, p.ctx)
@@ -107,7 +108,7 @@ def test_an_effect_inside_a_branch_is_refused():
 
 def test_a_site_left_without_skip_branch_is_named():
     p = rewritten()
-    p.gm.meta["ditopt"]["skip_branches"] = ["blocks.1"]
+    graph_annotation(p.gm).skip_branches = {"blocks.1"}
 
     with pytest.raises(GraphInvariantError, match="blocks.2"):
         verify_graph(p.gm, p.ctx)

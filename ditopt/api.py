@@ -1,0 +1,223 @@
+"""The public functions: ``optimize``, ``stats``, ``reset``, ``set_plan``, ``set_step``, ``sites``.
+
+``optimize`` wraps a model in dynamo with a :class:`~ditopt.backend.DitoptBackend` that runs
+the rewritten graph eagerly; ``torch.compile(model, backend="ditopt", ...)`` reaches the same
+backend with inductor below. The other functions read or steer the model's
+:class:`~ditopt.runtime.Runtime`. Profiling has its own entry point (:func:`ditopt.profile`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch._dynamo.eval_frame import OptimizedModule
+
+from ditopt.runtime import Runtime, find_runtime
+
+from .backend import CompiledGraph, DitoptBackend, PlanLike, as_plan, backend_of
+from .capture import lean_tracing
+from .errors import CaptureError, DitoptError, PlanError
+from .sites import OUTPUT, STACK, SiteTable, find_sites
+
+
+class DitoptModule(OptimizedModule):
+    """What ``optimize()`` returns: dynamo's wrapper (so a pipeline sees the original module's
+    attributes, ``config``, ``dtype`` and ``device``) that reports plan errors unwrapped."""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            if self._ditopt_runtime.graphs:
+                return super().__call__(*args, **kwargs)
+            with lean_tracing():  # the first call captures the model
+                return super().__call__(*args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as exc:
+            inner = getattr(exc, "inner_exception", None)
+            if isinstance(inner, DitoptError):
+                raise inner from None
+            raise
+        except torch._dynamo.exc.TorchDynamoException as exc:  # dynamo could not trace the model
+            name = type(self._orig_mod).__name__
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CaptureError(f"could not capture {name} as one graph: dynamo raised {type(exc).__name__}: "
+                               f"{first}") from exc
+
+
+def candidate_site_names(model: torch.nn.Module) -> list[str]:
+    """Module paths a plan may name, known before capture (the graph decides the rest)."""
+    return [STACK, OUTPUT, *(name for name, _ in model.named_modules() if name)]
+
+
+def optimize(model: torch.nn.Module, plan: PlanLike, *, timestep_arg: str = "timestep") -> torch.nn.Module:
+    """Make ``model`` reuse features as ``plan`` says; a drop-in replacement for the model.
+
+    The plan is checked at once against the model's module paths (a plan for another model,
+    unknown sites, bad steps fail here, naming rule and site); the graph is captured on the
+    first call, where the plan is resolved against the sites found in it.
+
+    Example:
+        >>> import torch, ditopt
+        >>> from diffusers import DiTTransformer2DModel
+        >>> model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+        ...     out_channels=4, num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+        >>> fast = ditopt.optimize(model, ditopt.presets.fora(interval=2, steps=4))
+        >>> x, y = torch.randn(1, 4, 8, 8), torch.tensor([3])
+        >>> with torch.no_grad():
+        ...     for t in (999, 700, 400, 100):
+        ...         _ = fast(x, timestep=torch.tensor([t]), class_labels=y)
+        >>> ditopt.stats(fast).decisions["transformer_blocks.1.attn1"]
+        ['compute', 'reuse', 'compute', 'reuse']
+    """
+    return wrap(model, plan, timestep_arg=timestep_arg)
+
+
+def wrap(model: torch.nn.Module, plan: PlanLike, *, timestep_arg: str = "timestep", observe: bool = False,
+         runtime: Runtime | None = None) -> torch.nn.Module:
+    """What :func:`optimize` does; ``observe`` and ``runtime`` are for the profiler's entry point."""
+    if isinstance(model, OptimizedModule):
+        raise DitoptError("optimize() takes the original model, not a torch.compile'd one")
+    plan = as_plan(plan)
+    if plan.model and plan.model != type(model).__name__:
+        raise PlanError(f"plan was made for {plan.model}, not {type(model).__name__}")
+    plan.check_patterns(candidate_site_names(model))
+    runtime = runtime or Runtime()
+    runtime.param_ids = {id(p) for p in model.parameters()}
+    backend = DitoptBackend(plan, runtime, inductor=False, timestep_arg=timestep_arg, observe=observe)
+    _make_room_for_another_model()
+    wrapped = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+    wrapped.__class__ = DitoptModule
+    object.__setattr__(wrapped, "_ditopt_runtime", runtime)
+    object.__setattr__(wrapped, "_ditopt_backend", backend)
+    return wrapped
+
+
+def _make_room_for_another_model(limit: int = 256) -> None:
+    """Dynamo keys compiled code by the code object of ``forward``, which every instance of a
+    class shares, and each optimised model adds its own entry (its backend and parameters
+    differ). Past dynamo's default of 8 entries, the ninth model of one class in a process
+    (trying plans, a benchmark) would fail with a recompile-limit error under fullgraph=True."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, limit)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * limit)
+
+
+def runtime_of(model: torch.nn.Module) -> Runtime:
+    rt = model.__dict__.get("_ditopt_runtime")
+    if rt is not None:
+        return rt
+    inner = model._orig_mod if isinstance(model, OptimizedModule) else model
+    rt = find_runtime({id(p) for p in inner.parameters()})
+    if rt is None:
+        raise DitoptError(f"{type(inner).__name__} has not been optimised by ditopt (or not yet called)")
+    return rt
+
+
+def compiled_graph(model: torch.nn.Module) -> CompiledGraph:
+    """The latest graph compiled for ``model`` (optimised, or ``torch.compile``'d with the ditopt
+    backend): the captured and rewritten graphs, the sites and the decision table."""
+    backend = model.__dict__.get("_ditopt_backend") or backend_of(runtime_of(model))
+    if backend is None or backend.last is None:
+        raise DitoptError("the model has not been called yet: nothing has been compiled")
+    return backend.last
+
+
+@dataclass
+class Stats:
+    """What the runtime did in the last generation.
+
+    ``decisions[site]`` has one entry per call: compute, reuse, reuse_residual or skipped.
+    """
+
+    decisions: dict[str, list[str]]
+    cache_bytes: int
+    step: int
+    generation: int
+    calls: int
+    graphs: int
+
+
+def stats(model: torch.nn.Module) -> Stats:
+    rt = runtime_of(model)
+    return Stats(decisions=rt.decisions(), cache_bytes=rt.store.nbytes, step=rt.state.step,
+                 generation=rt.state.generation, calls=len(rt.records), graphs=len(rt.graphs))
+
+
+def set_plan(model: torch.nn.Module, plan: PlanLike) -> None:
+    """Give an optimised model another static plan without recompiling.
+
+    The rewritten graph holds a skip branch and cache nodes for every site its plan addresses;
+    which way each branch goes at each step is a table in the runtime. A plan that addresses the
+    same sites, with the same cache slots and no ``when`` rules, needs only a new table: this
+    swaps it and resets the caches. Anything else raises :class:`PlanError` and leaves the model
+    as it was (optimise again for a plan of another shape).
+
+    Example:
+        >>> import torch, ditopt
+        >>> from diffusers import DiTTransformer2DModel
+        >>> model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+        ...     out_channels=4, num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+        >>> fast = ditopt.optimize(model, ditopt.presets.fora(interval=2, steps=4))
+        >>> x, y = torch.randn(1, 4, 8, 8), torch.tensor([3])
+        >>> def generate():
+        ...     ditopt.reset(fast)
+        ...     with torch.no_grad():
+        ...         for t in (999, 700, 400, 100):
+        ...             _ = fast(x, timestep=torch.tensor([t]), class_labels=y)
+        >>> generate()
+        >>> ditopt.set_plan(fast, ditopt.presets.fora(interval=3, steps=4))
+        >>> generate(); ditopt.stats(fast).decisions["transformer_blocks.1.attn1"]
+        ['compute', 'reuse', 'reuse', 'compute']
+    """
+    backend = model.__dict__.get("_ditopt_backend")
+    if backend is None:
+        raise DitoptError("set_plan() takes a model returned by ditopt.optimize()")
+    plan = as_plan(plan)
+    rt = runtime_of(model)
+    if not rt.graphs or backend.last is None:
+        raise DitoptError("the model has not been called yet: there is no compiled graph to re-plan")
+    table = plan.compile(backend.last.sites)
+    for old in rt.graphs.values():
+        why = old.incompatibility(table)
+        if why is not None:
+            raise PlanError(why)
+    for graph in list(rt.graphs):
+        rt.set_graph(graph, table)
+    backend.plan = plan
+    rt.reset()
+
+
+def reset(model: torch.nn.Module) -> None:
+    """Forget caches and step state: the next call starts a new generation."""
+    runtime_of(model).reset()
+
+
+def set_step(model: torch.nn.Module, step: int, branch: int = 0) -> None:
+    """Tell the runtime which step (and CFG branch) the next call is, overriding detection."""
+    runtime_of(model).state.set(step, branch)
+
+
+def sites(model: torch.nn.Module, *args, **example_inputs) -> SiteTable:
+    """The sites of ``model``, found in the graph captured from one call with these inputs.
+
+    Example:
+        >>> import torch, ditopt
+        >>> from diffusers import DiTTransformer2DModel
+        >>> model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+        ...     out_channels=4, num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+        >>> table = ditopt.sites(model, hidden_states=torch.randn(1, 4, 8, 8), timestep=torch.tensor([1]),
+        ...                      class_labels=torch.tensor([1]))
+        >>> [(s.name, s.kind) for s in table][:3]
+        [('output', 'output'), ('stack', 'stack'), ('transformer_blocks.0', 'block')]
+    """
+    from .capture import capture
+
+    if isinstance(model, OptimizedModule):
+        model = model._orig_mod
+    cap = capture(model, *args, **example_inputs)
+    table = find_sites(cap.gm.graph)
+    table.model = type(model).__name__
+    return table
+
+
+__all__ = ["DitoptModule", "Stats", "compiled_graph", "optimize", "reset", "runtime_of", "set_plan", "set_step",
+           "sites", "stats", "wrap"]
