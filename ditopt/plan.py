@@ -38,7 +38,7 @@ import yaml
 from ditopt.runtime.decisions import PLAN_ACTIONS, SLOTS, Action, DecisionTable  # noqa: F401 (SLOTS: until cost.py imports it from runtime)
 
 from .errors import PlanError, check_count
-from .sites import SITE_KINDS, SiteTable, is_positional, parse_position
+from .sites import SITE_KINDS, SiteTable, is_positional, parse_position, parse_slice
 
 VERSION = 1
 COMPUTE, REUSE, REUSE_RESIDUAL, PREDICT = (Action.COMPUTE, Action.REUSE, Action.REUSE_RESIDUAL, Action.PREDICT)
@@ -99,7 +99,7 @@ class Rule:
         if self.steps is None:
             return list(range(total))
         if isinstance(self.steps, str):
-            return list(range(total))[_parse_slice(self.steps)]
+            return list(range(total))[parse_slice(self.steps)]
         return list(self.steps)
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,19 +116,6 @@ class Rule:
         if self.when:
             d["when"] = self.when.to_dict()
         return d
-
-
-def _parse_slice(text: str) -> slice:
-    parts = text.split(":")
-    if len(parts) > 3:
-        raise ValueError(f"not a slice: {text!r}")
-    try:
-        nums = [int(p) if p.strip() else None for p in parts]
-    except ValueError:
-        raise ValueError(f"not a slice: {text!r}") from None
-    if len(nums) == 1:
-        return slice(nums[0], nums[0] + 1 if nums[0] is not None else None)
-    return slice(*nums)
 
 
 CompiledPlan = DecisionTable  # the name before the redesign: Plan.compile returns a DecisionTable
@@ -286,20 +273,8 @@ def _rule_from_dict(raw: Any, index: int, lines: dict[str, int] | None) -> Rule:
     unknown = set(raw) - _RULE_KEYS
     if unknown:
         raise PlanError(f"unknown rule field(s) {sorted(unknown)}; known: {sorted(_RULE_KEYS)}", **where)
-    sites = raw.get("sites")
-    if isinstance(sites, str):
-        sites = (sites,)
-    elif isinstance(sites, list) and sites and all(isinstance(s, str) for s in sites):
-        sites = tuple(sites)
-    else:
-        raise PlanError(f"'sites' must be a glob or a list of globs, got {sites!r}", **at("sites"))
+    sites = _sites_field(raw.get("sites"), at("sites"))
     label = ",".join(sites)
-    for pattern in sites:
-        if pattern.removeprefix("!").startswith("stack["):
-            try:
-                parse_position(pattern)
-            except ValueError as exc:
-                raise PlanError(str(exc), site=label, **at("sites")) from None
     action = raw.get("action")
     if action not in ACTIONS:
         raise PlanError(f"unknown action {action!r}; known: {list(ACTIONS)}", site=label, **at("action"))
@@ -314,56 +289,78 @@ def _rule_from_dict(raw: Any, index: int, lines: dict[str, int] | None) -> Rule:
         if kind not in (None, "attention"):
             raise PlanError(f"'attention' narrows attention sites, but the rule's kind is {kind!r}", site=label,
                             **at("attention"))
-    steps = raw.get("steps")
-    if steps is not None:
-        if isinstance(steps, str):
-            try:
-                _parse_slice(steps)
-            except ValueError as exc:
-                raise PlanError(str(exc), site=label, **at("steps")) from None
-        elif isinstance(steps, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in steps):
-            steps = tuple(steps)
-        elif isinstance(steps, int) and not isinstance(steps, bool):
-            steps = (steps,)
-        else:
-            raise PlanError(f"'steps' must be a slice string like '2:48:2' or a list of ints, got {steps!r}",
-                            site=label, **at("steps"))
+    steps = _steps_field(raw.get("steps"), dict(site=label, **at("steps")))
     order = raw.get("order")
     if order is not None:
         if action != PREDICT:
             raise PlanError(f"'order' applies to action predict, not {action!r}", site=label, **at("order"))
         if not isinstance(order, int) or isinstance(order, bool) or order not in ORDERS:
             raise PlanError(f"'order' must be one of {list(ORDERS)}, got {order!r}", site=label, **at("order"))
-    when = raw.get("when")
-    if isinstance(when, dict) and True in when and "on" not in when:
-        when = {("on" if k is True else k): v for k, v in when.items()}  # YAML 1.1 reads a bare `on:` as True
-    if when is not None:
-        where = at("when")  # the errors below name the line of 'when'
-        if not isinstance(when, dict) or set(when) - _WHEN_KEYS or "of" not in when or "below" not in when:
-            raise PlanError("'when' must be {indicator: rel_l1, of: SITE, below: NUMBER} with optional "
-                            "on: output|input and rescale: [NUMBER, ...]", site=label, **where)
-        indicator = when.get("indicator", "rel_l1")
-        if indicator not in INDICATORS:
-            raise PlanError(f"unknown indicator {indicator!r}; known: {list(INDICATORS)}", site=label, **where)
-        below = when["below"]
-        if not isinstance(below, (int, float)) or isinstance(below, bool) or below <= 0:
-            raise PlanError(f"'when.below' must be a positive number, got {below!r}", site=label, **where)
-        on = when.get("on", "output")
-        if on not in WATCHED:
-            raise PlanError(f"'when.on' must be one of {list(WATCHED)}, got {on!r}", site=label, **where)
-        rescale = when.get("rescale")
-        if rescale is not None:
-            if not isinstance(rescale, list) or not rescale or not all(
-                    isinstance(c, (int, float)) and not isinstance(c, bool) for c in rescale):
-                raise PlanError(f"'when.rescale' must be a non-empty list of polynomial coefficients, highest "
-                                f"power first, got {rescale!r}", site=label, **where)
-            rescale = tuple(float(c) for c in rescale)
-        of = when["of"]
-        if isinstance(of, str) and of.startswith("stack["):
-            try:
-                parse_position(of)
-            except ValueError as exc:
-                raise PlanError(f"'when.of': {exc}", site=label, **where) from None
-        when = When(of=str(of), below=float(below), indicator=indicator, on=on, rescale=rescale)
+    when = _when_field(raw.get("when"), dict(site=label, **at("when")))  # its errors name the line of 'when'
     return Rule(sites=sites, action=action, steps=steps, kind=kind, when=when, order=order, attention=attention,
                 line=line, step_line=lines.get("steps", line))
+
+
+def _sites_field(sites: Any, where: dict[str, Any]) -> tuple[str, ...]:
+    if isinstance(sites, str):
+        sites = (sites,)
+    elif isinstance(sites, list) and sites and all(isinstance(s, str) for s in sites):
+        sites = tuple(sites)
+    else:
+        raise PlanError(f"'sites' must be a glob or a list of globs, got {sites!r}", **where)
+    for pattern in sites:
+        if pattern.removeprefix("!").startswith("stack["):
+            try:
+                parse_position(pattern)
+            except ValueError as exc:
+                raise PlanError(str(exc), site=",".join(sites), **where) from None
+    return sites
+
+
+def _steps_field(steps: Any, where: dict[str, Any]) -> str | tuple[int, ...] | None:
+    if steps is None:
+        return None
+    if isinstance(steps, str):
+        try:
+            parse_slice(steps)
+        except ValueError as exc:
+            raise PlanError(str(exc), **where) from None
+        return steps
+    if isinstance(steps, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in steps):
+        return tuple(steps)
+    if isinstance(steps, int) and not isinstance(steps, bool):
+        return (steps,)
+    raise PlanError(f"'steps' must be a slice string like '2:48:2' or a list of ints, got {steps!r}", **where)
+
+
+def _when_field(when: Any, where: dict[str, Any]) -> When | None:
+    if isinstance(when, dict) and True in when and "on" not in when:
+        when = {("on" if k is True else k): v for k, v in when.items()}  # YAML 1.1 reads a bare `on:` as True
+    if when is None:
+        return None
+    if not isinstance(when, dict) or set(when) - _WHEN_KEYS or "of" not in when or "below" not in when:
+        raise PlanError("'when' must be {indicator: rel_l1, of: SITE, below: NUMBER} with optional "
+                        "on: output|input and rescale: [NUMBER, ...]", **where)
+    indicator = when.get("indicator", "rel_l1")
+    if indicator not in INDICATORS:
+        raise PlanError(f"unknown indicator {indicator!r}; known: {list(INDICATORS)}", **where)
+    below = when["below"]
+    if not isinstance(below, (int, float)) or isinstance(below, bool) or below <= 0:
+        raise PlanError(f"'when.below' must be a positive number, got {below!r}", **where)
+    on = when.get("on", "output")
+    if on not in WATCHED:
+        raise PlanError(f"'when.on' must be one of {list(WATCHED)}, got {on!r}", **where)
+    rescale = when.get("rescale")
+    if rescale is not None:
+        if not isinstance(rescale, list) or not rescale or not all(
+                isinstance(c, (int, float)) and not isinstance(c, bool) for c in rescale):
+            raise PlanError(f"'when.rescale' must be a non-empty list of polynomial coefficients, highest "
+                            f"power first, got {rescale!r}", **where)
+        rescale = tuple(float(c) for c in rescale)
+    of = when["of"]
+    if isinstance(of, str) and of.startswith("stack["):
+        try:
+            parse_position(of)
+        except ValueError as exc:
+            raise PlanError(f"'when.of': {exc}", **where) from None
+    return When(of=str(of), below=float(below), indicator=indicator, on=on, rescale=rescale)

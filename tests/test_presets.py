@@ -18,7 +18,7 @@ import ditopt
 from ditopt import Plan, PlanError, presets
 from ditopt.bench import METHODS, psnr
 from ditopt.passes import insert_indicators, insert_step_tracking
-from ditopt.runtime import GraphDecisions, Runtime
+from ditopt.runtime import DecisionTable, Indicator, Runtime
 from real_models import build, timesteps as real_timesteps
 from synthetic import UPDATE_INDICATOR, make_stack, modulate, prepare, timesteps
 
@@ -161,8 +161,8 @@ def test_on_input_watches_the_modulated_input_of_the_first_attention(tables, mod
 
 def test_rescale_maps_each_change_through_the_polynomial_before_accumulating():
     rt = Runtime()
-    graph = rt.add_graph(GraphDecisions(steps=4, actions={}, adaptive={}, when_rules=[("a", 1.0)], slots={},
-                                        parents={}, site_order=[], rescale=[(10.0, 0.0, 0.05)]))
+    graph = rt.add_graph(DecisionTable(steps=4, actions={}, adaptive={}, slots={},
+                                       indicators=[Indicator("a", 1.0, node="a_out", rescale=(10.0, 0.0, 0.05))]))
     x = torch.ones(4)
     accumulated = []
     for step, value in enumerate((x, 1.1 * x, 1.2 * x)):
