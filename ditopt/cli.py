@@ -13,39 +13,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
-import torch
+import ditopt
 
-from . import presets
+from . import presets, zoo
 from .errors import DitoptError
+from .small_models import MODELS, build_model
 
-MODELS = ("dit", "pixart", "cogvideox", "wan", "hunyuan")
-ZOO_MODELS = ("dit-digits", "wan-digits")
-CLASS_NAMES = {"DiTTransformer2DModel": "dit", "PixArtTransformer2DModel": "pixart",
-               "CogVideoXTransformer3DModel": "cogvideox", "WanTransformer3DModel": "wan",
-               "HunyuanVideoTransformer3DModel": "hunyuan"}
-MODEL_HELP = f"a small config ({', '.join(MODELS)}, or the diffusers class name) or a zoo model ({', '.join(ZOO_MODELS)})"
+# The subcommands import their harnesses (demo, graph diff, benchmark) when they run, so that
+# `ditopt sites` loads neither matplotlib nor scikit-image nor those harnesses.
 
-
-def _build(name: str):
-    """``(model in eval mode, example forward kwargs)`` for a MODEL argument."""
-    if name in ZOO_MODELS:
-        from . import zoo
-
-        loaded = zoo.load(name)
-        batch = 2 if loaded.cfg_mode == "batched" else 1
-        kwargs = dict(hidden_states=torch.randn(loaded.sample_shape(batch)), timestep=torch.full((batch,), 500.0),
-                      **loaded.make_conditioning(list(range(batch))))
-        return loaded.model.eval(), kwargs
-    name = CLASS_NAMES.get(name, name)
-    if name not in MODELS:
-        raise DitoptError(f"unknown model {name!r}; known: {', '.join([*MODELS, *ZOO_MODELS])} "
-                          f"(or a class name: {', '.join(CLASS_NAMES)})")
-    from .small_models import build
-
-    return build(name)
+MODEL_HELP = (f"a small config ({', '.join(MODELS)}, or the diffusers class name) or a zoo model "
+              f"({', '.join(zoo.NAMES)})")
 
 
 class _Stages:
@@ -82,8 +62,6 @@ def cmd_demo(args) -> int:
         result = run_demo(steps=args.steps, interval=args.interval, hidden=args.hidden, layers=args.layers,
                           repeats=args.repeats)
     else:
-        from . import zoo
-
         if args.model not in zoo.list():
             raise DitoptError(f"unknown demo model {args.model!r}; known: {', '.join([*zoo.list(), 'random-dit'])}")
         result = run_zoo_demo(args.model, interval=args.interval, repeats=args.repeats)
@@ -92,13 +70,11 @@ def cmd_demo(args) -> int:
 
 
 def cmd_sites(args) -> int:
-    from .backend import sites
-
     with _Stages(2) as stage:
         stage(f"building {args.model}")
-        model, kwargs = _build(args.model)
+        model, kwargs = build_model(args.model)
         stage("capturing the graph")
-        table = sites(model.eval(), **kwargs)
+        table = ditopt.sites(model.eval(), **kwargs)
     print(f"{'site':50s} {'kind':12s} {'attn':6s} {'live-outs':>9s} {'residual':>8s}")
     for s in table:
         print(f"{s.name:50s} {s.kind:12s} {s.attention or '':6s} {len(s.live_outs):>9d} "
@@ -107,18 +83,15 @@ def cmd_sites(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .backend import sites
-    from .plan import Plan
-
-    plan = Plan.load(args.plan)
+    plan = ditopt.Plan.load(args.plan)
     if args.action == "show":
         print(plan.to_yaml(), end="")
     if args.model:
         with _Stages(2) as stage:
             stage(f"building {args.model}")
-            model, kwargs = _build(args.model)
+            model, kwargs = build_model(args.model)
             stage("capturing the graph")
-            compiled = plan.compile(sites(model.eval(), **kwargs))
+            compiled = plan.compile(ditopt.sites(model.eval(), **kwargs))
         counts = compiled.action_counts()
         print(f"valid for {args.model}: {len(compiled.actions)} sites reuse at some step; "
               f"(site, step) actions: {counts}")
@@ -129,9 +102,6 @@ def cmd_plan(args) -> int:
 
 def cmd_profile(args) -> int:
     import torch
-
-    from . import zoo
-    from .profile import profile
 
     if args.model not in zoo.list():
         raise DitoptError(f"profile needs a zoo model (it runs the model's sampling loop); got {args.model!r}, "
@@ -147,24 +117,20 @@ def cmd_profile(args) -> int:
         raise DitoptError("--tune needs --budget")
     if args.plan_steps is not None and (args.budget is None or args.tune):
         raise DitoptError("--plan-steps needs --budget, and not --tune (tune measures plans at the profiled count)")
-    rmap = profile(zm.model, run, steps=steps, cfg="batched" if zm.cfg_mode == "batched" else None)
+    rmap = ditopt.profile(zm.model, run, steps=steps, cfg="batched" if zm.cfg_mode == "batched" else None)
     out = rmap.save(args.output or f"{args.model}-map.yaml")
     png = rmap.heatmap(args.png or str(out.with_suffix(".png")))
     print(f"profiled {args.model}: {steps} steps, {rmap.branches} CFG branch(es), {len(rmap.sites)} sites in "
           f"{rmap.profile_seconds:.1f} s")
     print(f"wrote {out}, {out.with_suffix('.safetensors')} and {png}")
     if args.budget is not None:
-        from .planner import plan_from_profile
-
         if args.tune:
-            from .tune import tune
-
-            tuned = tune(zm.model, run, rmap, budget=args.budget)
+            tuned = ditopt.tune(zm.model, run, rmap, budget=args.budget)
             plan = tuned.plan
             print(f"tuned: {tuned.best.label} ({tuned.best.psnr:.2f} dB on the calibration run, "
                   f"best of {len(tuned.candidates)})")
         else:
-            plan = plan_from_profile(rmap, budget=args.budget, steps=args.plan_steps)
+            plan = ditopt.plan_from_profile(rmap, budget=args.budget, steps=args.plan_steps)
         path = args.plan or f"{args.model}-plan-{args.budget}.yaml"
         plan.save(path)
         print(f"wrote {path} (plan for {plan.steps} steps at {args.budget:.0%} of block compute)")
@@ -180,46 +146,31 @@ def cmd_bench(args) -> int:
     return 0
 
 
-# Presets by name: (name pattern, the plan for a match and a number of steps).
-PRESETS = [
-    (r"fora-(\d+)", lambda m, steps: presets.fora(int(m[1]), steps)),
-    (r"fora-(\d+)-block", lambda m, steps: presets.fora(int(m[1]), steps, level="block")),
-    (r"fbcache-(\d*\.?\d+)", lambda m, steps: presets.first_block_cache(float(m[1]), steps)),
-    (r"all-compute", lambda m, steps: presets.all_compute(steps)),
-    (r"taylorseer-(\d+)", lambda m, steps: presets.taylorseer(steps, interval=int(m[1]))),
-    (r"taylorseer-(\d+)-output", lambda m, steps: presets.taylorseer(steps, interval=int(m[1]), level="output")),
-    (r"teacache-(\d*\.?\d+)", lambda m, steps: presets.teacache(float(m[1]), steps)),
-    (r"dbcache-(\d*\.?\d+)", lambda m, steps: presets.dbcache(float(m[1]), steps)),
-    (r"delta-dit", lambda m, steps: presets.delta_dit(steps)),
-    (r"pab", lambda m, steps: presets.pab(steps)),
-]
-PRESET_HELP = ("fora-N (layer level), fora-N-block, fbcache-THRESHOLD, taylorseer-N, taylorseer-N-output, teacache-THRESHOLD, "
-               "dbcache-THRESHOLD, delta-dit, pab, all-compute")
+PRESET_HELP = presets.SPELLINGS
 
 
 def preset_plan(name: str, steps: int):
-    """The plan a preset name stands for, e.g. ``fora-2`` or ``fbcache-0.08``."""
-    for pattern, make in PRESETS:
-        m = re.fullmatch(pattern, name)
-        if m:
-            try:
-                return make(m, steps)
-            except ValueError as exc:
-                raise DitoptError(f"preset {name!r}: {exc}") from None
-    raise DitoptError(f"unknown preset {name!r}; known: {PRESET_HELP}")
+    """The plan a preset name stands for, e.g. ``fora-2`` or ``fbcache-0.08`` (see ``presets.REGISTRY``)."""
+    try:
+        preset, knobs = presets.lookup(name)
+    except KeyError:
+        raise DitoptError(f"unknown preset {name!r}; known: {PRESET_HELP}") from None
+    try:
+        return preset(steps=steps, **knobs)
+    except ValueError as exc:
+        raise DitoptError(f"preset {name!r}: {exc}") from None
 
 
 def cmd_diff(args) -> int:
     from .capture import capture
     from .graphdiff import diff_graphs, rewrite
-    from .plan import Plan
 
-    plan = Plan.load(args.plan) if args.plan else preset_plan(args.preset, args.steps)
+    plan = ditopt.Plan.load(args.plan) if args.plan else preset_plan(args.preset, args.steps)
     suffix = {"html": "html", "text": "txt", "dot": "dot"}[args.format]
     out = args.output or f"ditopt-diff-{args.model}.{suffix}"
     with _Stages(4) as stage:
         stage(f"building {args.model}")
-        model, kwargs = _build(args.model)
+        model, kwargs = build_model(args.model)
         stage("capturing the graph")
         captured = capture(model, **kwargs)
         stage("running the passes")
@@ -239,6 +190,7 @@ def cmd_diff(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="ditopt", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="FORA on a diffusers DiT: reuse per step, speed-up and difference")
@@ -286,12 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--threads", type=int, default=1)
     pr.set_defaults(func=cmd_profile)
     b = sub.add_parser("bench", help="fidelity and compute of ditopt presets and peers on the zoo models")
-    from .bench import add_arguments as _bench_arguments
+    if argv[:1] == ["bench"]:  # its options come from the harness, imported only for this command
+        from .bench import add_arguments
 
-    _bench_arguments(b)
+        add_arguments(b)
     b.set_defaults(func=cmd_bench)
     args = parser.parse_args(argv)
-    args.argv = list(sys.argv[2:] if argv is None else argv[1:])
+    args.argv = argv[1:]
     try:
         return args.func(args)
     except DitoptError as exc:

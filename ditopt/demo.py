@@ -13,8 +13,10 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from . import presets
-from .backend import optimize, reset, stats
+from ditopt import optimize, presets, reset, stats
+
+from .metrics import psnr
+from .small_models import random_dit
 
 
 @dataclass
@@ -27,17 +29,6 @@ class DemoResult:
     @property
     def speedup(self) -> float:
         return self.time_full / self.time_fast
-
-
-def build_dit(hidden: int = 256, layers: int = 8, sample: int = 32, seed: int = 0):
-    """A diffusers DiTTransformer2DModel from config (random weights), sized so blocks dominate."""
-    from diffusers import DiTTransformer2DModel
-
-    torch.manual_seed(seed)
-    heads = max(1, hidden // 64)
-    return DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=4,
-                                 out_channels=4, num_layers=layers, sample_size=sample, patch_size=2,
-                                 num_embeds_ada_norm=1000).eval()
 
 
 def sample(model, steps: int, *, batch: int = 2, sample_size: int = 32, seed: int = 0, progress: bool = False):
@@ -62,7 +53,7 @@ def sample(model, steps: int, *, batch: int = 2, sample_size: int = 32, seed: in
 
 def run_demo(steps: int = 20, interval: int = 2, hidden: int = 256, layers: int = 8, sample_size: int = 32,
              repeats: int = 2, progress: bool = True) -> DemoResult:
-    model = build_dit(hidden, layers, sample_size)
+    model = random_dit(hidden, layers, sample_size)
     fast = optimize(model, presets.fora(interval=interval, steps=steps, level="block"))
     sample(fast, steps, sample_size=sample_size)  # capture and rewrite once, outside the timing
     sample(model, steps, sample_size=sample_size)  # and warm the unoptimised model alike
@@ -105,10 +96,8 @@ def run_zoo_demo(name: str = "dit-digits", interval: int = 2, repeats: int = 3, 
         t0 = time.perf_counter()
         result = zm.sample(labels, seed, transformer=fast)
         fast_times.append(time.perf_counter() - t0)
-    from .bench import psnr  # data range 2, as in the benchmark tables
-
     return ZooDemoResult(stats(fast).decisions, min(full_times), min(fast_times),
-                         float((result - reference).abs().max()), psnr(result, reference),
+                         float((result - reference).abs().max()), psnr(result, reference, data_range=2.0),
                          zm.accuracy(reference, labels), zm.accuracy(result, labels))
 
 

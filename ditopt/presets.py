@@ -11,10 +11,15 @@ Presets take the number of denoising ``steps`` the plan is for; a plan for anoth
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
+
 from .plan import Plan, Rule, When
 
 __all__ = ["fora", "first_block_cache", "delta_dit", "taylorseer", "teacache", "dbcache", "pab", "all_compute",
-           "PRESETS"]
+           "Preset", "REGISTRY", "PRESETS", "SPELLINGS", "lookup"]
 
 
 def _check_steps(steps: int) -> None:
@@ -280,14 +285,75 @@ def all_compute(steps: int = 50) -> Plan:
     return Plan(steps=steps, rules=[Rule(sites=("*",), action="compute")], name="all-compute")
 
 
-# The presets by name, as ``configs/presets/<name>.yaml`` holds them (at 20 steps).
-PRESETS = {
-    "fora": fora,
-    "first-block-cache": first_block_cache,
-    "delta-dit": delta_dit,
-    "taylorseer": taylorseer,
-    "taylorseer-output": lambda steps=50: taylorseer(steps, level="output"),
-    "teacache": teacache,
-    "dbcache": dbcache,
-    "pab": pab,
-}
+# -- the registry: every named plan, as the command line, the benchmark and configs/presets name them
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named plan: a published method (or the all-compute baseline), and how to spell it.
+
+    Calling it makes the plan; with no knobs it is the preset at its defaults, which is what
+    ``configs/presets/<name>.yaml`` holds (at 20 steps).
+
+    ``spellings`` are the names a command line uses, each with the knobs it fixes; in a spelling,
+    ``N`` stands for an integer and ``THRESHOLD`` for a number, and either sets the knob ``knob``.
+
+    Example:
+        >>> PRESETS["fora"](steps=20, interval=3).name
+        'fora-3'
+        >>> preset, knobs = lookup("fora-3-block")
+        >>> preset.name, knobs
+        ('fora', {'level': 'block', 'interval': 3})
+    """
+
+    name: str  # the registry key; configs/presets/<name>.yaml for a published method
+    make: Callable[..., Plan]  # the preset function: steps and the knobs as keyword arguments
+    spellings: dict[str, dict] = field(default_factory=dict)  # command-line name -> the knobs it fixes
+    knob: str | None = None  # what N or THRESHOLD in a spelling sets
+    published: bool = True  # a published method, written to configs/presets
+
+    def __call__(self, steps: int = 50, **knobs) -> Plan:
+        return self.make(steps=steps, **knobs)
+
+
+_WILDCARDS = {"N": (r"(\d+)", int), "THRESHOLD": (r"(\d*\.?\d+)", float)}  # in spellings
+
+REGISTRY: dict[str, Preset] = {p.name: p for p in [
+    Preset("fora", fora, {"fora-N": {}, "fora-N-block": {"level": "block"}}, "interval"),
+    Preset("first-block-cache", first_block_cache, {"fbcache-THRESHOLD": {}}, "threshold"),
+    Preset("taylorseer", taylorseer, {"taylorseer-N": {}}, "interval"),
+    Preset("taylorseer-output", partial(taylorseer, level="output"), {"taylorseer-N-output": {}}, "interval"),
+    Preset("teacache", teacache, {"teacache-THRESHOLD": {}}, "threshold"),
+    Preset("dbcache", dbcache, {"dbcache-THRESHOLD": {}}, "threshold"),
+    Preset("delta-dit", delta_dit, {"delta-dit": {}}),
+    Preset("pab", pab, {"pab": {}}),
+    Preset("all-compute", all_compute, {"all-compute": {}}, published=False),
+]}
+
+# The published methods, each also as ``configs/presets/<name>.yaml`` (tools/write_presets.py).
+PRESETS: dict[str, Preset] = {name: p for name, p in REGISTRY.items() if p.published}
+
+# Every spelling, for help texts: "fora-N, fora-N-block, fbcache-THRESHOLD, ..."
+SPELLINGS = ", ".join(s for p in REGISTRY.values() for s in p.spellings)
+
+
+def lookup(spelled: str) -> tuple[Preset, dict]:
+    """The preset a command-line name stands for, and the knobs the name sets; ``KeyError`` if
+    no spelling matches.
+
+    Example:
+        >>> preset, knobs = lookup("fbcache-0.08")
+        >>> preset.name, knobs
+        ('first-block-cache', {'threshold': 0.08})
+        >>> preset(steps=20, **knobs).name
+        'fbcache-0.08'
+    """
+    for preset in REGISTRY.values():
+        for spelling, fixed in preset.spellings.items():
+            parts = spelling.split("-")
+            pattern = "-".join(_WILDCARDS[p][0] if p in _WILDCARDS else re.escape(p) for p in parts)
+            m = re.fullmatch(pattern, spelled)
+            if m:
+                convert = next((_WILDCARDS[p][1] for p in parts if p in _WILDCARDS), None)
+                return preset, {**fixed, preset.knob: convert(m[1])} if convert else dict(fixed)
+    raise KeyError(spelled)

@@ -1,22 +1,20 @@
 """Real diffusers transformer classes built from config at small sizes, with example inputs.
 
-Used by the command line (``ditopt sites wan``) and the tests; weights are random.
+The one list of the models ditopt is tried on without training: the command line
+(``ditopt sites wan``, ``ditopt diff``, ``ditopt demo --model random-dit``), the tests and the
+speed benchmark read it; weights are random. :func:`build_model` also takes a diffusers class
+name or a trained zoo model (``ditopt.zoo``), as the command line's MODEL argument does.
 
 Each builder returns ``(model, kwargs)``; kwargs are the forward's keyword inputs, with the
 timestep under ``timestep``.
 """
 
 import torch
-from diffusers import (
-    CogVideoXTransformer3DModel,
-    DiTTransformer2DModel,
-    HunyuanVideoTransformer3DModel,
-    PixArtTransformer2DModel,
-    WanTransformer3DModel,
-)
 
 
 def dit():
+    from diffusers import DiTTransformer2DModel
+
     m = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
                               num_layers=3, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
     return m.eval(), dict(hidden_states=torch.randn(2, 4, 8, 8), timestep=torch.tensor([500, 500]),
@@ -24,6 +22,8 @@ def dit():
 
 
 def pixart():
+    from diffusers import PixArtTransformer2DModel
+
     m = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
                                  num_layers=2, sample_size=8, patch_size=2, cross_attention_dim=32,
                                  caption_channels=24)
@@ -33,6 +33,8 @@ def pixart():
 
 
 def cogvideox():
+    from diffusers import CogVideoXTransformer3DModel
+
     m = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
                                     num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
                                     text_embed_dim=32, time_embed_dim=16, max_text_seq_length=6)
@@ -41,6 +43,8 @@ def cogvideox():
 
 
 def wan():
+    from diffusers import WanTransformer3DModel
+
     m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
                               out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2,
                               rope_max_seq_len=32)
@@ -49,6 +53,8 @@ def wan():
 
 
 def hunyuan():
+    from diffusers import HunyuanVideoTransformer3DModel
+
     m = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
                                        num_layers=2, num_single_layers=2, num_refiner_layers=1, mlp_ratio=2.0,
                                        patch_size=2, patch_size_t=1, text_embed_dim=32, pooled_projection_dim=16,
@@ -58,7 +64,23 @@ def hunyuan():
                           pooled_projections=torch.randn(1, 16), guidance=torch.tensor([3000.0]))
 
 
+def random_dit(hidden: int = 256, layers: int = 8, sample: int = 32, seed: int = 0):
+    """A larger DiTTransformer2DModel (random weights), sized so the blocks dominate the time:
+    ``ditopt demo --model random-dit`` and ``tools/bench_speed.py``. Returns the model only."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    heads = max(1, hidden // 64)
+    return DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=4,
+                                 out_channels=4, num_layers=layers, sample_size=sample, patch_size=2,
+                                 num_embeds_ada_norm=1000).eval()
+
+
 MODELS = {"dit": dit, "pixart": pixart, "cogvideox": cogvideox, "wan": wan, "hunyuan": hunyuan}
+# The diffusers class each small config builds, by class name (diffusers is imported on first build).
+CLASS_NAMES = {"DiTTransformer2DModel": "dit", "PixArtTransformer2DModel": "pixart",
+               "CogVideoXTransformer3DModel": "cogvideox", "WanTransformer3DModel": "wan",
+               "HunyuanVideoTransformer3DModel": "hunyuan"}
 
 
 def build(name: str, seed: int = 0):
@@ -75,6 +97,33 @@ def build(name: str, seed: int = 0):
         raise DitoptError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
     torch.manual_seed(seed)
     return MODELS[name]()
+
+
+def build_model(name: str):
+    """``(model in eval mode, example forward kwargs)`` for a small config, its diffusers class
+    name, or a zoo model (example inputs: a batch of 2 for batched CFG, else 1, at timestep 500).
+
+    Example:
+        >>> type(build_model("WanTransformer3DModel")[0]).__name__
+        'WanTransformer3DModel'
+        >>> all(type(build(name)[0]).__name__ == cls for cls, name in CLASS_NAMES.items())
+        True
+    """
+    from . import zoo
+
+    if name in zoo.NAMES:
+        loaded = zoo.load(name)
+        batch = 2 if loaded.cfg_mode == "batched" else 1
+        kwargs = dict(hidden_states=torch.randn(loaded.sample_shape(batch)), timestep=torch.full((batch,), 500.0),
+                      **loaded.make_conditioning(list(range(batch))))
+        return loaded.model.eval(), kwargs
+    name = CLASS_NAMES.get(name, name)
+    if name not in MODELS:
+        from .errors import DitoptError
+
+        raise DitoptError(f"unknown model {name!r}; known: {', '.join([*MODELS, *zoo.NAMES])} "
+                          f"(or a class name: {', '.join(CLASS_NAMES)})")
+    return build(name)
 
 
 def timesteps(n, like):

@@ -171,3 +171,13 @@ def test_diff_takes_every_published_preset_by_name(preset, tmp_path, capsys):
     out = tmp_path / "d.txt"
     assert main(["diff", "dit", "--preset", preset, "--format", "text", "-o", str(out)]) == 0
     assert out.stat().st_size > 0
+
+
+def test_sites_imports_no_harness_nor_plotting():
+    """`ditopt sites` loads the compiler only: no matplotlib, scikit-image, benchmark or graph diff."""
+    code = ("import sys; from ditopt.cli import main; assert main(['sites', 'dit']) == 0; "
+            "print('LOADED', sorted(m for m in ('matplotlib', 'skimage', 'ditopt.bench', 'ditopt.graphdiff') "
+            "if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "LOADED []" in r.stdout, r.stdout.splitlines()[-1]

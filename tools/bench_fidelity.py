@@ -2,7 +2,8 @@
 
     python tools/bench_fidelity.py --seeds 4 --markdown docs/BENCHMARKS.md --png docs/bench_pareto.png
 
-Same as ``ditopt bench``; see ``ditopt/bench.py`` for what each column measures.
+Same as ``ditopt bench``; the docstring of ``ditopt.bench`` (``ditopt/bench/__init__.py``) says what each
+column measures.
 """
 
 import argparse

@@ -34,7 +34,7 @@ import torch
 
 import ditopt
 from ditopt import zoo
-from ditopt.bench import psnr
+from ditopt.metrics import psnr
 
 CALIBRATION_SEED = 1000
 
@@ -88,7 +88,7 @@ def mean_psnr(zm, plan, labels, steps: int, seeds, blocks: list[str]) -> tuple[f
     for seed in seeds:
         ref = zm.sample(labels, seed=seed, steps=steps)
         ditopt.reset(fast)
-        values.append(psnr(zm.sample(labels, seed=seed, steps=steps, transformer=fast), ref))
+        values.append(psnr(zm.sample(labels, seed=seed, steps=steps, transformer=fast), ref, data_range=2.0))
         decisions = ditopt.stats(fast).decisions
         executed += sum(a == "compute" for b in blocks for a in decisions[b])
         total += sum(len(decisions[b]) for b in blocks)
@@ -112,8 +112,8 @@ def per_sample_spread(rows, labels, seeds, budget: float) -> None:
             for s in all_seeds:
                 ditopt.reset(fast)
                 out = zm.sample(labels, seed=s, steps=zm.steps, transformer=fast)
-                worst = min(psnr(o, r) for o, r in zip(out, refs[s]))
-                cells.append(f"{psnr(out, refs[s]):.2f} / {worst:.1f}")
+                worst = min(psnr(o, r, data_range=2.0) for o, r in zip(out, refs[s]))
+                cells.append(f"{psnr(out, refs[s], data_range=2.0):.2f} / {worst:.1f}")
             print(f"| {name} | {cand.label.removeprefix('tuned: ')} | " + " | ".join(cells) + " |", flush=True)
     print()
 

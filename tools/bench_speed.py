@@ -17,7 +17,8 @@ import time
 import torch
 
 import ditopt
-from ditopt.demo import build_dit, sample
+from ditopt.demo import sample
+from ditopt.small_models import random_dit
 
 
 def main() -> None:
@@ -31,7 +32,7 @@ def main() -> None:
     ap.add_argument("--intervals", type=int, nargs="+", default=[2, 3])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model = build_dit(args.hidden, args.layers, args.sample)
+    model = random_dit(args.hidden, args.layers, args.sample)
     variants = {"full": model, "ditopt all-compute": ditopt.optimize(model, ditopt.presets.all_compute(args.steps))}
     for k in args.intervals:
         variants[f"ditopt FORA-{k} (block)"] = ditopt.optimize(

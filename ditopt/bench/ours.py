@@ -1,0 +1,143 @@
+"""ditopt's own methods in the benchmark: every preset over a grid of its knobs, and the plans
+the profiler and the tuner make from one calibration run.
+
+The presets come from the one registry, :data:`ditopt.presets.REGISTRY`; this module only says
+which knobs the benchmark tries and what its tables call each method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ditopt import optimize, presets, reset, stats
+
+from .method import Applied, Context, Method, Setting
+
+
+def _optimized(model, plan) -> Applied:
+    fast = optimize(model, plan)
+    return Applied(fast, before_generation=lambda: reset(fast), decisions=lambda: stats(fast).decisions)
+
+
+@dataclass
+class Grid:
+    """A preset as the benchmark runs it: its key (``ditopt:<key>``), its name in the tables,
+    the preset, and the settings tried, each a label and the preset's knobs (a function of the
+    step count where a knob depends on it)."""
+
+    key: str
+    name: str
+    preset: str  # a key of ditopt.presets.REGISTRY
+    knobs: list[tuple[str, dict | Callable[[int], dict]]]
+    overhead: bool = False  # the setting caches nothing
+
+    def settings(self, steps: int) -> list[Setting]:
+        return [self._setting(label, knobs) for label, knobs in self.knobs]
+
+    def _setting(self, label: str, knobs) -> Setting:
+        preset = presets.REGISTRY[self.preset]
+
+        def apply(model, ctx: Context) -> Applied:
+            fixed = knobs(ctx.steps) if callable(knobs) else knobs
+            return _optimized(model, preset(steps=ctx.steps, **fixed))
+
+        return Setting(label, apply, self.overhead)
+
+    def method(self) -> Method:
+        return Method(f"ditopt:{self.key}", "ditopt", self.name, self.settings)
+
+
+GRIDS = [
+    Grid("all-compute", "all-compute", "all-compute", [("-", {})], overhead=True),
+    Grid("fora", "FORA", "fora", [(f"interval={k}", dict(interval=k, level="block")) for k in (2, 3, 4)]),
+    Grid("fora-layer", "FORA (layer)", "fora", [(f"interval={k}", dict(interval=k, level="layer")) for k in (2, 3)]),
+    Grid("fbcache", "First-Block-Cache", "first-block-cache",
+         [(f"threshold={t}", dict(threshold=t)) for t in (0.05, 0.1, 0.2, 0.3)]),
+    Grid("taylorseer", "TaylorSeer", "taylorseer",
+         [(f"interval={k}, order={o}", dict(interval=k, order=o)) for k, o in ((2, 1), (3, 1), (3, 2), (4, 2))]),
+    Grid("taylorseer-output", "TaylorSeer (output)", "taylorseer-output",
+         [(f"output, interval={k}, order={o}", dict(interval=k, order=o))
+          for k, o in ((2, 1), (2, 2), (3, 1), (3, 2), (4, 2))]),
+    Grid("delta-dit", "Δ-DiT", "delta-dit",
+         [(f"interval={i}, k={k}", dict(interval=i, k=k)) for i, k in ((2, 2), (2, 3), (3, 3), (4, 3))]),
+    Grid("teacache", "TeaCache", "teacache", [(f"threshold={t}", dict(threshold=t)) for t in (0.1, 0.15, 0.2, 0.3)]),
+    Grid("dbcache", "DBCache", "dbcache",
+         [(f"F{f}B{b}, threshold={t}", dict(threshold=t, fn=f, bn=b))
+          for f, b, t in ((1, 0, 0.08), (1, 0, 0.12), (1, 0, 0.2), (2, 1, 0.2))]),
+    Grid("pab", "PAB", "pab",
+         [(f"self={k}, cross={k + 2}, steps 20%-90%", dict(self_range=k, cross_range=k + 2, joint_range=k))
+          for k in (2, 3)]
+         + [("self=2, cross=4, all steps", lambda n: dict(self_range=2, cross_range=4, joint_range=2, window=(0, n)))]),
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Plans made from a calibration run
+
+_MAPS: dict[tuple[str, int], Any] = {}
+CALIBRATION_SEED = 1000  # not one of the benchmark's seeds (0..N-1)
+
+
+def _calibration_run(ctx: Context):
+    """The calibration call (10 digits, a seed the benchmark never scores) and its model."""
+    from ditopt import zoo
+
+    calib = zoo.load(ctx.zoo.name)
+    labels = torch.arange(10)
+    return calib, lambda tr: calib.sample(labels, seed=CALIBRATION_SEED, steps=ctx.steps, transformer=tr)
+
+
+def _redundancy_map(ctx: Context):
+    """One calibration run per zoo model and step count."""
+    from ditopt import profile
+
+    key = (ctx.zoo.name, ctx.steps)
+    if key not in _MAPS:
+        calib, run = _calibration_run(ctx)
+        _MAPS[key] = profile(calib.model, run, steps=ctx.steps, progress=False,
+                             cfg="batched" if calib.cfg_mode == "batched" else None)
+    return _MAPS[key]
+
+
+def _profiled_setting(label: str, make_plan: Callable[[Any], Any]) -> Setting:
+    def apply(model, ctx: Context) -> Applied:
+        return _optimized(model, make_plan(_redundancy_map(ctx)))
+
+    return Setting(label, apply)
+
+
+def _profiled_settings(steps: int) -> list[Setting]:
+    from ditopt import plan_from_profile
+
+    return [_profiled_setting(f"budget={b}", lambda m, b=b: plan_from_profile(m, budget=b)) for b in (0.5, 0.4, 0.35)]
+
+
+def _tuned_settings(steps: int) -> list[Setting]:
+    """Closed-loop plans (:func:`ditopt.tune`) on the same calibration seed as the profile."""
+    from ditopt import tune
+
+    def setting(budget: float) -> Setting:
+        def apply(model, ctx: Context) -> Applied:
+            calib, run = _calibration_run(ctx)
+            tuned = tune(calib.model, run, _redundancy_map(ctx), budget=budget, progress=False)
+            return _optimized(model, tuned.plan)
+
+        return Setting(f"budget={budget}", apply)
+
+    return [setting(b) for b in (0.5, 0.4, 0.35)]
+
+
+def _smoothcache_settings(steps: int) -> list[Setting]:
+    from ditopt.planner import smoothcache
+
+    return [_profiled_setting(f"alpha={a}", lambda m, a=a: smoothcache(m, a)) for a in (0.1, 0.2, 0.4)]
+
+
+OURS: list[Method] = [grid.method() for grid in GRIDS] + [
+    Method("ditopt:profiled", "ditopt", "profiled plan", _profiled_settings),
+    Method("ditopt:smoothcache", "ditopt", "SmoothCache (profiled)", _smoothcache_settings),
+    Method("ditopt:tuned", "ditopt", "tuned plan (closed loop)", _tuned_settings),
+]
