@@ -165,9 +165,7 @@ class Plan:
         version = data.get("version")
         if version != VERSION:
             raise PlanError(f"unknown plan version {version!r}; this ditopt reads version {VERSION}")
-        steps = data.get("steps")
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise PlanError(f"'steps' must be a positive integer, got {steps!r}")
+        steps = check_count(data.get("steps"), "'steps'", error=PlanError)
         raw_rules = data.get("rules")
         if not isinstance(raw_rules, list):
             raise PlanError("'rules' must be a list of rules")

@@ -12,7 +12,7 @@ import torch
 
 from ditopt.runtime.decisions import Action
 
-from .errors import PlanError
+from .errors import PlanError, check_count
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -54,8 +54,7 @@ def resample_plan(plan: "Plan", steps: int) -> "Plan":
     """
     from .plan import Plan, Rule
 
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise PlanError(f"can only resample to a positive number of steps, got {steps!r}")
+    check_count(steps, "the step count to resample to", error=PlanError)
     assigned = _resample_skip_schedules(plan, steps)
     rules = []
     for index, rule in enumerate(plan.rules):
@@ -184,8 +183,7 @@ def resample_map(rmap: "RedundancyMap", steps: int) -> "RedundancyMap":
     """The map as if profiled at ``steps`` steps (see :meth:`RedundancyMap.resample`)."""
     from .profile import ProfileError
 
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
-        raise ProfileError(f"can only resample a map to 2 or more steps, got {steps!r}")
+    check_count(steps, "the step count to resample a map to", minimum=2, error=ProfileError)
     n = rmap.steps
     pos = torch.linspace(0, n - 1, steps, dtype=torch.float64)
     lo = pos.floor().long().clamp(max=n - 1)
