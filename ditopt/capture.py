@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.fx.experimental._config as fx_config
 
 from .errors import CaptureError
 
@@ -135,14 +136,22 @@ class Captured:
     example_inputs: list[Any]
 
 
-def capture(model: torch.nn.Module, *args, **kwargs) -> Captured:
+def capture(model: torch.nn.Module, *args, symbolic_shapes: bool = False, **kwargs) -> Captured:
     """Run ``model(*args, **kwargs)`` once under dynamo and return its single graph.
+
+    ``symbolic_shapes``: capture with dynamic shapes and duck shaping off, so every tensor in
+    ``node.meta["example_value"]`` has SymInt sizes, one symbol per input size that the model's
+    code does not fix (equal sizes stay apart symbols; dynamo fixes sizes 0 and 1).
 
     Example:
         >>> import torch
         >>> cap = capture(torch.nn.Sequential(torch.nn.Linear(4, 4)), torch.randn(2, 4))
         >>> any(n.op == "call_function" for n in cap.gm.graph.nodes)
         True
+        >>> cap = capture(torch.nn.Linear(4, 3), torch.randn(5, 4), symbolic_shapes=True)
+        >>> linear = next(n for n in cap.gm.graph.nodes if n.op == "call_function")
+        >>> [type(d).__name__ for d in linear.meta["example_value"].shape]   # batch stays a symbol
+        ['SymInt', 'int']
     """
     graphs: list[Captured] = []
 
@@ -150,12 +159,14 @@ def capture(model: torch.nn.Module, *args, **kwargs) -> Captured:
         graphs.append(Captured(gm, list(example_inputs)))
         return gm.forward
 
-    compiled = torch.compile(model, backend=record, fullgraph=True, dynamic=False)
+    compiled = torch.compile(model, backend=record, fullgraph=True, dynamic=symbolic_shapes)
+    shapes = fx_config.patch(use_duck_shape=False) if symbolic_shapes else contextlib.nullcontext()
     try:
-        with torch.no_grad(), lean_tracing():
+        with shapes, torch.no_grad(), lean_tracing():
             compiled(*args, **kwargs)
     except Exception as exc:  # dynamo raises many types; the cause is what matters to a user
-        raise CaptureError(f"could not capture {type(model).__name__} as one graph: {exc}") from exc
+        how = "with symbolic shapes" if symbolic_shapes else "as one graph"
+        raise CaptureError(f"could not capture {type(model).__name__} {how}: {exc}") from exc
     if len(graphs) != 1:
         raise CaptureError(f"{type(model).__name__} was captured as {len(graphs)} graphs, expected 1")
     return graphs[0]

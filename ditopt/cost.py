@@ -19,14 +19,8 @@ How the expressions are obtained (no per-model table): dynamo captures the model
 ``dynamic=True`` and duck shaping off, so every tensor in ``node.meta["example_value"]`` has
 SymInt sizes whose ``.node.expr`` is a sympy expression in dynamo's own symbols
 (``s28`` = ``hidden_states.size()[0]``, ...). FLOPs are counted per node from the op and these
-shapes, for the ops :class:`torch.utils.flop_counter.FlopCounterMode` counts (matmul-like ops,
-attention and convolution; elementwise ops, norms and softmax count 0):
-
-- ``linear`` / ``mm`` / ``matmul`` / ``bmm`` / ``addmm`` / ``baddbmm``: ``2 * M * N * K``
-  (``2 * numel(out) * K``; the bias add is not counted);
-- ``scaled_dot_product_attention``: ``2*B*H*Sq*Sk*(Dqk + Dv)``;
-- convolution: ``2 * B * prod(out spatial) * C_out * C_in/groups * prod(kernel)`` (transposed:
-  input spatial instead of output).
+shapes with :func:`ditopt.flops.node_flops`, FlopCounterMode's formulas written for sympy sizes
+(matmul-like ops, attention and convolution; elementwise ops, norms and softmax count 0).
 
 A node's FLOPs go to every site whose nodes contain it: the node to site membership is the one
 :func:`ditopt.sites.find_sites` computes, run on the symbolic graph. The token dimension
@@ -42,7 +36,6 @@ input whose dim 0 is 1) before the symbolic capture.
 from __future__ import annotations
 
 import math
-import operator
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -52,102 +45,18 @@ import sympy
 import torch
 import torch.fx as fx
 
-from .capture import lean_tracing
+from ditopt.runtime.decisions import SLOTS, Action, DecisionTable
+
+from .capture import capture
 from .errors import CaptureError
-from .plan import COMPUTE, SLOTS, CompiledPlan, Plan
+from .flops import node_flops, node_shape
+from .plan import Plan
 from .sites import SiteTable, find_sites
 
 B, S, L = sympy.symbols("B S L", integer=True, positive=True)
-SKIPPED = "skipped"
 _SIZE_SOURCE = re.compile(r"\['(\w+)'\]\.size\(\)\[(\d+)\]$")
 _HIDDEN = "hidden_states"
 _TEXT = "encoder_hidden_states"
-
-
-# -- FLOPs of one node -------------------------------------------------------------------------
-
-def _shape(x: Any, expr_of) -> tuple[sympy.Expr, ...] | None:
-    v = x.meta.get("example_value") if isinstance(x, fx.Node) else None
-    if not isinstance(v, torch.Tensor):
-        return None
-    return tuple(expr_of(d) for d in v.shape)
-
-
-def _arg(node: fx.Node, i: int, name: str):
-    return node.args[i] if len(node.args) > i else node.kwargs.get(name)
-
-
-def _prod(xs) -> sympy.Expr:
-    return math.prod(xs, start=sympy.Integer(1))
-
-
-def _matmul_flops(node, expr_of, a_i=0, b_i=1, a_name="input", b_name="other"):
-    a, out = _shape(_arg(node, a_i, a_name), expr_of), _shape(node, expr_of)
-    if not a or not out:
-        return sympy.Integer(0)
-    return 2 * _prod(out) * a[-1]
-
-
-def _linear_flops(node, expr_of):
-    x, w = _shape(_arg(node, 0, "input"), expr_of), _shape(_arg(node, 1, "weight"), expr_of)
-    if not x or not w:
-        return sympy.Integer(0)
-    return 2 * _prod(x[:-1]) * x[-1] * (w[0] if len(w) == 2 else 1)
-
-
-def _attention_flops(node, expr_of):
-    q, k, v = (_shape(_arg(node, i, n), expr_of) for i, n in enumerate(("query", "key", "value")))
-    if not q or not k or not v:
-        return sympy.Integer(0)
-    # q [..., H, Sq, Dqk], k [..., Hk, Sk, Dqk], v [..., Hk, Sk, Dv]; GQA repeats k/v over H.
-    return 2 * _prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
-
-
-def _addmm_flops(node, expr_of):
-    # addmm(input, mat1, mat2) / baddbmm(input, batch1, batch2): the bias is not counted.
-    return _matmul_flops(node, expr_of, a_i=1, a_name="mat1" if _name(node) == "addmm" else "batch1")
-
-
-def _conv_flops(node, expr_of, transposed=False):
-    x, w = _shape(_arg(node, 0, "input"), expr_of), _shape(_arg(node, 1, "weight"), expr_of)
-    out = _shape(node, expr_of)
-    if not x or not w or not out:
-        return sympy.Integer(0)
-    c_out, c_in, *kernel = (w[1], w[0], *w[2:]) if transposed else w
-    spatial = (x if transposed else out)[2:]
-    return 2 * x[0] * _prod(spatial) * c_out * c_in * _prod(kernel)
-
-
-_F = torch.nn.functional
-# (targets, FLOPs of one call); a call_method matches by name.
-_FLOP_RULES: list[tuple[tuple[Any, ...], Any]] = [
-    ((torch._C._nn.linear, _F.linear, "linear"), _linear_flops),
-    ((torch.matmul, torch.bmm, torch.mm, operator.matmul, "matmul", "bmm", "mm", "__matmul__"), _matmul_flops),
-    ((torch.addmm, torch.baddbmm, "addmm", "baddbmm"), _addmm_flops),
-    ((_F.scaled_dot_product_attention,), _attention_flops),
-    ((torch.conv1d, torch.conv2d, torch.conv3d, _F.conv1d, _F.conv2d, _F.conv3d), _conv_flops),
-    ((torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d,
-      _F.conv_transpose1d, _F.conv_transpose2d, _F.conv_transpose3d), lambda n, e: _conv_flops(n, e, transposed=True)),
-]
-
-
-def _name(node: fx.Node) -> str:
-    t = node.target
-    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
-
-
-def node_flops(node: fx.Node, expr_of) -> sympy.Expr:
-    """FLOPs of one call of ``node`` as FlopCounterMode counts them; 0 for ops it does not count.
-
-    ``expr_of`` turns a size (int or SymInt) into a sympy expression.
-    """
-    if node.op not in ("call_function", "call_method"):
-        return sympy.Integer(0)
-    for targets, count in _FLOP_RULES:
-        if (node.op == "call_function" and any(node.target is t for t in targets if not isinstance(t, str))) or (
-                node.op == "call_method" and node.target in targets):
-            return count(node, expr_of)
-    return sympy.Integer(0)
 
 
 # -- symbolic capture ----------------------------------------------------------------------------
@@ -177,7 +86,8 @@ def _batch_of_two(inputs: dict[str, Any]) -> dict[str, Any]:
 
 
 def capture_symbolic(model: torch.nn.Module, **inputs) -> SymbolicCapture:
-    """Capture ``model(**inputs)`` as one graph whose tensor sizes are sympy expressions.
+    """Capture ``model(**inputs)`` as one graph whose tensor sizes are sympy expressions
+    (:func:`ditopt.capture.capture` with symbolic shapes), and read what its symbols stand for.
 
     Example:
         >>> cap = capture_symbolic(torch.nn.Linear(4, 3), input=torch.randn(5, 4))
@@ -186,24 +96,9 @@ def capture_symbolic(model: torch.nn.Module, **inputs) -> SymbolicCapture:
         >>> cap.sizes[("input", 1)]                                            # fixed by the weight
         4
     """
-    import torch.fx.experimental._config as fx_config
     from torch._guards import detect_fake_mode
 
-    graphs: list[fx.GraphModule] = []
-
-    def record(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    compiled = torch.compile(model, backend=record, fullgraph=True, dynamic=True)
-    try:
-        with fx_config.patch(use_duck_shape=False), torch.no_grad(), lean_tracing():
-            compiled(**inputs)
-    except Exception as exc:  # dynamo raises many types; the cause is what matters to a user
-        raise CaptureError(f"could not capture {type(model).__name__} with symbolic shapes: {exc}") from exc
-    if len(graphs) != 1:
-        raise CaptureError(f"{type(model).__name__} was captured as {len(graphs)} graphs, expected 1")
-    gm = graphs[0]
+    gm = capture(model, symbolic_shapes=True, **inputs).gm
     fake_mode = detect_fake_mode([n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"])
     shape_env = fake_mode.shape_env
     backed = getattr(shape_env, "backed_var_to_val", None) or shape_env.var_to_val
@@ -352,25 +247,27 @@ class CostModel:
                 out.append(s.name)
         return out
 
-    def predict(self, plan: Plan | CompiledPlan | None = None, steps_calls: int | Sequence[int] | None = None, *,
+    def predict(self, plan: Plan | DecisionTable | None = None, steps_calls: int | Sequence[int] | None = None, *,
                 decisions: Mapping[str, Sequence[str]] | None = None, **dims) -> Prediction:
         """The block FLOPs a plan executes over one generation, as a fraction of all-compute.
 
         A block executes at a call when its action is ``compute``; then each of its sub-sites
         that does not run (``reuse``, ``reuse_residual``, ``predict``) removes its FLOPs from the
         block (a site inside such a site is ``skipped``, not subtracted twice). Elementwise work
-        (adding a residual, a forecast, an indicator) is not counted, as FlopCounterMode does not. ``steps_calls`` is the number of calls per step (2 for CFG run as
-        two calls; default 1), or the step index of every call. A plan with ``when`` rules
-        decides in the graph at run time: pass ``decisions`` (``ditopt.stats(model).decisions``
-        after a run) instead of, or with, the plan; the plan is then used for cache bytes only.
+        (adding a residual, a forecast, an indicator) is not counted, as FlopCounterMode does not.
+        ``plan`` is a :class:`~ditopt.plan.Plan` or the :class:`DecisionTable` it compiles to.
+        ``steps_calls`` is the number of calls per step (2 for CFG run as two calls; default 1),
+        or the step index of every call. A plan with ``when`` rules decides in the graph at run
+        time: pass ``decisions`` (``ditopt.stats(model).decisions`` after a run) instead of, or
+        with, the plan; the plan is then used for cache bytes only.
         """
-        compiled = None
+        table = None
         if plan is not None:
-            compiled = plan if isinstance(plan, CompiledPlan) else plan.compile(self.sites)
+            table = plan if isinstance(plan, DecisionTable) else plan.compile(self.sites)
         if decisions is None:
-            if compiled is None:
+            if table is None:
                 raise ValueError("predict needs a plan or decisions")
-            decisions, branches = self._static_decisions(compiled, steps_calls)
+            decisions, branches = self._static_decisions(table, steps_calls)
         else:
             unknown = [s for s in decisions if s not in self.costs]
             if unknown:
@@ -383,56 +280,47 @@ class CostModel:
         executed = 0
         for call in range(calls):
             for b in blocks:
-                if _action(decisions, b, call) != COMPUTE:
+                if _action(decisions, b, call) != Action.COMPUTE:
                     continue
-                reused = sum(per_call[s] for s in inside[b] if _action(decisions, s, call) not in (COMPUTE, SKIPPED))
+                reused = sum(per_call[s] for s in inside[b]
+                             if _action(decisions, s, call) not in (Action.COMPUTE, Action.SKIPPED))
                 executed += per_call[b] - reused
         total = calls * sum(per_call[b] for b in blocks)
         return Prediction(compute_fraction=executed / total if total else 1.0, block_flops=executed,
-                          cache_bytes_peak=self._cache_peak(compiled, decisions, branches, dims),
+                          cache_bytes_peak=self._cache_peak(table, decisions, branches, dims),
                           total_block_flops=total)
 
-    def _static_decisions(self, compiled: CompiledPlan, steps_calls) -> tuple[dict[str, list[str]], int]:
-        adaptive = [s for s, row in compiled.adaptive.items() if any(r is not None for r in row)]
+    def _static_decisions(self, table: DecisionTable, steps_calls) -> tuple[dict[str, list[str]], int]:
+        adaptive = [s for s, row in table.adaptive.items() if any(r is not None for r in row)]
         if adaptive:
             raise ValueError(f"the plan decides {adaptive[:3]} at run time ('when' rules): pass "
                              "decisions=ditopt.stats(model).decisions from a run")
         if steps_calls is None or isinstance(steps_calls, int):
             per_step = steps_calls or 1
-            step_of_call = [s for s in range(compiled.steps) for _ in range(per_step)]
+            step_of_call = [s for s in range(table.steps) for _ in range(per_step)]
         else:
             step_of_call = list(steps_calls)
             per_step = max((step_of_call.count(s) for s in set(step_of_call)), default=1)
-        decisions: dict[str, list[str]] = {}
-        for site in self.costs:
-            row = []
-            for step in step_of_call:
-                if any(compiled.actions.get(a, [COMPUTE] * compiled.steps)[step] != COMPUTE
-                       for a in self.sites.ancestors(site)):
-                    row.append(SKIPPED)
-                else:
-                    row.append(compiled.actions.get(site, [COMPUTE] * compiled.steps)[step])
-            decisions[site] = row
-        return decisions, per_step
+        return table.static_decisions(step_of_call, sites=list(self.costs)), per_step
 
-    def _cache_peak(self, compiled: CompiledPlan | None, decisions, branches: int, dims) -> int:
+    def _cache_peak(self, table: DecisionTable | None, decisions, branches: int, dims) -> int:
         """Bytes held once the generation has run: per CFG branch, each caching site keeps its
         last ``depth`` computed steps (``depth`` = highest Taylor order + 1, else 1), and each
         ``when`` rule its watched site's previous first output."""
-        if compiled is not None:
-            slots = dict(compiled.slots)
-            watched = [of for of, _ in compiled.when_rules]
-            orders = getattr(compiled, "orders", None) or {}
-            depth = 1 + max((max(row) for row in orders.values() if row), default=0)
+        if table is not None:
+            slots = dict(table.slots)
+            watched = [of for of, _ in table.when_rules]
+            depth = table.depth
         else:
             slots = {s: SLOTS.get(a, "output") for s, row in decisions.items() for a in row
-                     if a not in (COMPUTE, SKIPPED)}
+                     if a not in (Action.COMPUTE, Action.SKIPPED)}
             watched, depth = [], 1
         calls = max((len(row) for row in decisions.values()), default=0)
         steps = calls // max(branches, 1)
         held = 0
         for site, slot in slots.items():
-            computed_steps = sum(1 for a in decisions.get(site, [COMPUTE] * calls) if a == COMPUTE) // max(branches, 1)
+            row = decisions.get(site, [Action.COMPUTE] * calls)
+            computed_steps = sum(1 for a in row if a == Action.COMPUTE) // max(branches, 1)
             held += min(depth, computed_steps) * self.cache_bytes(site, slot, **dims)
         held += sum(min(depth, steps) * self.evaluate(self.costs[of].watch_bytes, **dims) for of in watched)
         return held * branches
@@ -440,7 +328,7 @@ class CostModel:
 
 def _action(decisions: Mapping[str, Sequence[str]], site: str, call: int) -> str:
     row = decisions.get(site)
-    return row[call] if row is not None and call < len(row) else COMPUTE
+    return row[call] if row is not None and call < len(row) else Action.COMPUTE
 
 
 # -- building ----------------------------------------------------------------------------------
@@ -458,7 +346,7 @@ def _token_dim(table: SiteTable, gm: fx.GraphModule, cap: SymbolicCapture) -> tu
     fallback = (None, None)
     for block in blocks:
         for out in block.live_outs:
-            shape = _shape(nodes[out], cap.expr) if out in nodes else None
+            shape = node_shape(nodes[out], cap.expr) if out in nodes else None
             if shape is None or len(shape) != 3:
                 continue
             tokens, hidden = shape[1], int(shape[-1]) if shape[-1].is_number else None
@@ -503,7 +391,7 @@ def cost_model(model: torch.nn.Module, **example_inputs) -> CostModel:
         >>> cost.predict(ditopt.presets.fora(interval=2, steps=10, level="block")).compute_fraction
         0.5
     """
-    from .backend import sites as find_model_sites
+    from .api import sites as find_model_sites
 
     table = find_model_sites(model, **example_inputs)
     cap = capture_symbolic(model, **_batch_of_two(example_inputs))
@@ -545,7 +433,8 @@ def cost_model(model: torch.nn.Module, **example_inputs) -> CostModel:
         outs = [nodes[o] for o in site.live_outs if o in nodes and _is_tensor(nodes[o])]
         if len(outs) != len(site.live_outs):
             outs = [nodes[o] for o in sym_site.live_outs if _is_tensor(nodes[o])]
-        sizes = [_prod(_shape(o, cap.expr)) * o.meta["example_value"].element_size() for o in outs]
+        sizes = [math.prod(node_shape(o, cap.expr), start=sympy.Integer(1)) * o.meta["example_value"].element_size()
+                 for o in outs]
         output_bytes = sum(sizes, sympy.Integer(0))
         has_residual = bool(site.residual_inputs) and all(r is not None for r in site.residual_inputs)
         costs[site.name] = SiteCost(site.name, site.kind, to_dims(flops), to_dims(output_bytes),

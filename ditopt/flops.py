@@ -1,8 +1,21 @@
-"""What each named module of a model costs when it runs: FLOPs or seconds, measured with hooks.
+"""FLOP counting in one place: the per-op formulas, a graph node's FLOPs, and what each named
+module of a model costs when it runs (FLOPs or seconds, measured with hooks).
 
-Forward pre/post hooks read a running total (FlopCounterMode's FLOPs, or the clock) when a module
-starts and ends, so nested modules and modules that run but skip their work (a cache hook that
-returns early) are both counted right: a skipped module adds nothing.
+The formulas count what :class:`torch.utils.flop_counter.FlopCounterMode` counts (matmul-like
+ops, attention and convolution; elementwise ops, norms and softmax count 0), written on shapes
+whose sizes may be ints or sympy expressions, so one formula prices a concrete call
+(:class:`ModuleCost`, ``ditopt.profile``) and a symbolic one (``ditopt.cost``):
+
+- ``linear`` / ``mm`` / ``matmul`` / ``bmm`` / ``addmm`` / ``baddbmm``: ``2 * M * N * K``
+  (``2 * numel(out) * K``; the bias add is not counted);
+- ``scaled_dot_product_attention``: ``2*B*H*Sq*Sk*(Dqk + Dv)`` (QK and AV; causal masks not
+  discounted);
+- convolution: ``2 * B * prod(out spatial) * C_out * C_in/groups * prod(kernel)`` (transposed:
+  input spatial instead of output).
+
+:class:`ModuleCost`'s forward pre/post hooks read a running total (FlopCounterMode's FLOPs, or
+the clock) when a module starts and ends, so nested modules and modules that run but skip their
+work (a cache hook that returns early) are both counted right: a skipped module adds nothing.
 
 Example:
     >>> import torch
@@ -12,25 +25,119 @@ Example:
     ...     _ = net(torch.randn(3, 4))
     >>> cost.flops, cost.calls
     ({'0': 192, '2': 96}, {'0': 1, '2': 1})
+    >>> B, S = sympy.symbols("B S")
+    >>> attention_flops((B, 2, S, 8), (B, 2, S, 8), (B, 2, S, 8))
+    64*B*S**2
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import operator
 import time
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
+import sympy
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+import torch.fx as fx
+from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["ModuleCost"]
+__all__ = ["ModuleCost", "attention_flops", "conv_flops", "linear_flops", "matmul_flops", "node_flops",
+           "node_shape"]
 
+Shape = Sequence[Any]  # sizes: ints or sympy expressions
+
+
+# -- the formulas ------------------------------------------------------------------------------
+
+def matmul_flops(a: Shape, out: Shape):
+    """A matmul-like op with first operand ``a`` ``[..., K]`` and output ``out``: ``2 * numel(out) * K``."""
+    return 2 * math.prod(out) * a[-1]
+
+
+def linear_flops(x: Shape, weight: Shape):
+    """``linear(x, weight)``: ``x`` ``[..., K]`` times ``weight`` ``[N, K]`` (or ``[K]``)."""
+    return 2 * math.prod(x[:-1]) * x[-1] * (weight[0] if len(weight) == 2 else 1)
+
+
+def attention_flops(q: Shape, k: Shape, v: Shape):
+    """SDPA with q ``[..., H, Sq, Dqk]``, k ``[..., Hk, Sk, Dqk]``, v ``[..., Hk, Sk, Dv]`` (GQA
+    repeats k/v over H)."""
+    return 2 * math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
+
+
+def conv_flops(x: Shape, weight: Shape, out: Shape, transposed: bool = False):
+    """Convolution of ``x`` ``[B, C_in, ...]`` with ``weight`` ``[C_out, C_in/groups, *kernel]``
+    (transposed: ``[C_in, C_out/groups, *kernel]``) giving ``out``."""
+    c_out, c_in, *kernel = (weight[1], weight[0], *weight[2:]) if transposed else weight
+    spatial = (x if transposed else out)[2:]
+    return 2 * x[0] * math.prod(spatial) * c_out * c_in * math.prod(kernel)
+
+
+def _conv_transpose_flops(x: Shape, weight: Shape, out: Shape):
+    return conv_flops(x, weight, out, transposed=True)
+
+
+# -- a graph node's FLOPs ----------------------------------------------------------------------
+
+_F = torch.nn.functional
+_OUT = None  # an operand that is the node's own value
+# (targets: functions by identity, methods by name; formula; its operands as (position, keyword))
+_NODE_RULES: list[tuple[tuple[Any, ...], Callable, tuple[tuple[int, str] | None, ...]]] = [
+    ((torch._C._nn.linear, _F.linear, "linear"), linear_flops, ((0, "input"), (1, "weight"))),
+    ((torch.matmul, torch.bmm, torch.mm, operator.matmul, "matmul", "bmm", "mm", "__matmul__"), matmul_flops,
+     ((0, "input"), _OUT)),
+    ((torch.addmm, "addmm"), matmul_flops, ((1, "mat1"), _OUT)),  # the added input is not counted
+    ((torch.baddbmm, "baddbmm"), matmul_flops, ((1, "batch1"), _OUT)),
+    ((_F.scaled_dot_product_attention,), attention_flops, ((0, "query"), (1, "key"), (2, "value"))),
+    ((torch.conv1d, torch.conv2d, torch.conv3d, _F.conv1d, _F.conv2d, _F.conv3d), conv_flops,
+     ((0, "input"), (1, "weight"), _OUT)),
+    ((torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d,
+      _F.conv_transpose1d, _F.conv_transpose2d, _F.conv_transpose3d), _conv_transpose_flops,
+     ((0, "input"), (1, "weight"), _OUT)),
+]
+
+
+def node_shape(x: Any, expr_of: Callable = int) -> tuple | None:
+    """The shape of a node's tensor value (``meta["example_value"]``), each size through
+    ``expr_of``; None when ``x`` is not a node with a tensor value."""
+    v = x.meta.get("example_value") if isinstance(x, fx.Node) else None
+    if not isinstance(v, torch.Tensor):
+        return None
+    return tuple(expr_of(d) for d in v.shape)
+
+
+def _is_target(node: fx.Node, targets: tuple[Any, ...]) -> bool:
+    if node.op == "call_method":
+        return node.target in targets
+    return any(node.target is t for t in targets if not isinstance(t, str))
+
+
+def node_flops(node: fx.Node, expr_of: Callable = int) -> sympy.Expr:
+    """FLOPs of one call of ``node`` as FlopCounterMode counts them; 0 for ops it does not count.
+
+    ``expr_of`` turns a size (int or SymInt) into an int or a sympy expression.
+    """
+    if node.op not in ("call_function", "call_method"):
+        return sympy.Integer(0)
+    for targets, formula, operands in _NODE_RULES:
+        if _is_target(node, targets):
+            shapes = [node_shape(node if o is _OUT else _operand(node, *o), expr_of) for o in operands]
+            return sympy.sympify(formula(*shapes)) if all(shapes) else sympy.Integer(0)
+    return sympy.Integer(0)
+
+
+def _operand(node: fx.Node, i: int, name: str):
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name)
+
+
+# -- what modules cost when they run -------------------------------------------------------------
 
 # FlopCounterMode has formulas for SDPA's CUDA kernels only; on CPU the default (flash) kernel
 # would count as 0 FLOPs and attention's QK/AV matmuls would be missing from every total.
-# Same formula as the CUDA kernels: 4*b*h*s_q*s_k*d (QK and AV), causal masks not discounted.
 def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
+    return attention_flops(query_shape, key_shape, value_shape)
 
 
 _CPU_KERNELS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}

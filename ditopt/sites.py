@@ -28,34 +28,27 @@ and ``stack[a:b]`` select the stack's blocks (the blocks whose parent is the sta
 order) by Python index or slice, with the sites inside them, as a glob would.
 
 Dataflow (region inputs, live-outs, residual form ``out = in + delta``) is computed on a
-networkx view of the graph.
+networkx view of the graph, by :mod:`ditopt.regions` (its public names are re-exported here).
 """
 
 from __future__ import annotations
 
-import operator
 import re
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
 import networkx as nx
-import torch
 import torch.fx as fx
 
 from .capture import module_stack
+from .regions import (Region, extractable, graph_to_nx, is_attention_op, is_matmul, is_param, region_of,
+                      residual_inputs, tensor_meta)
 
 SITE_KINDS = ("block", "attention", "feedforward", "stack", "output")
 STACK = "stack"
 OUTPUT = "output"
 
 _INDEXED = re.compile(r"^(.*)\.(\d+)$")
-# Ops a residual stream passes through unchanged in value (up to dtype).
-_PASS_THROUGH = {"float", "to", "type_as", "contiguous", "type", "half", "bfloat16", "clone"}
-_ADDS = {operator.add, operator.iadd, torch.add, torch.Tensor.add, "add", "add_"}
-_MATMULS = {
-    torch._C._nn.linear, torch.nn.functional.linear, torch.matmul, torch.bmm, torch.baddbmm, torch.mm,
-    torch.addmm, operator.matmul, "matmul", "bmm", "mm", "linear",
-}
 
 
 @dataclass(frozen=True)
@@ -94,30 +87,55 @@ def is_positional(pattern: str) -> bool:
     return bool(_POSITIONAL.match(pattern.removeprefix("!")))
 
 
+def parse_slice(text: str) -> slice:
+    """Python's index and slice syntax as a slice: ``"i"`` is item ``i`` (``slice(i, i + 1)``, and
+    ``"-1"`` is ``slice(-1, None)``, the last item), ``"a:b"`` and ``"a:b:c"`` with any part
+    empty. ValueError naming ``text`` when it is empty, not ints, has more than three parts or a
+    step of 0.
+
+    Example:
+        >>> parse_slice("5"), parse_slice("-1"), parse_slice("2:"), parse_slice("1:10:2")
+        (slice(5, 6, None), slice(-1, None, None), slice(2, None, None), slice(1, 10, 2))
+        >>> parse_slice("1:2:0")
+        Traceback (most recent call last):
+        ...
+        ValueError: not a slice: '1:2:0' (step 0)
+    """
+    parts = text.split(":")
+    if len(parts) > 3:
+        raise ValueError(f"not a slice: {text!r} (more than three parts)")
+    try:
+        nums = [int(p) if p.strip() else None for p in parts]
+    except ValueError:
+        raise ValueError(f"not a slice: {text!r} (use i or start:stop:step, ints)") from None
+    if len(nums) == 1:
+        if nums[0] is None:
+            raise ValueError(f"not a slice: {text!r} (empty)")
+        i = nums[0]
+        return slice(i, i + 1 if i != -1 else None)
+    if len(nums) == 3 and nums[2] == 0:
+        raise ValueError(f"not a slice: {text!r} (step 0)")
+    return slice(*nums)
+
+
 def parse_position(pattern: str) -> slice:
-    """The slice a ``stack[...]`` pattern takes of the stack's blocks; ValueError if malformed.
+    """The slice a ``stack[...]`` pattern takes of the stack's blocks (:func:`parse_slice` of the
+    text in brackets); ValueError if malformed.
 
     Example:
         >>> parse_position("stack[2:]"), parse_position("stack[-1]"), parse_position("stack[0]")
         (slice(2, None, None), slice(-1, None, None), slice(0, 1, None))
     """
+    malformed = f"not a stack position: {pattern!r} (use stack[i] or stack[start:stop:step])"
     m = _POSITIONAL.match(pattern.removeprefix("!"))
     if not m:
-        raise ValueError(f"not a stack position: {pattern!r} (use stack[i] or stack[start:stop:step])")
-    text = m.group(1).strip()
-    parts = text.split(":")
+        raise ValueError(malformed)
+    if not m.group(1).strip():
+        raise ValueError(f"empty stack position: {pattern!r}")
     try:
-        nums = [int(p) if p.strip() else None for p in parts]
+        return parse_slice(m.group(1))
     except ValueError:
-        raise ValueError(f"not a stack position: {pattern!r} (use stack[i] or stack[start:stop:step])") from None
-    if len(parts) == 1:
-        if nums[0] is None:
-            raise ValueError(f"empty stack position: {pattern!r}")
-        i = nums[0]
-        return slice(i, i + 1 if i != -1 else None)
-    if len(parts) > 3 or (len(parts) == 3 and nums[2] == 0):
-        raise ValueError(f"not a stack position: {pattern!r} (use stack[i] or stack[start:stop:step])")
-    return slice(*nums)
+        raise ValueError(malformed) from None
 
 
 class SiteTable:
@@ -187,169 +205,6 @@ class SiteTable:
             out.append(parent)
             parent = self.by_name[parent].parent
         return out
-
-
-# -- node classification -------------------------------------------------------------------
-
-def _target_name(node: fx.Node) -> str:
-    t = node.target
-    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
-
-
-def is_param(node: fx.Node) -> bool:
-    """Parameters and buffers: dynamo lifts them to placeholders, symbolic_trace uses get_attr."""
-    if node.op == "get_attr":
-        return True
-    if node.op != "placeholder":
-        return False
-    grapharg = node.meta.get("grapharg")
-    example = getattr(grapharg, "example", None) if grapharg is not None else None
-    if isinstance(example, torch.nn.Parameter):
-        return True
-    return "_parameters_" in node.name or "_buffers_" in node.name
-
-
-def is_attention_op(node: fx.Node) -> bool:
-    """An attention kernel call, or a softmax between two matmuls (hand-written attention)."""
-    if node.op not in ("call_function", "call_method"):
-        return False
-    name = _target_name(node)
-    if "scaled_dot_product_attention" in name or "flash_attn" in name or name.startswith("attention"):
-        return True
-    if name == "softmax":
-        src = node.args[0] if node.args else None
-        feeds_matmul = any(u.target in _MATMULS or _target_name(u) in _MATMULS for u in node.users)
-        fed_by = isinstance(src, fx.Node) and _walks_to_matmul(src)
-        return feeds_matmul and fed_by
-    return False
-
-
-def _walks_to_matmul(node: fx.Node, depth: int = 4) -> bool:
-    for _ in range(depth):
-        if node.target in _MATMULS or _target_name(node) in _MATMULS:
-            return True
-        nxt = [a for a in node.all_input_nodes if not is_param(a)]
-        if not nxt:
-            return False
-        node = nxt[0]
-    return False
-
-
-_MATMUL_MODULES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "LoRACompatibleLinear")
-
-
-def is_matmul(node: fx.Node) -> bool:
-    if node.op == "call_module":  # symbolic_trace keeps leaf modules as calls
-        stack = module_stack(node)
-        typ = stack[-1][2] if stack else ""
-        return getattr(typ, "__name__", str(typ)) in _MATMUL_MODULES
-    return node.op in ("call_function", "call_method") and (node.target in _MATMULS or _target_name(node) in _MATMULS)
-
-
-def tensor_meta(node: fx.Node):
-    """Shape and dtype of a node's value, from dynamo's example value or ShapeProp."""
-    for key in ("example_value", "val"):
-        v = node.meta.get(key)
-        if isinstance(v, torch.Tensor):
-            return tuple(v.shape), v.dtype
-    tm = node.meta.get("tensor_meta")
-    if tm is not None and hasattr(tm, "shape"):
-        return tuple(tm.shape), tm.dtype
-    return None
-
-
-# -- region analysis -------------------------------------------------------------------------
-
-@dataclass
-class Region:
-    nodes: list[fx.Node]
-    inputs: list[fx.Node]
-    live_outs: list[fx.Node]
-
-
-def region_of(nodes: list[fx.Node]) -> Region:
-    """Inputs (nodes outside used inside) and live-outs (nodes inside used outside)."""
-    members = set(nodes)
-    inputs: dict[fx.Node, None] = {}
-    live_outs: dict[fx.Node, None] = {}
-    for n in nodes:
-        for a in n.all_input_nodes:
-            if a not in members:
-                inputs[a] = None
-        if any(u not in members for u in n.users):
-            live_outs[n] = None
-    return Region(list(nodes), list(inputs), list(live_outs))
-
-
-def graph_to_nx(graph: fx.Graph) -> nx.DiGraph:
-    g = nx.DiGraph()
-    for n in graph.nodes:
-        g.add_node(n)
-        for a in n.all_input_nodes:
-            g.add_edge(a, n)
-    return g
-
-
-def _on_residual_chain(out: fx.Node, candidate: fx.Node, members: set[fx.Node], depth: int = 16) -> bool:
-    """Is ``out`` = ``candidate`` + something, through adds and dtype casts inside the region?"""
-    frontier = [out]
-    for _ in range(depth):
-        nxt = []
-        for n in frontier:
-            if n is candidate:
-                return True
-            if n not in members:
-                continue
-            name = _target_name(n)
-            if n.target in _ADDS or name in _ADDS:
-                nxt.extend(a for a in n.args if isinstance(a, fx.Node))
-            elif name in _PASS_THROUGH and n.args and isinstance(n.args[0], fx.Node):
-                nxt.append(n.args[0])
-        if not nxt:
-            return False
-        frontier = nxt
-    return False
-
-
-def residual_inputs(region: Region) -> tuple[list[fx.Node | None], bool]:
-    """For each live-out, the region input it is a residual update of (or None).
-
-    Candidates are the data inputs with the live-out's shape and dtype; one on an add chain
-    to the live-out wins. Returns the inputs and whether every live-out is in residual form.
-    """
-    members = set(region.nodes)
-    data_inputs = [i for i in region.inputs if not is_param(i) and tensor_meta(i) is not None]
-    chosen: list[fx.Node | None] = []
-    all_residual = True
-    taken: set[fx.Node] = set()
-    for out in region.live_outs:
-        meta = tensor_meta(out)
-        candidates = [i for i in data_inputs if meta is not None and tensor_meta(i) == meta and i not in taken]
-        on_chain = [c for c in candidates if _on_residual_chain(out, c, members)]
-        if on_chain:
-            pick = on_chain[0]
-        else:
-            all_residual = False
-            pick = candidates[0] if len(candidates) == 1 else None
-        if pick is not None:
-            taken.add(pick)
-        chosen.append(pick)
-    return chosen, all_residual and bool(region.live_outs)
-
-
-def _extractable(region: Region, order: dict[fx.Node, int]) -> tuple[bool, str]:
-    """Can the region become one cond placed at its last node? (a check, not a rewrite)"""
-    last = max(order[n] for n in region.nodes)
-    for out in region.live_outs:
-        if tensor_meta(out) is None:
-            return False, f"live-out {out.name} is not a tensor"
-        for user in out.users:
-            if user not in region.nodes and order[user] < last:
-                return False, f"live-out {out.name} is used by {user.name} before the region ends"
-    for i in region.inputs:
-        if not is_param(i) and tensor_meta(i) is None and i.op != "placeholder":
-            return False, f"input {i.name} is not a tensor"
-    return True, ""
 
 
 # -- finding sites ---------------------------------------------------------------------------
@@ -457,7 +312,7 @@ def find_sites(graph: fx.Graph) -> SiteTable:
         nodes = sorted(nodes, key=order.__getitem__)
         region = region_of(nodes)
         res, residual = residual_inputs(region)
-        ok, why = _extractable(region, order)
+        ok, why = extractable(region, order)
         sites.append(Site(
             name=name, kind=kind, attention=attn, module_type=types.get(name, "") if kind not in ("stack", "output") else kind,
             nodes=tuple(n.name for n in nodes), inputs=tuple(n.name for n in region.inputs),
@@ -519,7 +374,7 @@ def _with_modulated_inputs(sites: list[Site], graph: fx.Graph) -> list[Site]:
     is preferred over one that enters the block unchanged.
     """
     by_name = {n.name: n for n in graph.nodes}
-    table = {s.name: s for s in sites}
+    table = SiteTable(sites)
 
     def shape(name: str):
         meta = tensor_meta(by_name[name])
@@ -532,14 +387,14 @@ def _with_modulated_inputs(sites: list[Site], graph: fx.Graph) -> list[Site]:
         return (inner or found or [None])[0]
 
     def first_attention(block: Site) -> Site | None:
-        return next((s for s in sites if s.kind == "attention" and block.name in _ancestor_names(s, table)), None)
+        return next((s for s in sites if s.kind == "attention" and block.name in table.ancestors(s.name)), None)
 
     modulated: dict[str, str | None] = {}
     for s in sites:
         if not s.live_outs:
             modulated[s.name] = None
         elif s.kind in ("attention", "feedforward"):
-            modulated[s.name] = pick(s, s.live_outs[0], table.get(s.parent) if s.parent else None)
+            modulated[s.name] = pick(s, s.live_outs[0], table[s.parent] if s.parent else None)
         elif s.kind == "block":
             attn = first_attention(s)
             modulated[s.name] = pick(attn, s.live_outs[0], s) if attn is not None else None
@@ -548,14 +403,6 @@ def _with_modulated_inputs(sites: list[Site], graph: fx.Graph) -> list[Site]:
             first = next((b for b in sites if b.kind == "block" and b.parent == s.name), None)
             modulated[s.name] = modulated.get(first.name) if first is not None else None
     return [Site(**{**s.__dict__, "modulated_input": modulated.get(s.name)}) for s in sites]
-
-
-def _ancestor_names(site: Site, table: dict[str, Site]) -> list[str]:
-    out, parent = [], site.parent
-    while parent is not None:
-        out.append(parent)
-        parent = table[parent].parent
-    return out
 
 
 def _with_parents(sites: list[Site]) -> list[Site]:

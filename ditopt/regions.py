@@ -1,0 +1,196 @@
+"""The dataflow facts site finding rests on: what a graph node is, and what a region of nodes reads
+and writes.
+
+- **node classes**: parameters (:func:`is_param`), matmul-like ops (:func:`is_matmul`), attention
+  ops (:func:`is_attention_op`: a kernel call, or a softmax between two matmuls), and a node's
+  shape and dtype (:func:`tensor_meta`);
+- **regions**: the inputs (nodes outside used inside) and live-outs (nodes inside used outside)
+  of a set of nodes (:func:`region_of`), whether each live-out is a residual update
+  ``out = in + delta`` of an input (:func:`residual_inputs`), and whether the region can become
+  one ``cond`` (:func:`extractable`).
+
+:mod:`ditopt.sites` builds the sites from these and re-exports the public names.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from .capture import module_stack
+
+# Ops a residual stream passes through unchanged in value (up to dtype).
+_PASS_THROUGH = {"float", "to", "type_as", "contiguous", "type", "half", "bfloat16", "clone"}
+_ADDS = {operator.add, operator.iadd, torch.add, torch.Tensor.add, "add", "add_"}
+_MATMULS = {
+    torch._C._nn.linear, torch.nn.functional.linear, torch.matmul, torch.bmm, torch.baddbmm, torch.mm,
+    torch.addmm, operator.matmul, "matmul", "bmm", "mm", "linear",
+}
+
+
+# -- node classification -------------------------------------------------------------------
+
+def target_name(node: fx.Node) -> str:
+    """The op's name: a method name as is, a function by its ``__name__``."""
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+def is_param(node: fx.Node) -> bool:
+    """Parameters and buffers: dynamo lifts them to placeholders, symbolic_trace uses get_attr."""
+    if node.op == "get_attr":
+        return True
+    if node.op != "placeholder":
+        return False
+    grapharg = node.meta.get("grapharg")
+    example = getattr(grapharg, "example", None) if grapharg is not None else None
+    if isinstance(example, torch.nn.Parameter):
+        return True
+    return "_parameters_" in node.name or "_buffers_" in node.name
+
+
+def is_attention_op(node: fx.Node) -> bool:
+    """An attention kernel call, or a softmax between two matmuls (hand-written attention)."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    name = target_name(node)
+    if "scaled_dot_product_attention" in name or "flash_attn" in name or name.startswith("attention"):
+        return True
+    if name == "softmax":
+        src = node.args[0] if node.args else None
+        feeds_matmul = any(u.target in _MATMULS or target_name(u) in _MATMULS for u in node.users)
+        fed_by = isinstance(src, fx.Node) and _walks_to_matmul(src)
+        return feeds_matmul and fed_by
+    return False
+
+
+def _walks_to_matmul(node: fx.Node, depth: int = 4) -> bool:
+    for _ in range(depth):
+        if node.target in _MATMULS or target_name(node) in _MATMULS:
+            return True
+        nxt = [a for a in node.all_input_nodes if not is_param(a)]
+        if not nxt:
+            return False
+        node = nxt[0]
+    return False
+
+
+_MATMUL_MODULES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "LoRACompatibleLinear")
+
+
+def is_matmul(node: fx.Node) -> bool:
+    if node.op == "call_module":  # symbolic_trace keeps leaf modules as calls
+        stack = module_stack(node)
+        typ = stack[-1][2] if stack else ""
+        return getattr(typ, "__name__", str(typ)) in _MATMUL_MODULES
+    return node.op in ("call_function", "call_method") and (node.target in _MATMULS or target_name(node) in _MATMULS)
+
+
+def tensor_meta(node: fx.Node):
+    """Shape and dtype of a node's value, from dynamo's example value or ShapeProp."""
+    for key in ("example_value", "val"):
+        v = node.meta.get(key)
+        if isinstance(v, torch.Tensor):
+            return tuple(v.shape), v.dtype
+    tm = node.meta.get("tensor_meta")
+    if tm is not None and hasattr(tm, "shape"):
+        return tuple(tm.shape), tm.dtype
+    return None
+
+
+# -- region analysis -------------------------------------------------------------------------
+
+@dataclass
+class Region:
+    nodes: list[fx.Node]
+    inputs: list[fx.Node]
+    live_outs: list[fx.Node]
+
+
+def region_of(nodes: list[fx.Node]) -> Region:
+    """Inputs (nodes outside used inside) and live-outs (nodes inside used outside)."""
+    members = set(nodes)
+    inputs: dict[fx.Node, None] = {}
+    live_outs: dict[fx.Node, None] = {}
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a not in members:
+                inputs[a] = None
+        if any(u not in members for u in n.users):
+            live_outs[n] = None
+    return Region(list(nodes), list(inputs), list(live_outs))
+
+
+def graph_to_nx(graph: fx.Graph) -> nx.DiGraph:
+    g = nx.DiGraph()
+    for n in graph.nodes:
+        g.add_node(n)
+        for a in n.all_input_nodes:
+            g.add_edge(a, n)
+    return g
+
+
+def _on_residual_chain(out: fx.Node, candidate: fx.Node, members: set[fx.Node], depth: int = 16) -> bool:
+    """Is ``out`` = ``candidate`` + something, through adds and dtype casts inside the region?"""
+    frontier = [out]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            if n is candidate:
+                return True
+            if n not in members:
+                continue
+            name = target_name(n)
+            if n.target in _ADDS or name in _ADDS:
+                nxt.extend(a for a in n.args if isinstance(a, fx.Node))
+            elif name in _PASS_THROUGH and n.args and isinstance(n.args[0], fx.Node):
+                nxt.append(n.args[0])
+        if not nxt:
+            return False
+        frontier = nxt
+    return False
+
+
+def residual_inputs(region: Region) -> tuple[list[fx.Node | None], bool]:
+    """For each live-out, the region input it is a residual update of (or None).
+
+    Candidates are the data inputs with the live-out's shape and dtype; one on an add chain
+    to the live-out wins. Returns the inputs and whether every live-out is in residual form.
+    """
+    members = set(region.nodes)
+    data_inputs = [i for i in region.inputs if not is_param(i) and tensor_meta(i) is not None]
+    chosen: list[fx.Node | None] = []
+    all_residual = True
+    taken: set[fx.Node] = set()
+    for out in region.live_outs:
+        meta = tensor_meta(out)
+        candidates = [i for i in data_inputs if meta is not None and tensor_meta(i) == meta and i not in taken]
+        on_chain = [c for c in candidates if _on_residual_chain(out, c, members)]
+        if on_chain:
+            pick = on_chain[0]
+        else:
+            all_residual = False
+            pick = candidates[0] if len(candidates) == 1 else None
+        if pick is not None:
+            taken.add(pick)
+        chosen.append(pick)
+    return chosen, all_residual and bool(region.live_outs)
+
+
+def extractable(region: Region, order: dict[fx.Node, int]) -> tuple[bool, str]:
+    """Can the region become one cond placed at its last node? (a check, not a rewrite)"""
+    last = max(order[n] for n in region.nodes)
+    for out in region.live_outs:
+        if tensor_meta(out) is None:
+            return False, f"live-out {out.name} is not a tensor"
+        for user in out.users:
+            if user not in region.nodes and order[user] < last:
+                return False, f"live-out {out.name} is used by {user.name} before the region ends"
+    for i in region.inputs:
+        if not is_param(i) and tensor_meta(i) is None and i.op != "placeholder":
+            return False, f"input {i.name} is not a tensor"
+    return True, ""
