@@ -15,6 +15,7 @@ import torch.fx as fx
 
 import ditopt
 from ditopt.graphdiff import graph_diff, is_branch
+from ditopt.passes.annotations import node_annotation
 from ditopt.plan import Plan
 from ditopt.small_models import build
 
@@ -50,7 +51,7 @@ class Page(HTMLParser):
 
 
 def role(node: fx.Node):
-    return node.meta.get("ditopt", {}).get("role")
+    return node_annotation(node).role
 
 
 def branch_nodes(gm: fx.GraphModule, prefix: str = ""):
@@ -96,10 +97,10 @@ def test_every_skipped_region_is_marked(wan_fora):
     assert len(regions) == 6  # attn1, attn2, ffn in each of 2 blocks
     group_keys = {g["key"] for g in page.groups}
     for prefix, node, _ in regions:
-        site = node.meta["ditopt"]["site"]
+        site = node_annotation(node).site
         assert f"branch:{site}" in group_keys and f"compute:{site}" in group_keys and f"reuse:{site}" in group_keys
         inside = f"{prefix}{node.args[1].target}."
-        for name in node.meta["ditopt_replaced"]:
+        for name in node_annotation(node).replaced:
             row = page.rows[inside + name]
             assert row["status"] in ("skipped", "inserted"), name
             assert f"compute:{site}" in row["groups"] and f"branch:{site}" in row["groups"], (name, row)
