@@ -88,7 +88,7 @@ def test_sample_4_steps_and_call_pattern(zm):
 
 
 def test_classifier_on_real_data():
-    from ditopt.zoo.classifier import digits_16, digits_sized, place
+    from ditopt.zoo.digits import digits_16, digits_sized, place
 
     x16, y = digits_16()
     assert (zoo.classify(x16[:300]) == y[:300].numpy()).mean() > 0.97

@@ -36,25 +36,26 @@ def check_classifiers() -> None:
     from sklearn.model_selection import train_test_split
 
     from ditopt.zoo import classifier as C
+    from ditopt.zoo import digits as D
 
-    x16, y = C.digits_16()
+    x16, y = D.digits_16()
     idx_tr, idx_te = train_test_split(np.arange(len(y)), test_size=0.3, random_state=0, stratify=y.numpy())
     clf = C._svc().fit(C._image_features(x16[idx_tr]), y.numpy()[idx_tr])
     acc = (clf.predict(C._image_features(x16[idx_te])) == y.numpy()[idx_te]).mean()
     print(f"image classifier, held-out real digits (30%): {acc:.3f}")
 
-    size = C.VIDEO_DIGIT
-    xs, _ = C.digits_sized(size)
+    size = D.VIDEO_DIGIT
+    xs, _ = D.digits_sized(size)
     g = torch.Generator().manual_seed(99)
-    pos = torch.rand(len(y), 2, generator=g) * (C.CANVAS - size)
-    crops = C._recentre(C.place(xs, pos) * 2 - 1, size).reshape(len(y), -1).numpy() * 16
+    pos = torch.rand(len(y), 2, generator=g) * (D.CANVAS - size)
+    crops = C._recentre(D.place(xs, pos) * 2 - 1, size).reshape(len(y), -1).numpy() * 16
     plain = F.adaptive_avg_pool2d(xs, (8, 8)).reshape(len(y), -1).numpy() * 16
     feats_tr = np.concatenate([plain[idx_tr], crops[idx_tr]])
     clf = C._svc().fit(feats_tr, np.concatenate([y.numpy()[idx_tr]] * 2))
     acc = (clf.predict(crops[idx_te]) == y.numpy()[idx_te]).mean()
     print(f"video classifier ({size}x{size} digits), held-out real digits at random canvas positions: {acc:.3f}")
     # real training-style clips, with the shipped classifier
-    frames = torch.stack([C.place(xs[:200], pos[:200] * a) * 2 - 1 for a in (0.0, 0.5, 1.0)], dim=2)
+    frames = torch.stack([D.place(xs[:200], pos[:200] * a) * 2 - 1 for a in (0.0, 0.5, 1.0)], dim=2)
     acc = (C.classify(frames) == y.numpy()[:200, None]).mean()
     print(f"shipped video classifier on real clips (sanity): {acc:.3f}")
 

@@ -10,6 +10,9 @@ Objective: rectified flow / flow matching (the convention of diffusers'
 
     x_t = (1 - s) * x0 + s * noise,   target = noise - x0,   timestep = 1000 * s
 
+The loop (AdamW, warm-up and cosine learning rate, EMA) is ``ditopt/zoo/training.py``, shared
+with ``tools/train_wan_digits.py``; the data is ``ditopt/zoo/digits.py``.
+
 Class conditioning uses ``num_embeds_ada_norm=11``: labels 0..9 are the digits
 and label 10 is the *null* class used for classifier-free guidance; labels are
 replaced by 10 with probability ``--p-uncond`` (0.1) during training.
@@ -32,30 +35,16 @@ Example::
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
 import os
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-NULL_CLASS = 10
-
-
-def load_digits_16(size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """sklearn digits as float32 [N,1,size,size] in [-1,1] plus int64 labels."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    x = x.clamp(0, 1) * 2 - 1
-    y = torch.from_numpy(d.target.astype(np.int64))
-    return x, y
+from ditopt.zoo.digits import digits_16
+from ditopt.zoo.training import NULL_CLASS, TrainConfig, drop_labels, flow_matching, parameter_count, train
 
 
 def build_model(args) -> torch.nn.Module:
@@ -110,73 +99,30 @@ def main() -> None:
     np.random.seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
 
-    x_all, y_all = load_digits_16()
+    x_all, y_all = digits_16()
     n = x_all.shape[0]
     model = build_model(args)
     model.train()
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    nparams = sum(p.numel() for p in model.parameters())
+    nparams = parameter_count([model])
     print(f"params: {nparams / 1e6:.3f}M, data: {n} images")
 
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
-
-    def lr_at(step: int) -> float:
-        if step < args.warmup:
-            return args.lr * (step + 1) / args.warmup
-        prog = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * prog)))
-
-    t0 = time.time()
-    losses: list[float] = []
-    perm = torch.randperm(n, generator=gen)
-    pos = 0
-    step = 0
-    stopped_early = False
-    bar = tqdm(range(args.steps), desc="dit-digits", mininterval=5.0)
-    for step in bar:
-        if pos + args.batch > n:
-            perm = torch.randperm(n, generator=gen)
-            pos = 0
-        idx = perm[pos : pos + args.batch]
-        pos += args.batch
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
         x0 = x_all[idx]
-        y = y_all[idx].clone()
         b = x0.shape[0]
-        drop = torch.rand(b, generator=gen) < args.p_uncond
-        y[drop] = NULL_CLASS
+        y = drop_labels(y_all[idx], args.p_uncond, gen)
         noise = torch.randn(x0.shape, generator=gen)
         # logit-normal sigma sampling (SD3 style), mixed with uniform for coverage
         s = torch.sigmoid(torch.randn(b, generator=gen))
         u = torch.rand(b, generator=gen)
         s = torch.where(torch.rand(b, generator=gen) < 0.2, u, s)
-        sv = s.view(-1, 1, 1, 1)
-        xt = (1 - sv) * x0 + sv * noise
-        target = noise - x0
-
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+        xt, target = flow_matching(x0, noise, s)
         pred = model(hidden_states=xt, timestep=s * 1000.0, class_labels=y, return_dict=False)[0]
-        loss = F.mse_loss(pred, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            d = min(args.ema, (1 + step) / (10 + step))
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.mul_(d).add_(pm.detach(), alpha=1 - d)
-        losses.append(loss.item())
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-200:]):.4f}", lr=f"{lr_at(step):.2e}")
-        if (time.time() - t0) > args.minutes * 60:
-            stopped_early = True
-            print(f"time cap reached at step {step + 1}")
-            break
-    elapsed = time.time() - t0
-    final_loss = float(np.mean(losses[-200:]))
-    print(f"done: {step + 1} steps in {elapsed / 60:.1f} min, final loss (mean last 200) {final_loss:.4f}")
+        return F.mse_loss(pred, target)
 
-    save(ema, args, step + 1, elapsed, final_loss, stopped_early, nparams)
+    cfg = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, ema=args.ema,
+                      minutes=args.minutes, log_every=50, loss_window=200, name="dit-digits")
+    run = train([model], loss_of, n, gen, cfg)
+    save(run.ema[0], args, run.steps_done, run.seconds, run.final_loss, run.stopped_early, nparams)
 
 
 def save(ema, args, steps_done, elapsed, final_loss, stopped_early, nparams) -> None:

@@ -21,6 +21,9 @@ Objective: flow matching, the convention of ``FlowMatchEulerDiscreteScheduler``
 
     x_t = (1 - s) * x0 + s * noise,   target = noise - x0,   timestep = 1000 * s
 
+The loop (AdamW, warm-up and cosine learning rate, EMA) is ``ditopt/zoo/training.py``, shared
+with ``tools/train_dit_digits.py``; the digits and their pasting are ``ditopt/zoo/digits.py``.
+
 ``--minutes`` is only a wall-clock safety cap.
 
 Example::
@@ -32,47 +35,16 @@ Example::
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
 import os
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-NULL_CLASS = 10
-CANVAS = 16
-DIGIT = 8
-
-
-def load_digits_sized(size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """sklearn digits as float32 [N,1,size,size] in [0,1] (bilinear resize) plus int64 labels."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]
-    if size != x.shape[-1]:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
-    return x, torch.from_numpy(d.target.astype(np.int64))
-
-
-def place(digits01: torch.Tensor, pos: torch.Tensor, canvas: int = CANVAS) -> torch.Tensor:
-    """Paste [N,1,8,8] digits (values in [0,1]) onto [N,1,canvas,canvas] at
-    sub-pixel top-left positions ``pos`` [N,2] = (row, col) in [0, canvas-8].
-    Returns values in [0,1] (bilinear resampling)."""
-    n = digits01.shape[0]
-    d = digits01.shape[-1]
-    # pixel centres of the canvas in canvas coordinates, mapped into digit coordinates
-    ys = torch.arange(canvas, dtype=torch.float32).view(1, canvas, 1) - pos[:, 0].view(n, 1, 1)
-    xs = torch.arange(canvas, dtype=torch.float32).view(1, 1, canvas) - pos[:, 1].view(n, 1, 1)
-    # normalised grid for align_corners=True: -1 -> pixel 0, +1 -> pixel d-1
-    gy = ys / (d - 1) * 2 - 1
-    gx = xs / (d - 1) * 2 - 1
-    grid = torch.stack([gx.expand(n, canvas, canvas), gy.expand(n, canvas, canvas)], dim=-1)
-    return F.grid_sample(digits01, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+from ditopt.zoo.digits import CANVAS, digits_sized, place
+from ditopt.zoo.training import NULL_CLASS, TrainConfig, drop_labels, flow_matching, parameter_count, train
 
 
 def make_clips(digits01: torch.Tensor, frames: int, gen: torch.Generator) -> torch.Tensor:
@@ -149,71 +121,29 @@ def main() -> None:
     np.random.seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
 
-    x_all, y_all = load_digits_sized(args.digit_size)
+    x_all, y_all = digits_sized(args.digit_size)
     n = x_all.shape[0]
     model = build_model(args).train()
     cemb = ClassEmbedding(NULL_CLASS + 1, args.text_len, args.text_dim).train()
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    ema_c = copy.deepcopy(cemb).eval().requires_grad_(False)
-    params = list(model.parameters()) + list(cemb.parameters())
-    nparams = sum(p.numel() for p in params)
+    nparams = parameter_count([model, cemb])
     print(f"params: {nparams / 1e6:.3f}M, tokens/clip: {args.frames * 64}")
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
 
-    def lr_at(step: int) -> float:
-        if step < args.warmup:
-            return args.lr * (step + 1) / args.warmup
-        prog = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * prog)))
-
-    t0 = time.time()
-    losses: list[float] = []
-    perm = torch.randperm(n, generator=gen)
-    pos = 0
-    step = 0
-    stopped_early = False
-    bar = tqdm(range(args.steps), desc="wan-digits", mininterval=5.0)
-    for step in bar:
-        if pos + args.batch > n:
-            perm = torch.randperm(n, generator=gen)
-            pos = 0
-        idx = perm[pos : pos + args.batch]
-        pos += args.batch
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
         x0 = make_clips(x_all[idx], args.frames, gen)
-        y = y_all[idx].clone()
         b = x0.shape[0]
-        y[torch.rand(b, generator=gen) < args.p_uncond] = NULL_CLASS
+        y = drop_labels(y_all[idx], args.p_uncond, gen)
         noise = torch.randn(x0.shape, generator=gen)
         s = torch.sigmoid(torch.randn(b, generator=gen))
         s = torch.where(torch.rand(b, generator=gen) < 0.2, torch.rand(b, generator=gen), s)
-        sv = s.view(-1, 1, 1, 1, 1)
-        xt = (1 - sv) * x0 + sv * noise
-        target = noise - x0
-
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+        xt, target = flow_matching(x0, noise, s)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             pred = model(hidden_states=xt, timestep=s * 1000.0, encoder_hidden_states=cemb(y), return_dict=False)[0]
-        loss = F.mse_loss(pred.float(), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        with torch.no_grad():
-            d = min(args.ema, (1 + step) / (10 + step))
-            for pe, pm in zip(list(ema.parameters()) + list(ema_c.parameters()), params):
-                pe.mul_(d).add_(pm.detach(), alpha=1 - d)
-        losses.append(loss.item())
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}", lr=f"{lr_at(step):.2e}")
-        if (time.time() - t0) > args.minutes * 60:
-            stopped_early = True
-            print(f"time cap reached at step {step + 1}")
-            break
-    elapsed = time.time() - t0
-    final_loss = float(np.mean(losses[-100:]))
-    print(f"done: {step + 1} steps in {elapsed / 60:.1f} min, final loss (mean last 100) {final_loss:.4f}")
-    save(ema, ema_c, args, step + 1, elapsed, final_loss, stopped_early, nparams)
+        return F.mse_loss(pred.float(), target)
+
+    cfg = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, ema=args.ema,
+                      minutes=args.minutes, log_every=20, loss_window=100, name="wan-digits")
+    run = train([model, cemb], loss_of, n, gen, cfg)
+    save(*run.ema, args, run.steps_done, run.seconds, run.final_loss, run.stopped_early, nparams)
 
 
 def save(ema, ema_c, args, steps_done, elapsed, final_loss, stopped_early, nparams) -> None:

@@ -15,7 +15,8 @@ safetensors in ``ditopt/zoo/weights/`` (no hub, no network):
 
 Both use flow matching with ``FlowMatchEulerDiscreteScheduler`` (20 steps by
 default).  Training scripts: ``tools/train_dit_digits.py`` and
-``tools/train_wan_digits.py``; figures in ``docs/ZOO.md``.
+``tools/train_wan_digits.py``, which share their loop (``ditopt/zoo/training.py``)
+and data (``ditopt/zoo/digits.py``); figures in ``docs/ZOO.md``.
 
 Example::
 

@@ -1,8 +1,8 @@
 """Digit classifiers used to judge the zoo models' samples.
 
 Two scikit-learn SVCs, both trained on sklearn's digits (the same data the zoo
-models were trained on) and fitted lazily on first use (well under a second
-each, cached per process):
+models were trained on, :mod:`ditopt.zoo.digits`) and fitted lazily on first
+use (well under a second each, cached per process):
 
 * ``image``: for ``dit-digits`` samples, [N, 1, 16, 16] images in [-1, 1] whose
   digit fills the canvas.  Images are 2x2 average-pooled back to 8x8.  The
@@ -22,7 +22,8 @@ image batch (returns [N] labels), 5-D [N, C, T, H, W] is a clip batch (returns
 Example::
 
     >>> import torch
-    >>> from ditopt.zoo.classifier import classify, digits_16
+    >>> from ditopt.zoo.classifier import classify
+    >>> from ditopt.zoo.digits import digits_16
     >>> x, y = digits_16()
     >>> bool((classify(x[:50]) == y[:50].numpy()).mean() > 0.9)
     True
@@ -36,46 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-CANVAS = 16
-DIGIT = 8
-VIDEO_DIGIT = 12  # digit side in the wan-digits clips
-
-
-@functools.lru_cache(maxsize=1)
-def _digits() -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]  # [N,1,8,8] in [0,1]
-    return x, torch.from_numpy(d.target.astype(np.int64))
-
-
-@functools.lru_cache(maxsize=4)
-def digits_sized(size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """sklearn digits resized bilinearly to [N,1,size,size], values in [0,1]."""
-    x, y = _digits()
-    if size != DIGIT:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
-    return x, y
-
-
-def digits_16() -> tuple[torch.Tensor, torch.Tensor]:
-    """The dit-digits training data: [N,1,16,16] in [-1,1] (bilinear upsampling) and labels."""
-    x, y = _digits()
-    x = F.interpolate(x, size=(CANVAS, CANVAS), mode="bilinear", align_corners=False)
-    return x.clamp(0, 1) * 2 - 1, y
-
-
-def place(digits01: torch.Tensor, pos: torch.Tensor, canvas: int = CANVAS) -> torch.Tensor:
-    """Paste [N,1,8,8] digits (values in [0,1]) onto an [N,1,canvas,canvas] zero
-    canvas with sub-pixel top-left positions ``pos`` [N,2] = (row, col)."""
-    n, d = digits01.shape[0], digits01.shape[-1]
-    ys = torch.arange(canvas, dtype=torch.float32).view(1, canvas, 1) - pos[:, 0].view(n, 1, 1)
-    xs = torch.arange(canvas, dtype=torch.float32).view(1, 1, canvas) - pos[:, 1].view(n, 1, 1)
-    gy = ys / (d - 1) * 2 - 1
-    gx = xs / (d - 1) * 2 - 1
-    grid = torch.stack([gx.expand(n, canvas, canvas), gy.expand(n, canvas, canvas)], dim=-1)
-    return F.grid_sample(digits01, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+from .digits import CANVAS, DIGIT, VIDEO_DIGIT, digits_16, digits_sized, place
 
 
 def _crop(frames01: torch.Tensor, top_left: torch.Tensor, size: int = DIGIT) -> torch.Tensor:
