@@ -75,7 +75,7 @@ def run_generation(opt, kwargs, steps=STEPS, branches=None):
 
 def executed_flops_per_call(opt, kwargs, steps=STEPS, branches=None) -> list[int]:
     """FLOPs the rewritten graph executes at each call of a second generation."""
-    gm = opt._ditopt_backend.last["rewritten"]
+    gm = opt._ditopt_backend.last.rewritten
     per_call, active = [], []
 
     def enter(module, args):
