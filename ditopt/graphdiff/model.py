@@ -1,8 +1,8 @@
 """The graph diff's model: the rewritten graph walked node by node, each node marked kept,
 inserted or skipped and placed in its group (site, skip branch, compute or reuse side).
 
-The passes' annotations are read through :mod:`ditopt.passes.annotations` only. The renderers
-(:mod:`.text`, :mod:`.dot`, :mod:`.html`) read this model and nothing else of the compiler.
+The passes' annotations are read here, through :mod:`ditopt.passes.annotations` only; the
+renderers (:mod:`.text`, :mod:`.dot`, :mod:`.html`) read this model.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from ditopt import Action, DecisionTable, DitoptBackend, Plan, SiteTable
 from ditopt.capture import Captured, capture, module_stack
-from ditopt.passes.annotations import NodeAnnotation, Role, node_annotation, role_of
+from ditopt.passes.annotations import Role, node_annotation, role_of
 from ditopt.runtime import Runtime
 from ditopt.sites import is_param, tensor_meta
 
@@ -214,7 +214,7 @@ def rewrite(captured: Captured, plan) -> tuple[fx.GraphModule, fx.GraphModule, S
 def diff_graphs(before: fx.GraphModule, after: fx.GraphModule, sites: SiteTable, table: DecisionTable, *,
                 model: str = "", plan_name: str = "") -> GraphDiff:
     """Line up a graph and its rewrite by the passes (see the module docstring)."""
-    nodes = _Walker(sites).walk(after)
+    nodes = Walker(sites).walk(after)
     return GraphDiff(model=model or "model", plan_name=plan_name or "plan", before=before, after=after,
                      sites=sites, table=table, nodes=nodes, root=_group_tree(nodes))
 
@@ -255,7 +255,7 @@ def _shape(node: fx.Node) -> str:
     return ""
 
 
-class _Walker:
+class Walker:
     """Walks the rewritten graph in order, descending into each skip branch where it stands."""
 
     def __init__(self, sites: SiteTable):
@@ -293,7 +293,7 @@ class _Walker:
             ids[node] = node_id
             ann = node_annotation(node)
             role = ann.role.value if ann.role is not None else None
-            site = self.site_of_node(node, ann, reuse_of)
+            site = self.site_of_node(node, reuse_of)
             if node.op == "placeholder":
                 keys = [INPUTS]
             elif not prefix and site is None and node.op != "output":
@@ -323,9 +323,10 @@ class _Walker:
             outer = {p: ids[o] for p, o in zip(placeholders, operands)}
             self.walk(sub, f"{prefix}{fn.target}.", outer, stack, reuse_of)
 
-    def site_of_node(self, node: fx.Node, ann: NodeAnnotation, reuse_of: str | None) -> str | None:
+    def site_of_node(self, node: fx.Node, reuse_of: str | None) -> str | None:
         """The innermost site a node belongs to: the one a pass annotated it with, the site of
         the reuse side it is on, the site of the output an indicator watches, or its own."""
+        ann = node_annotation(node)
         if ann.site:
             return ann.site
         if reuse_of is not None:

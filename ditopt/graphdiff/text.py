@@ -8,16 +8,14 @@ import re
 
 import torch.fx as fx
 
-from ditopt.passes.annotations import node_annotation
-
-from .model import DECISION_STYLE, GraphDiff, _Walker, decision_style, is_branch
+from .model import DECISION_STYLE, GraphDiff, Walker, decision_style, is_branch
 
 
 _ASSIGN = re.compile(r"^\s+([A-Za-z_][A-Za-z0-9_]*)\s*=")
 _LIFETIME = re.compile(r";\s+[A-Za-z0-9_ =]+ = None$")  # fx frees dead values; branches free them elsewhere
 
 
-def _code_lines(gm: fx.GraphModule, walker: _Walker, describe, state: dict, reuse_of: str | None = None,
+def _code_lines(gm: fx.GraphModule, walker: Walker, describe, state: dict, reuse_of: str | None = None,
                 body_only: bool = False) -> list[str]:
     """The body of ``gm.code`` with site headers, each skip branch's code inlined before its
     branch node, lifetime suffixes (``;  x = None``) dropped and the signature one argument a line."""
@@ -36,7 +34,7 @@ def _code_lines(gm: fx.GraphModule, walker: _Walker, describe, state: dict, reus
         m = _ASSIGN.match(line)
         node = by_name.get(m.group(1)) if m else None
         if node is not None and node.op != "placeholder":
-            site = walker.site_of_node(node, node_annotation(node), reuse_of)
+            site = walker.site_of_node(node, reuse_of)
             if site != state.get("site"):
                 lines.append(f"    # ---- {describe(site)} ----")
                 state["site"] = site
@@ -62,7 +60,7 @@ def render_text(diff: GraphDiff) -> str:
     branch's code (compute side, then reuse side) is inlined just before its branch node, so the
     original lines it moved read as unchanged context.
     """
-    walker = _Walker(diff.sites)
+    walker = Walker(diff.sites)
 
     def describe(site):
         if site is None:
