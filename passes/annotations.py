@@ -41,6 +41,9 @@ class Role(str, Enum):
     BRANCH_FN = "branch_fn"  # get_attr of a skip branch's compute / reuse graph
     BRANCH_OUTPUT = "branch_output"  # getitem of a skip branch's output
 
+    def __hash__(self) -> int:  # as the plain string's, so that either finds the other in a dict
+        return str.__hash__(self)
+
 
 @dataclass(frozen=True)
 class NodeAnnotation:

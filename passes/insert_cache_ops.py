@@ -64,7 +64,7 @@ def insert_cache_ops(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 main = by_name[ctx.sites[site].residual_inputs[i]]
                 with graph.inserting_after(anchor):
                     value = graph.call_function(operator.sub, (out, main))
-                copy_meta(value, out, out.meta.get("example_value", out.meta.get("tensor_meta")))
+                copy_meta(value, out, _residual_example(out, main))
                 annotate(value, role=Role.RESIDUAL, site=site, regions=outer | {site})
                 anchor = value
             else:
@@ -83,3 +83,15 @@ def insert_cache_ops(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         graph.lint()
         gm.recompile()
     return PassResult(gm, changed)
+
+
+def _residual_example(out: fx.Node, main: fx.Node):
+    """The example value of ``out - main``: computed on the two example values where both are
+    tensors (fake or real, so it has the strides the subtraction really gives), else ``out``'s."""
+    a, b = (n.meta.get("example_value", n.meta.get("val")) for n in (out, main))
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        try:
+            return a - b
+        except RuntimeError:
+            pass
+    return out.meta.get("example_value", out.meta.get("tensor_meta"))

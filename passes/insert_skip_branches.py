@@ -33,10 +33,14 @@ from .annotations import Role, annotate, graph_annotation, nodes_with_role, regi
 from .pass_base import PassContext, PassResult, replace_site_nodes
 
 
-def _example(node: fx.Node):
+def _example(node: fx.Node) -> torch.Tensor | None:
+    """The node's example value, or an empty tensor with its recorded shape, strides and dtype."""
     v = node.meta.get("example_value", node.meta.get("val"))
     if isinstance(v, torch.Tensor):
         return v
+    recorded = node.meta.get("tensor_meta")
+    if recorded is not None and hasattr(recorded, "stride"):
+        return torch.empty_strided(tuple(recorded.shape), tuple(recorded.stride), dtype=recorded.dtype)
     meta = tensor_meta(node)
     return torch.empty(meta[0], dtype=meta[1]) if meta else None
 
@@ -90,8 +94,8 @@ def _extract(gm: fx.GraphModule, ctx: PassContext, site: str, residual: bool) ->
             operands.append(extra)
     outputs = list(dict.fromkeys([*live_outs, *values, *hoisted_args]))  # a reused output is also its value
 
-    compute = _branch_graph(members, operands, outputs)
-    reuse = _reuse_graph(operands, live_outs, values, hoisted_args, loads, mains, residual)
+    compute = _branch_graph(members, operands, outputs, contiguous=ctx.inductor)
+    reuse = _reuse_graph(operands, outputs, live_outs, loads, mains, residual, contiguous=ctx.inductor)
     compute_gm = fx.GraphModule(gm, compute)
     reuse_gm = fx.GraphModule(gm, reuse)
     base = "ditopt_" + site.replace(".", "_")
@@ -103,9 +107,10 @@ def _extract(gm: fx.GraphModule, ctx: PassContext, site: str, residual: bool) ->
         true_fn = graph.get_attr(base + "_compute")
     with graph.inserting_after(true_fn):
         false_fn = graph.get_attr(base + "_reuse")
-    with graph.inserting_after(false_fn):
-        cond = graph.call_function(torch.ops.higher_order.cond, (decide, true_fn, false_fn, tuple(operands)))
     outer = regions_of(members[0]) - {site}
+    passed = _pinned_operands(graph, operands, true_fn, outer) if ctx.inductor else operands
+    with graph.inserting_after(false_fn):
+        cond = graph.call_function(torch.ops.higher_order.cond, (decide, true_fn, false_fn, tuple(passed)))
     annotate(cond, role=Role.SKIP_BRANCH, site=site, regions=outer, replaced=[n.name for n in members])
     for fn in (true_fn, false_fn):  # an enclosing site must take the branches along, not as operands
         annotate(fn, role=Role.BRANCH_FN, site=site, regions=outer)
@@ -131,7 +136,12 @@ def _extract(gm: fx.GraphModule, ctx: PassContext, site: str, residual: bool) ->
     return {out.name: item.name for out, item in results.items()}
 
 
-def _branch_graph(members: list[fx.Node], operands: list[fx.Node], outputs: list[fx.Node]) -> fx.Graph:
+def _branch_graph(members: list[fx.Node], operands: list[fx.Node], outputs: list[fx.Node], *,
+                  contiguous: bool) -> fx.Graph:
+    """The compute branch: the region's nodes, returning ``outputs``. An output that is (a view
+    of) an operand, or of an earlier output, is cloned: ``torch.cond`` refuses branches whose
+    outputs alias their inputs or each other (a dual-stream block passing a stream through).
+    With ``contiguous`` (under inductor) every output is made contiguous (free when it is)."""
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for op in operands:
@@ -139,32 +149,93 @@ def _branch_graph(members: list[fx.Node], operands: list[fx.Node], outputs: list
         env[op].meta = dict(op.meta)
     for n in members:
         env[n] = g.node_copy(n, lambda a: env[a])
-    g.output(tuple(env[o] for o in outputs))
+    seen = {_storage(op) for op in operands} - {None}
+    results = []
+    for o in outputs:
+        value, storage = env[o], _storage(o)
+        if o in operands or (storage is not None and storage in seen):
+            value = g.call_method("clone", (value,))
+        seen.add(storage)
+        results.append(g.call_method("contiguous", (value,)) if contiguous else value)
+    g.output(tuple(results))
     return g
 
 
-def _reuse_graph(operands, live_outs, values, hoisted_args, loads, mains, residual) -> fx.Graph:
+def _reuse_graph(operands, outputs, live_outs, loads, mains, residual, *, contiguous: bool) -> fx.Graph:
+    """The reuse branch: each live-out from its cache (``main + residual``, or a clone of the
+    cached output), every other output an empty tensor of the compute branch's shape.
+
+    With ``contiguous`` (under inductor) every output is contiguous, as the compute branch's are
+    made: ``torch.cond`` requires the two branches' outputs to agree in stride order, and a block
+    whose input is not contiguous (the patch embedding's transposed output) returns a
+    contiguous tensor when it computes but ``main + residual`` in its input's layout."""
     g = fx.Graph()
     env = {op: g.placeholder(op.name) for op in operands}
     for op in operands:
         env[op].meta = dict(op.meta)
-    outs = []
-    for i, _ in enumerate(live_outs):
-        cached = env[loads[i]]
-        if residual:
-            outs.append(g.call_function(torch.add, (env[mains[i]], cached)))
+    results = []
+    for out in outputs:
+        ex = _example(out)
+        if out in live_outs:
+            i = live_outs.index(out)
+            cached = env[loads[i]]
+            value = g.call_function(torch.add, (env[mains[i]], cached)) if residual else \
+                g.call_method("clone", (cached,))
+            results.append(g.call_method("contiguous", (value,)) if contiguous else value)
+        elif ex.dtype == torch.bool and ex.dim() == 0:  # a nested store's predicate: nothing stored
+            results.append(g.call_function(torch.zeros, ((),), {"dtype": torch.bool, "device": ex.device}))
         else:
-            outs.append(g.call_method("clone", (cached,)))
-    for i, value in enumerate(values):
-        if value not in live_outs:
-            outs.append(g.call_function(torch.empty_like, (env[loads[i]],)))
-    for a in hoisted_args:
-        if a in live_outs or a in values:
-            continue
-        ex = _example(a)
-        if ex is not None and ex.dtype == torch.bool and ex.dim() == 0:
-            outs.append(g.call_function(torch.zeros, ((),), {"dtype": torch.bool}))
-        else:
-            outs.append(g.call_function(torch.empty, (tuple(ex.shape),), {"dtype": ex.dtype}))
-    g.output(tuple(outs))
+            results.append(g.call_function(torch.empty, (tuple(ex.shape),), {"dtype": ex.dtype, "device": ex.device}))
+    g.output(tuple(results))
     return g
+
+
+def _pinned_operands(graph: fx.Graph, operands: list[fx.Node], before: fx.Node,
+                     regions: frozenset[str]) -> list[fx.Node]:
+    """Operands the graph computes, pinned to the strides the branches are traced with (under
+    inductor).
+
+    Inductor may lay out an intermediate buffer differently from its example value (it stored
+    Wan's normed hidden states, contiguous in the example, in the buffer of the patch
+    embedding's transposed output; DiT's transposed patch embedding contiguously), and the cond
+    passes the buffer to branches compiled for the example's strides: their stride assertion
+    failed at run time. ``prims.inductor_force_stride_order`` freezes the layout inductor picks
+    (free when it had not fixed one; a copy otherwise). Graph inputs have guarded strides."""
+    out = []
+    for op in operands:
+        ex = op.meta.get("example_value", op.meta.get("val"))
+        if op.op != "placeholder" and isinstance(ex, torch.Tensor) and ex.dim() > 0:
+            with graph.inserting_before(before):
+                pinned = graph.call_function(_force_stride_order(), (op, list(ex.stride())))
+            pinned.meta.update({k: v for k, v in op.meta.items() if k in ("nn_module_stack", "example_value", "val")})
+            annotate(pinned, regions=regions)  # inside the sites that enclose the cond, as the cond is
+            op = pinned
+        out.append(op)
+    return out
+
+
+def _force_stride_order():
+    import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_force_stride_order)
+
+    return torch.ops.prims.inductor_force_stride_order.default
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _storage(node: fx.Node):
+    """The storage of the node's example value (views share it), or None without one."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    v = node.meta.get("example_value", node.meta.get("val"))
+    if not isinstance(v, torch.Tensor):
+        return None
+    try:
+        return StorageWeakRef(v.untyped_storage())
+    except (RuntimeError, NotImplementedError):
+        return None

@@ -36,6 +36,9 @@ class Action(str, Enum):
 
     __repr__ = __str__
 
+    def __hash__(self) -> int:  # as the plain string's, so that either finds the other in a dict
+        return str.__hash__(self)
+
 
 PLAN_ACTIONS = (Action.COMPUTE, Action.REUSE, Action.REUSE_RESIDUAL, Action.PREDICT)  # what a rule may say
 SLOTS = {Action.REUSE: "output", Action.REUSE_RESIDUAL: "residual"}  # the cache slot a reusing action reads

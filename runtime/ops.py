@@ -65,12 +65,14 @@ def cache_load(
     """The newest cached tensor of (site, slot) for this CFG branch (at a ``predict`` step, its
     Taylor forecast), or zeros if there is none.
 
-    Zeros are only ever returned on a call that computes, where the value is not used.
+    Zeros are only ever returned on a call that computes, where the value is not used. The
+    result is always contiguous, as the fake kernel says.
     """
     value = get_runtime(rid).load(graph, site, slot)
     if value is None or tuple(value.shape) != tuple(shape):
         return torch.zeros(shape, dtype=dtype, device=token.device)
-    return value.clone() if copy else value
+    # contiguous, as the fake kernel promises: a cached residual keeps the layout it was computed in
+    return value.clone(memory_format=torch.contiguous_format) if copy else value.contiguous()
 
 
 @cache_load.register_fake
