@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from ditopt.runtime.decisions import PLAN_ACTIONS, SLOTS, Action, DecisionTable  # noqa: F401 (SLOTS: until cost.py imports it from runtime)
+from ditopt.runtime.decisions import PLAN_ACTIONS, Action, DecisionTable
 
 from .errors import PlanError, check_count
 from .sites import SITE_KINDS, SiteTable, is_positional, parse_position, parse_slice

@@ -16,20 +16,11 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
 
+from .errors import check_count
 from .plan import Plan, Rule, When
 
 __all__ = ["fora", "first_block_cache", "delta_dit", "taylorseer", "teacache", "dbcache", "pab", "all_compute",
            "Preset", "REGISTRY", "PRESETS", "SPELLINGS", "lookup"]
-
-
-def _check_steps(steps: int) -> None:
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-
-
-def _check_int(name: str, value, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def _check_threshold(threshold) -> None:
@@ -49,10 +40,8 @@ def fora(interval: int = 2, steps: int = 50, *, warmup: int = 0, level: str = "l
         >>> fora(interval=3, steps=9).rules[0].step_list(9)
         [1, 2, 4, 5, 7, 8]
     """
-    if interval < 1:
-        raise ValueError(f"interval must be >= 1, got {interval}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    check_count(interval, "interval", minimum=1)
+    check_count(steps, "steps")
     if level not in ("layer", "block"):
         raise ValueError(f"level must be 'layer' or 'block', got {level!r}")
     reuse_steps = tuple(s for s in range(max(1, warmup), steps) if (s - warmup) % interval != 0)
@@ -110,11 +99,11 @@ def delta_dit(steps: int = 50, interval: int = 2, k: int = 2, boundary: int | No
         >>> [(r.sites, r.step_list(8)) for r in plan.rules]
         [(('stack[-2:]',), [1, 3]), (('stack[:2]',), [5, 7])]
     """
-    _check_steps(steps)
-    _check_int("interval", interval, 1)
-    _check_int("k", k, 1)
+    check_count(steps, "steps")
+    check_count(interval, "interval", minimum=1)
+    check_count(k, "k", minimum=1)
     boundary = steps // 2 if boundary is None else boundary
-    _check_int("boundary", boundary, 0)
+    check_count(boundary, "boundary", minimum=0)
     if boundary > steps:
         raise ValueError(f"boundary must be at most steps ({steps}), got {boundary}")
     refresh = [s for s in range(steps) if s % interval != 0]
@@ -151,14 +140,14 @@ def taylorseer(steps: int = 50, interval: int = 4, order: int = 2, *, warmup: in
         >>> taylorseer(steps=10, interval=2, order=1, level="output").rules[0].sites
         ('output',)
     """
-    _check_steps(steps)
-    _check_int("interval", interval, 1)
+    check_count(steps, "steps")
+    check_count(interval, "interval", minimum=1)
     if order not in (0, 1, 2):
         raise ValueError(f"order must be 0, 1 or 2, got {order!r}")
     if level not in ("block", "output"):
         raise ValueError(f"level must be 'block' or 'output', got {level!r}")
     warmup = order + 1 if warmup is None else warmup
-    _check_int("warmup", warmup, 1)
+    check_count(warmup, "warmup", minimum=1)
     forecast = tuple(s for s in range(warmup, steps) if (s - warmup) % interval != 0)
     where = dict(sites=("*",), kind="block") if level == "block" else dict(sites=("output",))
     rules = [Rule(**where, steps=forecast, action="predict", order=order)] if forecast else \
@@ -190,7 +179,7 @@ def teacache(threshold: float = 0.1, steps: int = 50, rescale: list[float] | tup
         ('stack[0]', 'input', (2.0, 0.0), 0.2)
     """
     _check_threshold(threshold)
-    _check_steps(steps)
+    check_count(steps, "steps")
     if rescale is not None:
         rescale = tuple(rescale)
         if not rescale or not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in rescale):
@@ -223,10 +212,10 @@ def dbcache(threshold: float = 0.08, steps: int = 50, fn: int = 1, bn: int = 0, 
         (('stack[2:-1]',), 'stack[1]', [2, 3, 4])
     """
     _check_threshold(threshold)
-    _check_steps(steps)
-    _check_int("fn", fn, 1)
-    _check_int("bn", bn, 0)
-    _check_int("warmup", warmup, 0)
+    check_count(steps, "steps")
+    check_count(fn, "fn", minimum=1)
+    check_count(bn, "bn", minimum=0)
+    check_count(warmup, "warmup", minimum=0)
     if warmup >= steps:
         raise ValueError(f"warmup must be less than steps ({steps}), got {warmup}")
     middle = f"stack[{fn}:-{bn}]" if bn else f"stack[{fn}:]"
@@ -257,11 +246,11 @@ def pab(steps: int = 50, self_range: int | None = 2, cross_range: int | None = 6
         >>> [(r.attention, r.step_list(20)) for r in plan.rules]
         [('self', [5, 7, 9, 11]), ('cross', [5, 6, 7, 9, 10, 11])]
     """
-    _check_steps(steps)
+    check_count(steps, "steps")
     ranges = {"self": self_range, "cross": cross_range, "joint": joint_range}
     for kind, r in ranges.items():
         if r is not None:
-            _check_int(f"{kind}_range", r, 1)
+            check_count(r, f"{kind}_range", minimum=1)
     if window is None:
         window = (round(0.2 * steps), round(0.9 * steps))
     if (not isinstance(window, (tuple, list)) or len(window) != 2

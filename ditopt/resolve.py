@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 def compile_plan(plan: "Plan", sites: SiteTable) -> DecisionTable:
     """Resolve ``plan``'s rules against ``sites`` into the graph's decision table."""
-    if plan.model and sites.sites and getattr(sites, "model", None) not in (None, plan.model):
+    if plan.model and sites.sites and sites.model not in (None, plan.model):
         raise PlanError(f"plan was made for {plan.model}, not {sites.model}")
     table = DecisionTable(steps=plan.steps, actions={}, adaptive={}, slots={}, indicators=[], orders={},
                           parents={s.name: sites.ancestors(s.name) for s in sites}, site_order=sites.names())

@@ -151,9 +151,10 @@ class SiteTable:
         (['blocks.1'], ['blocks.0'])
     """
 
-    def __init__(self, sites: list[Site]):
+    def __init__(self, sites: list[Site], model: str | None = None):
         self.sites = list(sites)
         self.by_name = {s.name: s for s in self.sites}
+        self.model = model  # the class name of the model the sites were found in, when known
 
     def __iter__(self):
         return iter(self.sites)

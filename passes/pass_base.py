@@ -42,11 +42,8 @@ def replace_site_nodes(sites: SiteTable, renames: dict[str, str]) -> SiteTable:
     def rename(names):
         return tuple(renames.get(n, n) if n else n for n in names)
 
-    table = SiteTable([replace(s, live_outs=rename(s.live_outs), residual_inputs=rename(s.residual_inputs))
-                       for s in sites])
-    if hasattr(sites, "model"):
-        table.model = sites.model
-    return table
+    return SiteTable([replace(s, live_outs=rename(s.live_outs), residual_inputs=rename(s.residual_inputs))
+                      for s in sites], model=sites.model)
 
 
 def copy_meta(new: fx.Node, like: fx.Node, example=None) -> None:

@@ -52,11 +52,12 @@ def test_report_replaces_its_section(smoke, tmp_path):
 
 
 def test_executed_flops_subtracts_only_outermost_reused_sub_sites():
-    per_call = {"b.0": 10.0, "b.0.attn": 4.0, "b.0.ff": 3.0, "b.1": 10.0}
-    parents = {"b.0": "stack", "b.0.attn": "b.0", "b.0.ff": "b.0", "b.1": "stack"}
+    """The runtime marks a site inside a reused one ``skipped``: it is not subtracted again."""
+    per_call = {"b.0": 10.0, "b.0.attn": 4.0, "b.0.attn.qk": 2.0, "b.0.ff": 3.0, "b.1": 10.0}
     decisions = {"b.0": ["compute", "compute", "reuse_residual"], "b.0.attn": ["compute", "reuse", "skipped"],
+                 "b.0.attn.qk": ["compute", "skipped", "skipped"],
                  "b.0.ff": ["compute", "reuse", "skipped"], "b.1": ["compute", "reuse_residual", "compute"]}
-    assert _executed_block_flops(decisions, ["b.0", "b.1"], per_call, parents) == 20 + 3 + 10
+    assert _executed_block_flops(decisions, ["b.0", "b.1"], per_call) == 20 + 3 + 10
 
 
 def test_bad_input_names_it():

@@ -92,7 +92,7 @@ def test_diff_text_of_a_plan_file_to_stdout(tmp_path, capsys):
     (["diff", "nosuchmodel", "--preset", "fora-2"], "unknown model 'nosuchmodel'"),
     (["diff", "dit", "--plan", "/nonexistent/plan.yaml"], "plan file not found"),
     (["diff", "dit", "--preset", "fora-x"], "unknown preset 'fora-x'"),
-    (["diff", "dit", "--preset", "fora-0"], "preset 'fora-0': interval must be >= 1"),
+    (["diff", "dit", "--preset", "fora-0"], "preset 'fora-0': interval must be an integer >= 1, got 0"),
     (["diff", "dit", "--preset", "fora-2", "-o", "/nonexistent/dir/page.html"], "No such file or directory"),
     (["plan", "validate", "/nonexistent/plan.yaml", "--model", "nosuchmodel"], "plan file not found"),
 ])

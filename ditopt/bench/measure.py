@@ -49,23 +49,19 @@ class BenchResult:
     command: str = ""
 
 
-def _executed_block_flops(decisions: dict[str, list[str]], blocks: list[str], per_call: dict[str, float],
-                          parents: dict[str, str | None]) -> float:
+def _executed_block_flops(decisions: dict[str, list[str]], blocks: list[str], per_call: dict[str, float]) -> float:
     """Block FLOPs a ditopt run executed, from its decisions: a block that computes costs its
-    FLOPs less those of the outermost sub-sites that did not compute."""
+    FLOPs less those of the sub-sites that reused (the runtime marks the sites inside those
+    ``skipped``, so each reused region is counted once)."""
     calls = len(decisions[blocks[0]])
     total = 0.0
     for i in range(calls):
         for b in blocks:
             if decisions[b][i] != "compute":
                 continue
-            cost = per_call[b]
-            for site, acts in decisions.items():
-                if site in per_call and site.startswith(b + ".") and acts[i] != "compute":
-                    parent = parents.get(site)
-                    if parent == b or (parent in decisions and decisions[parent][i] == "compute"):
-                        cost -= per_call[site]
-            total += cost
+            total += per_call[b] - sum(per_call[site] for site, acts in decisions.items()
+                                       if site in per_call and site.startswith(b + ".")
+                                       and acts[i] not in ("compute", "skipped"))
     return total
 
 
@@ -95,7 +91,6 @@ def run_bench(model: str = "dit-digits", *, seeds: int = 4, steps: int | None = 
     table = sites(ref_zoo.model, **example)
     blocks = [s.name for s in table if s.kind == "block" and s.parent == "stack"]
     counted = [s.name for s in table if s.kind in ("block", "attention", "feedforward")]
-    parents = {s.name: s.parent for s in table}
     ctx = Context(ref_zoo, n_steps, table)
 
     # full compute: references, times, and the FLOPs of every site per call
@@ -118,7 +113,7 @@ def run_bench(model: str = "dit-digits", *, seeds: int = 4, steps: int | None = 
         label = f"{method.family} {method.name}" if method.family != "ditopt" else f"ditopt {method.name}"
         try:
             row = _run_setting(model, ctx, method, setting, labels, references, full_block_flops, blocks,
-                               per_call, parents, label)
+                               per_call, label)
         except Exception as exc:  # noqa: BLE001 - a failing peer is reported, the rest still run
             if method.family == "ditopt":
                 raise
@@ -155,7 +150,7 @@ def _settings_to_run(keys: Sequence[str], steps: int, failed: dict[str, str]) ->
 
 
 def _run_setting(model_name, ctx, method, setting, labels, references, full_block_flops, blocks, per_call,
-                 parents, label) -> Row:
+                 label) -> Row:
     ref_zoo = ctx.zoo
     fresh = zoo.load(model_name)
     applied = setting.apply(fresh.model, ctx)
@@ -176,7 +171,7 @@ def _run_setting(model_name, ctx, method, setting, labels, references, full_bloc
         out = fresh.sample(labels, seed=seed, steps=ctx.steps, transformer=applied.transformer)
         t_method += time.perf_counter() - t0
         if applied.decisions is not None:
-            executed += _executed_block_flops(applied.decisions(), blocks, per_call, parents)
+            executed += _executed_block_flops(applied.decisions(), blocks, per_call)
         else:
             counter = ModuleCost(fresh.model, blocks)
             applied.before_generation()
