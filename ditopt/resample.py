@@ -46,6 +46,7 @@ def resample_plan(plan: "Plan", steps: int) -> "Plan":
     against 45.22 for this method; ``docs/BENCHMARKS.md``).
 
     Example:
+        >>> from ditopt.plan import Plan, Rule
         >>> plan = Plan(steps=4, rules=[Rule(sites=("*",), kind="block", steps=(1, 3), action="reuse_residual")])
         >>> resample_plan(plan, 8).rules[0].steps
         (1, 3, 5, 7)
