@@ -8,7 +8,7 @@ backend with inductor below. The other functions read or steer the model's
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch._dynamo.eval_frame import OptimizedModule
@@ -48,12 +48,14 @@ def candidate_site_names(model: torch.nn.Module) -> list[str]:
     return [STACK, OUTPUT, *(name for name, _ in model.named_modules() if name)]
 
 
-def optimize(model: torch.nn.Module, plan: PlanLike, *, timestep_arg: str = "timestep") -> torch.nn.Module:
+def optimize(model: torch.nn.Module, plan: PlanLike, *, timestep_arg: str = "timestep",
+             coalesce: bool = True) -> torch.nn.Module:
     """Make ``model`` reuse features as ``plan`` says; a drop-in replacement for the model.
 
     The plan is checked at once against the model's module paths (a plan for another model,
     unknown sites, bad steps fail here, naming rule and site); the graph is captured on the
-    first call, where the plan is resolved against the sites found in it.
+    first call, where the plan is resolved against the sites found in it. Adjacent sites that
+    decide alike share one region and one cache (exact; ``coalesce=False`` keeps one per site).
 
     Example:
         >>> import torch, ditopt
@@ -68,11 +70,11 @@ def optimize(model: torch.nn.Module, plan: PlanLike, *, timestep_arg: str = "tim
         >>> ditopt.stats(fast).decisions["transformer_blocks.1.attn1"]
         ['compute', 'reuse', 'compute', 'reuse']
     """
-    return wrap(model, plan, timestep_arg=timestep_arg)
+    return wrap(model, plan, timestep_arg=timestep_arg, coalesce=coalesce)
 
 
 def wrap(model: torch.nn.Module, plan: PlanLike, *, timestep_arg: str = "timestep", observe: bool = False,
-         runtime: Runtime | None = None) -> torch.nn.Module:
+         runtime: Runtime | None = None, coalesce: bool = True) -> torch.nn.Module:
     """What :func:`optimize` does; ``observe`` and ``runtime`` are for the profiler's entry point."""
     if isinstance(model, OptimizedModule):
         raise DitoptError("optimize() takes the original model, not a torch.compile'd one")
@@ -82,7 +84,8 @@ def wrap(model: torch.nn.Module, plan: PlanLike, *, timestep_arg: str = "timeste
     plan.check_patterns(candidate_site_names(model))
     runtime = runtime or Runtime()
     runtime.param_ids = {id(p) for p in model.parameters()}
-    backend = DitoptBackend(plan, runtime, inductor=False, timestep_arg=timestep_arg, observe=observe)
+    backend = DitoptBackend(plan, runtime, inductor=False, timestep_arg=timestep_arg, observe=observe,
+                            coalesce=coalesce)
     _make_room_for_another_model()
     wrapped = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
     wrapped.__class__ = DitoptModule
@@ -180,8 +183,8 @@ def set_plan(model: torch.nn.Module, plan: PlanLike) -> None:
         why = old.incompatibility(table)
         if why is not None:
             raise PlanError(why)
-    for graph in list(rt.graphs):
-        rt.set_graph(graph, table)
+    for graph, old in list(rt.graphs.items()):
+        rt.set_graph(graph, replace(table, runs=dict(old.runs)))
     backend.plan = plan
     rt.reset()
 

@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 
 from ditopt.passes import PassContext, run_pipeline
+from ditopt.passes.annotations import graph_annotation
 from ditopt.runtime import DecisionTable, Runtime, find_runtime
 
 from .errors import PlanError
@@ -74,7 +75,8 @@ def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 class DitoptBackend:
     """A dynamo backend that rewrites each captured graph according to ``plan``.
 
-    ``observe`` inserts the profiler's observer nodes (:func:`ditopt.profile` sets it).
+    ``observe`` inserts the profiler's observer nodes (:func:`ditopt.profile` sets it);
+    ``coalesce=False`` keeps one region per site (``coalesce_regions`` off).
     ``last`` is the :class:`CompiledGraph` of the latest graph compiled.
 
     Example:
@@ -85,9 +87,10 @@ class DitoptBackend:
     """
 
     def __init__(self, plan: PlanLike, runtime: Runtime | None = None, *, inductor: bool = True,
-                 timestep_arg: str = "timestep", observe: bool = False):
+                 timestep_arg: str = "timestep", observe: bool = False, coalesce: bool = True):
         self.plan = as_plan(plan)
         self.observe = observe
+        self.coalesce = coalesce
         self.runtime = runtime
         self.inductor = inductor
         self.timestep_arg = timestep_arg
@@ -104,18 +107,28 @@ class DitoptBackend:
         sites = find_sites(gm.graph)
         table = self.plan.compile(sites)  # raises PlanError before anything is rewritten
         graph_id = len(runtime.graphs)
+        device = _model_device(example_inputs)
         ctx = PassContext(sites=sites, runtime_id=runtime.id, graph_id=graph_id, inductor=self.inductor,
-                          timestep=self.timestep_arg, observe=self.observe)
+                          timestep=self.timestep_arg, observe=self.observe, device=device,
+                          coalesce=self.coalesce)
         report = run_pipeline(gm, ctx, table, inductor=self.inductor)
+        table.runs = dict(graph_annotation(gm).coalesced)  # the runs coalesce_regions made one region
         runtime.set_graph(graph_id, table)
         self.last = CompiledGraph(graph_id, original, gm, sites, table, report)
-        token = torch.zeros(1, dtype=torch.int64)
+        token = torch.zeros(1, dtype=torch.int64, device=device)  # where the graph's tensors are: no transfers
         if self.inductor:
             from torch._inductor.compile_fx import compile_fx
 
             compiled = compile_fx(gm, [*example_inputs, token])
             return lambda *args: compiled(*args, token)
         return lambda *args: gm(*args, token)
+
+
+def _model_device(example_inputs: list[Any]) -> torch.device:
+    """The device of the model's parameters (else of its first tensor input, else the CPU)."""
+    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
+    params = [t for t in tensors if isinstance(t, torch.nn.Parameter)]
+    return (params or tensors or [torch.empty(0)])[0].device
 
 
 _BACKENDS: dict[int, DitoptBackend] = {}  # runtime id -> the backend that last compiled for it
@@ -127,7 +140,7 @@ def backend_of(runtime: Runtime) -> DitoptBackend | None:
 
 
 def compile_graph(gm: fx.GraphModule, plan: PlanLike, example_inputs: list[Any], *, inductor: bool = False,
-                  timestep_arg: str = "timestep", runtime: Runtime | None = None):
+                  timestep_arg: str = "timestep", runtime: Runtime | None = None, coalesce: bool = True):
     """Rewrite an already captured graph (e.g. from ``torch.fx.symbolic_trace``) and return a
     callable taking the graph's positional inputs, plus the backend (``.runtime``, ``.last``).
 
@@ -160,7 +173,8 @@ def compile_graph(gm: fx.GraphModule, plan: PlanLike, example_inputs: list[Any],
 
     if not any("example_value" in n.meta or "tensor_meta" in n.meta for n in gm.graph.nodes):
         ShapeProp(gm).propagate(*example_inputs)
-    backend = DitoptBackend(plan, runtime or Runtime(), inductor=inductor, timestep_arg=timestep_arg)
+    backend = DitoptBackend(plan, runtime or Runtime(), inductor=inductor, timestep_arg=timestep_arg,
+                            coalesce=coalesce)
     compiled = backend(gm, list(example_inputs))
 
     def run(*args):
@@ -174,13 +188,15 @@ def ditopt_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict 
     """The registered backend: ``torch.compile(model, backend="ditopt", options={"plan": plan})``.
 
     Options: ``plan`` (required: a Plan, a YAML path or text), ``timestep_arg`` (default
-    ``"timestep"``), ``inductor`` (default True; False runs the rewritten graph as Python).
+    ``"timestep"``), ``inductor`` (default True; False runs the rewritten graph as Python),
+    ``coalesce`` (default True: runs of adjacent sites that decide alike share one region and cache).
     """
     options = dict(options or {})
     if "plan" not in options:
         raise PlanError("backend 'ditopt' needs options={'plan': ...}")
     backend = DitoptBackend(options.pop("plan"), inductor=options.pop("inductor", True),
-                            timestep_arg=options.pop("timestep_arg", "timestep"))
+                            timestep_arg=options.pop("timestep_arg", "timestep"),
+                            coalesce=options.pop("coalesce", True))
     if options:
         raise PlanError(f"unknown ditopt backend option(s): {sorted(options)}")
     return backend(gm, example_inputs)

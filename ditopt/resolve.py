@@ -15,7 +15,7 @@ Example:
     >>> plan = Plan.from_yaml("version: 1\\nsteps: 3\\nrules: [{sites: 'blocks.1', steps: [2], action: reuse_residual}]")
     >>> table = compile_plan(plan, sites)
     >>> table.actions["blocks.1"], table.slots
-    ([compute, compute, reuse_residual], {'blocks.1': 'residual'})
+    (['compute', 'compute', 'reuse_residual'], {'blocks.1': 'residual'})
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from ditopt.runtime.decisions import DecisionTable
 
 from . import annotations
 from .annotate_decisions import annotate_decisions
+from .coalesce_regions import coalesce_regions
 from .insert_cache_ops import insert_cache_ops
 from .insert_indicators import insert_indicators
 from .insert_observers import insert_observers
@@ -24,6 +25,7 @@ from .verify_graph import GraphInvariantError, verify_graph
 
 # annotate_decisions runs first and alone reads the plan (it takes the decision table).
 PIPELINE = [
+    coalesce_regions,       # before any node is inserted: a run of sites that decide alike is one region
     insert_step_tracking,   # token + begin_step: every later runtime op reads the token
     insert_observers,       # profiling graphs only (ctx.observe): observe each site's output
     insert_indicators,      # before cache ops, so a watched site's indicator sits outside the regions
@@ -52,6 +54,6 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, table: DecisionTable, *,
 
 __all__ = [
     "annotations", "EAGER_ONLY", "PIPELINE", "GraphInvariantError", "PassContext", "PassResult", "annotate_decisions",
-    "insert_cache_ops", "insert_indicators", "insert_observers", "insert_skip_branches", "insert_step_tracking",
+    "coalesce_regions", "insert_cache_ops", "insert_indicators", "insert_observers", "insert_skip_branches", "insert_step_tracking",
     "lower_skip_branches", "run_pipeline", "verify_graph",
 ]

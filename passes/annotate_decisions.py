@@ -6,7 +6,7 @@ Rewrite to: no new nodes. Annotations only (:mod:`.annotations`):
     NodeAnnotation.regions      the names of the rewritten sites the node belongs to
     NodeAnnotation.watch        on the node a when rule watches (its site's first live-out, or
                                 its modulated input for `on: input`): the when-rule indices
-    GraphAnnotation.rewrites    {site: SiteRewrite(slot, depth)} for every site that reuses
+    GraphAnnotation.rewrites    {site: SiteRewrite(slot, depth, schedule)} for every site that reuses
 The table itself goes to the runtime from the backend; no copy of it is kept in the graph.
 """
 
@@ -31,7 +31,8 @@ def annotate_decisions(gm: fx.GraphModule, ctx: PassContext, table: DecisionTabl
             node = by_name[node_name]
             annotate(node, regions=(*node_annotation(node).regions, name))
         depth = sum(1 for a in sites.ancestors(name) if a in table.actions)
-        ga.rewrites[name] = SiteRewrite(slot=table.slots[name], depth=depth)
+        schedule = (tuple(table.actions[name]), tuple(table.adaptive[name]), tuple(table.orders.get(name, ())))
+        ga.rewrites[name] = SiteRewrite(slot=table.slots[name], depth=depth, schedule=schedule)
     for index, indicator in enumerate(table.indicators):
         node = by_name[indicator.node]
         annotate(node, watch=(*node_annotation(node).watch, index))

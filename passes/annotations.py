@@ -102,11 +102,13 @@ def token_of(graph: fx.Graph) -> fx.Node | None:
 
 @dataclass(frozen=True)
 class SiteRewrite:
-    """How one site is rewritten: the cache slot it stores and loads, and how many rewritten
-    sites enclose it (skip branches are made innermost first)."""
+    """How one site is rewritten: the cache slot it stores and loads, how many rewritten sites
+    enclose it (skip branches are made innermost first), and its schedule (its action, ``when``
+    rule and Taylor order at every step: sites with equal schedules decide alike)."""
 
     slot: str
     depth: int
+    schedule: tuple = ()
 
 
 @dataclass
@@ -114,6 +116,7 @@ class GraphAnnotation:
     annotated: bool = False  # annotate_decisions has run
     rewrites: dict[str, SiteRewrite] = field(default_factory=dict)  # the sites that get a skip branch
     skip_branches: set[str] | None = None  # sites given one so far (None: insert_skip_branches not run)
+    coalesced: dict[str, tuple[str, ...]] = field(default_factory=dict)  # lead site -> the run it stands for
 
 
 def graph_annotation(gm: fx.GraphModule) -> GraphAnnotation:

@@ -49,7 +49,7 @@ def insert_step_tracking(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     with graph.inserting_after(placeholders[-1]):
         token = graph.placeholder(TOKEN)
     token._dynamo_source = None
-    token.meta["example_value"] = torch.zeros(1, dtype=torch.int64)
+    token.meta["example_value"] = torch.zeros(1, dtype=torch.int64, device=ctx.device)
     annotate(token, role=Role.TOKEN)
     with graph.inserting_after(token):
         begin = graph.call_function(torch.ops.ditopt.begin_step.default, (token, timestep, ctx.runtime_id, ctx.graph_id))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
@@ -24,7 +25,8 @@ class PassContext:
     ``runtime_id``/``graph_id`` are baked into the runtime ops; ``inductor`` says whether
     inductor compiles the result (cache tensors are then copied, since inductor may reuse an
     output buffer); ``timestep`` names the forward argument that carries the timestep;
-    ``observe`` asks for the profiler's observer nodes.
+    ``observe`` asks for the profiler's observer nodes; ``device`` is where the model's tensors
+    live (the runtime token and everything the rewritten graph creates go there).
     """
 
     sites: SiteTable
@@ -33,6 +35,8 @@ class PassContext:
     inductor: bool = False
     timestep: str = "timestep"
     observe: bool = False
+    device: torch.device = torch.device("cpu")
+    coalesce: bool = True  # coalesce_regions: one region for each run of sites that decide alike
 
 
 def replace_site_nodes(sites: SiteTable, renames: dict[str, str]) -> SiteTable:

@@ -34,7 +34,8 @@ class Action(str, Enum):
     def __str__(self) -> str:
         return self.value
 
-    __repr__ = __str__
+    def __repr__(self) -> str:  # as the plain string prints, so that tables and stats read as YAML does
+        return repr(self.value)
 
     def __hash__(self) -> int:  # as the plain string's, so that either finds the other in a dict
         return str.__hash__(self)
@@ -65,6 +66,8 @@ class DecisionTable:
     (site, step), else None. ``slots[site]``: the cache slot a reusing site reads ("output" or
     "residual"). ``orders[site][step]``: a ``predict`` step's Taylor order (0 elsewhere).
     ``parents[site]``: the sites that contain it; ``site_order``: every site in graph order.
+    ``runs[lead]``: the sites a coalesced region stands for (the graph decides and caches once
+    for the run, under the lead's name; the stats report each member).
     """
 
     steps: int
@@ -75,6 +78,11 @@ class DecisionTable:
     orders: dict[str, list[int]] = field(default_factory=dict)
     parents: dict[str, list[str]] = field(default_factory=dict)
     site_order: list[str] = field(default_factory=list)
+    runs: dict[str, tuple[str, ...]] = field(default_factory=dict)  # a coalesced run's lead -> its sites
+
+    def members(self, site: str) -> tuple[str, ...]:
+        """The sites a decision about ``site`` is for: the run it leads, or itself."""
+        return self.runs.get(site, (site,))
 
     @property
     def when_rules(self) -> list[tuple[str, float]]:
@@ -126,8 +134,9 @@ class DecisionTable:
     def incompatibility(self, other: "DecisionTable") -> str | None:
         """Why ``other`` cannot replace this table in an already rewritten graph, or None.
 
-        The graph holds a skip branch and cache nodes per planned site, and indicator nodes per
-        ``when`` rule: a static table for the same sites, slots and step count swaps in."""
+        The graph holds a skip branch and cache nodes per planned site (or coalesced run), and
+        indicator nodes per ``when`` rule: a static table for the same sites, slots and step
+        count, deciding each coalesced run alike, swaps in (and keeps the runs)."""
         if self.indicators or other.indicators:
             return "set_plan() swaps static plans only; this plan or the model's has `when` rules"
         if set(self.actions) != set(other.actions) or self.slots != other.slots:
@@ -135,6 +144,11 @@ class DecisionTable:
                     f"{sorted(self.actions)}); optimise again instead")
         if self.steps != other.steps:
             return f"plan has {other.steps} steps, the compiled graph {self.steps}"
+        for lead, run in self.runs.items():
+            rows = {(tuple(other.actions[s]), tuple(other.orders.get(s, ()))) for s in run}
+            if len(rows) > 1:
+                return (f"the compiled graph decides {run[0]}..{run[-1]} as one region (coalesced), but the "
+                        f"plan gives them different schedules; optimise again (or with coalesce=False)")
         return None
 
 

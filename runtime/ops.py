@@ -23,7 +23,7 @@ from .session import get_runtime
 def begin_step(token: torch.Tensor, timestep: torch.Tensor, rid: int, graph: int) -> None:
     """Advance the runtime's step state from this call's timestep."""
     token.add_(1)
-    get_runtime(rid).begin(float(timestep.reshape(-1)[0]), graph)
+    get_runtime(rid).begin(lambda: float(timestep.reshape(-1)[0]), graph)  # read only if the step is not told
 
 
 @begin_step.register_fake
@@ -37,8 +37,8 @@ def decide(token: torch.Tensor, rid: int, graph: int, site: str, shape: list[int
     rt = get_runtime(rid)
     decision = rt.decide(graph, site, tuple(shape))
     if decision is None:
-        return rt.decide_adaptive(graph, site).to(token.device)
-    return torch.tensor(decision, device=token.device)
+        return rt.decide_adaptive(graph, site, token.device)
+    return rt.flag(decision, token.device)
 
 
 @decide.register_fake
@@ -84,11 +84,22 @@ def _(token, rid, graph, site, slot, shape, dtype, copy):
 def cache_store(
     token: torch.Tensor, value: torch.Tensor, computed: torch.Tensor, rid: int, graph: int, site: str, slot: str, copy: bool
 ) -> None:
-    """Store ``value`` as (site, slot) of this step if the site ``computed`` at this call."""
+    """Store ``value`` as (site, slot) of this step if the site ``computed`` at this call.
+
+    Whether it did is known on the host for a static decision; for one a ``when`` rule made on
+    the device, the store selects between ``value`` and the cached tensor there (no sync)."""
     token.add_(1)
-    if bool(computed):
-        rt = get_runtime(rid)
-        rt.store.put(rt.key(graph, site, slot), rt.state.step, value.detach().clone() if copy else value.detach())
+    rt = get_runtime(rid)
+    known = rt.computed(site)  # static decisions are known on the host: no read of ``computed``
+    if known is False:
+        return
+    value = value.detach().clone() if copy else value.detach()
+    key = rt.key(graph, site, slot)
+    previous = rt.store.latest(key)
+    if known is None and previous is not None and previous.value.shape == value.shape:
+        # decided on the device: keep the cached value where the site reused, without a sync
+        value = torch.where(computed, value, previous.value)
+    rt.store.put(key, rt.state.step, value)
 
 
 @cache_store.register_fake

@@ -11,7 +11,7 @@ import itertools
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -54,6 +54,7 @@ class Runtime:
         self._reuse_ok: dict[tuple[int, int, int], torch.Tensor] = {}
         self._module_ref: weakref.ref | None = None
         self._overran = False  # this generation has run past the plan's steps (warned once)
+        self._flags: dict[tuple[bool, torch.device], torch.Tensor] = {}  # decision constants per device
         _RUNTIMES[self.id] = self
 
     # -- set-up ---------------------------------------------------------------------------
@@ -78,7 +79,8 @@ class Runtime:
         self._reuse_ok.clear()
 
     # -- called by the ops ----------------------------------------------------------------
-    def begin(self, t: float, graph: int = -1) -> None:
+    def begin(self, t: float | Callable[[], float], graph: int = -1) -> None:
+        """Start a call: advance the step state (``t()`` is read only when the step is not told)."""
         step, branch, new_generation = self.state.observe(t)
         if new_generation:
             self.store.clear()
@@ -106,19 +108,39 @@ class Runtime:
             if self.store.has(self.key(graph, site, table.slots[site] + "0"), shape):
                 decision = None if table.adaptive[site][step] is not None else False
         if decision is not None:  # an adaptive decision is recorded by decide_adaptive
-            self._record(site, Action.COMPUTE if decision else table.action(site, step))
+            for member in table.members(site):
+                self._record(member, Action.COMPUTE if decision else table.action(site, step))
         return decision
 
-    def decide_adaptive(self, graph: int, site: str) -> torch.Tensor:
+    def decide_adaptive(self, graph: int, site: str, device: torch.device) -> torch.Tensor:
         """The compute predicate of an adaptive (site, step): a device tensor, never read here."""
         table = self.graphs[graph]
         rule = table.adaptive[site][self.state.step]
         reuse_ok = self._reuse_ok.get((graph, rule, self.state.branch))
+        decided = Action.COMPUTE if reuse_ok is None else (reuse_ok, table.actions[site][self.state.step])
+        for member in table.members(site):
+            self.records[-1].decisions[member] = decided
         if reuse_ok is None:  # the rule's indicator has no history yet
-            self.records[-1].decisions[site] = Action.COMPUTE
-            return torch.ones((), dtype=torch.bool)
-        self.records[-1].decisions[site] = (reuse_ok, table.actions[site][self.state.step])
-        return ~reuse_ok
+            return self.flag(True, device)
+        return (~reuse_ok).to(device)
+
+    def flag(self, value: bool, device: torch.device) -> torch.Tensor:
+        """A fresh bool scalar on ``device``: a device copy of a constant made once per device, so
+        that a static decision costs no host-to-device transfer (and no stream sync) per call."""
+        key = (bool(value), torch.device(device))
+        constant = self._flags.get(key)
+        if constant is None:
+            constant = self._flags[key] = torch.tensor(bool(value), device=device)
+        return constant.clone()
+
+    def computed(self, site: str) -> bool | None:
+        """Whether ``site`` computed at this call, as known on the host: None when a ``when`` rule
+        decided it on the device; False when it was not decided at all (a site inside a region
+        that did not compute is not reached)."""
+        decision = self.records[-1].decisions.get(site) if self.records else None
+        if isinstance(decision, tuple):
+            return None
+        return decision == Action.COMPUTE
 
     def update_indicator(self, graph: int, rule: int, value: torch.Tensor) -> None:
         """Accumulate the relative L1 change of a ``when`` rule's watched tensor (its ``of``

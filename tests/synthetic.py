@@ -37,6 +37,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 import ditopt
 from ditopt.passes import EAGER_ONLY, PIPELINE, PassContext, annotate_decisions
+from ditopt.passes.annotations import graph_annotation
 from ditopt.runtime import Runtime
 
 COUNTS: Counter[int] = Counter()
@@ -300,18 +301,21 @@ class Prepared:
 
     def __call__(self, *args) -> tuple[torch.Tensor, ...]:
         """Run the rewritten graph, registering its decisions and passing the token."""
+        self.compiled.runs = dict(graph_annotation(self.gm).coalesced)  # as the backend does
         self.runtime.set_graph(0, self.compiled)
         with torch.no_grad():
             out = self.gm(*args, torch.zeros(1, dtype=torch.int64))
         return out if isinstance(out, tuple) else (out,)
 
 
-def prepare(model: nn.Module, plan: ditopt.Plan, example_inputs, *, inductor: bool = False) -> Prepared:
+def prepare(model: nn.Module, plan: ditopt.Plan, example_inputs, *, inductor: bool = False,
+            coalesce: bool = False) -> Prepared:
+    """``coalesce`` is off by default: the pass tests look at one site's rewrite at a time."""
     gm = trace(model, *example_inputs)
     sites = ditopt.find_sites(gm.graph)
     compiled = plan.compile(sites)
     runtime = Runtime()
-    ctx = PassContext(sites=sites, runtime_id=runtime.id, graph_id=0, inductor=inductor)
+    ctx = PassContext(sites=sites, runtime_id=runtime.id, graph_id=0, inductor=inductor, coalesce=coalesce)
     return Prepared(gm, sites, compiled, ctx, runtime)
 
 

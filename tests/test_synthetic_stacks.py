@@ -16,8 +16,8 @@ from ditopt.backend import compile_graph
 from synthetic import COND, COUNTS, HandCache, actions_of, block_plan, eager, latents, make_stack, targets, timesteps
 
 
-def compile_stack(model, plan, example):
-    return compile_graph(fx.symbolic_trace(model), plan, example)
+def compile_stack(model, plan, example, **options):
+    return compile_graph(fx.symbolic_trace(model), plan, example, **options)
 
 
 def test_all_compute_plan_is_bit_identical_to_eager():
@@ -51,7 +51,14 @@ def test_fora_block_plan_reuses_at_the_planned_steps_and_matches_by_hand():
     for i in range(3):
         assert decisions[f"blocks.{i}"] == planned
         assert decisions[f"blocks.{i}.attn"] == [d if d == "compute" else "skipped" for d in planned]
-    assert backend.runtime.store.nbytes == 3 * xs[0].numel() * 4  # one residual per block
+    assert backend.runtime.store.nbytes == xs[0].numel() * 4  # one residual for the run of 3 blocks (coalesced)
+    assert backend.last.table.runs == {"blocks.0": ("blocks.0", "blocks.1", "blocks.2")}
+    run_per_block, per_block = compile_stack(model, ditopt.presets.fora(interval, steps, level="block"),
+                                             [xs[0], ts[0]], coalesce=False)
+    for step, (x, t) in enumerate(zip(xs, ts)):
+        torch.testing.assert_close(run_per_block(x, t)[0], reference(step, 0, x, timestep=t)[0], rtol=0, atol=1e-6)
+    assert per_block.runtime.store.nbytes == 3 * xs[0].numel() * 4  # one residual per block
+    assert per_block.runtime.decisions() == decisions
 
 
 def test_a_reused_block_does_not_run():
@@ -80,9 +87,9 @@ def test_cfg_branches_keep_separate_caches():
             torch.testing.assert_close(run(x, t)[0], reference(step, branch, x, timestep=t)[0], rtol=0, atol=1e-6)
 
     store = backend.runtime.store
-    per_branch = [store.latest((0, "blocks.1", "residual0", b)).value for b in (0, 1)]
+    per_branch = [store.latest((0, "blocks.0", "residual0", b)).value for b in (0, 1)]  # the coalesced run's
     assert not torch.equal(*per_branch)
-    assert store.nbytes == 2 * 2 * cond[0].numel() * 4
+    assert store.nbytes == 2 * cond[0].numel() * 4  # per branch, one residual for both blocks
     assert backend.runtime.decisions()["blocks.0"] == ["compute", "compute", "reuse_residual", "reuse_residual"] * 2
 
 

@@ -2,7 +2,7 @@
 
     before                          after (FORA, block level)
     add_5 = x + ff(...)             add_5 = x + ff(...)        node_annotation(add_5).regions == ("blocks.0",)
-                                    graph_annotation(gm).rewrites["blocks.0"] == SiteRewrite("residual", 0)
+                                    graph_annotation(gm).rewrites["blocks.0"].slot == "residual"
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 import ditopt
-from ditopt.passes.annotations import SiteRewrite, graph_annotation, node_annotation
+from ditopt.passes.annotations import graph_annotation, node_annotation
 from synthetic import eager, latents, make_stack, prepare, snapshot, timesteps
 
 
@@ -39,7 +39,9 @@ def test_marks_exactly_the_nodes_of_each_reusing_site():
 
     info = graph_annotation(p.gm).rewrites
     assert sorted(info) == ["blocks.0", "blocks.1"]
-    assert info["blocks.0"] == SiteRewrite(slot="residual", depth=0)
+    assert (info["blocks.0"].slot, info["blocks.0"].depth) == ("residual", 0)
+    assert info["blocks.0"].schedule == info["blocks.1"].schedule  # FORA: both blocks decide alike
+    assert info["blocks.0"].schedule[0] == tuple(p.compiled.actions["blocks.0"])
     assert p.ctx.sites["blocks.0"].residual_inputs == ("x",)  # the site table is the one source of site facts
     assert p.ctx.sites["blocks.1"].residual_inputs == p.sites["blocks.0"].live_outs
     assert not any(isinstance(v, ditopt.DecisionTable) for v in vars(graph_annotation(p.gm)).values())

@@ -56,7 +56,8 @@ def test_debug_mode_verifies_after_every_pass(name, monkeypatch):
     monkeypatch.setenv("DITOPT_DEBUG", "1")
     p = prepare(make_stack(3), PLANS[name], [latents(1)[0], timesteps(1)[0]])
     report = run_pipeline(p.gm, p.ctx, p.compiled, inductor=False)
-    assert [step for step, _ in report] == ["annotate_decisions", "insert_step_tracking", "insert_observers",
+    assert [step for step, _ in report] == ["annotate_decisions", "coalesce_regions", "insert_step_tracking",
+                                            "insert_observers",
                                             "insert_indicators", "insert_cache_ops", "insert_skip_branches", "lower_skip_branches"]
 
 
