@@ -34,7 +34,9 @@ def insert_cache_ops(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     by_name = {n.name: n for n in graph.nodes}
     order = {n: i for i, n in enumerate(graph.nodes)}
     changed = False
-    for site, rewrite in rewrites.items():
+    # Outermost first: an inner site's decision and loads join the enclosing region, which must
+    # then already have its own (and ``order`` knows only the nodes there were at the start).
+    for site, rewrite in sorted(rewrites.items(), key=lambda item: item[1].depth):
         if site in have:
             continue
         members = [n for n in graph.nodes if site in regions_of(n)]

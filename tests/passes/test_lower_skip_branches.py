@@ -72,6 +72,18 @@ def test_lowered_nested_sites_match_the_hand_written_plan():
     assert decisions["blocks.0.ff"] == ["compute", "compute", "skipped", "compute"]
 
 
+def test_nested_sites_match_whatever_order_the_plan_names_them_in():
+    """The inner site's rule first: the passes still rewrite the outer region around it."""
+    plan = nested_plan("reuse")
+    inner_first = ditopt.Plan(steps=plan.steps, rules=list(reversed(plan.rules)))
+    model, p = setup(inner_first)
+    lower_skip_branches(p.gm, p.ctx)
+    xs, ts = latents(NESTED_STEPS), timesteps(NESTED_STEPS)
+    for x, t, want in zip(xs, ts, hand_nested(model, xs, ts, "reuse")):
+        torch.testing.assert_close(p(x, t)[0], want, rtol=0, atol=1e-6)
+    assert p.runtime.decisions()["blocks.0.attn"] == ["compute", "reuse", "skipped", "reuse"]
+
+
 def test_graph_without_cond_is_left_alone():
     model, p = setup(ditopt.presets.all_compute(steps=STEPS))
     before = snapshot(p.gm)
