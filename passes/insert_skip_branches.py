@@ -150,12 +150,14 @@ def _branch_graph(members: list[fx.Node], operands: list[fx.Node], outputs: list
     for n in members:
         env[n] = g.node_copy(n, lambda a: env[a])
     seen = {_storage(op) for op in operands} - {None}
+    roots = set(operands)
     results = []
     for o in outputs:
-        value, storage = env[o], _storage(o)
-        if o in operands or (storage is not None and storage in seen):
+        value, storage, root = env[o], _storage(o), _view_root(o, roots)
+        if root in roots or (storage is not None and storage in seen):
             value = g.call_method("clone", (value,))
         seen.add(storage)
+        roots.add(root)
         results.append(g.call_method("contiguous", (value,)) if contiguous else value)
     g.output(tuple(results))
     return g
@@ -203,7 +205,7 @@ def _pinned_operands(graph: fx.Graph, operands: list[fx.Node], before: fx.Node,
     (free when it had not fixed one; a copy otherwise). Graph inputs have guarded strides."""
     out = []
     for op in operands:
-        ex = op.meta.get("example_value", op.meta.get("val"))
+        ex = _example(op)
         if op.op != "placeholder" and isinstance(ex, torch.Tensor) and ex.dim() > 0:
             with graph.inserting_before(before):
                 pinned = graph.call_function(_force_stride_order(), (op, list(ex.stride())))
@@ -226,6 +228,24 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
         strides.append(step)
         step *= max(size, 1)
     return tuple(reversed(strides))
+
+
+_VIEW_METHODS = {"view", "reshape", "transpose", "permute", "expand", "expand_as", "view_as", "squeeze", "unsqueeze",
+                 "flatten", "unflatten", "narrow", "select", "t", "contiguous", "chunk", "split", "unbind",
+                 "__getitem__", "detach", "as_strided"}
+_VIEW_FUNCTIONS = {operator.getitem, torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.squeeze,
+                   torch.unsqueeze, torch.narrow, torch.select, torch.t, torch.chunk, torch.split, torch.unbind,
+                   torch.detach}
+
+
+def _view_root(node: fx.Node, stop: set[fx.Node]) -> fx.Node:
+    """The node whose memory ``node`` may share: followed back through view-like ops up to one in
+    ``stop`` (for graphs without example values, whose storages would say it)."""
+    while node not in stop and node.args and isinstance(node.args[0], fx.Node) and (
+            (node.op == "call_method" and node.target in _VIEW_METHODS)
+            or (node.op == "call_function" and node.target in _VIEW_FUNCTIONS)):
+        node = node.args[0]
+    return node
 
 
 def _storage(node: fx.Node):
