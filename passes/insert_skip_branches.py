@@ -141,7 +141,8 @@ def _branch_graph(members: list[fx.Node], operands: list[fx.Node], outputs: list
     """The compute branch: the region's nodes, returning ``outputs``. An output that is (a view
     of) an operand, or of an earlier output, is cloned: ``torch.cond`` refuses branches whose
     outputs alias their inputs or each other (a dual-stream block passing a stream through).
-    With ``contiguous`` (under inductor) every output is made contiguous (free when it is)."""
+    With ``contiguous`` (under inductor) every output gets the contiguous strides of its shape
+    (free when it has them)."""
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for op in operands:
@@ -154,11 +155,17 @@ def _branch_graph(members: list[fx.Node], operands: list[fx.Node], outputs: list
     results = []
     for o in outputs:
         value, storage, root = env[o], _storage(o), _view_root(o, roots)
-        if root in roots or (storage is not None and storage in seen):
-            value = g.call_method("clone", (value,))
+        aliases = root in roots or (storage is not None and storage in seen)
         seen.add(storage)
         roots.add(root)
-        results.append(g.call_method("contiguous", (value,)) if contiguous else value)
+        if contiguous and (aliases or _view_root(o, set()) is not o):
+            # under inductor every view is copied with an op it cannot elide: it removes a clone of a
+            # slice, then refuses branch outputs that view one buffer (a joint attention's streams)
+            results.append(g.call_function(torch.ops.ditopt.dense_copy.default, (value,)))
+        elif contiguous:
+            results.append(_dense(g, value, _example(o)))
+        else:
+            results.append(g.call_method("clone", (value,)) if aliases else value)
     g.output(tuple(results))
     return g
 
@@ -183,7 +190,7 @@ def _reuse_graph(operands, outputs, live_outs, loads, mains, residual, *, contig
             cached = env[loads[i]]
             value = g.call_function(torch.add, (env[mains[i]], cached)) if residual else \
                 g.call_method("clone", (cached,))
-            results.append(g.call_method("contiguous", (value,)) if contiguous else value)
+            results.append(_dense(g, value, ex) if contiguous else value)
         elif ex.dtype == torch.bool and ex.dim() == 0:  # a nested store's predicate: nothing stored
             results.append(g.call_function(torch.zeros, ((),), {"dtype": torch.bool, "device": ex.device}))
         else:
@@ -214,6 +221,16 @@ def _pinned_operands(graph: fx.Graph, operands: list[fx.Node], before: fx.Node,
             op = pinned
         out.append(op)
     return out
+
+
+def _dense(g: fx.Graph, value: fx.Node, ex: torch.Tensor | None) -> fx.Node:
+    """``value`` with the canonical contiguous strides of its shape. ``contiguous()`` is not
+    enough: a slice of a joint stream with a batch of one *is* contiguous by PyTorch's rule while
+    its batch stride is the whole sequence's, and ``torch.cond`` wants the two branches' strides
+    to be a plain product of sizes. Free where the value already has them."""
+    if ex is None:
+        return g.call_method("contiguous", (value,))
+    return g.call_function(_force_stride_order(), (value, list(_contiguous_strides(tuple(ex.shape)))))
 
 
 def _force_stride_order():

@@ -107,9 +107,22 @@ def _(token, value, computed, rid, graph, site, slot, copy):
     return None
 
 
+@torch.library.custom_op("ditopt::dense_copy", mutates_args=())
+def dense_copy(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``x`` that the compiler cannot elide: what a compiled skip branch
+    returns for an output that is a view (inductor removes a ``clone`` of a slice and then
+    refuses two branch outputs that are views of one buffer)."""
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+@dense_copy.register_fake
+def _(x):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 def run_branch(pred, compute_fn, reuse_fn, operands):
     """The eager lowering of ``torch.cond``: a plain Python branch (no dynamo re-entry)."""
     return compute_fn(*operands) if pred else reuse_fn(*operands)
 
 
-__all__ = ["begin_step", "decide", "update_indicator", "cache_load", "cache_store", "run_branch"]
+__all__ = ["begin_step", "decide", "update_indicator", "cache_load", "cache_store", "dense_copy", "run_branch"]
