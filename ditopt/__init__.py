@@ -9,7 +9,7 @@ See docs/ARCHITECTURE.md for how the package is laid out.
 """
 
 from . import presets
-from .api import Stats, compiled_graph, optimize, reset, set_plan, set_step, sites, stats
+from .api import Stats, compiled_graph, optimize, reset, set_plan, set_step, sites, stats, step_callback
 from .backend import CompiledGraph, DitoptBackend
 from .cost import CostModel, Prediction, cost_model
 from .errors import CaptureError, DitoptError, PlanError
@@ -28,5 +28,5 @@ __all__ = [
     "DitoptError", "Plan", "PlanError", "PlannerConfig", "Prediction", "ProfileError", "RedundancyMap", "Rule",
     "Site", "SiteTable", "Stats", "Tuned", "When", "compiled_graph", "cost_model", "find_sites", "optimize",
     "plan_from_profile", "planner", "presets", "profile", "profile_pipeline", "reset", "set_plan", "set_step",
-    "sites", "stats", "tune", "tune_pipeline",
+    "sites", "stats", "step_callback", "tune", "tune_pipeline",
 ]

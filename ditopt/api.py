@@ -199,6 +199,40 @@ def set_step(model: torch.nn.Module, step: int, branch: int = 0) -> None:
     runtime_of(model).state.set(step, branch)
 
 
+def step_callback(model: torch.nn.Module, steps: int | None = None):
+    """A diffusers ``callback_on_step_end`` that tells ``model``'s runtime each denoising step, so
+    that no call reads the timestep on the host (on a GPU: no device-to-host copy per call).
+
+    Made before a generation, it tells the runtime that the next calls are step 0; after step
+    ``i``, that they are step ``i + 1`` (its CFG branches in call order); after the pipeline's
+    last step (``pipe.num_timesteps``), step 0 of the next generation. (A ``torch.compile``'d
+    model has no runtime before its first call: its first step is inferred from the timestep.)
+    A generation cut short should be followed by :func:`reset`. Pipelines with the older
+    ``callback(i, t, latents)`` (``callback_steps=1``) are served too; give them ``steps``.
+
+    Example::
+
+        fast = ditopt.optimize(pipe.transformer, plan)
+        pipe.transformer = fast
+        image = pipe(prompt, callback_on_step_end=ditopt.step_callback(fast)).images[0]
+    """
+    try:
+        runtime_of(model).state.tell(0)
+    except DitoptError:
+        pass  # compiled by torch.compile and not called yet
+
+    def callback(*args):
+        if len(args) == 4:  # callback_on_step_end(pipe, i, t, callback_kwargs)
+            pipe, i, _, callback_kwargs = args
+            total = getattr(pipe, "num_timesteps", None) or steps
+        else:  # callback(i, t, latents)
+            (i, _, _), callback_kwargs, total = args, None, steps
+        runtime_of(model).state.tell(0 if total is not None and i + 1 >= total else i + 1)
+        return callback_kwargs
+
+    return callback
+
+
 def sites(model: torch.nn.Module, *args, **example_inputs) -> SiteTable:
     """The sites of ``model``, found in the graph captured from one call with these inputs.
 
@@ -223,4 +257,4 @@ def sites(model: torch.nn.Module, *args, **example_inputs) -> SiteTable:
 
 
 __all__ = ["DitoptModule", "Stats", "compiled_graph", "optimize", "reset", "runtime_of", "set_plan", "set_step",
-           "sites", "stats", "wrap"]
+           "sites", "stats", "step_callback", "wrap"]

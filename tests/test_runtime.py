@@ -82,3 +82,45 @@ def test_running_past_the_plans_steps_warns_once_per_generation():
     assert len(over) == 1 and "step 2 is past the plan's 2 steps" in str(over[0].message)
     assert ditopt.stats(fast).decisions["transformer_blocks.0"] == ["compute", "reuse_residual", "compute", "compute"]
     assert len(generation((900, 600, 300))) == 1  # again in the next generation
+
+
+def test_a_step_callback_tells_every_step_and_no_timestep_is_read_after_the_first_call(monkeypatch):
+    """As a diffusers pipeline calls ``callback_on_step_end``: two calls (CFG) per step, then the
+    callback. Decisions and outputs equal the inferred run's; the timestep is never read."""
+    import ditopt
+    from ditopt.runtime.step_state import StepState
+    from ditopt.small_models import MODELS
+
+    model, kwargs = MODELS["dit"]()
+    steps, plan = 4, ditopt.presets.fora(interval=2, steps=4, level="block")
+    timesteps = [torch.full_like(kwargs["timestep"], v) for v in (999, 700, 400, 100)]
+    inferred = ditopt.optimize(model, plan)
+    told = ditopt.optimize(model, plan)
+    reads = []
+    observe = StepState.observe
+
+    def counting(self, t):
+        return observe(self, (lambda: reads.append(1) or t()) if callable(t) else t)
+
+    monkeypatch.setattr(StepState, "observe", counting)
+
+    class Pipe:
+        num_timesteps = steps
+
+    callback = ditopt.step_callback(told)
+    outs = {}
+    with torch.no_grad():
+        for name, fast in (("inferred", inferred), ("told", told)):
+            reads.clear()
+            outs[name] = []
+            for _ in range(2):  # two generations
+                for i, t in enumerate(timesteps):
+                    outs[name] += [fast(**{**kwargs, "timestep": t}, return_dict=False)[0] for _ in range(2)]
+                    if fast is told:
+                        callback(Pipe(), i, t, {})
+            outs[name + " reads"] = len(reads)
+    assert outs["inferred reads"] == 2 * steps * 2 and outs["told reads"] == 0
+    assert ditopt.stats(told).decisions == ditopt.stats(inferred).decisions
+    assert ditopt.stats(told).generation == 1
+    for a, b in zip(outs["told"], outs["inferred"]):
+        assert torch.equal(a, b)
