@@ -17,7 +17,8 @@ and hand the table straight to :meth:`Runtime.set_graph`. What was compiled is k
 from __future__ import annotations
 
 import importlib.metadata
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ def as_plan(plan: PlanLike) -> Plan:
 class CompiledGraph:
     """One graph the backend rewrote: the graph dynamo captured (``original``, untouched), the
     rewritten one, the sites found in the original, the decision table the runtime indexes
-    under ``graph_id``, and ``[(pass, modified)]`` from the pipeline."""
+    under ``graph_id``, ``[(pass, modified)]`` from the pipeline, and the seconds each stage took."""
 
     graph_id: int
     original: fx.GraphModule
@@ -60,6 +61,7 @@ class CompiledGraph:
     sites: SiteTable
     table: DecisionTable
     report: list[tuple[str, bool]]
+    seconds: dict[str, float] = field(default_factory=dict)  # find_sites, compile_plan, passes, inductor
 
 
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -103,23 +105,33 @@ class DitoptBackend:
         self.runtime = runtime
         _BACKENDS[runtime.id] = self
         original = gm
+        clock = [time.perf_counter()]
+
+        def lap() -> float:
+            clock.append(time.perf_counter())
+            return clock[-1] - clock[-2]
+
         gm = _copy_graph_module(gm)
         sites = find_sites(gm.graph)
+        seconds = {"find_sites": lap()}
         table = self.plan.compile(sites)  # raises PlanError before anything is rewritten
+        seconds["compile_plan"] = lap()
         graph_id = len(runtime.graphs)
         device = _model_device(example_inputs)
         ctx = PassContext(sites=sites, runtime_id=runtime.id, graph_id=graph_id, inductor=self.inductor,
                           timestep=self.timestep_arg, observe=self.observe, device=device,
                           coalesce=self.coalesce)
         report = run_pipeline(gm, ctx, table, inductor=self.inductor)
+        seconds["passes"] = lap()
         table.runs = dict(graph_annotation(gm).coalesced)  # the runs coalesce_regions made one region
         runtime.set_graph(graph_id, table)
-        self.last = CompiledGraph(graph_id, original, gm, sites, table, report)
+        self.last = CompiledGraph(graph_id, original, gm, sites, table, report, seconds)
         token = torch.zeros(1, dtype=torch.int64, device=device)  # where the graph's tensors are: no transfers
         if self.inductor:
             from torch._inductor.compile_fx import compile_fx
 
             compiled = compile_fx(gm, [*example_inputs, token])
+            seconds["inductor"] = lap()
             return lambda *args: compiled(*args, token)
         return lambda *args: gm(*args, token)
 

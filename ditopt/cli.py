@@ -191,6 +191,11 @@ def cmd_diff(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"] and any(a == "--device" or a.startswith("--device=") for a in argv):
+        from .bench.gpu import main as speed_main  # speed on one device: ditopt/bench/gpu.py
+
+        speed_main(argv[1:])
+        return 0
     parser = argparse.ArgumentParser(prog="ditopt", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="FORA on a diffusers DiT: reuse per step, speed-up and difference")
@@ -237,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="choose the plan by measuring candidates on the calibration run (ditopt.tune; slower)")
     pr.add_argument("--threads", type=int, default=1)
     pr.set_defaults(func=cmd_profile)
-    b = sub.add_parser("bench", help="fidelity and compute of ditopt presets and peers on the zoo models")
+    b = sub.add_parser("bench", help="fidelity and compute of ditopt presets and peers on the zoo models; "
+                                     "with --device DEV, speed on that device (see ditopt/bench/gpu.py)")
     if argv[:1] == ["bench"]:  # its options come from the harness, imported only for this command
         from .bench import add_arguments
 

@@ -100,3 +100,20 @@ def test_pareto_plot_draws_every_method_and_the_planned_ones_on_top(tmp_path):
     assert len({colours[n] for n in names[:12]}) == 12 and len({colours[n] for n in names[12:]}) == 7
     tuned = next(c for c in shown if c.get_label() == "ditopt tuned plan (closed loop)")
     assert tuned.get_zorder() > max(c.get_zorder() for c in shown if c.get_label() in names)
+
+
+@pytest.mark.slow
+def test_the_speed_benchmark_runs_every_variant_on_the_cpu_at_a_tiny_size():
+    from ditopt.bench import gpu
+
+    rows = {r.variant: r for r in gpu.run("tiny", device="cpu", steps=4, repeats=1, log=lambda _: None)}
+    expected = {"eager", "inductor", "diffusers FBCache", "diffusers TaylorSeer",
+                *(f"ditopt {p}" for p in gpu.PLANS), *(f"ditopt compiled {p}" for p in gpu.PLANS)}
+    assert set(rows) == expected
+    assert all(r.seconds > 0 and r.speedup > 0 for r in rows.values())
+    fora = rows["ditopt compiled FORA-2"]
+    assert fora.block_fraction == pytest.approx(0.5)  # steps 0 and 2 compute
+    tokens, hidden = 3 * 4 * 4, 32
+    assert fora.cache_bytes == rows["ditopt FORA-2"].cache_bytes == 2 * tokens * hidden * 4  # one per CFG branch
+    assert rows["ditopt all-compute"].block_fraction == 1.0 and rows["ditopt all-compute"].cache_bytes == 0
+    assert "| ditopt compiled TaylorSeer-2 |" in gpu.markdown(list(rows.values()))

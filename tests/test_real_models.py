@@ -215,3 +215,24 @@ def test_forecasting_the_output_site_extrapolates_the_models_output(name):
     assert decisions["output"] == ["compute", "compute", "predict", "compute", "predict"]
     blocks = [s for s in decisions if s.startswith(("blocks.", "transformer_blocks."))]
     assert blocks and all(decisions[b][2] == "skipped" and decisions[b][4] == "skipped" for b in blocks)
+
+
+def test_fora_block_level_on_wan_caches_one_residual_per_cfg_branch():
+    """coalesce_regions on a real model: the stack's blocks reuse at the same steps, so they share
+    one cached residual per CFG branch; outputs equal the per-block plan's (``coalesce=False``)."""
+    model, kwargs = build("wan")
+    plan = ditopt.presets.fora(interval=2, steps=4, level="block")
+    together, apart = ditopt.optimize(model, plan), ditopt.optimize(model, plan, coalesce=False)
+    texts = [kwargs["encoder_hidden_states"], torch.randn_like(kwargs["encoder_hidden_states"])]
+    with torch.no_grad():
+        for t in timesteps(4, kwargs["timestep"]):
+            for text in texts:  # CFG as two calls
+                call = {**kwargs, "timestep": t, "encoder_hidden_states": text}
+                torch.testing.assert_close(together(**call, return_dict=False)[0], apart(**call, return_dict=False)[0],
+                                           rtol=1e-5, atol=1e-5)
+    blocks = len(model.blocks)
+    frames, height, width = kwargs["hidden_states"].shape[2:]
+    residual = frames * (height // 2) * (width // 2) * 32 * 4  # tokens (patch 1x2x2) x hidden 32 x float32
+    assert ditopt.stats(together).cache_bytes == 2 * residual  # one residual per branch, not per block
+    assert ditopt.stats(apart).cache_bytes == 2 * blocks * residual
+    assert ditopt.stats(together).decisions == ditopt.stats(apart).decisions
