@@ -203,15 +203,32 @@ def ditopt_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict 
     ``"timestep"``), ``inductor`` (default True; False runs the rewritten graph as Python),
     ``coalesce`` (default True: runs of adjacent sites that decide alike share one region and cache).
     """
+    given = options
     options = dict(options or {})
     if "plan" not in options:
         raise PlanError("backend 'ditopt' needs options={'plan': ...}")
-    backend = DitoptBackend(options.pop("plan"), inductor=options.pop("inductor", True),
+    # torch.compile hands every graph of one wrapper the same options dict: one runtime per wrapper,
+    # never another wrapper's found by its parameters
+    runtime = _runtime_for_options(given)
+    backend = DitoptBackend(options.pop("plan"), runtime, inductor=options.pop("inductor", True),
                             timestep_arg=options.pop("timestep_arg", "timestep"),
                             coalesce=options.pop("coalesce", True))
     if options:
         raise PlanError(f"unknown ditopt backend option(s): {sorted(options)}")
     return backend(gm, example_inputs)
+
+
+_OPTIONS_RUNTIMES: list[tuple[dict, Runtime]] = []  # (the options dict, kept alive so its id stays its own)
+
+
+def _runtime_for_options(options: dict | None) -> Runtime:
+    for given, runtime in _OPTIONS_RUNTIMES:
+        if given is options:
+            return runtime
+    runtime = Runtime()
+    if options is not None:
+        _OPTIONS_RUNTIMES.append((options, runtime))
+    return runtime
 
 
 def _register_backend() -> None:
