@@ -110,6 +110,11 @@ class SiteRewrite:
     depth: int
     schedule: tuple = ()
 
+    @property
+    def adaptive(self) -> bool:
+        """Some step of the site is decided by a ``when`` rule (on the device)."""
+        return len(self.schedule) > 1 and any(rule is not None for rule in self.schedule[1])
+
 
 @dataclass
 class GraphAnnotation:

@@ -46,14 +46,17 @@ def insert_cache_ops(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         shapes = [tensor_meta(o) for o in live_outs]
 
         with graph.inserting_before(members[0]):
+            # a static site's predicate lives on the host (no sync to branch on it); an adaptive one
+            # is computed on the model's device
+            device = ctx.device if rewrite.adaptive else torch.device("cpu")
             pred = graph.call_function(torch.ops.ditopt.decide.default,
-                                       (token, ctx.runtime_id, ctx.graph_id, site, list(shapes[0][0])))
+                                       (token, ctx.runtime_id, ctx.graph_id, site, list(shapes[0][0]), device))
             loads = []
             for i, (shape, dtype) in enumerate(shapes):
                 load = graph.call_function(torch.ops.ditopt.cache_load.default, (
                     token, ctx.runtime_id, ctx.graph_id, site, f"{rewrite.slot}{i}", list(shape), dtype, ctx.inductor))
                 loads.append(load)
-        copy_meta(pred, members[0], torch.zeros((), dtype=torch.bool))
+        copy_meta(pred, members[0], torch.zeros((), dtype=torch.bool, device=device))
         annotate(pred, role=Role.DECIDE, site=site, regions=outer)
         for i, load in enumerate(loads):
             copy_meta(load, members[0], torch.zeros(shapes[i][0], dtype=shapes[i][1]))

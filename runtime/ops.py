@@ -32,18 +32,23 @@ def _(token, timestep, rid, graph):
 
 
 @torch.library.custom_op("ditopt::decide", mutates_args=())
-def decide(token: torch.Tensor, rid: int, graph: int, site: str, shape: list[int]) -> torch.Tensor:
-    """Whether ``site`` computes at this call: a bool scalar, True = compute."""
+def decide(token: torch.Tensor, rid: int, graph: int, site: str, shape: list[int], device: torch.device) -> torch.Tensor:
+    """Whether ``site`` computes at this call: a bool scalar on ``device``, True = compute.
+
+    A site whose every decision is static gets its predicate on the CPU, whatever the model's
+    device: the branch is taken on the host (eagerly, and by inductor's ``cond``), so a device
+    predicate would cost a device-to-host sync per site and call. A ``when`` rule's predicate
+    is computed on the model's device and stays there."""
     rt = get_runtime(rid)
     decision = rt.decide(graph, site, tuple(shape))
     if decision is None:
-        return rt.decide_adaptive(graph, site, token.device)
-    return rt.flag(decision, token.device)
+        return rt.decide_adaptive(graph, site, device)
+    return rt.flag(decision, device)
 
 
 @decide.register_fake
-def _(token, rid, graph, site, shape):
-    return torch.empty((), dtype=torch.bool, device=token.device)
+def _(token, rid, graph, site, shape, device):
+    return torch.empty((), dtype=torch.bool, device=device)
 
 
 @torch.library.custom_op("ditopt::update_indicator", mutates_args=("token",))

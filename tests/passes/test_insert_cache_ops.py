@@ -53,7 +53,7 @@ def test_each_site_gets_a_decision_a_load_and_a_store_around_its_region():
                                                  for role in ("decide", "load", "residual", "store"))
         nodes = p.sites[site].nodes
         assert order[decide.name] < order[load.name] < min(order[n] for n in nodes)
-        assert decide.args == (token, p.runtime.id, 0, site, [1, 5, 8])
+        assert decide.args == (token, p.runtime.id, 0, site, [1, 5, 8], torch.device("cpu"))
         assert load.args[3:6] == (site, "residual0", [1, 5, 8])
         live_out, residual_input = p.sites[site].live_outs[0], p.sites[site].residual_inputs[0]
         assert residual.target is operator.sub
@@ -140,3 +140,16 @@ def test_idempotent():
 
     assert snapshot(p.gm) == before
     assert targets(p.gm)[DECIDE] == 4  # attention and ff of both blocks
+
+
+def test_a_static_predicate_lives_on_the_host_and_an_adaptive_one_on_the_models_device():
+    """The branch is taken on the host: a static decision made on the GPU would cost a sync per
+    site and call. Only a `when` rule's predicate, computed from device tensors, stays there."""
+    for plan, expected in ((ditopt.presets.fora(2, 4, level="block"), torch.device("cpu")),
+                           (ditopt.presets.first_block_cache(0.1, steps=4), torch.device("meta"))):
+        p = prepare(make_stack(3), plan, [latents(1)[0], timesteps(1)[0]])
+        p.ctx.device = torch.device("meta")  # stands for the model's accelerator; nothing runs
+        p.run_up_to(insert_cache_ops)
+        decides = [n for n in p.gm.graph.nodes if n.target is DECIDE]
+        assert decides and {n.args[-1] for n in decides} == {expected}
+        assert {n.meta["example_value"].device for n in decides} == {expected}
