@@ -39,7 +39,8 @@ EAGER_ONLY = [
 
 def run_pipeline(gm: fx.GraphModule, ctx: PassContext, table: DecisionTable, *,
                  inductor: bool) -> list[tuple[str, bool]]:
-    """Run every pass; return ``[(pass name, modified)]``. ``DITOPT_DEBUG=1`` verifies after each."""
+    """Run every pass, then regenerate the code of the graph and its branches once; return
+    ``[(pass name, modified)]``. ``DITOPT_DEBUG=1`` verifies after each pass."""
     debug = os.environ.get("DITOPT_DEBUG") == "1"
     report = [("annotate_decisions", annotate_decisions(gm, ctx, table).modified)]
     passes = PIPELINE + ([] if inductor else EAGER_ONLY)
@@ -49,6 +50,7 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, table: DecisionTable, *,
         if debug:
             verify_graph(gm, ctx)
     verify_graph(gm, ctx)
+    gm.recompile()  # once: the passes edit graphs, and regenerating code after each cost seconds at 40 blocks
     return report
 
 

@@ -86,7 +86,6 @@ def insert_cache_ops(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         changed = True
     if changed:
         graph.lint()
-        gm.recompile()
     return PassResult(gm, changed)
 
 

@@ -39,5 +39,4 @@ def insert_indicators(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             inserted += 1
     if inserted:
         graph.lint()
-        gm.recompile()
     return PassResult(gm, bool(inserted))

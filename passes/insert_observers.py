@@ -47,5 +47,4 @@ def insert_observers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         inserted += 1
     if inserted:
         graph.lint()
-        gm.recompile()
     return PassResult(gm, bool(inserted))

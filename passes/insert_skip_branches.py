@@ -56,7 +56,6 @@ def insert_skip_branches(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     ga.skip_branches = done
     if todo:
         gm.graph.lint()
-        gm.recompile()
     return PassResult(gm, bool(todo))
 
 

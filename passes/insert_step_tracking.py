@@ -55,5 +55,4 @@ def insert_step_tracking(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         begin = graph.call_function(torch.ops.ditopt.begin_step.default, (token, timestep, ctx.runtime_id, ctx.graph_id))
     annotate(begin, role=Role.BEGIN_STEP)
     graph.lint()
-    gm.recompile()
     return PassResult(gm, True)

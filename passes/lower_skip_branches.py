@@ -31,7 +31,5 @@ def lower_skip_branches(gm: fx.GraphModule, ctx: PassContext | None = None) -> P
             if node.op == "call_function" and node.target is torch.ops.higher_order.cond:
                 node.target = run_branch
                 lowered = True
-        if lowered:
-            module.recompile()
-            changed = True
+        changed = changed or lowered
     return PassResult(gm, changed)

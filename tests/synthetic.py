@@ -304,6 +304,7 @@ class Prepared:
         self.compiled.runs = dict(graph_annotation(self.gm).coalesced)  # as the backend does
         self.runtime.set_graph(0, self.compiled)
         with torch.no_grad():
+            self.gm.recompile()  # passes edit the graph; run_pipeline regenerates the code once, as here
             out = self.gm(*args, torch.zeros(1, dtype=torch.int64))
         return out if isinstance(out, tuple) else (out,)
 

@@ -71,6 +71,7 @@ class PassThrough(nn.Module):
 def run_compiled(p, inputs_per_step):
     """The rewritten graph through dynamo + AOT autograd, one call per step."""
     p.runtime.set_graph(0, p.compiled)
+    p.gm.recompile()  # the passes edit graphs; run_pipeline regenerates the code once, as here
     fn = torch.compile(p.gm, backend="aot_eager", fullgraph=True, dynamic=False)
     token = torch.zeros(1, dtype=torch.int64)
     with torch.no_grad():
