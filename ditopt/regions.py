@@ -17,7 +17,6 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 
-import networkx as nx
 import torch
 import torch.fx as fx
 
@@ -123,15 +122,6 @@ def region_of(nodes: list[fx.Node]) -> Region:
         if any(u not in members for u in n.users):
             live_outs[n] = None
     return Region(list(nodes), list(inputs), list(live_outs))
-
-
-def graph_to_nx(graph: fx.Graph) -> nx.DiGraph:
-    g = nx.DiGraph()
-    for n in graph.nodes:
-        g.add_node(n)
-        for a in n.all_input_nodes:
-            g.add_edge(a, n)
-    return g
 
 
 def _on_residual_chain(out: fx.Node, candidate: fx.Node, members: set[fx.Node], depth: int = 16) -> bool:

@@ -27,8 +27,8 @@ Plans address sites by glob over names (``blocks.*``) or by position in the stac
 and ``stack[a:b]`` select the stack's blocks (the blocks whose parent is the stack, in graph
 order) by Python index or slice, with the sites inside them, as a glob would.
 
-Dataflow (region inputs, live-outs, residual form ``out = in + delta``) is computed on a
-networkx view of the graph, by :mod:`ditopt.regions` (its public names are re-exported here).
+Dataflow (region inputs, live-outs, residual form ``out = in + delta``) is computed on the fx
+graph by :mod:`ditopt.regions` (its public names are re-exported here).
 """
 
 from __future__ import annotations
@@ -37,11 +37,10 @@ import re
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
-import networkx as nx
 import torch.fx as fx
 
 from .capture import module_stack
-from .regions import (Region, extractable, graph_to_nx, is_attention_op, is_matmul, is_param, region_of,
+from .regions import (Region, extractable, is_attention_op, is_matmul, is_param, region_of,
                       residual_inputs, tensor_meta)
 
 SITE_KINDS = ("block", "attention", "feedforward", "stack", "output")
@@ -351,11 +350,11 @@ def _stack_nodes(graph: fx.Graph, block_regions: list[list[fx.Node]], order: dic
     first = min(order[n] for r in block_regions for n in r)
     last = max(order[n] for r in block_regions for n in r)
     in_range = [n for n in graph.nodes if first <= order[n] <= last and n.op not in ("placeholder", "output")]
-    g = graph_to_nx(graph)
     first_block = block_regions[0] if order[block_regions[0][0]] == first else min(block_regions, key=lambda r: order[r[0]])
-    reach = set(first_block)
-    for n in first_block:
-        reach |= nx.descendants(g, n)
+    reach = set(first_block)  # and everything downstream of it: one pass, as the graph is in topological order
+    for n in graph.nodes:
+        if n not in reach and any(a in reach for a in n.all_input_nodes):
+            reach.add(n)
     members = {n for r in block_regions for n in r}
     return [n for n in in_range if n in reach or n in members]
 
