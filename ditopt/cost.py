@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import sympy
@@ -151,8 +151,10 @@ class CostModel:
     def __init__(self, sites: SiteTable, costs: dict[str, SiteCost], dims: dict[str, int],
                  symbols: dict[str, sympy.Symbol], hidden: int | None,
                  definitions: dict[str, sympy.Expr] | None = None,
-                 input_sizes: dict[tuple[str, int], sympy.Expr] | None = None):
+                 input_sizes: dict[tuple[str, int], sympy.Expr] | None = None,
+                 users: dict[str, set[str]] | None = None):
         self.sites = sites
+        self.users = users  # node -> the names of its users: which runs of sites coalesce (None: none)
         self.costs = costs
         self.dims = dict(dims)
         self.symbols = dict(symbols)
@@ -209,7 +211,7 @@ class CostModel:
         """The same model with other default dims (another resolution, frame count or batch)."""
         self._values(dims)
         return CostModel(self.sites, self.costs, {**self.dims, **dims}, self.symbols, self.hidden,
-                         self.definitions, self._input_sizes)
+                         self.definitions, self._input_sizes, self.users)
 
     def dims_for(self, **inputs) -> dict[str, int]:
         """The dims of a call with these inputs (tensors or shapes), e.g. ``hidden_states`` at 32x32.
@@ -248,7 +250,8 @@ class CostModel:
         return out
 
     def predict(self, plan: Plan | DecisionTable | None = None, steps_calls: int | Sequence[int] | None = None, *,
-                decisions: Mapping[str, Sequence[str]] | None = None, **dims) -> Prediction:
+                decisions: Mapping[str, Sequence[str]] | None = None, coalesce: bool = True,
+                **dims) -> Prediction:
         """The block FLOPs a plan executes over one generation, as a fraction of all-compute.
 
         A block executes at a call when its action is ``compute``; then each of its sub-sites
@@ -259,11 +262,14 @@ class CostModel:
         ``steps_calls`` is the number of calls per step (2 for CFG run as two calls; default 1),
         or the step index of every call. A plan with ``when`` rules decides in the graph at run
         time: pass ``decisions`` (``ditopt.stats(model).decisions`` after a run) instead of, or
-        with, the plan; the plan is then used for cache bytes only.
+        with, the plan; the plan is then used for cache bytes only. ``coalesce`` predicts the
+        cache as the passes lay it out by default: one per run of adjacent sites that decide alike.
         """
         table = None
         if plan is not None:
             table = plan if isinstance(plan, DecisionTable) else plan.compile(self.sites)
+            if coalesce and not table.runs and self.users is not None:
+                table = replace(table, runs=self._runs(table))
         if decisions is None:
             if table is None:
                 raise ValueError("predict needs a plan or decisions")
@@ -303,12 +309,20 @@ class CostModel:
             per_step = max((step_of_call.count(s) for s in set(step_of_call)), default=1)
         return table.static_decisions(step_of_call, sites=list(self.costs)), per_step
 
+    def _runs(self, table: DecisionTable) -> dict[str, tuple[str, ...]]:
+        from ditopt.passes.coalesce_regions import find_runs
+
+        schedules = {s: ((tuple(table.actions[s]), tuple(table.adaptive[s]), tuple(table.orders.get(s, ()))),
+                         table.slots[s]) for s in table.actions}
+        return {run[0]: tuple(run) for run in find_runs(self.sites, schedules, self.users)}
+
     def _cache_peak(self, table: DecisionTable | None, decisions, branches: int, dims) -> int:
         """Bytes held once the generation has run: per CFG branch, each caching site keeps its
         last ``depth`` computed steps (``depth`` = highest Taylor order + 1, else 1), and each
         ``when`` rule its watched site's previous first output."""
         if table is not None:
-            slots = dict(table.slots)
+            followers = {s for run in table.runs.values() for s in run[1:]}  # a run caches under its lead
+            slots = {s: slot for s, slot in table.slots.items() if s not in followers}
             watched = [of for of, _ in table.when_rules]
             depth = table.depth
         else:
@@ -391,9 +405,16 @@ def cost_model(model: torch.nn.Module, **example_inputs) -> CostModel:
         >>> cost.predict(ditopt.presets.fora(interval=2, steps=10, level="block")).compute_fraction
         0.5
     """
-    from .api import sites as find_model_sites
+    from torch._dynamo.eval_frame import OptimizedModule
 
-    table = find_model_sites(model, **example_inputs)
+    from .capture import capture
+
+    if isinstance(model, OptimizedModule):
+        model = model._orig_mod
+    plain = capture(model, **example_inputs)
+    table = find_sites(plain.gm.graph)
+    table.model = type(model).__name__
+    users = {n.name: {u.name for u in n.users} for n in plain.gm.graph.nodes}
     cap = capture_symbolic(model, **_batch_of_two(example_inputs))
     symbolic_table = find_sites(cap.gm.graph)
     missing = [n for n in table.names() if n not in symbolic_table]
@@ -449,7 +470,7 @@ def cost_model(model: torch.nn.Module, **example_inputs) -> CostModel:
     dims = {name: int(definition.xreplace(cap.values)) for name, definition in definitions.items()}
     if "B" in dims and _batch_of_two(example_inputs) is not example_inputs:
         dims["B"] = 1  # the capture ran at 2; the caller's example is 1
-    return CostModel(table, costs, dims, symbols, hidden, definitions, cap.sizes)
+    return CostModel(table, costs, dims, symbols, hidden, definitions, cap.sizes, users)
 
 
 __all__ = ["B", "L", "S", "CostModel", "Prediction", "SiteCost", "capture_symbolic", "cost_model", "node_flops"]

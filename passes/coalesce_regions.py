@@ -52,24 +52,29 @@ def coalesce_regions(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
 
 def _runs(graph: fx.Graph, sites: SiteTable, ga) -> list[list[str]]:
-    """Maximal runs (two or more) of rewritten sites that can be one region, in graph order."""
     users = {n.name: {u.name for u in n.users} for n in graph.nodes}
-    inside = {a for s in ga.rewrites for a in sites.ancestors(s)}  # sites with a rewritten site inside
-    candidates = [s.name for s in sites if s.name in ga.rewrites and s.name not in inside]
+    return find_runs(sites, {s: (r.schedule, r.slot) for s, r in ga.rewrites.items()}, users)
+
+
+def find_runs(sites: SiteTable, schedules: dict[str, tuple], users: dict[str, set[str]]) -> list[list[str]]:
+    """Maximal runs (two or more) of rewritten sites that can be one region, in graph order.
+
+    ``schedules[site]`` is what must be equal along a run (the site's schedule and cache slot);
+    ``users[node]`` the names of a node's users. The cost model calls this too."""
+    inside = {a for s in schedules for a in sites.ancestors(s)}  # sites with a rewritten site inside
+    candidates = [s.name for s in sites if s.name in schedules and s.name not in inside]
     runs: list[list[str]] = []
     for name in candidates:
-        if runs and _continues(sites, ga, users, runs[-1][-1], name):
+        if runs and _continues(sites, schedules, users, runs[-1][-1], name):
             runs[-1].append(name)
         else:
             runs.append([name])
     return [run for run in runs if len(run) > 1]
 
 
-def _continues(sites: SiteTable, ga, users: dict[str, set[str]], prev: str, name: str) -> bool:
+def _continues(sites: SiteTable, schedules, users: dict[str, set[str]], prev: str, name: str) -> bool:
     a, b = sites[prev], sites[name]
-    if a.parent != b.parent or ga.rewrites[prev].schedule != ga.rewrites[name].schedule:
-        return False
-    if ga.rewrites[prev].slot != ga.rewrites[name].slot or len(a.live_outs) != len(b.live_outs):
+    if a.parent != b.parent or schedules[prev] != schedules[name] or len(a.live_outs) != len(b.live_outs):
         return False
     if tuple(b.residual_inputs) != tuple(a.live_outs):  # b continues from exactly what a returns
         return False
@@ -85,4 +90,4 @@ def _merged_site(sites: SiteTable, run: list[str]):
     return replace(first, nodes=nodes, inputs=inputs, live_outs=last.live_outs)
 
 
-__all__ = ["coalesce_regions"]
+__all__ = ["coalesce_regions", "find_runs"]
