@@ -179,8 +179,17 @@ def set_plan(model: torch.nn.Module, plan: PlanLike) -> None:
     if not rt.graphs or backend.last is None:
         raise DitoptError("the model has not been called yet: there is no compiled graph to re-plan")
     table = plan.compile(backend.last.sites)
+    runs = {}
+    if backend.coalesce:  # the graph's regions must be the ones this plan would get
+        from ditopt.passes.coalesce_regions import table_runs
+
+        graph = backend.last.original.graph
+        runs = table_runs(table, backend.last.sites, {n.name: {u.name for u in n.users} for n in graph.nodes})
     for old in rt.graphs.values():
         why = old.incompatibility(table)
+        if why is None and old.runs != runs:
+            why = ("the compiled graph coalesces other runs of sites than this plan would (their outputs would "
+                   "differ in rounding from optimize(plan)); optimise again")
         if why is not None:
             raise PlanError(why)
     for graph, old in list(rt.graphs.items()):

@@ -269,7 +269,9 @@ class CostModel:
         if plan is not None:
             table = plan if isinstance(plan, DecisionTable) else plan.compile(self.sites)
             if coalesce and not table.runs and self.users is not None:
-                table = replace(table, runs=self._runs(table))
+                from ditopt.passes.coalesce_regions import table_runs
+
+                table = replace(table, runs=table_runs(table, self.sites, self.users))
         if decisions is None:
             if table is None:
                 raise ValueError("predict needs a plan or decisions")
@@ -308,13 +310,6 @@ class CostModel:
             step_of_call = list(steps_calls)
             per_step = max((step_of_call.count(s) for s in set(step_of_call)), default=1)
         return table.static_decisions(step_of_call, sites=list(self.costs)), per_step
-
-    def _runs(self, table: DecisionTable) -> dict[str, tuple[str, ...]]:
-        from ditopt.passes.coalesce_regions import find_runs
-
-        schedules = {s: ((tuple(table.actions[s]), tuple(table.adaptive[s]), tuple(table.orders.get(s, ()))),
-                         table.slots[s]) for s in table.actions}
-        return {run[0]: tuple(run) for run in find_runs(self.sites, schedules, self.users)}
 
     def _cache_peak(self, table: DecisionTable | None, decisions, branches: int, dims) -> int:
         """Bytes held once the generation has run: per CFG branch, each caching site keeps its

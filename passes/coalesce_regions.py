@@ -23,6 +23,7 @@ from dataclasses import replace
 
 import torch.fx as fx
 
+from ditopt.runtime.decisions import DecisionTable
 from ditopt.sites import SiteTable
 
 from .annotations import annotate, graph_annotation, node_annotation
@@ -90,4 +91,12 @@ def _merged_site(sites: SiteTable, run: list[str]):
     return replace(first, nodes=nodes, inputs=inputs, live_outs=last.live_outs)
 
 
-__all__ = ["coalesce_regions", "find_runs"]
+def table_runs(table: DecisionTable, sites: SiteTable, users: dict[str, set[str]]) -> dict[str, tuple[str, ...]]:
+    """The runs this pass makes of ``table``'s sites (lead -> members): for the cost model, and for
+    ``set_plan``, which may swap a table into a graph only if it coalesces alike."""
+    schedules = {s: ((tuple(table.actions[s]), tuple(table.adaptive[s]), tuple(table.orders.get(s, ()))),
+                     table.slots[s]) for s in table.actions}
+    return {run[0]: tuple(run) for run in find_runs(sites, schedules, users)}
+
+
+__all__ = ["coalesce_regions", "find_runs", "table_runs"]
