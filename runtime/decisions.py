@@ -103,9 +103,6 @@ class DecisionTable:
         row = self.orders.get(site)
         return row[step] if row is not None and 0 <= step < self.steps else 0
 
-    def is_adaptive(self) -> bool:
-        return any(r is not None for row in self.adaptive.values() for r in row)
-
     def action_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for row in self.actions.values():
