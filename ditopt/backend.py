@@ -37,16 +37,8 @@ PlanLike = Plan | str | Path | dict
 
 
 def as_plan(plan: PlanLike) -> Plan:
-    """A Plan from a Plan, a YAML file path, YAML text or a dict."""
-    if isinstance(plan, Plan):
-        return plan
-    if isinstance(plan, dict):
-        return Plan.from_dict(plan)
-    if isinstance(plan, Path) or (isinstance(plan, str) and "\n" not in plan and plan.endswith((".yaml", ".yml"))):
-        return Plan.load(plan)
-    if isinstance(plan, str):
-        return Plan.from_yaml(plan)
-    raise PlanError(f"expected a Plan, a YAML path or YAML text, got {type(plan).__name__}")
+    """A checked Plan from a Plan, a plan file path, YAML text or a dict (:meth:`Plan.coerce`)."""
+    return Plan.coerce(plan)
 
 
 @dataclass

@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -37,8 +38,9 @@ import yaml
 
 from ditopt.runtime.decisions import PLAN_ACTIONS, Action, DecisionTable
 
-from .errors import PlanError, check_count
+from .errors import MAX_STEPS, PlanError, check_number, check_steps, short
 from .sites import SITE_KINDS, SiteTable, is_positional, parse_position, parse_slice
+from .validate import load_yaml, size_message
 
 VERSION = 1
 COMPUTE, REUSE, REUSE_RESIDUAL, PREDICT = (Action.COMPUTE, Action.REUSE, Action.REUSE_RESIDUAL, Action.PREDICT)
@@ -50,6 +52,13 @@ ATTENTION_KINDS = ("self", "cross", "joint")
 _RULE_KEYS = {"sites", "kind", "attention", "steps", "action", "when", "order"}
 _WHEN_KEYS = {"indicator", "of", "below", "on", "rescale"}
 _PLAN_KEYS = {"version", "steps", "rules", "model", "name", "description"}
+# Bounds every plan is checked against, besides MAX_STEPS (ditopt.errors: 'steps' in
+# [1, MAX_STEPS]) and the YAML bounds of ditopt.validate (MAX_TEXT_BYTES of text, aliases
+# expanded to at most MAX_YAML_NODES nodes). Numbers must be finite: when.below > 0.
+MAX_RULES = 4096  # rules in one plan
+MAX_NAME = 1000  # characters of a name, a model, a site pattern, a slice or when.of
+MAX_RESCALE = 16  # coefficients of a when.rescale polynomial
+PLAN_SUFFIXES = (".yaml", ".yml")
 
 
 @dataclass(frozen=True)
@@ -133,42 +142,82 @@ class Plan:
 
     # -- reading and writing ------------------------------------------------------------------
     @classmethod
+    def coerce(cls, plan: Any) -> "Plan":
+        """A checked Plan from a Plan, a plan file (a path ending in ``.yaml``/``.yml``, as ``str``
+        or ``os.PathLike``), YAML text or a dict. A one-line string that is not a flow mapping
+        (``{...}``) is a path; the error says which of these ``plan`` was read as and what is wrong.
+
+        Example:
+            >>> Plan.coerce(".")
+            Traceback (most recent call last):
+            ...
+            ditopt.errors.PlanError: plan path is a directory, not a plan file: .
+        """
+        if isinstance(plan, Plan):
+            plan.check()
+            return plan
+        if isinstance(plan, dict):
+            return cls.from_dict(plan)
+        if isinstance(plan, os.PathLike):
+            return cls.load(plan)
+        if isinstance(plan, str):
+            if not plan.strip():
+                raise PlanError("empty plan text: expected a plan file path or YAML text")
+            if "\n" not in plan.strip() and not plan.lstrip().startswith("{"):
+                return cls.load(plan)
+            return cls.from_yaml(plan)
+        raise PlanError(f"expected a Plan, a plan file path, YAML text or a dict, got {type(plan).__name__}")
+
+    @classmethod
     def load(cls, path: str | Path) -> "Plan":
-        """Read a plan file. Errors name the file."""
+        """Read a plan file (``.yaml`` or ``.yml``, at most ``MAX_TEXT_BYTES``). Errors name the file."""
         path = Path(path)
-        if not path.is_file():
-            raise PlanError(f"plan file not found: {path}")
+        if len(str(path)) > 4096:
+            raise PlanError(f"plan path of {len(str(path))} characters is not a file name")
         try:
-            return cls.from_yaml(path.read_text())
+            if path.is_dir():
+                raise PlanError(f"plan path is a directory, not a plan file: {path}")
+            if not path.is_file():
+                raise PlanError(f"plan file not found: {path}")
+            if path.suffix.lower() not in PLAN_SUFFIXES:
+                raise PlanError(f"plan file must end in .yaml or .yml: {path}")
+            too_big = size_message(path.stat().st_size)
+            if too_big:
+                raise PlanError(f"{path}: {too_big}")
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise PlanError(f"cannot read plan file {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise PlanError(f"{path}: not a plan (not UTF-8 text)") from None
+        try:
+            return cls.from_yaml(text)
         except PlanError as exc:
             raise PlanError(f"{path}: {exc}") from exc
 
     @classmethod
     def from_yaml(cls, text: str) -> "Plan":
-        try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = mark.line + 1 if mark is not None else None
-            raise PlanError(f"malformed YAML: {getattr(exc, 'problem', exc)}", line=line) from None
-        lines = _rule_lines(root)
-        return cls.from_dict(data, lines=lines)
+        """A plan from YAML text; the text and its aliases are bounded (:mod:`ditopt.validate`)."""
+        data, root = load_yaml(text, error=lambda message, line: PlanError(message, line=line))
+        return cls.from_dict(data, lines=_rule_lines(root))
 
     @classmethod
     def from_dict(cls, data: Any, lines: list[int] | None = None) -> "Plan":
         if not isinstance(data, dict):
             raise PlanError("a plan must be a mapping with version, steps and rules")
-        unknown = set(data) - _PLAN_KEYS
+        unknown = [k for k in data if k not in _PLAN_KEYS]
         if unknown:
-            raise PlanError(f"unknown plan field(s) {sorted(unknown)}; known: {sorted(_PLAN_KEYS)}")
+            raise PlanError(f"unknown plan field(s) {short(sorted(unknown, key=str))}; known: {sorted(_PLAN_KEYS)}")
         version = data.get("version")
-        if version != VERSION:
-            raise PlanError(f"unknown plan version {version!r}; this ditopt reads version {VERSION}")
-        steps = check_count(data.get("steps"), "'steps'", error=PlanError)
+        if isinstance(version, bool) or version != VERSION:
+            raise PlanError(f"unknown plan version {short(version)}; this ditopt reads version {VERSION}")
+        steps = check_steps(data.get("steps"), "'steps'", error=PlanError)
         raw_rules = data.get("rules")
         if not isinstance(raw_rules, list):
-            raise PlanError("'rules' must be a list of rules")
+            raise PlanError(f"'rules' must be a list of rules, got {short(raw_rules)}")
+        if len(raw_rules) > MAX_RULES:
+            raise PlanError(f"'rules' holds {len(raw_rules)} rules, more than the {MAX_RULES} a plan may have")
+        for key in ("model", "name", "description"):
+            _text_field(data.get(key), f"'{key}'", {}, limit=None if key == "description" else MAX_NAME)
         rules = [_rule_from_dict(r, i, lines[i] if lines and i < len(lines) else None)
                  for i, r in enumerate(raw_rules)]
         plan = cls(steps=steps, rules=rules, version=version, model=data.get("model"), name=data.get("name"))
@@ -203,22 +252,34 @@ class Plan:
         return resample_plan(self, steps)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_yaml())
+        try:
+            Path(path).write_text(self.to_yaml())
+        except OSError as exc:
+            raise PlanError(f"cannot write plan file {path}: {exc.strerror or exc}") from None
 
     # -- checks -------------------------------------------------------------------------------
     def check(self) -> None:
-        """Checks that need no model: step ranges, and no reuse before a compute."""
+        """Checks that need no model: every field typed and bounded (of a plan built in Python
+        too), step ranges, and no reuse before a compute."""
+        steps = check_steps(self.steps, "'steps'", error=PlanError)
+        if isinstance(self.version, bool) or self.version != VERSION:
+            raise PlanError(f"unknown plan version {short(self.version)}; this ditopt reads version {VERSION}")
+        _text_field(self.model, "'model'", {})
+        _text_field(self.name, "'name'", {})
+        if not isinstance(self.rules, list) or len(self.rules) > MAX_RULES:
+            raise PlanError(f"'rules' must be a list of at most {MAX_RULES} rules, got {short(self.rules)}")
         for i, rule in enumerate(self.rules):
-            for s in rule.step_list(self.steps):
-                if not 0 <= s < self.steps:
-                    raise PlanError(f"step {s} is out of range 0..{self.steps - 1}", rule=i, line=rule.step_line or rule.line,
-                                    site=",".join(rule.sites))
-            if isinstance(rule.steps, str) and not rule.step_list(self.steps):
-                raise PlanError(f"steps {rule.steps!r} select no step of 0..{self.steps - 1}", rule=i,
-                                line=rule.line, site=",".join(rule.sites))
-            if rule.action != COMPUTE and rule.when is None and 0 in rule.step_list(self.steps):
-                raise PlanError(f"{rule.action} at step 0: nothing has been computed yet to reuse", rule=i,
-                                line=rule.line, site=",".join(rule.sites))
+            _check_rule(rule, i)
+            covered = rule.step_list(steps)
+            where = dict(rule=i, line=rule.line, site=",".join(rule.sites))
+            for s in covered:
+                if not 0 <= s < steps:
+                    raise PlanError(f"step {s} is out of range 0..{steps - 1}", rule=i,
+                                    line=rule.step_line or rule.line, site=where["site"])
+            if isinstance(rule.steps, str) and not covered:
+                raise PlanError(f"steps {rule.steps!r} select no step of 0..{steps - 1}", **where)
+            if rule.action != COMPUTE and rule.when is None and 0 in covered:
+                raise PlanError(f"{rule.action} at step 0: nothing has been computed yet to reuse", **where)
 
     def check_patterns(self, names: list[str]) -> None:
         """Every include pattern must match some name (a cheap check before capture)."""
@@ -258,6 +319,27 @@ def _field_lines(item) -> dict[str, int]:
     return lines
 
 
+def _check_rule(rule: Any, index: int) -> None:
+    """Check a rule as if it had been read from YAML (a rule built in Python skips the reader)."""
+    if not isinstance(rule, Rule):
+        raise PlanError(f"a rule must be a Rule, got {type(rule).__name__}", rule=index)
+    where = dict(rule=index, line=rule.line)
+    if not isinstance(rule.sites, tuple):
+        raise PlanError(f"Rule.sites must be a tuple of globs, got {short(rule.sites)}", **where)
+    if rule.steps is not None and not isinstance(rule.steps, (str, tuple, list)):
+        raise PlanError(f"Rule.steps must be a slice string or a tuple of ints, got {short(rule.steps)}", **where)
+    if rule.when is not None and not isinstance(rule.when, When):
+        raise PlanError(f"Rule.when must be a When, got {short(rule.when)}", **where)
+    _rule_from_dict(rule.to_dict(), index, {"": rule.line, "steps": rule.step_line})
+
+
+def _text_field(value: Any, name: str, where: dict[str, Any], *, limit: int | None = MAX_NAME) -> None:
+    """None or a string of at most ``limit`` characters."""
+    if value is not None and (not isinstance(value, str) or (limit is not None and len(value) > limit)):
+        bound = f" of at most {limit} characters" if limit is not None else ""
+        raise PlanError(f"{name} must be a string{bound}, got {short(value)}", **where)
+
+
 def _rule_from_dict(raw: Any, index: int, lines: dict[str, int] | None) -> Rule:
     lines = lines or {}
     line = lines.get("")
@@ -268,21 +350,22 @@ def _rule_from_dict(raw: Any, index: int, lines: dict[str, int] | None) -> Rule:
 
     if not isinstance(raw, dict):
         raise PlanError(f"a rule must be a mapping, got {type(raw).__name__}", **where)
-    unknown = set(raw) - _RULE_KEYS
+    unknown = [k for k in raw if k not in _RULE_KEYS]
     if unknown:
-        raise PlanError(f"unknown rule field(s) {sorted(unknown)}; known: {sorted(_RULE_KEYS)}", **where)
+        raise PlanError(f"unknown rule field(s) {short(sorted(unknown, key=str))}; known: {sorted(_RULE_KEYS)}",
+                        **where)
     sites = _sites_field(raw.get("sites"), at("sites"))
     label = ",".join(sites)
     action = raw.get("action")
-    if action not in ACTIONS:
-        raise PlanError(f"unknown action {action!r}; known: {list(ACTIONS)}", site=label, **at("action"))
+    if not isinstance(action, str) or action not in ACTIONS:
+        raise PlanError(f"unknown action {short(action)}; known: {list(ACTIONS)}", site=label, **at("action"))
     kind = raw.get("kind")
-    if kind is not None and kind not in SITE_KINDS:
-        raise PlanError(f"unknown kind {kind!r}; known: {list(SITE_KINDS)}", site=label, **at("kind"))
+    if kind is not None and (not isinstance(kind, str) or kind not in SITE_KINDS):
+        raise PlanError(f"unknown kind {short(kind)}; known: {list(SITE_KINDS)}", site=label, **at("kind"))
     attention = raw.get("attention")
     if attention is not None:
-        if attention not in ATTENTION_KINDS:
-            raise PlanError(f"unknown attention kind {attention!r}; known: {list(ATTENTION_KINDS)}", site=label,
+        if not isinstance(attention, str) or attention not in ATTENTION_KINDS:
+            raise PlanError(f"unknown attention kind {short(attention)}; known: {list(ATTENTION_KINDS)}", site=label,
                             **at("attention"))
         if kind not in (None, "attention"):
             raise PlanError(f"'attention' narrows attention sites, but the rule's kind is {kind!r}", site=label,
@@ -293,7 +376,7 @@ def _rule_from_dict(raw: Any, index: int, lines: dict[str, int] | None) -> Rule:
         if action != PREDICT:
             raise PlanError(f"'order' applies to action predict, not {action!r}", site=label, **at("order"))
         if not isinstance(order, int) or isinstance(order, bool) or order not in ORDERS:
-            raise PlanError(f"'order' must be one of {list(ORDERS)}, got {order!r}", site=label, **at("order"))
+            raise PlanError(f"'order' must be one of {list(ORDERS)}, got {short(order)}", site=label, **at("order"))
     when = _when_field(raw.get("when"), dict(site=label, **at("when")))  # its errors name the line of 'when'
     return Rule(sites=sites, action=action, steps=steps, kind=kind, when=when, order=order, attention=attention,
                 line=line, step_line=lines.get("steps", line))
@@ -305,8 +388,11 @@ def _sites_field(sites: Any, where: dict[str, Any]) -> tuple[str, ...]:
     elif isinstance(sites, list) and sites and all(isinstance(s, str) for s in sites):
         sites = tuple(sites)
     else:
-        raise PlanError(f"'sites' must be a glob or a list of globs, got {sites!r}", **where)
+        raise PlanError(f"'sites' must be a glob or a non-empty list of globs, got {short(sites)}", **where)
     for pattern in sites:
+        if not pattern.removeprefix("!") or len(pattern) > MAX_NAME:
+            raise PlanError(f"'sites': a glob must be a non-empty string of at most {MAX_NAME} characters, "
+                            f"got {short(pattern)}", **where)
         if pattern.removeprefix("!").startswith("stack["):
             try:
                 parse_position(pattern)
@@ -316,19 +402,26 @@ def _sites_field(sites: Any, where: dict[str, Any]) -> tuple[str, ...]:
 
 
 def _steps_field(steps: Any, where: dict[str, Any]) -> str | tuple[int, ...] | None:
+    """A slice string, a non-empty list of ints or one int; ranges are checked by Plan.check."""
     if steps is None:
         return None
     if isinstance(steps, str):
+        if len(steps) > MAX_NAME:
+            raise PlanError(f"'steps': a slice of {len(steps)} characters is not a slice", **where)
         try:
             parse_slice(steps)
         except ValueError as exc:
-            raise PlanError(str(exc), **where) from None
+            raise PlanError(f"'steps': {exc}", **where) from None
         return steps
-    if isinstance(steps, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in steps):
+    if isinstance(steps, list) and not steps:
+        raise PlanError("'steps' is an empty list: omit it for every step, or name at least one step", **where)
+    if isinstance(steps, list) and len(steps) <= MAX_STEPS and all(
+            isinstance(s, int) and not isinstance(s, bool) for s in steps):
         return tuple(steps)
     if isinstance(steps, int) and not isinstance(steps, bool):
         return (steps,)
-    raise PlanError(f"'steps' must be a slice string like '2:48:2' or a list of ints, got {steps!r}", **where)
+    raise PlanError(f"'steps' must be a slice string like '2:48:2' or a list of at most {MAX_STEPS} ints, "
+                    f"got {short(steps)}", **where)
 
 
 def _when_field(when: Any, where: dict[str, Any]) -> When | None:
@@ -340,25 +433,26 @@ def _when_field(when: Any, where: dict[str, Any]) -> When | None:
         raise PlanError("'when' must be {indicator: rel_l1, of: SITE, below: NUMBER} with optional "
                         "on: output|input and rescale: [NUMBER, ...]", **where)
     indicator = when.get("indicator", "rel_l1")
-    if indicator not in INDICATORS:
-        raise PlanError(f"unknown indicator {indicator!r}; known: {list(INDICATORS)}", **where)
-    below = when["below"]
-    if not isinstance(below, (int, float)) or isinstance(below, bool) or below <= 0:
-        raise PlanError(f"'when.below' must be a positive number, got {below!r}", **where)
+    if not isinstance(indicator, str) or indicator not in INDICATORS:
+        raise PlanError(f"unknown indicator {short(indicator)}; known: {list(INDICATORS)}", **where)
+    below = check_number(when["below"], "'when.below'", positive=True, error=lambda m: PlanError(m, **where))
     on = when.get("on", "output")
-    if on not in WATCHED:
-        raise PlanError(f"'when.on' must be one of {list(WATCHED)}, got {on!r}", **where)
+    if not isinstance(on, str) or on not in WATCHED:
+        raise PlanError(f"'when.on' must be one of {list(WATCHED)}, got {short(on)}", **where)
     rescale = when.get("rescale")
     if rescale is not None:
-        if not isinstance(rescale, list) or not rescale or not all(
-                isinstance(c, (int, float)) and not isinstance(c, bool) for c in rescale):
-            raise PlanError(f"'when.rescale' must be a non-empty list of polynomial coefficients, highest "
-                            f"power first, got {rescale!r}", **where)
-        rescale = tuple(float(c) for c in rescale)
+        if not isinstance(rescale, (list, tuple)) or not 0 < len(rescale) <= MAX_RESCALE:
+            raise PlanError(f"'when.rescale' must be a non-empty list of at most {MAX_RESCALE} polynomial "
+                            f"coefficients, highest power first, got {short(rescale)}", **where)
+        rescale = tuple(check_number(c, f"'when.rescale' coefficient {k}", error=lambda m: PlanError(m, **where))
+                        for k, c in enumerate(rescale))
     of = when["of"]
-    if isinstance(of, str) and of.startswith("stack["):
+    if not isinstance(of, str) or not of or len(of) > MAX_NAME:
+        raise PlanError(f"'when.of' must name a site (a string of 1 to {MAX_NAME} characters), got {short(of)}",
+                        **where)
+    if of.startswith("stack["):
         try:
             parse_position(of)
         except ValueError as exc:
             raise PlanError(f"'when.of': {exc}", **where) from None
-    return When(of=str(of), below=float(below), indicator=indicator, on=on, rescale=rescale)
+    return When(of=of, below=below, indicator=indicator, on=on, rescale=rescale)

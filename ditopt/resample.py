@@ -12,7 +12,7 @@ import torch
 
 from ditopt.runtime.decisions import Action
 
-from .errors import PlanError, check_count
+from .errors import PlanError, check_steps
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -55,7 +55,10 @@ def resample_plan(plan: "Plan", steps: int) -> "Plan":
     """
     from .plan import Plan, Rule
 
-    check_count(steps, "the step count to resample to", error=PlanError)
+    if not isinstance(plan, Plan):
+        raise PlanError(f"resample_plan needs a Plan, got {type(plan).__name__}")
+    check_steps(steps, "the step count to resample to", error=PlanError)
+    plan.check()
     assigned = _resample_skip_schedules(plan, steps)
     rules = []
     for index, rule in enumerate(plan.rules):
@@ -184,8 +187,10 @@ def resample_map(rmap: "RedundancyMap", steps: int) -> "RedundancyMap":
     """The map as if profiled at ``steps`` steps (see :meth:`RedundancyMap.resample`)."""
     from .profile import ProfileError
 
-    check_count(steps, "the step count to resample a map to", minimum=2, error=ProfileError)
+    check_steps(steps, "the step count to resample a map to", minimum=2, error=ProfileError)
     n = rmap.steps
+    if not isinstance(n, int) or n < 2:
+        raise ProfileError(f"a map of {n!r} step(s) has no schedule to resample; profile at least 2 steps")
     pos = torch.linspace(0, n - 1, steps, dtype=torch.float64)
     lo = pos.floor().long().clamp(max=n - 1)
     hi = (lo + 1).clamp(max=n - 1)

@@ -32,7 +32,9 @@ if TYPE_CHECKING:
 
 
 def compile_plan(plan: "Plan", sites: SiteTable) -> DecisionTable:
-    """Resolve ``plan``'s rules against ``sites`` into the graph's decision table."""
+    """Resolve ``plan``'s rules against ``sites`` into the graph's decision table (the plan's own
+    checks, :meth:`Plan.check`, first: a plan built in Python is typed and bounded here too)."""
+    plan.check()
     if plan.model and sites.sites and sites.model not in (None, plan.model):
         raise PlanError(f"plan was made for {plan.model}, not {sites.model}")
     table = DecisionTable(steps=plan.steps, actions={}, adaptive={}, slots={}, indicators=[], orders={},

@@ -48,7 +48,7 @@ def test_load_names_the_file(tmp_path):
     (GOOD.replace('"1:10:2"', "[3, 12]"), "line 6, rule 0, site 'blocks.\\*': step 12 is out of range 0..9"),
     (GOOD.replace('"1:10:2"', '"0:10:2"'), "rule 0.*reuse_residual at step 0: nothing has been computed"),
     (GOOD.replace("kind: block", "kind: blob"), "unknown kind 'blob'"),
-    (GOOD.replace("steps: 10", "steps: -3"), "'steps' must be an integer >= 1, got -3"),
+    (GOOD.replace("steps: 10", "steps: -3"), "'steps' must be an integer in \\[1, 10000\\], got -3"),
     (GOOD.replace("    kind: block\n", "    knd: block\n"), "unknown rule field"),
     ("- 1\n- 2\n", "must be a mapping"),
 ])
