@@ -46,7 +46,7 @@ import torch
 
 from ditopt.runtime.decisions import Action
 
-from .errors import check_count
+from .errors import MAX_STEPS, check_count, check_number, check_steps, short
 from .plan import Plan, Rule
 from .profile import ProfileError, RedundancyMap
 
@@ -85,15 +85,21 @@ class PlannerConfig:
         object.__setattr__(self, "orders", tuple(self.orders))
         if self.granularity not in ("stack", "site"):
             raise ProfileError(f"granularity must be 'stack' or 'site', got {self.granularity!r}")
-        if self.budget is not None and not (isinstance(self.budget, (int, float)) and 0 < self.budget <= 1):
-            raise ProfileError(f"budget must be a fraction of full compute in (0, 1], got {self.budget!r}")
-        if self.max_error is not None and not (isinstance(self.max_error, (int, float)) and self.max_error >= 0):
-            raise ProfileError(f"max_error must be >= 0, got {self.max_error!r}")
-        check_count(self.max_consecutive, "max_consecutive", minimum=0, error=ProfileError)
+        check_budget(self.budget)
+        if self.max_error is not None:
+            check_number(self.max_error, "max_error", minimum=0, error=ProfileError)
+        check_count(self.max_consecutive, "max_consecutive", minimum=0, maximum=MAX_STEPS, error=ProfileError)
         if self.steps is not None:
-            check_count(self.steps, "steps", minimum=2, error=ProfileError)
-        if not isinstance(self.accumulation, (int, float)) or self.accumulation < 0:
-            raise ProfileError(f"accumulation must be >= 0, got {self.accumulation!r}")
+            check_steps(self.steps, "steps", minimum=2, error=ProfileError)
+        if self.warmup is not None:  # its upper bound depends on the map (schedule_from_profile)
+            check_count(self.warmup, "warmup", maximum=MAX_STEPS, error=ProfileError)
+        check_number(self.accumulation, "accumulation", minimum=0, error=ProfileError)
+        if not self.orders or not set(self.orders) <= {0, 1} or any(isinstance(o, bool) for o in self.orders):
+            raise ProfileError(f"orders must be a non-empty subset of (0, 1), got {short(self.orders)}")
+        if self.sites is not None and not (self.sites and all(isinstance(x, str) for x in self.sites)):
+            raise ProfileError(f"sites must be a non-empty list of site names, got {short(self.sites)}")
+        if not isinstance(self.compute_last, bool):
+            raise ProfileError(f"compute_last must be True or False, got {short(self.compute_last)}")
 
     def with_(self, **knobs) -> "PlannerConfig":
         """A copy with these knobs changed (unknown names raise ProfileError naming them)."""
@@ -101,6 +107,13 @@ class PlannerConfig:
         if unknown:
             raise ProfileError(f"unknown planner knob(s) {sorted(unknown)}; known: {sorted(self.__dataclass_fields__)}")
         return replace(self, **knobs)
+
+
+def check_budget(budget) -> None:
+    """A compute budget: None, or a fraction of full block compute in (0, 1]."""
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                               or not 0 < budget <= 1):
+        raise ProfileError(f"budget must be a fraction of full compute in (0, 1], got {short(budget)}")
 
 
 def _config(config: PlannerConfig | None, budget: float | None, knobs: dict) -> PlannerConfig:
@@ -430,8 +443,10 @@ def smoothcache(rmap: RedundancyMap, alpha: float, *, metric: str = "rel_l1_resi
     a layer where the error is below a threshold; DiTango's profiled schedules threshold the same
     kind of map. The first and last steps compute; at most ``max_consecutive`` steps in a row reuse.
     """
-    if not alpha > 0:
-        raise ProfileError(f"alpha must be > 0, got {alpha!r}")
+    check_number(alpha, "alpha", positive=True, error=ProfileError)
+    check_count(max_consecutive, "max_consecutive", minimum=0, maximum=MAX_STEPS, error=ProfileError)
+    if metric not in rmap.metrics:
+        raise ProfileError(f"unknown metric {short(metric)}; known: {sorted(rmap.metrics)}")
     names = list(sites) if sites is not None else list(rmap.stack)
     values = rmap.metric(metric).nanmean(dim=-1)  # [steps, sites]
     actions = {}

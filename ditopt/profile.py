@@ -36,14 +36,19 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from .errors import DitoptError, check_count
+from .errors import DitoptError, check_count, check_number, check_steps, short
 from .passes.insert_observers import OBSERVED_KINDS
 from .flops import ModuleCost
 from .sites import OUTPUT, STACK
+from .validate import load_yaml, size_message
 
 __all__ = ["RedundancyMap", "ProfileError", "profile", "profile_pipeline"]
 
 FORMAT = 1
+MAX_BRANCHES = 64  # CFG branches a map may record (calls per step)
+MAX_KEEP = 1 << 20  # residual elements sampled per site and step
+_META_KEYS = ("format", "model", "signature", "steps", "branches", "timesteps", "tensors", "sites")
+_SITE_KEYS = ("name", "kind", "parent", "residual", "flops_per_call", "seconds_per_call")
 
 
 class ProfileError(DitoptError):
@@ -129,7 +134,11 @@ class RedundancyMap:
             path = path.with_suffix(".yaml")
         tensors = {f"metric/{k}": v.contiguous() for k, v in self.metrics.items()}
         tensors.update({f"samples/{k}": v.contiguous() for k, v in self.samples.items()})
-        save_file(tensors, str(path.with_suffix(".safetensors")))
+        try:
+            save_file(tensors, str(path.with_suffix(".safetensors")))
+        except Exception as exc:  # OSError, or safetensors' own error wrapping one
+            raise ProfileError(f"cannot write redundancy map {path.with_suffix('.safetensors')}: "
+                               f"{getattr(exc, 'strerror', None) or str(exc).splitlines()[0]}") from None
         meta = {"format": FORMAT, "model": self.model, "signature": self.signature, "steps": self.steps,
                 "branches": self.branches, "profile_seconds": round(self.profile_seconds, 3),
                 "timesteps": [float(t) for t in self.timesteps], "stack": list(self.stack),
@@ -138,37 +147,44 @@ class RedundancyMap:
                            "flops_per_call": float(self.flops.get(s, 0.0)),
                            "seconds_per_call": float(self.seconds.get(s, 0.0))}
                           for s, k in zip(self.sites, self.kinds)]}
-        path.write_text(yaml.safe_dump(meta, sort_keys=False))
+        try:
+            path.write_text(yaml.safe_dump(meta, sort_keys=False))
+        except OSError as exc:
+            raise ProfileError(f"cannot write redundancy map {path}: {exc.strerror or exc}") from None
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "RedundancyMap":
+        """Read a map :meth:`save` wrote. ProfileError naming the file and the key, tensor or site
+        at fault, before anything uses it: a missing or mistyped key, truncated or corrupt
+        tensors, a site list that disagrees with the map's signature, its tensors' names and
+        shapes, or its step and branch counts (an edited map would give sites their neighbours'
+        metrics)."""
         from safetensors.torch import load_file
 
         path = Path(path)
-        if not path.is_file():
-            raise ProfileError(f"redundancy map not found: {path}")
-        try:
-            meta = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ProfileError(f"{path}: malformed YAML: {exc}") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise ProfileError(f"{path}: not a ditopt redundancy map (format {FORMAT})")
+        meta = _read_meta(path)
         tensor_path = path.with_name(meta["tensors"])
         if not tensor_path.is_file():
             raise ProfileError(f"{path}: its tensors file {tensor_path.name} is missing")
-        tensors = load_file(str(tensor_path))
-        sites = [s["name"] for s in meta["sites"]]
-        return cls(model=meta["model"], signature=meta["signature"], steps=int(meta["steps"]),
-                   branches=int(meta["branches"]), sites=sites, kinds=[s["kind"] for s in meta["sites"]],
-                   parents={s["name"]: s["parent"] for s in meta["sites"]},
-                   residual_form={s["name"]: bool(s["residual"]) for s in meta["sites"]},
-                   flops={s["name"]: float(s["flops_per_call"]) for s in meta["sites"]},
-                   seconds={s["name"]: float(s["seconds_per_call"]) for s in meta["sites"]},
-                   timesteps=list(meta["timesteps"]), stack=list(meta.get("stack", [])),
+        try:
+            tensors = load_file(str(tensor_path))
+        except Exception as exc:  # safetensors' own error (truncated, corrupt), or OSError
+            raise ProfileError(f"{tensor_path}: cannot read the map's tensors (truncated or corrupt?): "
+                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        sites = meta["sites"]
+        rmap = cls(model=meta["model"], signature=meta["signature"], steps=meta["steps"],
+                   branches=meta["branches"], sites=[s["name"] for s in sites], kinds=[s["kind"] for s in sites],
+                   parents={s["name"]: s["parent"] for s in sites},
+                   residual_form={s["name"]: s["residual"] for s in sites},
+                   flops={s["name"]: float(s["flops_per_call"]) for s in sites},
+                   seconds={s["name"]: float(s["seconds_per_call"]) for s in sites},
+                   timesteps=[float(t) for t in meta["timesteps"]], stack=list(meta.get("stack") or []),
                    metrics={k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("metric/")},
                    samples={k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("samples/")},
-                   profile_seconds=float(meta.get("profile_seconds", 0.0)))
+                   profile_seconds=float(meta.get("profile_seconds") or 0.0))
+        _check_tensors(rmap, list(tensors), tensor_path)
+        return rmap
 
     # -- pictures -------------------------------------------------------------------------------
     def heatmap(self, path: str | Path, metric: str = "rel_l1_residual", kinds: tuple[str, ...] = ("block",
@@ -193,6 +209,103 @@ class RedundancyMap:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """A map's YAML, every key present, typed and bounded, and its site list consistent with its
+    signature; ProfileError naming the file and the key otherwise."""
+    if not path.is_file():
+        raise ProfileError(f"redundancy map not found: {path}")
+    try:
+        too_big = size_message(path.stat().st_size)
+        if too_big:
+            raise ProfileError(f"{path}: {too_big}")
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ProfileError(f"cannot read redundancy map {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ProfileError(f"{path}: not a ditopt redundancy map (not UTF-8 text)") from None
+    meta, _ = load_yaml(text, error=lambda m, line: ProfileError(f"{path}: {m}" + (f" (line {line})" if line else "")))
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ProfileError(f"{path}: not a ditopt redundancy map (format {FORMAT})")
+
+    def fail(key: str, want: str, value: Any = None):
+        raise ProfileError(f"{path}: '{key}' must be {want}, got {short(value)}")
+
+    for key in _META_KEYS:
+        if key not in meta:
+            raise ProfileError(f"{path}: missing key '{key}'")
+    for key in ("model", "signature"):
+        if not isinstance(meta[key], str):
+            fail(key, "a string", meta[key])
+    steps = check_steps(meta["steps"], f"{path}: 'steps'", error=ProfileError)
+    check_count(meta["branches"], f"{path}: 'branches'", maximum=MAX_BRANCHES, error=ProfileError)
+    name = meta["tensors"]
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+        fail("tensors", "a file name beside the map", name)
+    timesteps = meta["timesteps"]
+    if not isinstance(timesteps, list) or len(timesteps) != steps or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) for t in timesteps):
+        fail("timesteps", f"a list of {steps} numbers (one per step)", timesteps)
+    if not isinstance(meta.get("stack") or [], list) or not all(isinstance(x, str) for x in meta.get("stack") or []):
+        fail("stack", "a list of site names", meta.get("stack"))
+    if not isinstance(meta["sites"], list) or not meta["sites"]:
+        fail("sites", "a non-empty list of sites", meta["sites"])
+    names = [_check_site(entry, f"{path}: sites[{i}]") for i, entry in enumerate(meta["sites"])]
+    if len(set(names)) != len(names):
+        raise ProfileError(f"{path}: 'sites' names a site twice")
+    if signature(meta["model"], names, [e["kind"] for e in meta["sites"]]) != meta["signature"]:
+        raise ProfileError(f"{path}: its site list does not match its signature (a site added, removed, renamed "
+                           f"or reordered since it was profiled?)")
+    missing = [x for x in meta.get("stack") or [] if x not in names]
+    if missing:
+        raise ProfileError(f"{path}: 'stack' names {short(missing[0])}, which is not in its site list")
+    return meta
+
+
+def _check_site(entry: Any, where: str) -> str:
+    """One entry of a map's site list, checked; its name."""
+    if not isinstance(entry, dict):
+        raise ProfileError(f"{where} must be a mapping of {', '.join(_SITE_KEYS)}, got {short(entry)}")
+    for key in _SITE_KEYS:
+        if key not in entry:
+            raise ProfileError(f"{where}: missing key '{key}'")
+    if not isinstance(entry["name"], str) or not entry["name"]:
+        raise ProfileError(f"{where}.name must be a site name, got {short(entry['name'])}")
+    if entry["kind"] not in OBSERVED_KINDS:
+        raise ProfileError(f"{where}.kind must be one of {list(OBSERVED_KINDS)}, got {short(entry['kind'])}")
+    if entry["parent"] is not None and not isinstance(entry["parent"], str):
+        raise ProfileError(f"{where}.parent must be a site name or null, got {short(entry['parent'])}")
+    if not isinstance(entry["residual"], bool):
+        raise ProfileError(f"{where}.residual must be true or false, got {short(entry['residual'])}")
+    for key in ("flops_per_call", "seconds_per_call"):
+        check_number(entry[key], f"{where}.{key}", minimum=0, error=ProfileError)
+    return entry["name"]
+
+
+def _check_tensors(rmap: RedundancyMap, names: list[str], where: Path) -> None:
+    """The tensors match the site list: a metric ``[steps, sites, branches]`` for each of
+    :data:`METRICS`, a sample ``[steps, branches, keep]`` for each site and nothing else."""
+    from .runtime.observe import METRICS
+
+    for name in names:
+        kind, _, key = name.partition("/")
+        if kind not in ("metric", "samples") or (kind == "metric" and key not in METRICS) or (
+                kind == "samples" and key not in rmap.sites):
+            raise ProfileError(f"{where}: tensor {short(name)} names no metric or site of the map")
+    want = (rmap.steps, len(rmap.sites), rmap.branches)
+    for metric in METRICS:
+        t = rmap.metrics.get(metric)
+        if t is None or tuple(t.shape) != want or not t.is_floating_point():
+            got = "missing" if t is None else f"{tuple(t.shape)} {t.dtype}"
+            raise ProfileError(f"{where}: metric {metric!r} must be a float tensor of shape {want} "
+                               f"[steps, sites, branches], got {got}")
+    for site in rmap.sites:
+        t = rmap.samples.get(site)
+        if t is None or t.dim() != 3 or tuple(t.shape[:2]) != want[::2] or t.shape[2] < 1:
+            got = "missing" if t is None else tuple(t.shape)
+            raise ProfileError(f"{where}: samples of site {site!r} must be [steps={rmap.steps}, "
+                               f"branches={rmap.branches}, keep], got {got}")
 
 
 def _site_costs(model: torch.nn.Module, graph: torch.fx.Graph, table, names: list[str], call_args: tuple,
@@ -279,6 +392,17 @@ def call_with(pipe, transformer, **call_kwargs):
         pipe.transformer = original
 
 
+def _check_profile_args(run: Any, steps: Any, keep: Any, timestep_arg: Any, cfg: Any) -> None:
+    check_steps(steps, "steps", error=ProfileError)
+    check_count(keep, "keep", maximum=MAX_KEEP, error=ProfileError)
+    if not callable(run):
+        raise ProfileError(f"run must be a function of the transformer, got {type(run).__name__}")
+    if not isinstance(timestep_arg, str):
+        raise ProfileError(f"timestep_arg must be an argument name, got {short(timestep_arg)}")
+    if cfg not in (None, "batched", "separate"):
+        raise ProfileError(f"cfg must be None, 'batched' or 'separate', got {short(cfg)}")
+
+
 def profile(model: torch.nn.Module, run: Callable[[Any], Any], *, steps: int, progress: bool = True,
             keep: int = 4096, timestep_arg: str = "timestep", cfg: str | None = None) -> RedundancyMap:
     """Run one calibration sampling loop and measure every site; see the module docstring.
@@ -295,9 +419,7 @@ def profile(model: torch.nn.Module, run: Callable[[Any], Any], *, steps: int, pr
     from .runtime import Runtime
     from .runtime.observe import METRICS, Recorder
 
-    check_count(steps, "steps", error=ProfileError)
-    if cfg not in (None, "batched", "separate"):
-        raise ProfileError(f"cfg must be None, 'batched' or 'separate', got {cfg!r}")
+    _check_profile_args(run, steps, keep, timestep_arg, cfg)
     start = time.perf_counter()
     recorder = Recorder(keep=keep, batched_cfg=cfg == "batched")
     rt = Runtime()

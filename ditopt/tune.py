@@ -50,9 +50,9 @@ import torch
 from ditopt.runtime.decisions import Action
 
 from .api import optimize, reset, runtime_of, set_plan
-from .errors import PlanError
+from .errors import PlanError, check_count, check_steps
 from .plan import Plan, Rule
-from .planner import PlannerConfig, schedule_from_profile
+from .planner import PlannerConfig, check_budget, schedule_from_profile
 from .profile import ProfileError, RedundancyMap, call_with
 from .sites import OUTPUT
 
@@ -94,6 +94,8 @@ def spread_schedules(steps: int, computed: int) -> list[tuple[int, ...]]:
         >>> (0, 2, 4, 6, 8) in spread_schedules(10, 5), (0, 1, 2, 5, 8) in spread_schedules(10, 5)
         (True, True)
     """
+    check_steps(steps, "steps", error=ProfileError)
+    check_count(computed, "computed", minimum=0, maximum=steps, error=ProfileError)
     out: dict[tuple[int, ...], None] = {}
     for warmup in (1, 2, 3):
         rest = computed - warmup
@@ -137,6 +139,7 @@ def _forecast_candidate(rmap: RedundancyMap, where: str, sites: tuple[str, ...],
 def candidate_plans(rmap: RedundancyMap, budget: float, config: PlannerConfig | None = None) -> list[Candidate]:
     """The plans :func:`tune` tries first for ``budget`` (see the module docstring); the
     planner's schedules among them are planned with ``config``'s other knobs."""
+    _check_inputs(rmap, budget)
     config = (config or PlannerConfig()).with_(budget=budget, max_error=None)
     n = rmap.steps
     computed = max(1, int(math.floor(budget * n + 1e-9)))
@@ -221,6 +224,15 @@ def _psnr(out: Any, ref: Any) -> float:
         raise ProfileError(f"tune compares what the run returns under a plan with full compute: {exc}") from None
 
 
+def _check_inputs(rmap: Any, budget: Any) -> None:
+    """A map to tune from and a budget in (0, 1]."""
+    if not isinstance(rmap, RedundancyMap):
+        raise ProfileError(f"expected a RedundancyMap, got {type(rmap).__name__}")
+    if budget is None:
+        raise ProfileError("tune needs budget= (a fraction of full block compute in (0, 1])")
+    check_budget(budget)
+
+
 def tune(model: torch.nn.Module, run: Callable[[Any], Any], rmap: RedundancyMap, *, budget: float,
          config: PlannerConfig | None = None, candidates: list[Candidate] | None = None, refine: bool = True,
          progress: bool = True) -> Tuned:
@@ -237,6 +249,9 @@ def tune(model: torch.nn.Module, run: Callable[[Any], Any], rmap: RedundancyMap,
     run, two graph captures and one run per candidate (about 70, plus about 30 refining, at 20
     steps and budget 0.5).
     """
+    _check_inputs(rmap, budget)
+    if not callable(run):
+        raise ProfileError(f"run must be a function of the transformer, got {type(run).__name__}")
     rmap.check_fits(model=type(model).__name__)
     cands = candidate_plans(rmap, budget, config) if candidates is None else list(candidates)
     if not cands:
@@ -309,6 +324,8 @@ def tune_pipeline(pipe, rmap: RedundancyMap, *, budget: float, seed: int = 0, pr
     """
     if "generator" in call_kwargs or "num_inference_steps" in call_kwargs:
         raise ProfileError("tune_pipeline sets generator (from seed=) and num_inference_steps (from the map)")
+    _check_inputs(rmap, budget)
+    check_count(seed, "seed", minimum=0, maximum=2**63 - 1, error=ProfileError)
 
     def run(transformer):
         return call_with(pipe, transformer, num_inference_steps=rmap.steps,
