@@ -12,13 +12,15 @@ name, e.g. WanTransformer3DModel) or a trained zoo model (dit-digits, wan-digits
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+from pathlib import Path
 
 import ditopt
 
 from . import presets, zoo
-from .errors import DitoptError
+from .errors import MAX_STEPS, DitoptError
 from .small_models import MODELS, build_model
 
 # The subcommands import their harnesses (demo, graph diff, benchmark) when they run, so that
@@ -26,6 +28,75 @@ from .small_models import MODELS, build_model
 
 MODEL_HELP = (f"a small config ({', '.join(MODELS)}, or the diffusers class name) or a zoo model "
               f"({', '.join(zoo.NAMES)})")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line: ``ditopt profile: error: argument --steps: ...``."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def count(minimum: int, maximum: int):
+    """An argparse ``type``: an integer in [minimum, maximum]."""
+
+    def integer(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{minimum}, {maximum}], got {text!r}")
+        return value
+
+    return integer
+
+
+def fraction(text: str) -> float:
+    """An argparse ``type``: a finite number in (0, 1] (a share of full compute)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= 1):
+        raise argparse.ArgumentTypeError(f"must be a fraction of full compute in (0, 1], got {text!r}")
+    return value
+
+
+def unwritable(path: str) -> str | None:
+    """Why ``path`` cannot be written as a new or replaced file, or None if it can."""
+    if not path:
+        return "an empty path"
+    p = Path(path)
+    parent = p.parent
+    try:
+        if p.is_dir():
+            return f"{path} is a directory"
+        if not parent.exists():
+            return f"cannot write {path}: directory {parent} does not exist"
+        if not parent.is_dir():
+            return f"cannot write {path}: {parent} is not a directory"
+        if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+            return f"cannot write {path}: permission denied"
+    except OSError as exc:
+        return f"cannot write {path}: {exc.strerror or exc}"
+    return None
+
+
+def output_path(text: str) -> str:
+    """An argparse ``type``: a file path that can be written (``-``, stdout, where a command allows it)."""
+    problem = None if text == "-" else unwritable(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def check_writable(*paths: str | Path) -> None:
+    """DitoptError for the first of ``paths`` that cannot be written (default outputs, before work)."""
+    for path in paths:
+        problem = unwritable(str(path))
+        if problem:
+            raise DitoptError(problem)
 
 
 class _Stages:
@@ -106,20 +177,28 @@ def cmd_profile(args) -> int:
     if args.model not in zoo.list():
         raise DitoptError(f"profile needs a zoo model (it runs the model's sampling loop); got {args.model!r}, "
                           f"known: {', '.join(zoo.list())}")
-    torch.set_num_threads(args.threads)
-    zm = zoo.load(args.model)
-    steps = args.steps or zm.steps
-    labels = torch.arange(10)
-    def run(tr):
-        return zm.sample(labels, seed=args.seed, steps=steps, transformer=tr)
-
     if args.tune and args.budget is None:
         raise DitoptError("--tune needs --budget")
     if args.plan_steps is not None and (args.budget is None or args.tune):
         raise DitoptError("--plan-steps needs --budget, and not --tune (tune measures plans at the profiled count)")
+    if args.plan is not None and args.budget is None:
+        raise DitoptError("--plan needs --budget (the plan is made for that compute fraction)")
+    out = Path(args.output or f"{args.model}-map.yaml")
+    out = out if out.suffix in (".yaml", ".yml") else out.with_suffix(".yaml")  # as RedundancyMap.save names it
+    png = args.png or str(out.with_suffix(".png"))
+    plan_path = args.plan or f"{args.model}-plan-{args.budget}.yaml"
+    check_writable(out, out.with_suffix(".safetensors"), png, *([plan_path] if args.budget is not None else []))
+    torch.set_num_threads(args.threads)
+    zm = zoo.load(args.model)
+    steps = zm.steps if args.steps is None else args.steps
+    labels = torch.arange(10)
+
+    def run(tr):
+        return zm.sample(labels, seed=args.seed, steps=steps, transformer=tr)
+
     rmap = ditopt.profile(zm.model, run, steps=steps, cfg="batched" if zm.cfg_mode == "batched" else None)
-    out = rmap.save(args.output or f"{args.model}-map.yaml")
-    png = rmap.heatmap(args.png or str(out.with_suffix(".png")))
+    out = rmap.save(out)
+    png = rmap.heatmap(png)
     print(f"profiled {args.model}: {steps} steps, {rmap.branches} CFG branch(es), {len(rmap.sites)} sites in "
           f"{rmap.profile_seconds:.1f} s")
     print(f"wrote {out}, {out.with_suffix('.safetensors')} and {png}")
@@ -131,9 +210,8 @@ def cmd_profile(args) -> int:
                   f"best of {len(tuned.candidates)})")
         else:
             plan = ditopt.plan_from_profile(rmap, budget=args.budget, steps=args.plan_steps)
-        path = args.plan or f"{args.model}-plan-{args.budget}.yaml"
-        plan.save(path)
-        print(f"wrote {path} (plan for {plan.steps} steps at {args.budget:.0%} of block compute)")
+        plan.save(plan_path)
+        print(f"wrote {plan_path} (plan for {plan.steps} steps at {args.budget:.0%} of block compute)")
     return 0
 
 
@@ -168,6 +246,8 @@ def cmd_diff(args) -> int:
     plan = ditopt.Plan.load(args.plan) if args.plan else preset_plan(args.preset, args.steps)
     suffix = {"html": "html", "text": "txt", "dot": "dot"}[args.format]
     out = args.output or f"ditopt-diff-{args.model}.{suffix}"
+    if out != "-":
+        check_writable(out)
     with _Stages(4) as stage:
         stage(f"building {args.model}")
         model, kwargs = build_model(args.model)
@@ -196,16 +276,17 @@ def main(argv: list[str] | None = None) -> int:
 
         speed_main(argv[1:])
         return 0
-    parser = argparse.ArgumentParser(prog="ditopt", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="ditopt", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="FORA on a diffusers DiT: reuse per step, speed-up and difference")
     demo.add_argument("--model", default="dit-digits",
                       help="a zoo model (dit-digits, wan-digits) or random-dit (a larger DiT, random weights)")
-    demo.add_argument("--steps", type=int, default=20, help="sampling steps (random-dit only)")
-    demo.add_argument("--interval", type=int, default=2)
-    demo.add_argument("--hidden", type=int, default=256, help="random-dit only")
-    demo.add_argument("--layers", type=int, default=8, help="random-dit only")
-    demo.add_argument("--repeats", type=int, default=3)
+    demo.add_argument("--steps", type=count(1, MAX_STEPS), default=20, help="sampling steps (random-dit only)")
+    demo.add_argument("--interval", type=count(1, MAX_STEPS), default=2, help="FORA: compute every N-th step")
+    demo.add_argument("--hidden", type=count(4, 8192), default=256, help="random-dit only: width, a multiple of 4 "
+                                                                     "that splits into heads of about 64")
+    demo.add_argument("--layers", type=count(1, 256), default=8, help="random-dit only")
+    demo.add_argument("--repeats", type=count(1, 1000), default=3, help="timed runs (the best is reported)")
     demo.set_defaults(func=cmd_demo)
     s = sub.add_parser("sites", help="list the sites ditopt finds in a model")
     s.add_argument("model", help=MODEL_HELP)
@@ -223,24 +304,27 @@ def main(argv: list[str] | None = None) -> int:
     which = d.add_mutually_exclusive_group(required=True)
     which.add_argument("--plan", help="a plan YAML file")
     which.add_argument("--preset", help=f"a preset by name: {PRESET_HELP}")
-    d.add_argument("--steps", type=int, default=20, help="denoising steps of the preset (default 20)")
+    d.add_argument("--steps", type=count(1, MAX_STEPS), default=20, help="denoising steps of the preset (default 20)")
     d.add_argument("--format", choices=("html", "text", "dot"), default="html")
-    d.add_argument("-o", "--output", help="where to write ('-' for stdout; default ditopt-diff-MODEL.html/.txt/.dot)")
+    d.add_argument("-o", "--output", type=output_path,
+                   help="where to write ('-' for stdout; default ditopt-diff-MODEL.html/.txt/.dot)")
     d.set_defaults(func=cmd_diff)
     pr = sub.add_parser("profile", help="calibration run: a redundancy map (+ heatmap), optionally a plan")
     pr.add_argument("model", help="a zoo model: dit-digits or wan-digits")
-    pr.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
-    pr.add_argument("--seed", type=int, default=1000, help="calibration seed (10 digits, one each)")
-    pr.add_argument("-o", "--output", default=None, help="map file (YAML; tensors beside it as .safetensors)")
-    pr.add_argument("--png", default=None, help="heatmap PNG (default: next to the map)")
-    pr.add_argument("--budget", type=float, default=None, help="also write a plan for this compute fraction")
-    pr.add_argument("--plan", default=None, help="where to write that plan")
-    pr.add_argument("--plan-steps", type=int, default=None,
+    pr.add_argument("--steps", type=count(1, MAX_STEPS), default=None, help="denoising steps (default: the model's)")
+    pr.add_argument("--seed", type=count(0, 2**63 - 1), default=1000, help="calibration seed (10 digits, one each)")
+    pr.add_argument("-o", "--output", type=output_path, default=None,
+                    help="map file (YAML; tensors beside it as .safetensors)")
+    pr.add_argument("--png", type=output_path, default=None, help="heatmap PNG (default: next to the map)")
+    pr.add_argument("--budget", type=fraction, default=None,
+                    help="also write a plan for this compute fraction, in (0, 1]")
+    pr.add_argument("--plan", type=output_path, default=None, help="where to write that plan (needs --budget)")
+    pr.add_argument("--plan-steps", type=count(2, MAX_STEPS), default=None,
                     help="make that plan for this many steps instead of the profiled count "
                          "(plan_from_profile(..., steps=N); not with --tune)")
     pr.add_argument("--tune", action="store_true",
                     help="choose the plan by measuring candidates on the calibration run (ditopt.tune; slower)")
-    pr.add_argument("--threads", type=int, default=1)
+    pr.add_argument("--threads", type=count(1, 1024), default=1, help="CPU threads for torch")
     pr.set_defaults(func=cmd_profile)
     b = sub.add_parser("bench", help="fidelity and compute of ditopt presets and peers on the zoo models; "
                                      "with --device DEV, speed on that device (see ditopt/bench/gpu.py)")

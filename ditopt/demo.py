@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from ditopt import optimize, presets, reset, stats
 
+from .errors import MAX_STEPS, InputError, check_count
 from .metrics import psnr
 from .small_models import random_dit
 
@@ -51,8 +52,27 @@ def sample(model, steps: int, *, batch: int = 2, sample_size: int = 32, seed: in
     return x
 
 
+def check_hidden(hidden: int) -> int:
+    """The width of :func:`~ditopt.small_models.random_dit`: heads of 64 (one below 64) and a
+    multiple of 4 (the 2-D sin-cos position embedding splits it in four)."""
+    check_count(hidden, "hidden", minimum=4, maximum=8192, error=InputError)
+    heads = max(1, hidden // 64)
+    if hidden % 4 or hidden % heads:
+        raise InputError(f"hidden must be a multiple of 4 that splits into heads of about 64 (e.g. 32, 64, 128, "
+                         f"256), got {hidden}")
+    return hidden
+
+
 def run_demo(steps: int = 20, interval: int = 2, hidden: int = 256, layers: int = 8, sample_size: int = 32,
              repeats: int = 2, progress: bool = True) -> DemoResult:
+    check_count(steps, "steps", maximum=MAX_STEPS, error=InputError)
+    check_count(interval, "interval", maximum=MAX_STEPS, error=InputError)
+    check_hidden(hidden)
+    check_count(layers, "layers", maximum=256, error=InputError)
+    check_count(sample_size, "sample_size", minimum=2, maximum=1024, error=InputError)
+    if sample_size % 2:
+        raise InputError(f"sample_size must be even (patches of 2), got {sample_size}")
+    check_count(repeats, "repeats", maximum=1000, error=InputError)
     model = random_dit(hidden, layers, sample_size)
     fast = optimize(model, presets.fora(interval=interval, steps=steps, level="block"))
     sample(fast, steps, sample_size=sample_size)  # capture and rewrite once, outside the timing
@@ -82,6 +102,10 @@ def run_zoo_demo(name: str = "dit-digits", interval: int = 2, repeats: int = 3, 
     """FORA on a trained zoo model: reuse per step, time ratio, PSNR and class accuracy vs full."""
     from . import zoo
 
+    check_count(interval, "interval", maximum=MAX_STEPS, error=InputError)
+    check_count(repeats, "repeats", maximum=1000, error=InputError)
+    check_count(per_class, "per_class", maximum=1000, error=InputError)
+    check_count(seed, "seed", minimum=0, maximum=2**63 - 1, error=InputError)
     zm = zoo.load(name)
     fast = optimize(zm.model, presets.fora(interval=interval, steps=zm.steps, level="block"))
     labels = torch.arange(10).repeat_interleave(per_class)
