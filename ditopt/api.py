@@ -8,24 +8,31 @@ backend with inductor below. The other functions read or steer the model's
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import inspect
 from dataclasses import dataclass, replace
 
 import torch
 from torch._dynamo.eval_frame import OptimizedModule
 
-from ditopt.runtime import Runtime, find_runtime
+from ditopt.runtime import Runtime
 
-from .backend import CompiledGraph, DitoptBackend, PlanLike, as_plan, backend_of
+from .backend import CompiledGraph, DitoptBackend, PlanLike, as_plan, backend_of, compile_wrapper_of, runtime_of_compile_call
 from .capture import lean_tracing
 from .errors import CaptureError, DitoptError, PlanError
 from .sites import OUTPUT, STACK, SiteTable, find_sites
 
 
 class DitoptModule(OptimizedModule):
-    """What ``optimize()`` returns: dynamo's wrapper (so a pipeline sees the original module's
-    attributes, ``config``, ``dtype`` and ``device``) that reports plan errors unwrapped."""
+    """What ``optimize()`` returns: dynamo's wrapper, so that a pipeline sees the original
+    module's attributes, ``config``, ``dtype`` and ``device`` (and diffusers' ``is_compiled_module``
+    / ``_orig_mod`` unwrapping works), that reports plan errors unwrapped, answers ``bool`` like
+    a module, has the model's own ``state_dict`` keys, and deep-copies and pickles as a fresh
+    optimised copy (its own runtime, no caches)."""
 
     def __call__(self, *args, **kwargs):
+        _make_room_for_another_model()  # dynamo's config is per thread: a worker thread has its own
         try:
             if self._ditopt_runtime.graphs:
                 return super().__call__(*args, **kwargs)
@@ -33,14 +40,59 @@ class DitoptModule(OptimizedModule):
                 return super().__call__(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as exc:
             inner = getattr(exc, "inner_exception", None)
+            if isinstance(inner, CaptureError):
+                self._raise_for_timestep(args, kwargs)
             if isinstance(inner, DitoptError):
                 raise inner from None
             raise
         except torch._dynamo.exc.TorchDynamoException as exc:  # dynamo could not trace the model
+            self._raise_for_timestep(args, kwargs)
             name = type(self._orig_mod).__name__
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CaptureError(f"could not capture {name} as one graph: dynamo raised {type(exc).__name__}: "
                                f"{first}") from exc
+
+    def _raise_for_timestep(self, args, kwargs) -> None:
+        """A timestep that is not a tensor: the model's own error if it refuses it, else ours."""
+        name = self._ditopt_backend.timestep_arg
+        try:
+            given = inspect.signature(self._orig_mod.forward).bind_partial(*args, **kwargs).arguments.get(name)
+        except TypeError:
+            return
+        if given is None or isinstance(given, torch.Tensor):
+            return
+        self._orig_mod(*args, **kwargs)  # raises the model's own error, if it has one
+        raise CaptureError(f"'{name}' is a {type(given).__name__} ({given!r}); ditopt reads the denoising step from "
+                           f"a tensor: pass torch.tensor([{given!r}])")
+
+    def __bool__(self) -> bool:
+        return True
+
+    def state_dict(self, *args, **kwargs):
+        """The model's own ``state_dict`` (no ``_orig_mod.`` prefix): it loads into the model class."""
+        return self._orig_mod.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        """Load into the model; the caches (features of the old weights) are dropped."""
+        result = self._orig_mod.load_state_dict(state_dict, *args, **kwargs)
+        self._ditopt_runtime.reset()
+        return result
+
+    def __deepcopy__(self, memo):
+        backend = self._ditopt_backend
+        return optimize(copy.deepcopy(self._orig_mod, memo), backend.plan, timestep_arg=backend.timestep_arg,
+                        coalesce=backend.coalesce)
+
+    def __reduce__(self):
+        backend = self._ditopt_backend
+        return _rebuild, (self._orig_mod, backend.plan.to_yaml(), backend.timestep_arg, backend.coalesce)
+
+
+def _rebuild(model: torch.nn.Module, plan_text: str, timestep_arg: str, coalesce: bool) -> torch.nn.Module:
+    """Unpickle an optimised model: optimise the unpickled model again with the same plan."""
+    from .plan import Plan
+
+    return optimize(model, Plan.from_yaml(plan_text), timestep_arg=timestep_arg, coalesce=coalesce)
 
 
 def candidate_site_names(model: torch.nn.Module) -> list[str]:
@@ -83,7 +135,6 @@ def wrap(model: torch.nn.Module, plan: PlanLike, *, timestep_arg: str = "timeste
         raise PlanError(f"plan was made for {plan.model}, not {type(model).__name__}")
     plan.check_patterns(candidate_site_names(model))
     runtime = runtime or Runtime()
-    runtime.param_ids = {id(p) for p in model.parameters()}
     backend = DitoptBackend(plan, runtime, inductor=False, timestep_arg=timestep_arg, observe=observe,
                             coalesce=coalesce)
     _make_room_for_another_model()
@@ -105,14 +156,17 @@ def _make_room_for_another_model(limit: int = 256) -> None:
 
 
 def runtime_of(model: torch.nn.Module) -> Runtime:
+    """The runtime of a model returned by :func:`optimize`, or by ``torch.compile(...,
+    backend="ditopt")`` (each such wrapper has its own; the original model has none)."""
     rt = model.__dict__.get("_ditopt_runtime")
     if rt is not None:
         return rt
-    inner = model._orig_mod if isinstance(model, OptimizedModule) else model
-    rt = find_runtime({id(p) for p in inner.parameters()})
-    if rt is None:
-        raise DitoptError(f"{type(inner).__name__} has not been optimised by ditopt (or not yet called)")
-    return rt
+    wrapper = compile_wrapper_of(model) if isinstance(model, OptimizedModule) else None
+    if wrapper is not None and getattr(wrapper, "compiler_name", None) == "ditopt":
+        return runtime_of_compile_call(wrapper, model)
+    name = type(model._orig_mod if isinstance(model, OptimizedModule) else model).__name__
+    raise DitoptError(f"this {name} is not an optimised model: pass the module that ditopt.optimize() or "
+                      f"torch.compile(..., backend='ditopt') returned, not the original")
 
 
 def compiled_graph(model: torch.nn.Module) -> CompiledGraph:
@@ -199,12 +253,46 @@ def set_plan(model: torch.nn.Module, plan: PlanLike) -> None:
 
 
 def reset(model: torch.nn.Module) -> None:
-    """Forget caches and step state: the next call starts a new generation."""
+    """Forget caches and step state: the next call starts a new generation. ``model`` is what
+    :func:`optimize` or ``torch.compile(..., backend="ditopt")`` returned (the original model
+    has no state: passing it is an error)."""
     runtime_of(model).reset()
 
 
+@contextlib.contextmanager
+def generation(model: torch.nn.Module):
+    """Run one generation explicitly: the first call inside starts a new generation at step 0
+    whatever its timestep (an image-to-image run after an interrupted one, a restart at a lower
+    timestep), and leaving the block (normally or by an exception) ends it: its caches are freed
+    and the next call starts a new generation. ``stats`` still reports it afterwards. Inside,
+    steps are inferred from the timestep unless told (:func:`step_callback`, :func:`set_step`).
+
+    Example:
+        >>> import torch, ditopt
+        >>> from diffusers import DiTTransformer2DModel
+        >>> model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+        ...     out_channels=4, num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+        >>> fast = ditopt.optimize(model, ditopt.presets.fora(interval=2, steps=4))
+        >>> x, y = torch.randn(1, 4, 8, 8), torch.tensor([3])
+        >>> with torch.no_grad():
+        ...     for ts in ((999, 700, 400), (250, 100)):  # interrupted, then a restart lower down
+        ...         with ditopt.generation(fast):
+        ...             for t in ts:
+        ...                 _ = fast(x, timestep=torch.tensor([t]), class_labels=y)
+        >>> ditopt.stats(fast).decisions["transformer_blocks.1.attn1"], ditopt.stats(fast).cache_bytes
+        (['compute', 'reuse'], 0)
+    """
+    runtime = runtime_of(model)
+    runtime.end_generation()
+    try:
+        yield model
+    finally:
+        runtime.end_generation()
+
+
 def set_step(model: torch.nn.Module, step: int, branch: int = 0) -> None:
-    """Tell the runtime which step (and CFG branch) the next call is, overriding detection."""
+    """Tell the runtime which step (and CFG branch) the next call is, overriding detection
+    (step 0, branch 0 starts a new generation)."""
     runtime_of(model).state.set(step, branch)
 
 
@@ -265,5 +353,5 @@ def sites(model: torch.nn.Module, *args, **example_inputs) -> SiteTable:
     return table
 
 
-__all__ = ["DitoptModule", "Stats", "compiled_graph", "optimize", "reset", "runtime_of", "set_plan", "set_step",
+__all__ = ["DitoptModule", "Stats", "compiled_graph", "generation", "optimize", "reset", "runtime_of", "set_plan", "set_step",
            "sites", "stats", "step_callback", "wrap"]

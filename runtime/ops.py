@@ -21,9 +21,10 @@ from .session import get_runtime
 
 @torch.library.custom_op("ditopt::begin_step", mutates_args=("token",))
 def begin_step(token: torch.Tensor, timestep: torch.Tensor, rid: int, graph: int) -> None:
-    """Advance the runtime's step state from this call's timestep."""
+    """Advance the runtime's step state from this call's timestep: its maximum, so that per-sample
+    and per-token timesteps (a first frame at 0) read as the step they belong to."""
     token.add_(1)
-    get_runtime(rid).begin(lambda: float(timestep.reshape(-1)[0]), graph)  # read only if the step is not told
+    get_runtime(rid).begin(lambda: float(timestep.max()), graph)  # read only if the step is not told
 
 
 @begin_step.register_fake

@@ -8,6 +8,7 @@ model (one per input shape) registers its decision table here under a graph id.
 from __future__ import annotations
 
 import itertools
+import threading
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -22,8 +23,14 @@ from .step_state import StepState
 if TYPE_CHECKING:
     from .observe import Recorder
 
-_RUNTIMES: dict[int, "Runtime"] = {}
+# The ops find a runtime by id; the wrapper that owns it (and the graphs compiled for it) keep it
+# alive, so it goes with them.
+_RUNTIMES: "weakref.WeakValueDictionary[int, Runtime]" = weakref.WeakValueDictionary()
 _IDS = itertools.count(1)
+
+
+class ConcurrentCallError(RuntimeError):
+    """A second thread called an optimised model while a call was in flight."""
 
 @dataclass
 class CallRecord:
@@ -48,11 +55,11 @@ class Runtime:
         self.store = CacheStore(depth=depth)
         self.graphs: dict[int, DecisionTable] = {}  # graph id -> its decision table (set by the backend)
         self.records: list[CallRecord] = []  # one per call of the current generation
-        self.param_ids: set[int] = set()  # the captured model's parameters (how a backend finds this runtime)
+        self.backend: Any = None  # the DitoptBackend that compiles graphs for this runtime
         self.recorder: Recorder | None = None  # profiling: what ditopt::observe feeds
         self._accumulated: dict[tuple[int, int, int], torch.Tensor] = {}
         self._reuse_ok: dict[tuple[int, int, int], torch.Tensor] = {}
-        self._module_ref: weakref.ref | None = None
+        self._in_flight = threading.Lock()
         self._overran = False  # this generation has run past the plan's steps (warned once)
         self._flags: dict[tuple[bool, torch.device], torch.Tensor] = {}  # decision constants per device
         _RUNTIMES[self.id] = self
@@ -72,11 +79,46 @@ class Runtime:
 
     def reset(self) -> None:
         """Forget caches, step state and records (the next call starts a new generation)."""
+        self.end_generation()
+        self.records.clear()
+
+    def end_generation(self) -> None:
+        """Free the caches and make the next call start a new generation; keep the records of
+        this one (what ``stats`` reports) until then."""
         self.state.reset()
         self.store.clear()
-        self.records.clear()
         self._accumulated.clear()
         self._reuse_ok.clear()
+
+    def guarded(self, run: Callable[..., Any]) -> Callable[..., Any]:
+        """``run`` (a compiled graph) made safe to call: one call at a time (a call from another
+        thread while one is in flight raises :class:`ConcurrentCallError`; the state is per
+        model, not per thread), and a call that raises (a bad input, an interrupt) ends the
+        generation, so that no later call reuses what it half-computed or reads its caches under
+        a shifted CFG branch: the next call starts a new generation.
+
+        The graph holds its runtime weakly: the wrapper that owns the runtime decides its life
+        (dynamo keeps compiled graphs of a class's ``forward`` after the model is gone).
+        """
+        ref = weakref.ref(self)
+
+        def call(*args):
+            runtime = ref()
+            if runtime is None:
+                raise RuntimeError("ditopt: this graph's runtime was released with the model that owned it")
+            if not runtime._in_flight.acquire(blocking=False):
+                raise ConcurrentCallError(
+                    "ditopt: this optimised model is already running a call in another thread; its step state "
+                    "and caches belong to one sampling loop at a time. Optimise one copy of the model per thread")
+            try:
+                return run(*args)
+            except BaseException:
+                runtime.reset()
+                raise
+            finally:
+                runtime._in_flight.release()
+
+        return call
 
     # -- called by the ops ----------------------------------------------------------------
     def begin(self, t: float | Callable[[], float], graph: int = -1) -> None:
@@ -255,11 +297,3 @@ def get_runtime(rid: int) -> Runtime:
         return _RUNTIMES[rid]
     except KeyError:
         raise RuntimeError(f"ditopt runtime {rid} no longer exists (was the model released?)") from None
-
-
-def find_runtime(params: set[int]) -> Runtime | None:
-    """The runtime whose captured parameters include any of ``params``, newest first."""
-    for rt in reversed(list(_RUNTIMES.values())):
-        if rt.param_ids & params:
-            return rt
-    return None

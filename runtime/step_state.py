@@ -3,14 +3,23 @@
 The step index is found from the timestep input alone, so that a caller's sampling loop needs
 no change: a timestep different from the previous call's is the next step, the same timestep
 again is the next classifier-free-guidance branch of the same step, and a timestep that goes
-back up (diffusion samplers count down) starts a new generation. Callers that know better can
-override it for one call with :meth:`StepState.set`, or tell it every step with
-:meth:`StepState.tell` (a pipeline's step callback does): the calls until the next tell are that
-step's CFG branches, and the timestep is then never read on the host.
+back up (diffusion samplers count down) starts a new generation. The timestep a call is read
+by is the maximum of its timestep tensor (per-sample and per-token timesteps: Wan2.2's
+image-to-video gives its first frame timestep 0). Once a generation has run, its schedule is
+known: a later generation that has followed it for two steps and then goes down to a timestep
+the schedule does not have next (a new generation started lower, e.g. image-to-image after an
+interrupted run) starts a new generation instead of continuing. A restart exactly at the
+timestep the old schedule had next cannot be told from a continuation: say so explicitly.
+
+Callers that know better can start a generation (:meth:`StepState.start`, what
+``ditopt.generation`` and ``ditopt.reset`` do), override one call with :meth:`StepState.set`,
+or tell it every step with :meth:`StepState.tell` (a pipeline's step callback does): the calls
+until the next tell are that step's CFG branches, and the timestep is then never read on the host.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -33,6 +42,9 @@ class StepState:
     _override: tuple[int, int] | None = field(default=None, repr=False)
     _told: int | None = field(default=None, repr=False)  # the step told by tell(), until the next tell
     _told_calls: int = field(default=0, repr=False)
+    _schedule: list[float] = field(default_factory=list, repr=False)  # a recent generation's timesteps
+    _current: list[float] = field(default_factory=list, repr=False)  # this generation's, one per step
+    _offset: int | None = field(default=None, repr=False)  # where _current starts in _schedule
 
     def observe(self, t: float | Callable[[], float]) -> tuple[int, int, bool]:
         """Advance on a call whose timestep is ``t`` (or ``t()``: read only when the step is not
@@ -53,24 +65,44 @@ class StepState:
             self._override = None
             new_generation = step == 0 and branch == 0
             self.step, self.branch = step, branch
-        elif self._last_t is None or t > self._last_t:
+        elif self._last_t is None or t > self._last_t or self._leaves_schedule(t):
             self.step, self.branch, new_generation = 0, 0, True
         elif t == self._last_t:
             self.branch += 1
         else:
             self.step, self.branch = self.step + 1, 0
+            self._current.append(t)
         if new_generation:
             self.generation += 1
             self.calls = 0
+            self._remember([t])
         self.calls += 1
         self._last_t = t
         return self.step, self.branch, new_generation
 
+    def _leaves_schedule(self, t: float) -> bool:
+        """Whether a lower timestep ``t`` cannot be this generation's next step: it has followed
+        the known schedule for two steps or more, and the schedule has another timestep next."""
+        if self._offset is None or len(self._current) < 2 or t == self._last_t:
+            return False
+        nxt = self._offset + len(self._current)
+        return nxt < len(self._schedule) and self._schedule[nxt] != t
+
+    def _remember(self, current: list[float]) -> None:
+        """Start tracking a new generation's timesteps; keep the last one's as the known schedule
+        unless it followed a part of it or started lower (image-to-image runs a schedule's tail)."""
+        done = self._current
+        if done and not self._follows(done) and (not self._schedule or done[0] >= self._schedule[0]):
+            self._schedule = done
+        self._current = current
+        self._offset = self._schedule.index(current[0]) if current and current[0] in self._schedule else None
+
+    def _follows(self, timesteps: list[float]) -> bool:
+        s, o = self._schedule, self._offset
+        return o is not None and s[o:o + len(timesteps)] == timesteps
     def set(self, step: int, branch: int = 0) -> None:
         """Force the next call to be ``step`` / ``branch`` (step 0, branch 0 starts a generation)."""
-        if step < 0 or branch < 0:
-            raise ValueError(f"step and branch must be >= 0, got step={step}, branch={branch}")
-        self._override = (step, branch)
+        self._override = (_count("step", step), _count("branch", branch))
 
     def tell(self, step: int) -> None:
         """The calls from now until the next tell are step ``step`` (its CFG branches in call order);
@@ -83,11 +115,21 @@ class StepState:
             >>> s.tell(1); s.observe(lambda: 1 / 0)
             (1, 0, False)
         """
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be an integer >= 0, got {step!r}")
-        self._told, self._told_calls = step, 0
+        self._told, self._told_calls = _count("step", step), 0
 
     def reset(self) -> None:
         """Forget everything: the next call starts a new generation at step 0."""
         self.step, self.branch, self._last_t, self._override, self.calls = -1, 0, None, None, 0
         self._told, self._told_calls = None, 0
+        self._remember([])  # what ran is still a known schedule
+
+
+def _count(name: str, value) -> int:
+    """``value`` as a step or branch index: an integer >= 0 (numpy integers too), else ValueError."""
+    try:
+        index = operator.index(value) if not isinstance(value, bool) else -1
+    except TypeError:
+        index = -1
+    if index < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return index
