@@ -14,6 +14,7 @@ from .backend import CompiledGraph, DitoptBackend
 from .cost import CostModel, Prediction, cost_model
 from .errors import CaptureError, DitoptError, PlanError
 from .plan import CompiledPlan, Plan, Rule, When
+from .regional import mark_repeated_blocks
 from .profile import ProfileError, RedundancyMap, profile, profile_pipeline
 from . import planner
 from .planner import PlannerConfig, plan_from_profile
@@ -24,6 +25,7 @@ from .sites import Site, SiteTable, find_sites
 __version__ = "0.1.0"
 
 __all__ = [
+    "mark_repeated_blocks",
     "Action", "CaptureError", "CompiledGraph", "CompiledPlan", "CostModel", "DecisionTable", "DitoptBackend",
     "DitoptError", "Plan", "PlanError", "PlannerConfig", "Prediction", "ProfileError", "RedundancyMap", "Rule",
     "Site", "SiteTable", "Stats", "Tuned", "When", "compiled_graph", "cost_model", "find_sites", "optimize",

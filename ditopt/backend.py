@@ -31,7 +31,8 @@ from ditopt.runtime import DecisionTable, Runtime, find_runtime
 
 from .errors import PlanError
 from .plan import Plan
-from .sites import SiteTable, find_sites
+from .regional import decompose_calls_for_inductor, split_regions
+from .sites import SiteTable
 
 PlanLike = Plan | str | Path | dict
 
@@ -103,11 +104,11 @@ class DitoptBackend:
             clock.append(time.perf_counter())
             return clock[-1] - clock[-2]
 
-        gm = _copy_graph_module(gm)
-        sites = find_sites(gm.graph)
-        seconds = {"find_sites": lap()}
-        table = self.plan.compile(sites)  # raises PlanError before anything is rewritten
-        seconds["compile_plan"] = lap()
+        # the sites as if no block were marked; the plan raises PlanError before anything is rewritten;
+        # the calls of marked blocks the plan treats as a whole stay calls (ditopt.regional)
+        split = split_regions(_copy_graph_module(gm), self.plan.compile, observe=self.observe, copy=_copy_graph_module)
+        gm, sites, table, seconds = split.graph, split.graph_sites, split.graph_table, dict(split.seconds)
+        lap()
         graph_id = len(runtime.graphs)
         device = _model_device(example_inputs)
         ctx = PassContext(sites=sites, runtime_id=runtime.id, graph_id=graph_id, inductor=self.inductor,
@@ -117,11 +118,13 @@ class DitoptBackend:
         seconds["passes"] = lap()
         table.runs = dict(graph_annotation(gm).coalesced)  # the runs coalesce_regions made one region
         runtime.set_graph(graph_id, table)
-        self.last = CompiledGraph(graph_id, original, gm, sites, table, report, seconds)
+        captured = original if split.flat is None else split.flat  # where split.sites' nodes are
+        self.last = CompiledGraph(graph_id, captured, gm, split.sites, table, report, seconds)
         token = torch.zeros(1, dtype=torch.int64, device=device)  # where the graph's tensors are: no transfers
         if self.inductor:
             from torch._inductor.compile_fx import compile_fx
 
+            decompose_calls_for_inductor(gm)  # the calls of marked blocks (ditopt.regional)
             compiled = compile_fx(gm, [*example_inputs, token])
             seconds["inductor"] = lap()
             return lambda *args: compiled(*args, token)

@@ -28,6 +28,7 @@ _PATH_RULES = [  # applied in order; each strips one spelling of attribute acces
     (re.compile(r"_modules\['([^']+)'\]"), r"\1"),
     (re.compile(r"\['([^']+)'\]"), r".\1"),
     (re.compile(r"\[(\d+)\]"), r".\1"),
+    (re.compile(r"\.forward\.__self__(?=\.|$)"), ""),  # a module reached through a bound forward (a marked block)
     (re.compile(r"\.{2,}"), "."),
 ]
 
@@ -40,6 +41,8 @@ def module_path(raw: str) -> str:
         'blocks.0.attn1'
         >>> module_path("L['self'].transformer_blocks[2].ff")
         'transformer_blocks.2.ff'
+        >>> module_path("L['self'].__dict__['_modules']['blocks'].0.forward.__self__.attn1")
+        'blocks.0.attn1'
     """
     path = raw
     for pattern, repl in _PATH_RULES:
@@ -137,7 +140,8 @@ class Captured:
 
 
 def capture(model: torch.nn.Module, *args, symbolic_shapes: bool = False, **kwargs) -> Captured:
-    """Run ``model(*args, **kwargs)`` once under dynamo and return its single graph.
+    """Run ``model(*args, **kwargs)`` once under dynamo and return its single graph (the calls
+    of blocks marked by :func:`ditopt.mark_repeated_blocks` inlined).
 
     ``symbolic_shapes``: capture with dynamic shapes and duck shaping off, so every tensor in
     ``node.meta["example_value"]`` has SymInt sizes, one symbol per input size that the model's
@@ -169,4 +173,8 @@ def capture(model: torch.nn.Module, *args, symbolic_shapes: bool = False, **kwar
         raise CaptureError(f"could not capture {type(model).__name__} {how}: {exc}") from exc
     if len(graphs) != 1:
         raise CaptureError(f"{type(model).__name__} was captured as {len(graphs)} graphs, expected 1")
+    from .regional import has_calls, inline_calls
+
+    if has_calls(graphs[0].gm):  # a model with marked blocks: the graph an unmarked one gives
+        inline_calls(graphs[0].gm)
     return graphs[0]

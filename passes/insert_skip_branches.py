@@ -256,12 +256,18 @@ _VIEW_FUNCTIONS = {operator.getitem, torch.reshape, torch.transpose, torch.permu
 
 def _view_root(node: fx.Node, stop: set[fx.Node]) -> fx.Node:
     """The node whose memory ``node`` may share: followed back through view-like ops up to one in
-    ``stop`` (for graphs without example values, whose storages would say it)."""
-    while node not in stop and node.args and isinstance(node.args[0], fx.Node) and (
+    ``stop`` (for graphs without example values, whose storages would say it). An output of a
+    marked block's call (``invoke_subgraph``, :mod:`ditopt.regional`) is no view: the call returns
+    fresh tensors."""
+    while node not in stop and node.args and isinstance(node.args[0], fx.Node) and not _call_output(node) and (
             (node.op == "call_method" and node.target in _VIEW_METHODS)
             or (node.op == "call_function" and node.target in _VIEW_FUNCTIONS)):
         node = node.args[0]
     return node
+
+
+def _call_output(node: fx.Node) -> bool:
+    return node.target is operator.getitem and node.args[0].target is torch.ops.higher_order.invoke_subgraph
 
 
 def _storage(node: fx.Node):

@@ -1,0 +1,452 @@
+"""Regional compilation: trace and compile a model's repeated block once, reuse it for every block.
+
+Inductor compiles a 30-block DiT as one graph of 30 copies of the same block. Marking the
+block's forward with ``torch.compiler.nested_compile_region`` makes dynamo trace the block once
+and emit one call per block (``invoke_subgraph``) of one shared subgraph, which inductor then
+compiles once. :func:`mark_repeated_blocks` marks the blocks of one model instance (never their
+class); the ditopt backend keeps a marked block one shared call wherever the plan treats the
+block as a whole, and inlines it where the plan reaches inside it.
+
+What the backend does with a graph holding such calls (:func:`split_regions`):
+
+1. every call is inlined into a copy (:func:`inline_calls`), each inlined node's module path
+   re-prefixed to the calling block's (the subgraph was traced in another block), so site
+   finding and plan resolution see the graph an unmarked model gives: the same site names;
+2. a call stays a call when no site the plan rewrites lies partly inside it, and no ``when`` rule
+   watches a tensor inside it (only its outputs): block-level plans (FORA block level,
+   TaylorSeer, First-Block-Cache, coalesced runs) keep every block but the ones that must be
+   inlined; a plan that reuses attention or feed-forwards inlines the blocks it reaches into
+   (correct, only the compile-time gain is lost); profiling inlines all;
+3. the passes rewrite the graph with the kept calls, whose block sites are the call and the
+   getitems of its outputs (:func:`regional_sites`).
+
+The eager path (``ditopt.optimize``) runs the same graph as Python; a model that is not marked
+gives a graph without calls, on which none of this happens.
+"""
+
+from __future__ import annotations
+
+import operator
+import time
+import types
+import weakref
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from .capture import module_path
+from .errors import DitoptError
+from .regions import region_of
+from .sites import SiteTable, find_sites
+
+INVOKE = torch.ops.higher_order.invoke_subgraph
+
+_MARKED: "weakref.WeakKeyDictionary[type, Callable]" = weakref.WeakKeyDictionary()  # one marked forward per class
+
+
+# -- marking the blocks of one model --------------------------------------------------------
+
+def _marked_forward(cls: type) -> Callable:
+    """The block class's forward, marked as a nested compile region, one per class (so every
+    block of the class shares dynamo's cache of the traced subgraph). What is marked is a
+    wrapper with a code object of its own per class (marking sets attributes on the function
+    it is given, and dynamo keys its cache by code): it calls the class's forward and returns
+    its outputs unaliased (:func:`_fresh`)."""
+    marked = _MARKED.get(cls)
+    if marked is None:
+        base = cls.forward
+
+        def forward(self, *args, **kwargs):
+            return _fresh(base(self, *args, **kwargs), args, kwargs)
+
+        name = f"forward_of_{cls.__name__}_{id(cls):x}"
+        code = forward.__code__.replace(co_name=name, co_qualname=name)
+        fn = types.FunctionType(code, forward.__globals__, name, None, forward.__closure__)
+        fn.__doc__, fn.__wrapped__ = base.__doc__, base
+        marked = torch.compiler.nested_compile_region(fn)
+        _MARKED[cls] = marked
+    return marked
+
+
+def _fresh(out, args, kwargs):
+    """A block's outputs as a nested compile region may return them: an output that is one of the
+    block's inputs is cloned, and so is every view among two or more outputs (dynamo refuses a
+    region whose outputs alias its inputs or each other: the single-stream blocks of Flux and
+    HunyuanVideo return two slices of one tensor). Other outputs pass as they are."""
+    inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    if isinstance(out, torch.Tensor):
+        return out.clone() if any(out is a for a in inputs) else out
+    if isinstance(out, (tuple, list)) and len(out) > 1:
+        return type(out)(o.clone() if isinstance(o, torch.Tensor) and (o._base is not None or any(o is a for a in inputs))
+                         else o for o in out)
+    return out
+
+
+def repeated_blocks(model: torch.nn.Module, blocks=None) -> list[tuple[str, torch.nn.Module]]:
+    """``(path, module)`` of the blocks to mark, outermost only: the modules whose class is in
+    ``blocks`` (class names or classes), else in the model's ``_repeated_blocks`` (diffusers'
+    list for ``compile_repeated_blocks``), else the elements of every ``ModuleList`` of two or
+    more modules of one class with submodules (the outermost such lists).
+
+    Example:
+        >>> import torch
+        >>> class Net(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(2, 2)) for _ in range(3))
+        >>> [p for p, _ in repeated_blocks(Net())]
+        ['blocks.0', 'blocks.1', 'blocks.2']
+    """
+    named = [(p, m) for p, m in model.named_modules() if p]
+    wanted = blocks if blocks is not None else getattr(model, "_repeated_blocks", None)
+    if wanted:
+        names = {w if isinstance(w, str) else w.__name__ for w in ([wanted] if isinstance(wanted, (str, type)) else wanted)}
+        found = [(p, m) for p, m in named if type(m).__name__ in names]
+    else:
+        lists = [p for p, m in named if isinstance(m, torch.nn.ModuleList) and len(m) >= 2
+                 and len({type(c) for c in m}) == 1 and any(True for _ in m[0].children())]
+        lists = [p for p in lists if not any(p.startswith(q + ".") for q in lists)]
+        found = [(p, m) for p, m in named if any(p.startswith(q + ".") and "." not in p[len(q) + 1:] for q in lists)]
+    paths = [p for p, _ in found]
+    return [(p, m) for p, m in found if not any(p.startswith(q + ".") for q in paths)]
+
+
+@dataclass
+class RepeatedBlocks:
+    """The blocks :func:`mark_repeated_blocks` marked; :meth:`undo` (or leaving the ``with``
+    block) restores every one exactly. ``skipped``: ``{path: why}`` of blocks left unmarked."""
+
+    paths: tuple[str, ...]
+    skipped: dict[str, str] = field(default_factory=dict)
+    _modules: list = field(default_factory=list, repr=False)
+
+    def undo(self) -> None:
+        for module in self._modules:
+            bound = module.__dict__.get("forward")
+            if isinstance(bound, types.MethodType) and bound.__func__ is _MARKED.get(type(module)):
+                del module.__dict__["forward"]
+        self._modules = []
+
+    def __enter__(self) -> "RepeatedBlocks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.undo()
+
+
+def mark_repeated_blocks(model: torch.nn.Module, blocks=None) -> RepeatedBlocks:
+    """Mark the repeated blocks of ``model`` so that a following ``torch.compile`` traces and
+    compiles the block once and calls it for every block (regional compilation).
+
+    Each block instance gets its class's forward, marked with
+    ``torch.compiler.nested_compile_region``, as an instance attribute: the class and the other
+    instances of it are untouched. ``blocks`` names the block classes (default: the model's
+    ``_repeated_blocks``, else the elements of its outermost lists of same-class modules; see
+    :func:`repeated_blocks`). Keep the marks while the compiled model is in use (dynamo guards
+    on them: undone, the next call traces again); :meth:`RepeatedBlocks.undo` or a ``with``
+    block restores the model exactly. Outside ``torch.compile`` a marked block runs as before.
+
+    Example:
+        >>> import torch, ditopt
+        >>> from diffusers import DiTTransformer2DModel
+        >>> model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+        ...     out_channels=4, num_layers=3, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+        >>> plan = ditopt.presets.fora(interval=2, steps=4, level="block")
+        >>> with ditopt.mark_repeated_blocks(model) as marked:
+        ...     fast = torch.compile(model, backend="ditopt", options={"plan": plan, "inductor": False})
+        ...     with torch.no_grad():
+        ...         out = fast(torch.randn(1, 4, 8, 8), timestep=torch.tensor([999]), class_labels=torch.tensor([3]))
+        >>> marked.paths
+        ('transformer_blocks.0', 'transformer_blocks.1', 'transformer_blocks.2')
+        >>> ditopt.compiled_graph(fast).rewritten.meta["ditopt_regions"]  # one shared subgraph for these
+        ('transformer_blocks.1', 'transformer_blocks.2')
+        >>> "forward" in model.transformer_blocks[1].__dict__
+        False
+    """
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    if isinstance(model, OptimizedModule):
+        raise DitoptError("mark_repeated_blocks() takes the model before torch.compile, not the compiled wrapper")
+    found = repeated_blocks(model, blocks)
+    if not found:
+        raise DitoptError(f"no repeated blocks found in {type(model).__name__}: name their class with blocks=")
+    marks = RepeatedBlocks(paths=())
+    paths = []
+    for path, module in found:
+        forward = getattr(type(module), "forward", None)
+        if "forward" in module.__dict__:
+            marks.skipped[path] = "the instance already has its own forward (a hook?)"
+        elif not isinstance(forward, types.FunctionType):
+            marks.skipped[path] = "its class's forward is not a Python function"
+        elif hasattr(forward, "__marked_compile_region_fn__"):
+            marks.skipped[path] = "its class's forward is already a nested compile region"
+        else:
+            module.__dict__["forward"] = types.MethodType(_marked_forward(type(module)), module)
+            marks._modules.append(module)
+            paths.append(path)
+    marks.paths = tuple(paths)
+    return marks
+
+
+# -- inlining the calls -----------------------------------------------------------------------
+
+@dataclass
+class Call:
+    """One ``invoke_subgraph`` call of the regional graph: the calling module's ``path``, its
+    nodes there (``group``: the subgraph's get_attr, the call, the getitems of its outputs), the
+    names its inlined nodes get (``inner``), the inlined node each getitem stands for
+    (``outputs``: inlined name -> getitem name), and why it cannot stay a call (``why``)."""
+
+    name: str
+    path: str
+    group: tuple[str, ...]
+    inner: tuple[str, ...] = ()
+    outputs: dict[str, str] = field(default_factory=dict)
+    why: str = ""
+
+
+def has_calls(gm: fx.GraphModule) -> bool:
+    return bool(gm.graph.find_nodes(op="call_function", target=INVOKE))
+
+
+def _reprefixed(stack: dict, caller: dict, tag: str) -> dict:
+    """A subgraph node's module stack as seen from another call site: the caller's stack, then
+    the entries below the block the subgraph was traced in, moved under the calling block."""
+    entries, k = list(stack.items()), len(caller)
+    out = dict(caller)
+    if not caller or len(entries) < k:
+        return out
+    traced = module_path(str(_raw(entries[k - 1][1])))
+    here = module_path(str(_raw(list(caller.values())[-1])))
+    for key, value in entries[k:]:
+        raw, typ = value if isinstance(value, tuple) else (value, "")
+        path = module_path(str(raw))
+        if path == traced or path.startswith(traced + "."):
+            path = here + path[len(traced):]
+        out[f"{key}@{here}"] = (path, typ)
+    return out
+
+
+def _raw(value):
+    return value[0] if isinstance(value, tuple) else value
+
+
+def _inline_one(gm: fx.GraphModule, node: fx.Node) -> Call:
+    graph, getter = gm.graph, node.args[0]
+    sub: fx.GraphModule = getattr(gm, str(getter.target))
+    caller = dict(node.meta.get("nn_module_stack") or {})
+    path = module_path(str(_raw(list(caller.values())[-1]))) if caller else ""
+    users = list(node.users)
+    call = Call(node.name, path, (getter.name, node.name, *(u.name for u in users)))
+    env: dict[fx.Node, fx.Node] = dict(zip(sub.graph.find_nodes(op="placeholder"), node.args[2:]))
+    inner = []
+    with graph.inserting_before(node):
+        for s in sub.graph.nodes:
+            if s.op in ("placeholder", "output") or (s.target is getattr and not s.users):
+                continue  # (_fresh's look at an output's ._base, used by nothing once traced)
+            target = s.target
+            if s.op == "get_attr":  # a nested region's subgraph: hoisted onto gm
+                target = f"{node.name}_{s.target}"
+                setattr(gm, target, getattr(sub, str(s.target)))
+            new = graph.create_node(s.op, target, fx.map_arg(s.args, env.__getitem__),
+                                    fx.map_arg(s.kwargs, env.__getitem__), name=f"{node.name}_{s.name}", type_expr=s.type)
+            new.meta = {**s.meta, "nn_module_stack": _reprefixed(s.meta.get("nn_module_stack") or {}, caller, path)}
+            env[s] = new
+            inner.append(new.name)
+    results = sub.graph.output_node().args[0]
+    for user in users:
+        if user.op != "call_function" or user.target is not operator.getitem:
+            raise DitoptError(f"{node.name} ({path}): a use of a nested compile region's outputs that is not "
+                              f"getitem ({user.format_node()})")
+        value = results[user.args[1]]
+        if value.op == "placeholder" or env[value].name in call.outputs:
+            call.why = "the block returns one of its inputs, or one value twice"
+        call.outputs[env[value].name] = user.name
+        user.replace_all_uses_with(env[value])
+        graph.erase_node(user)
+    graph.erase_node(node)
+    if not getter.users:
+        graph.erase_node(getter)
+    call.inner = tuple(inner)
+    return call
+
+
+def inline_calls(gm: fx.GraphModule, only: set[str] | None = None) -> dict[str, Call]:
+    """Inline the ``invoke_subgraph`` calls of ``gm`` (those named in ``only``, else all, nested
+    ones too) in place, each inlined node named ``<call>_<node>`` and given the calling block's
+    module paths; return what each call was, by call name. Recompiles ``gm``."""
+    calls: dict[str, Call] = {}
+    while True:
+        todo = [n for n in gm.graph.find_nodes(op="call_function", target=INVOKE)
+                if only is None or n.name in only]
+        if not todo:
+            break
+        for node in todo:
+            calls[node.name] = _inline_one(gm, node)
+        if only is not None:
+            break
+    existing = {n.name for n in gm.graph.nodes}
+    for call in calls.values():  # a region nested in a call: its inlined nodes are the call's too
+        if any(n in calls for n in call.inner):
+            call.inner = tuple(n for n in _expanded(call.inner, calls) if n in existing)
+            call.why = call.why or "a nested compile region inside it"
+    gm.graph.lint()
+    gm.recompile()
+    return calls
+
+
+def _expanded(names, calls: dict[str, Call]):
+    for n in names:
+        if n in calls:
+            yield from _expanded(calls[n].inner, calls)
+        else:
+            yield n
+
+
+# -- sites and plans on a graph with calls ---------------------------------------------------
+
+def _keepable(call: Call, sites: SiteTable, table, observe: bool) -> bool:
+    """May ``call`` stay a call under this decision table? (see the module docstring)"""
+    if observe or call.why:
+        return False
+    inner = set(call.inner)
+    for name in table.actions:
+        nodes = set(sites[name].nodes)
+        if nodes & inner and not nodes >= inner:
+            return False
+    return not any(i.node in inner and i.node not in call.outputs for i in table.indicators)
+
+
+def regional_sites(sites: SiteTable, graph: fx.Graph, kept: list[Call]) -> SiteTable | None:
+    """``sites`` (found in the inlined graph) for ``graph``, where the ``kept`` calls are calls: a
+    site inside a kept call is left out; in the others, a kept call's nodes become its group and
+    its outputs the getitems. None when a site's live-outs do not come out the same."""
+    inner_of = {n: c for c in kept for n in c.inner}
+    by_name = {n.name: n for n in graph.nodes}
+    order = {n.name: i for i, n in enumerate(graph.nodes)}
+
+    def name(n):
+        if n is None or n not in inner_of:
+            return n
+        return inner_of[n].outputs.get(n, False)  # False: an inner value, not seen outside the call
+
+    out = []
+    for s in sites:
+        nodes = set(s.nodes)
+        if any(nodes & set(c.inner) and not nodes >= set(c.inner) for c in kept):
+            continue  # inside a kept call (or across one: nothing rewrites such a site)
+        members = {g for n in s.nodes for g in (inner_of[n].group if n in inner_of else (n,))}
+        if not members <= set(by_name):
+            return None
+        region = region_of([by_name[n] for n in sorted(members, key=order.__getitem__)])
+        live_outs = tuple(name(n) for n in s.live_outs)
+        if set(live_outs) != {n.name for n in region.live_outs}:
+            return None
+        modulated = name(s.modulated_input)
+        out.append(replace(s, nodes=tuple(n.name for n in region.nodes), inputs=tuple(n.name for n in region.inputs),
+                           live_outs=live_outs, residual_inputs=tuple(name(n) for n in s.residual_inputs),
+                           modulated_input=modulated or None))
+    return SiteTable(out, model=sites.model)
+
+
+@dataclass
+class SplitGraph:
+    """What the backend rewrites, for a captured graph: ``flat`` (the calls inlined; None when
+    there were none) with its ``sites`` and the plan's ``table``; ``graph``, the graph the passes
+    rewrite (the kept calls still calls), with its ``graph_sites`` and ``graph_table``; the paths
+    of the ``kept`` calls; and the seconds each stage took."""
+
+    flat: fx.GraphModule | None
+    sites: SiteTable
+    table: object
+    graph: fx.GraphModule
+    graph_sites: SiteTable
+    graph_table: object
+    kept: tuple[str, ...] = ()
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def split_regions(gm: fx.GraphModule, compile_plan: Callable, *, observe: bool = False,
+                  copy: Callable[[fx.GraphModule], fx.GraphModule] | None = None) -> SplitGraph:
+    """Find the sites of ``gm`` and resolve the plan (``compile_plan(sites)``) as if no block were
+    marked, then choose the calls that stay calls (see the module docstring). ``gm`` is the
+    backend's copy; ``copy`` makes another (the flat graph is kept untouched)."""
+    clock = time.perf_counter()
+    if not has_calls(gm):
+        sites = find_sites(gm.graph)
+        found = time.perf_counter()
+        table = compile_plan(sites)
+        return SplitGraph(None, sites, table, gm, sites, table,
+                          seconds={"find_sites": found - clock, "compile_plan": time.perf_counter() - found})
+    copy = copy or _copy
+    flat = copy(gm)
+    calls = inline_calls(flat)
+    inlined = time.perf_counter()
+    sites = find_sites(flat.graph)
+    found = time.perf_counter()
+    table = compile_plan(sites)
+    seconds = {"inline_regions": inlined - clock, "find_sites": found - inlined, "compile_plan": time.perf_counter() - found}
+    top = {n.name for n in gm.graph.find_nodes(op="call_function", target=INVOKE)}
+    kept = [c for name, c in calls.items() if name in top and _keepable(c, sites, table, observe)]
+    graph_sites = None
+    if kept:
+        inline_calls(gm, only=top - {c.name for c in kept})
+        graph_sites = regional_sites(sites, gm.graph, kept)
+    if graph_sites is None:  # nothing kept, or the regional sites do not check out: every call inlined
+        gm, graph_sites, kept = copy(flat), sites, []
+    outputs = {n: g for c in kept for n, g in c.outputs.items()}
+    graph_table = replace(table, indicators=[replace(i, node=outputs.get(i.node, i.node)) for i in table.indicators])
+    gm.meta["ditopt_regions"] = tuple(c.path for c in kept)
+    seconds["split_regions"] = time.perf_counter() - clock - sum(seconds.values())
+    return SplitGraph(flat, sites, table, gm, graph_sites, graph_table, tuple(c.path for c in kept), seconds)
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, env))
+    for old, new in env.items():
+        new.meta = dict(old.meta)
+    out = fx.GraphModule(gm, graph)
+    out.meta.update(gm.meta)
+    return out
+
+
+
+
+
+def decompose_calls_for_inductor(gm: fx.GraphModule) -> int:
+    """Under inductor: have each called subgraph traced with inductor's decompositions wherever
+    AOT traces it; returns how many subgraphs. (Each gets a copy carrying
+    ``meta["nested_region_config"]`` with only ``decompositions`` set; every call, in ``gm`` and
+    in its skip branches, then calls the copy, so the subgraph stays shared.)
+
+    Needed for a call inside a skip branch: torch 2.13's functionalisation of ``cond``
+    materialises its branches for their schema without decompositions, ``invoke_subgraph``
+    caches that trace by subgraph and the real trace reuses it, and inductor then fails on the
+    undecomposed block (``both a fallback and a decomp for same op: aten.native_layer_norm``).
+    A subgraph whose config names decompositions is traced with them by every trace."""
+    from torch._higher_order_ops.invoke_subgraph import NestedCompileRegionOptions
+    from torch._inductor.decomposition import select_decomp_table
+
+    copies: dict[int, fx.GraphModule] = {}
+    for mod in list(gm.modules()):
+        if not isinstance(mod, fx.GraphModule):
+            continue
+        for node in mod.graph.find_nodes(op="call_function", target=INVOKE):
+            target = str(node.args[0].target)
+            sub = getattr(mod, target)
+            if sub.meta.get("nested_region_config") is not None and id(sub) not in copies:
+                continue  # the user's own config
+            if id(sub) not in copies:
+                copies[id(sub)] = _copy(sub)
+                copies[id(sub)].meta["nested_region_config"] = NestedCompileRegionOptions(
+                    decompositions=select_decomp_table())
+            setattr(mod, target, copies[id(sub)])
+    return len(copies)
+
+
+__all__ = ["Call", "RepeatedBlocks", "SplitGraph", "decompose_calls_for_inductor", "has_calls", "inline_calls",
+           "mark_repeated_blocks", "regional_sites", "repeated_blocks", "split_regions"]

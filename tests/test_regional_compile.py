@@ -1,0 +1,240 @@
+"""Regional compilation (``ditopt.mark_repeated_blocks``, ``ditopt.regional``): the repeated block is
+traced once and called per block, and every caching action still works.
+
+Fast (no inductor): marking is per instance and undone exactly; the sites are the same with and
+without marks; the backend run as Python on a marked model keeps the blocks a block-level plan
+treats as a whole as calls of one shared subgraph, inlines the ones a plan reaches into, and
+matches the eager path (``ditopt.optimize`` of the unmarked model) exactly.
+Slow (three inductor compiles): the same under inductor, allclose 1e-4 to the eager path over two
+generations of four steps, no new graph in the second, the block's code generated once.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import ditopt
+from ditopt.errors import DitoptError
+from ditopt.regional import INVOKE, inline_calls, split_regions
+from real_models import build
+
+STEPS = 4
+
+
+def mixed_plan() -> ditopt.Plan:
+    """Attention-level reuse with nested block actions: reaches into every block."""
+    return ditopt.Plan.from_dict({"version": 1, "steps": STEPS, "name": "every static action", "rules": [
+        {"sites": "*", "kind": "attention", "steps": [1, 3], "action": "reuse"},
+        {"sites": "stack[1:]", "kind": "block", "steps": [2], "action": "reuse_residual"},
+        {"sites": "stack[0]", "kind": "block", "steps": [3], "action": "predict", "order": 1},
+    ]})
+
+
+PLANS = {
+    "fora": lambda: ditopt.presets.fora(interval=2, steps=STEPS, level="block"),
+    "taylorseer": lambda: ditopt.presets.taylorseer(steps=STEPS, interval=2, order=1),
+    "fbcache": lambda: ditopt.presets.first_block_cache(2.0, steps=STEPS),
+    "mixed": mixed_plan,
+}
+
+
+def _inputs(name):
+    model, kwargs = build(name)
+    kwargs = {k: v for k, v in kwargs.items() if k != "timestep"}
+    like = torch.zeros(kwargs["hidden_states"].shape[0])
+    return model, kwargs, [like + 1000 * f for f in (0.999, 0.7, 0.4, 0.1)]
+
+
+def _generate(model, kwargs, timesteps):
+    with torch.no_grad():
+        return [model(**kwargs, timestep=t, return_dict=False)[0] for t in timesteps]
+
+
+def _site_facts(table):
+    return [(s.name, s.kind, s.attention, s.module_type, s.parent, s.skippable, s.residual_form, len(s.inputs),
+             len(s.live_outs), s.residual_inputs.count(None), s.modulated_input is None) for s in table]
+
+
+def _calls(gm):
+    """The invoke_subgraph calls of a graph and of its skip branches, and the subgraphs they call."""
+    calls, subgraphs = 0, set()
+    for mod in gm.modules():
+        if isinstance(mod, torch.fx.GraphModule):
+            for n in mod.graph.find_nodes(op="call_function", target=INVOKE):
+                calls += 1
+                subgraphs.add(id(getattr(mod, str(n.args[0].target))))
+    return calls, len(subgraphs)
+
+
+# -- marking ---------------------------------------------------------------------------------
+
+def _state(model):
+    return [(p, dict(m.__dict__), dict(m._parameters), dict(m._modules)) for p, m in model.named_modules()]
+
+
+def test_marking_touches_only_the_instances_and_undo_restores_the_model_exactly():
+    model, _ = build("dit")
+    other, _ = build("dit")
+    cls = type(model.transformer_blocks[0])
+    forward, before = cls.forward, _state(model)
+    marks = ditopt.mark_repeated_blocks(model)
+    assert marks.paths == tuple(f"transformer_blocks.{i}" for i in range(3)) and marks.skipped == {}
+    assert all("forward" in b.__dict__ for b in model.transformer_blocks)
+    assert cls.forward is forward and not hasattr(forward, "__marked_compile_region_config__")
+    assert all("forward" not in b.__dict__ for b in other.transformer_blocks)
+    again = ditopt.mark_repeated_blocks(model)  # already marked: nothing more
+    assert again.paths == () and set(again.skipped) == set(marks.paths)
+    marks.undo()
+    assert _state(model) == before
+    with ditopt.mark_repeated_blocks(model) as marks:
+        assert len(marks.paths) == 3
+    assert _state(model) == before
+
+
+def test_repeated_blocks_come_from_repeated_blocks_or_the_outermost_list():
+    wan, _ = build("wan")  # WanTransformer3DModel._repeated_blocks = ["WanTransformerBlock"]
+    with ditopt.mark_repeated_blocks(wan) as marks:
+        assert marks.paths == ("blocks.0", "blocks.1")
+    hunyuan, _ = build("hunyuan")  # its _repeated_blocks names two single modules too, as diffusers marks them
+    with ditopt.mark_repeated_blocks(hunyuan) as marks:
+        assert marks.paths == ("x_embedder", "context_embedder", "transformer_blocks.0", "transformer_blocks.1",
+                               "single_transformer_blocks.0", "single_transformer_blocks.1")
+    hunyuan._repeated_blocks = []  # without it: the outermost lists of 2+ same-class modules (one refiner block is no list)
+    with ditopt.mark_repeated_blocks(hunyuan) as marks:
+        assert {p.rsplit(".", 1)[0] for p in marks.paths} == {"transformer_blocks", "single_transformer_blocks"}
+    with ditopt.mark_repeated_blocks(hunyuan, blocks=["HunyuanVideoSingleTransformerBlock"]) as marks:
+        assert marks.paths == ("single_transformer_blocks.0", "single_transformer_blocks.1")
+    with pytest.raises(DitoptError, match="no repeated blocks"):
+        ditopt.mark_repeated_blocks(torch.nn.Linear(2, 2))
+    with pytest.raises(DitoptError, match="before torch.compile"):
+        ditopt.mark_repeated_blocks(torch.compile(wan))
+
+
+@pytest.mark.parametrize("name", ["dit", "wan", "hunyuan"])
+def test_sites_are_the_same_with_and_without_marks(name):
+    model, kwargs = build(name)
+    plain = ditopt.sites(model, **kwargs)
+    with ditopt.mark_repeated_blocks(model):
+        marked = ditopt.sites(model, **kwargs)
+    assert _site_facts(marked) == _site_facts(plain)
+    if name != "hunyuan":  # (whose single-stream blocks return their two slices cloned from a marked call)
+        assert [len(s.nodes) for s in marked] == [len(s.nodes) for s in plain]
+
+
+# -- the backend without inductor --------------------------------------------------------------
+
+KEPT = {  # (model, plan) -> the blocks that stay calls
+    ("dit", "fora"): ("transformer_blocks.1", "transformer_blocks.2"),  # block 0's input differs: dynamo inlines it
+    ("dit", "fbcache"): ("transformer_blocks.1", "transformer_blocks.2"),
+    ("wan", "taylorseer"): ("blocks.0", "blocks.1"),
+    ("wan", "fbcache"): ("blocks.0", "blocks.1"),  # the watched block too: the rule reads its output
+    ("wan", "mixed"): (),  # attention-level reuse reaches into every block: all inlined
+}
+
+
+@pytest.mark.parametrize("name,plan_name", list(KEPT))
+def test_marked_model_under_the_backend_matches_the_eager_path(name, plan_name):
+    model, kwargs, timesteps = _inputs(name)
+    plan = PLANS[plan_name]()
+    eager = ditopt.optimize(model, plan)
+    expected = _generate(eager, kwargs, timesteps)
+    decisions = ditopt.stats(eager).decisions
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    with ditopt.mark_repeated_blocks(model):
+        fast = torch.compile(model, backend="ditopt", options={"plan": plan, "inductor": False}, fullgraph=True)
+        runs = [_generate(fast, kwargs, timesteps) for _ in range(2)]
+    assert counters["stats"]["unique_graphs"] == 1
+    for got in runs:
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert ditopt.stats(fast).decisions == decisions
+    compiled = ditopt.compiled_graph(fast)
+    kept = KEPT[name, plan_name]
+    assert compiled.rewritten.meta["ditopt_regions"] == kept
+    assert _calls(compiled.rewritten) == ((len(kept), 1) if kept else (0, 0))  # one shared subgraph
+    assert not any(n.target is INVOKE for n in compiled.original.graph.nodes)  # the sites' graph: inlined
+    assert compiled.sites.names() == eager._ditopt_backend.last.sites.names()
+
+
+def test_profiling_inlines_every_call():
+    model, kwargs = build("wan")
+    with ditopt.mark_repeated_blocks(model):
+        gm = _dynamo_graph(model, kwargs)
+    assert any(n.target is INVOKE for n in gm.graph.nodes)
+    plan = PLANS["fora"]()
+    kept = split_regions(_copy(gm), plan.compile).kept
+    assert kept == ("blocks.0", "blocks.1")
+    observed = split_regions(_copy(gm), plan.compile, observe=True)
+    assert observed.kept == () and not any(n.target is INVOKE for n in observed.graph.graph.nodes)
+
+
+def test_inlined_nodes_take_the_calling_blocks_module_paths():
+    model, kwargs = build("wan")
+    with ditopt.mark_repeated_blocks(model):
+        gm = _dynamo_graph(model, kwargs)
+    calls = inline_calls(gm)
+    from ditopt.capture import module_stack
+
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for call in calls.values():
+        paths = {module_stack(by_name[n])[-1][0] for n in call.inner}
+        assert all(p == call.path or p.startswith(call.path + ".") for p in paths), (call.path, paths)
+    assert {c.path for c in calls.values()} == {"blocks.0", "blocks.1"}
+
+
+def _dynamo_graph(model, kwargs):
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=record, fullgraph=True)(**kwargs)
+    return graphs[0]
+
+
+def _copy(gm):
+    from ditopt.backend import _copy_graph_module
+
+    return _copy_graph_module(gm)
+
+
+# -- under inductor (slow: three compiles) -----------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,plan_name", [("dit", "fora"), ("wan", "fbcache"), ("wan", "taylorseer")])
+def test_regional_inductor_compile_matches_the_eager_path_and_compiles_the_block_once(name, plan_name):
+    from torch._inductor.utils import run_and_get_code
+
+    model, kwargs, timesteps = _inputs(name)
+    plan = PLANS[plan_name]()
+    eager = ditopt.optimize(model, plan)
+    expected = _generate(eager, kwargs, timesteps)
+    decisions = ditopt.stats(eager).decisions
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    with ditopt.mark_repeated_blocks(model):
+        fast = torch.compile(model, backend="ditopt", options={"plan": plan}, fullgraph=True, dynamic=False)
+        first, codes = run_and_get_code(_generate, fast, kwargs, timesteps)
+        graphs = counters["stats"]["unique_graphs"]
+        second = _generate(fast, kwargs, timesteps)
+    assert counters["stats"]["unique_graphs"] == graphs == 1  # no new graph in the second generation
+    for got in (first, second):
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert ditopt.stats(fast).decisions == decisions
+    kept = ditopt.compiled_graph(fast).rewritten.meta["ditopt_regions"]
+    assert kept == KEPT.get((name, plan_name), kept) and len(kept) == 2
+    code = "\n".join(codes)
+    defined = re.findall(r"^def (\w*repeated_subgraph\d+)\(", code, flags=re.M)
+    assert len(defined) == len(set(defined)) >= 1  # the block's code, generated once
+    called = sum(len(re.findall(rf"= {fn}\(", code)) for fn in set(defined))
+    assert called == len(kept)  # and called per block
