@@ -65,6 +65,8 @@ class StepState:
             self._override = None
             new_generation = step == 0 and branch == 0
             self.step, self.branch = step, branch
+            if not new_generation and branch == 0:
+                self._current.append(t)
         elif self._last_t is None or t > self._last_t or self._leaves_schedule(t):
             self.step, self.branch, new_generation = 0, 0, True
         elif t == self._last_t:
@@ -83,7 +85,7 @@ class StepState:
     def _leaves_schedule(self, t: float) -> bool:
         """Whether a lower timestep ``t`` cannot be this generation's next step: it has followed
         the known schedule for two steps or more, and the schedule has another timestep next."""
-        if self._offset is None or len(self._current) < 2 or t == self._last_t:
+        if self._offset is None or len(self._current) < 2 or t == self._last_t or not self._follows(self._current):
             return False
         nxt = self._offset + len(self._current)
         return nxt < len(self._schedule) and self._schedule[nxt] != t

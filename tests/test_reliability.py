@@ -1,0 +1,459 @@
+"""Never a stale tensor: generations, exceptions, wrappers, threads, per-token timesteps, drop-in.
+
+Each silent-failure test compares an optimised model's output with a fresh run of the same calls
+(a freshly optimised model fed the calls of the generation the output belongs to), or asserts a
+clear error. The hypothesis test at the end drives random call sequences against a reference of
+the semantics written independently of the runtime.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import pickle
+import threading
+
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, note, settings
+from hypothesis import strategies as st
+
+import ditopt
+from ditopt.api import runtime_of
+from ditopt.errors import DitoptError
+from ditopt.runtime import ConcurrentCallError, StepState
+from ditopt.runtime import session
+
+STEPS = 4
+X = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def dit(layers: int = 2, seed: int = 0):
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                 num_layers=layers, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+
+
+def fora(interval: int = 2):
+    return ditopt.presets.fora(interval=interval, steps=STEPS, level="block")
+
+
+def call(model, t, label=3, x=X):
+    with torch.no_grad():
+        return model(x, timestep=torch.tensor([t]), class_labels=torch.tensor([label])).sample
+
+
+def fresh_run(model, plan, calls):
+    """What a freshly optimised copy of ``model`` gives for each of ``calls`` ((t, label) pairs)."""
+    fresh = ditopt.optimize(model, plan)
+    return [call(fresh, t, label) for t, label in calls]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return dit()
+
+
+# -- generations -----------------------------------------------------------------------------------
+def test_a_restart_below_the_known_schedule_is_a_new_generation(model):
+    fast = ditopt.optimize(model, fora())
+    for t in (999, 749, 499, 249):  # a whole generation: its schedule is known from now on
+        call(fast, t)
+    for t in (999, 749, 499):  # interrupted after t=499
+        call(fast, t)
+    restart = [(124, 3), (60, 3)]  # image-to-image lower down: not what the schedule has next
+    outs = [call(fast, t, label) for t, label in restart]
+    for out, ref in zip(outs, fresh_run(model, fora(), restart)):
+        assert torch.equal(out, ref)
+    assert ditopt.stats(fast).generation == 2
+
+
+def test_generation_block_starts_fresh_where_inference_cannot_tell(model):
+    """A restart exactly at the timestep the interrupted run had next looks like its next step:
+    inside ``ditopt.generation`` it is a new generation all the same."""
+    fast = ditopt.optimize(model, fora())
+    with ditopt.generation(fast):
+        for t in (999, 749, 499):
+            call(fast, t)
+    assert ditopt.stats(fast).cache_bytes == 0  # the block freed its caches
+    with ditopt.generation(fast):
+        outs = [call(fast, t) for t in (249, 124)]
+    for out, ref in zip(outs, fresh_run(model, fora(), [(249, 3), (124, 3)])):
+        assert torch.equal(out, ref)
+
+
+def test_generation_block_ends_the_generation_when_it_raises(model):
+    fast = ditopt.optimize(model, fora())
+    with pytest.raises(KeyError):
+        with ditopt.generation(fast):
+            call(fast, 999)
+            raise KeyError("the caller's loop failed")
+    assert ditopt.stats(fast).cache_bytes == 0
+    assert torch.equal(call(fast, 749), fresh_run(model, fora(), [(749, 3)])[0])
+
+
+def test_an_exception_inside_the_model_ends_the_generation(model):
+    """A bad class label raises at step 1 of a CFG loop; the retried step must not read the other
+    branch's cache (the branch counter must not shift): the next call starts afresh."""
+    fast = ditopt.optimize(model, fora())
+    for label in (3, 0):  # step 0: cond, uncond
+        call(fast, 999, label)
+    with pytest.raises(IndexError):
+        call(fast, 749, 50)  # out of the embedding's range
+    assert ditopt.stats(fast).cache_bytes == 0
+    retry = [(749, 3), (749, 0), (499, 3), (499, 0)]
+    outs = [call(fast, t, label) for t, label in retry]
+    for out, ref in zip(outs, fresh_run(model, fora(), retry)):
+        assert torch.equal(out, ref)
+
+
+def test_steps_told_by_the_callback_survive_an_exception(model):
+    fast = ditopt.optimize(model, fora())
+    callback = ditopt.step_callback(fast, steps=STEPS)
+    call(fast, 999)
+    callback(0, 999, None)
+    with pytest.raises(IndexError):
+        call(fast, 749, 50)
+    out = call(fast, 749)  # a new generation, starting here
+    assert torch.equal(out, fresh_run(model, fora(), [(749, 3)])[0])
+
+
+# -- one runtime per wrapper ------------------------------------------------------------------------
+def test_two_wrappers_of_one_model_keep_their_own_runtime(model):
+    a = ditopt.optimize(model, fora(2))
+    b = torch.compile(model, backend="ditopt", options={"plan": fora(3), "inductor": False}, fullgraph=True)
+    c = torch.compile(model, backend="ditopt", options={"plan": fora(4), "inductor": False}, fullgraph=True)
+    ts = (999, 749, 499, 249)
+    solo = {k: fresh_run(model, fora(i), [(t, 3) for t in ts]) for k, i in (("a", 2), ("b", 3), ("c", 4))}
+    outs = {"a": [], "b": [], "c": []}
+    for t in ts:  # interleaved
+        for name, m in (("a", a), ("b", b), ("c", c)):
+            outs[name].append(call(m, t))
+    for name in outs:
+        for out, ref in zip(outs[name], solo[name]):
+            assert torch.equal(out, ref), name
+    assert len({id(runtime_of(m)) for m in (a, b, c)}) == 3
+    assert ditopt.stats(b).decisions["transformer_blocks.0"] == ["compute", "reuse_residual", "reuse_residual",
+                                                                 "compute"]
+
+
+def test_the_original_model_has_no_runtime(model):
+    ditopt.optimize(model, fora())
+    for fn in (ditopt.reset, ditopt.stats):
+        with pytest.raises(DitoptError, match="not an optimised model"):
+            fn(model)
+
+
+def test_runtimes_are_released_with_their_wrapper():
+    model = dit(layers=1, seed=5)
+    fast = ditopt.optimize(model, fora())
+    compiled = torch.compile(model, backend="ditopt", options={"plan": fora(), "inductor": False}, fullgraph=True)
+    call(fast, 999), call(compiled, 999)
+    ids = {runtime_of(fast).id, runtime_of(compiled).id}
+    assert ids <= set(session._RUNTIMES)
+    del fast, compiled
+    gc.collect()
+    assert not ids & set(session._RUNTIMES)
+
+
+# -- threads ----------------------------------------------------------------------------------------
+@torch.library.custom_op("ditopt_test::wait", mutates_args=())
+def _wait(x: torch.Tensor) -> torch.Tensor:
+    _GATE.entered.set()
+    _GATE.release.wait(timeout=30)
+    return x.clone()
+
+
+@_wait.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class _Gate:
+    entered = threading.Event()
+    release = threading.Event()
+
+
+_GATE = _Gate()
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(8, 24)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        return x + torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+class _Slow(torch.nn.Module):
+    """Blocks inside its graph until released: a call in flight, deterministically."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_Block() for _ in range(2))
+
+    def forward(self, x, timestep):
+        x = torch.ops.ditopt_test.wait(x) + 0 * timestep.reshape(-1, 1, 1)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_a_second_thread_in_flight_is_refused_clearly():
+    fast = ditopt.optimize(_Slow().eval(), ditopt.presets.fora(interval=2, steps=2, level="block"))
+    x = torch.randn(1, 3, 8)
+    _GATE.release.set()
+    with torch.no_grad():
+        fast(x, timestep=torch.tensor([1.0]))  # capture first
+    _GATE.entered.clear(), _GATE.release.clear()
+    errors = []
+    worker = threading.Thread(target=lambda: fast(x, timestep=torch.tensor([2.0])))
+    worker.start()
+    assert _GATE.entered.wait(timeout=30)
+    try:
+        with torch.no_grad():
+            fast(x, timestep=torch.tensor([3.0]))
+    except ConcurrentCallError as exc:
+        errors.append(exc)
+    finally:
+        _GATE.release.set()
+        worker.join()
+    assert len(errors) == 1 and "another thread" in str(errors[0])
+    with torch.no_grad():  # the refused call changed nothing: the model still works
+        fast(x, timestep=torch.tensor([4.0]))
+
+
+def test_many_models_whose_first_call_is_in_a_worker_thread():
+    """dynamo's recompile limit is per thread: the tenth optimised copy of a class still compiles."""
+    failures = []
+
+    def first_call(fast):
+        try:
+            call(fast, 999)
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            failures.append(repr(exc))
+
+    for i in range(10):
+        fast = ditopt.optimize(dit(layers=1, seed=i), fora())
+        worker = threading.Thread(target=first_call, args=(fast,))
+        worker.start(), worker.join()
+    assert failures == []
+
+
+# -- the step signal -------------------------------------------------------------------------------
+def test_step_signal_is_the_timesteps_maximum():
+    s = StepState()
+    per_token = [torch.tensor([[0.0, t, t, t]]).max() for t in (999.0, 999.0, 500.0)]
+    assert [s.observe(float(t))[:2] for t in per_token] == [(0, 0), (0, 1), (1, 0)]
+
+
+def test_per_token_timesteps_advance_steps_and_keep_caches_bounded():
+    """Wan2.2's image-to-video passes a 2-D timestep whose first latent frame is 0."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                  out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2,
+                                  rope_max_seq_len=32).eval()
+    x, text = torch.randn(1, 4, 2, 4, 4), torch.randn(1, 3, 16)
+    tokens = 2 * 2 * 2  # frames x (4/2) x (4/2)
+
+    def timestep(t):
+        ts = torch.full((1, tokens), float(t))
+        ts[:, :4] = 0.0  # the first latent frame is the conditioning image
+        return ts
+
+    fast = ditopt.optimize(model, fora())
+    sizes = []
+    with torch.no_grad():
+        for _ in range(3):
+            for t in (999, 749, 499, 249):
+                fast(x, timestep=timestep(t), encoder_hidden_states=text)
+            sizes.append(ditopt.stats(fast).cache_bytes)
+    assert ditopt.stats(fast).decisions["blocks.0"] == ["compute", "reuse_residual"] * 2
+    assert sizes[0] == sizes[1] == sizes[2] > 0
+
+
+# -- drop-in ---------------------------------------------------------------------------------------
+def test_drop_in_bool_state_dict_deepcopy_pickle(model):
+    from diffusers.utils.torch_utils import is_compiled_module
+
+    fast = ditopt.optimize(model, fora())
+    assert bool(fast) and is_compiled_module(fast) and fast._orig_mod is model
+    state = fast.state_dict()
+    assert list(state) == list(model.state_dict())
+    other = dit(seed=7)
+    other.load_state_dict(state)
+    ref = [call(fast, t) for t in (999, 749)]
+    for clone in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))):
+        assert type(clone) is type(fast) and runtime_of(clone) is not runtime_of(fast)
+        assert all(torch.equal(call(clone, t), r) for t, r in zip((999, 749), ref))
+    assert ditopt.stats(fast).calls == 2  # the copies did not touch the original's runtime
+
+
+def test_load_state_dict_drops_the_caches_of_the_old_weights():
+    model = dit(seed=2)
+    fast = ditopt.optimize(model, fora())
+    call(fast, 999)
+    assert ditopt.stats(fast).cache_bytes > 0
+    fast.load_state_dict(dit(seed=3).state_dict())
+    assert ditopt.stats(fast).cache_bytes == 0
+    assert torch.equal(call(fast, 749), call(dit(seed=3), 749))
+
+
+@pytest.mark.parametrize("step", [1.5, -1, True, "2"])
+def test_set_step_refuses_what_is_not_a_step(model, step):
+    fast = ditopt.optimize(model, fora())
+    with pytest.raises(ValueError, match="step must be an integer"):
+        ditopt.set_step(fast, step)
+
+
+def test_a_float_timestep_gives_the_models_own_error(model):
+    fast = ditopt.optimize(model, fora())
+    with pytest.raises(AttributeError, match="shape"), torch.no_grad():
+        fast(X, timestep=999.0, class_labels=torch.tensor([3]))
+
+
+# -- random call sequences against a reference of the semantics -------------------------------------
+class Reference:
+    """The semantics, written independently of the runtime: which calls form the generation each
+    call belongs to. A generation starts at the first call, after ``reset``, after a call that
+    raised, at ``set_step(0)``, when the timestep goes up, and when a lower timestep leaves the
+    schedule of the last full-top generation after following it for two steps or more."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []  # this generation's (t, label, shape, override)
+        self.ts: list[float] = []  # one timestep per step of this generation
+        self.schedule: list[float] = []
+        self.override = None
+
+    def _new(self):
+        done = self.ts
+        follows = bool(done) and _segment(self.schedule, done)
+        if done and not follows and (not self.schedule or done[0] >= self.schedule[0]):
+            self.schedule = done
+        self.calls, self.ts = [], []
+
+    def reset(self):
+        self._new()
+        self.override = None
+
+    def set_step(self, step):
+        self.override = step
+
+    def call(self, t, label, shape):
+        last = self.calls[-1][0] if self.calls else None
+        override, self.override = self.override, None
+        if override is not None:
+            if override == 0 or not self.calls:
+                self._new()
+        elif last is None or t > last or self._leaves(t):
+            self._new()
+        if override is not None or last is None or t != last or not self.calls:
+            self.ts.append(t)
+        self.calls.append((t, label, shape, override))
+        return list(self.calls)
+
+    def _leaves(self, t):
+        last = self.calls[-1][0]
+        if t == last or len(self.ts) < 2 or not self.ts or self.ts[0] not in self.schedule:
+            return False
+        start = self.schedule.index(self.ts[0])
+        if self.schedule[start:start + len(self.ts)] != self.ts:
+            return False
+        nxt = start + len(self.ts)
+        return nxt < len(self.schedule) and self.schedule[nxt] != t
+
+
+def _segment(schedule, ts):
+    if not ts or ts[0] not in schedule:
+        return False
+    start = schedule.index(ts[0])
+    return schedule[start:start + len(ts)] == ts
+
+
+SHAPES = {"small": (1, 4, 8, 8), "wide": (2, 4, 8, 8)}  # a batch of two is another graph
+_INPUTS = {name: torch.randn(*shape, generator=torch.Generator().manual_seed(3)) for name, shape in SHAPES.items()}
+
+SCHEDULE = [999, 833, 666, 499, 333, 166]
+
+# Sampling loops (a run of the schedule, one or two CFG calls per step, maybe from a later start,
+# maybe a step that raises inside the model and is retried) with what goes wrong between them: resets, set_step, a call that raises, a stray
+# timestep, a batch of another size.
+loops = st.tuples(st.just("loop"), st.integers(0, 3), st.integers(2, 6), st.booleans(),
+                  st.sampled_from(["small", "small", "wide"]), st.none() | st.integers(0, 5))
+disturbances = st.one_of(
+    st.none(),
+    st.tuples(st.just("call"), st.sampled_from(SCHEDULE + [60]), st.sampled_from([3, 0, 50]),
+              st.sampled_from(["small", "wide"])),
+    st.tuples(st.just("reset")),
+    st.tuples(st.just("set_step"), st.integers(0, 5)),
+)
+segments = st.tuples(disturbances, loops).map(lambda pair: [e for e in pair if e is not None])
+
+
+def expand(plan):
+    for segment in (e for pair in plan for e in pair):
+        if segment[0] == "loop":
+            _, start, n, cfg, shape, fail_at = segment
+            for i, t in enumerate(SCHEDULE[start:start + n]):
+                if i == fail_at:  # the model raises inside, the caller retries the step
+                    yield ("call", t, 50, shape)
+                for label in ((3, 0) if cfg else (3,)):
+                    yield ("call", t, label, shape)
+        else:
+            yield segment
+
+
+@pytest.fixture(scope="module")
+def pair():
+    model = dit(layers=2, seed=11)
+    plan = ditopt.presets.taylorseer(interval=2, order=1, steps=len(SCHEDULE))
+    return model, plan, ditopt.optimize(model, plan), ditopt.optimize(model, plan)
+
+
+def _run(fast, t, label, shape):
+    with torch.no_grad():
+        x = _INPUTS[shape]
+        return fast(x, timestep=torch.tensor([t] * len(x)), class_labels=torch.tensor([label] * len(x))).sample
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(segments=st.lists(segments, min_size=1, max_size=4))
+@example(segments=[[("loop", 0, 6, True, "small", None)], [("loop", 0, 3, True, "small", None)],
+                   [("loop", 4, 2, True, "small", None)]])  # interrupted, restarted off the schedule
+@example(segments=[[("loop", 0, 4, True, "small", 2)]])  # a step that raises and is retried
+def test_random_call_sequences_match_a_fresh_run(pair, segments):
+    model, plan, fast, fresh = pair
+    ditopt.reset(fast)
+    runtime_of(fast).state = StepState()  # as if just optimised
+    ref = Reference()
+    reused = 0
+    for event in expand(segments):
+        if event[0] == "reset":
+            ditopt.reset(fast), ref.reset()
+        elif event[0] == "set_step":
+            ditopt.set_step(fast, event[1]), ref.set_step(event[1])
+        else:
+            _, t, label, shape = event
+            generation = ref.call(t, label, shape)
+            if label == 50:  # out of the embedding's range: the model raises, the generation ends
+                with pytest.raises(IndexError):
+                    _run(fast, t, label, shape)
+                ref.reset()
+                continue
+            out = _run(fast, t, label, shape)
+            # a fresh model fed this generation's calls
+            ditopt.reset(fresh)
+            runtime_of(fresh).state = StepState()
+            for t_, label_, shape_, override in generation:
+                if override is not None:
+                    ditopt.set_step(fresh, override)
+                expected = _run(fresh, t_, label_, shape_)
+            assert torch.equal(out, expected), (event, generation)
+            reused += any(d[-1] != "compute" for d in ditopt.stats(fast).decisions.values())
+    note(f"calls that reused or forecast: {reused}")
