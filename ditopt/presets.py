@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
 
-from .errors import check_count
+from .errors import check_count, check_steps
 from .plan import Plan, Rule, When
 
 __all__ = ["fora", "first_block_cache", "delta_dit", "taylorseer", "teacache", "dbcache", "pab", "all_compute",
@@ -41,7 +41,7 @@ def fora(interval: int = 2, steps: int = 50, *, warmup: int = 0, level: str = "l
         [1, 2, 4, 5, 7, 8]
     """
     check_count(interval, "interval", minimum=1)
-    check_count(steps, "steps")
+    check_steps(steps)
     if level not in ("layer", "block"):
         raise ValueError(f"level must be 'layer' or 'block', got {level!r}")
     reuse_steps = tuple(s for s in range(max(1, warmup), steps) if (s - warmup) % interval != 0)
@@ -99,7 +99,7 @@ def delta_dit(steps: int = 50, interval: int = 2, k: int = 2, boundary: int | No
         >>> [(r.sites, r.step_list(8)) for r in plan.rules]
         [(('stack[-2:]',), [1, 3]), (('stack[:2]',), [5, 7])]
     """
-    check_count(steps, "steps")
+    check_steps(steps)
     check_count(interval, "interval", minimum=1)
     check_count(k, "k", minimum=1)
     boundary = steps // 2 if boundary is None else boundary
@@ -140,7 +140,7 @@ def taylorseer(steps: int = 50, interval: int = 4, order: int = 2, *, warmup: in
         >>> taylorseer(steps=10, interval=2, order=1, level="output").rules[0].sites
         ('output',)
     """
-    check_count(steps, "steps")
+    check_steps(steps)
     check_count(interval, "interval", minimum=1)
     if order not in (0, 1, 2):
         raise ValueError(f"order must be 0, 1 or 2, got {order!r}")
@@ -179,7 +179,7 @@ def teacache(threshold: float = 0.1, steps: int = 50, rescale: list[float] | tup
         ('stack[0]', 'input', (2.0, 0.0), 0.2)
     """
     _check_threshold(threshold)
-    check_count(steps, "steps")
+    check_steps(steps)
     if rescale is not None:
         rescale = tuple(rescale)
         if not rescale or not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in rescale):
@@ -212,7 +212,7 @@ def dbcache(threshold: float = 0.08, steps: int = 50, fn: int = 1, bn: int = 0, 
         (('stack[2:-1]',), 'stack[1]', [2, 3, 4])
     """
     _check_threshold(threshold)
-    check_count(steps, "steps")
+    check_steps(steps)
     check_count(fn, "fn", minimum=1)
     check_count(bn, "bn", minimum=0)
     check_count(warmup, "warmup", minimum=0)
@@ -246,7 +246,7 @@ def pab(steps: int = 50, self_range: int | None = 2, cross_range: int | None = 6
         >>> [(r.attention, r.step_list(20)) for r in plan.rules]
         [('self', [5, 7, 9, 11]), ('cross', [5, 6, 7, 9, 10, 11])]
     """
-    check_count(steps, "steps")
+    check_steps(steps)
     ranges = {"self": self_range, "cross": cross_range, "joint": joint_range}
     for kind, r in ranges.items():
         if r is not None:
