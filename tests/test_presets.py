@@ -336,7 +336,7 @@ def test_pab_broadcasts_attention_inside_its_window():
     (lambda: presets.taylorseer(10, order=3), "order must be 0, 1 or 2, got 3"),
     (lambda: presets.taylorseer(10, interval=-1), "interval must be"),
     (lambda: presets.taylorseer(10, level="stack"), "level must be 'block' or 'output'"),
-    (lambda: presets.taylorseer(0), "steps must be an integer >= 1, got 0"),
+    (lambda: presets.taylorseer(0), "steps must be an integer in \\[1, 10000\\], got 0"),
     (lambda: presets.teacache(0, steps=10), "threshold must be > 0"),
     (lambda: presets.teacache(0.1, steps=10, rescale=[]), "rescale must be a non-empty list"),
     (lambda: presets.dbcache(0.1, 10, fn=0), "fn must be an integer >= 1, got 0"),
