@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,18 +112,29 @@ def source_names_skipped():
     try:
         from torch._dynamo import symbolic_convert
         from torch._logging._internal import log_state
-        original = symbolic_convert.get_funcname
         logged = any(log_state.is_artifact_enabled(a) for a in ("trace_call", "trace_source"))
+        symbolic_convert.get_funcname  # noqa: B018 (this torch has the lookup)
     except (ImportError, AttributeError):
-        original, logged = None, True
+        logged = True
     if logged:
         yield
         return
-    symbolic_convert.get_funcname = _no_funcname
+    with _FUNCNAME_LOCK:  # concurrent captures (threads): the first in patches, the last out restores
+        if _FUNCNAME["depth"] == 0:
+            _FUNCNAME["original"] = symbolic_convert.get_funcname
+            symbolic_convert.get_funcname = _no_funcname
+        _FUNCNAME["depth"] += 1
     try:
         yield
     finally:
-        symbolic_convert.get_funcname = original
+        with _FUNCNAME_LOCK:
+            _FUNCNAME["depth"] -= 1
+            if _FUNCNAME["depth"] == 0:
+                symbolic_convert.get_funcname = _FUNCNAME.pop("original")
+
+
+_FUNCNAME_LOCK = threading.Lock()
+_FUNCNAME: dict[str, Any] = {"depth": 0}
 
 
 @contextlib.contextmanager

@@ -244,6 +244,27 @@ def test_many_models_whose_first_call_is_in_a_worker_thread():
     assert failures == []
 
 
+def test_concurrent_captures_leave_dynamo_unpatched():
+    import time
+
+    from torch._dynamo import symbolic_convert
+
+    from ditopt.capture import source_names_skipped
+
+    original = symbolic_convert.get_funcname
+
+    def capture_for(seconds):
+        with source_names_skipped():
+            time.sleep(seconds)
+
+    workers = [threading.Thread(target=capture_for, args=(s,)) for s in (0.2, 0.05, 0.3, 0.1)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert symbolic_convert.get_funcname is original
+
+
 # -- the step signal -------------------------------------------------------------------------------
 def test_step_signal_is_the_timesteps_maximum():
     s = StepState()
