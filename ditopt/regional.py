@@ -344,10 +344,14 @@ def regional_sites(sites: SiteTable, graph: fx.Graph, kept: list[Call]) -> SiteT
         live_outs = tuple(name(n) for n in s.live_outs)
         if set(live_outs) != {n.name for n in region.live_outs}:
             return None
-        modulated = name(s.modulated_input)
+        residual = tuple(name(n) for n in s.residual_inputs)
+        if False in residual:
+            return None
         out.append(replace(s, nodes=tuple(n.name for n in region.nodes), inputs=tuple(n.name for n in region.inputs),
-                           live_outs=live_outs, residual_inputs=tuple(name(n) for n in s.residual_inputs),
-                           modulated_input=modulated or None))
+                           live_outs=live_outs, residual_inputs=residual, modulated_input=name(s.modulated_input) or None))
+    names = {s.name for s in out}
+    if any(s.parent is not None and s.parent not in names for s in out):
+        return None  # a site whose parent lies across a kept call: no such module tree is known
     return SiteTable(out, model=sites.model)
 
 

@@ -187,6 +187,20 @@ def test_inlined_nodes_take_the_calling_blocks_module_paths():
     assert {c.path for c in calls.values()} == {"blocks.0", "blocks.1"}
 
 
+def test_a_kept_calls_outputs_leave_a_skip_branch_without_a_copy():
+    from ditopt.passes import PassContext, run_pipeline
+
+    model, kwargs = build("wan")
+    with ditopt.mark_repeated_blocks(model):
+        gm = _dynamo_graph(model, kwargs)
+    split = split_regions(_copy(gm), PLANS["fora"]().compile)
+    ctx = PassContext(sites=split.graph_sites, runtime_id=0, graph_id=0, inductor=True)
+    run_pipeline(split.graph, ctx, split.graph_table, inductor=True)  # the passes as under inductor
+    branch = split.graph.ditopt_blocks_0_compute  # the coalesced run of both blocks
+    assert sum(n.target is INVOKE for n in branch.graph.nodes) == 2
+    assert not any(n.target is torch.ops.ditopt.dense_copy.default for n in branch.graph.nodes)
+
+
 def _dynamo_graph(model, kwargs):
     graphs = []
 

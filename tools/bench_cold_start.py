@@ -11,7 +11,17 @@ process, best of ``--repeats`` fresh models each:
 - with ``--inductor``: the cold ``torch.compile(backend="ditopt")`` of the same model, and inductor's
   share of it (slow: tens of seconds per model).
 
+With ``--regional``, the same model and plan compiled as one graph and with its repeated blocks
+marked (``ditopt.mark_repeated_blocks``: the block traced and compiled once, called per block),
+each in a fresh dynamo and with inductor's caches off: the first call of ``optimize`` (dynamo's
+capture and the passes, no inductor; ``--no-inductor`` stops there, for 40 blocks) and of the
+``torch.compile(backend="ditopt")``'d model, inductor's share, the blocks kept as calls, the best
+time of a generation of four steps afterwards and the largest difference between the two compiled
+models' outputs.
+
     python tools/bench_cold_start.py --layers 40
+    python tools/bench_cold_start.py --regional --layers 8
+    python tools/bench_cold_start.py --regional --layers 40 --no-inductor
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import argparse
 import time
 
 import torch
+import torch._inductor.config
 
 import ditopt
 
@@ -69,15 +80,95 @@ def measure(kind: str, layers: int, inductor: bool) -> dict[str, float]:
     return row
 
 
+PLANS = {
+    "fora": lambda: ditopt.presets.fora(interval=2, steps=4, level="block"),
+    "taylorseer": lambda: ditopt.presets.taylorseer(steps=4, interval=2, order=1),
+    "fbcache": lambda: ditopt.presets.first_block_cache(0.05, steps=4),
+}
+
+
+def _first_call(model, inputs, t, plan, *, inductor: bool):
+    """A fresh dynamo and the first call of the optimised model: (seconds, model, output)."""
+    torch._dynamo.reset()
+    if inductor:
+        fast = torch.compile(model, backend="ditopt", options={"plan": plan}, fullgraph=True, dynamic=False)
+    else:
+        fast = ditopt.optimize(model, plan)
+    with torch.no_grad():
+        start = time.perf_counter()
+        out = fast(**inputs, timestep=t, return_dict=False)[0]
+        first = time.perf_counter() - start
+    return first, fast, out
+
+
+def _generation_time(fast, inputs, t, repeats: int = 5) -> float:
+    """The best of ``repeats`` generations of four steps (after one), in seconds."""
+    steps = [torch.full_like(t, v) for v in (999, 700, 400, 100)]
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            for step in steps:
+                fast(**inputs, timestep=step)
+            times.append(time.perf_counter() - start)
+    return min(times[1:])
+
+
+def measure_regional(kind: str, layers: int, plan_name: str, inductor: bool) -> list[str]:
+    """Whole graph against marked blocks, same model and plan (see the module docstring)."""
+    model, inputs, t = build(kind, layers)
+    plan = PLANS[plan_name]()
+    with torch.no_grad():
+        model(**inputs, timestep=t)
+        start = time.perf_counter()
+        model(**inputs, timestep=t)
+        forward = time.perf_counter() - start
+    lines, outs = [], {}
+    for regional in (False, True):
+        marks = ditopt.mark_repeated_blocks(model) if regional else None
+        first, fast, _ = _first_call(model, inputs, t, plan, inductor=False)
+        stages = ditopt.compiled_graph(fast).seconds
+        cells = {"capture + passes": first - forward, "dynamo": first - forward - sum(stages.values()), **stages}
+        if inductor:
+            first, fast, outs[regional] = _first_call(model, inputs, t, plan, inductor=True)
+            graph = ditopt.compiled_graph(fast)
+            cells |= {"compiled first call": first, "inductor": graph.seconds.get("inductor", float("nan"))}
+            cells["generation"] = _generation_time(fast, inputs, t)
+            kept = len(graph.rewritten.meta.get("ditopt_regions", ()))
+        else:
+            kept = len(ditopt.compiled_graph(fast).rewritten.meta.get("ditopt_regions", ()))
+        if marks is not None:
+            marks.undo()
+        text = ", ".join(f"{k} {v:.3f} s" for k, v in cells.items())
+        lines.append(f"{kind} ({layers} blocks, {plan_name}) {'regional' if regional else 'whole graph'} "
+                     f"({kept} blocks kept as calls): {text}")
+    if inductor:
+        lines.append(f"{kind}: largest difference between the two compiled outputs: "
+                     f"{(outs[False] - outs[True]).abs().max().item():.2e}")
+    return lines
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", nargs="+", default=["dit", "wan"], choices=["dit", "wan"])
     parser.add_argument("--inductor", action="store_true", help="also time the cold inductor compile (slow)")
+    parser.add_argument("--regional", action="store_true",
+                        help="whole graph against marked repeated blocks (capture, and the cold inductor compile)")
+    parser.add_argument("--no-inductor", action="store_true", help="with --regional: the capture only")
+    parser.add_argument("--plan", default="fora", choices=sorted(PLANS), help="with --regional: the plan")
     args = parser.parse_args(argv)
     if args.layers < 1 or args.repeats < 1:
         parser.error("--layers and --repeats must be >= 1")
+    if args.regional:
+        import warnings
+
+        warnings.filterwarnings("ignore", message=".*force disabled by torch.compiler.config.force_disable_caches")
+        torch._inductor.config.force_disable_caches = True  # every compile cold
+        for kind in args.models:
+            print("\n".join(measure_regional(kind, args.layers, args.plan, not args.no_inductor)), flush=True)
+        return
     for kind in args.models:
         rows = [measure(kind, args.layers, args.inductor and i == 0) for i in range(args.repeats)]
         best = min(rows, key=lambda r: r["capture + passes"])
