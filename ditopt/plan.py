@@ -10,7 +10,8 @@ Beyond globs, a rule can address the stack's blocks by position (``sites: "stack
 stack, in graph order), narrow attention sites by their kind (``attention: cross``), and make
 its ``when`` indicator watch a site's modulated input instead of its output, mapped through a
 polynomial before it accumulates (``when: {of: "stack[0]", on: input, rescale: [...]}``,
-TeaCache).
+TeaCache). A ``predict`` rule names its forecaster with ``method`` (``taylor``, the default,
+``hermite``, ``foca`` or ``freq``; :mod:`ditopt.runtime.forecast` says what each computes).
 
 Example:
     >>> plan = Plan.from_yaml('''
@@ -37,6 +38,7 @@ from typing import Any
 import yaml
 
 from ditopt.runtime.decisions import PLAN_ACTIONS, Action, DecisionTable
+from ditopt.runtime.forecast import METHODS
 
 from .errors import MAX_STEPS, PlanError, check_number, check_steps, short
 from .sites import SITE_KINDS, SiteTable, is_positional, parse_position, parse_slice
@@ -49,7 +51,7 @@ ORDERS = (0, 1, 2)
 INDICATORS = ("rel_l1",)
 WATCHED = ("output", "input")  # when.on: a site's first live-out, or its modulated input
 ATTENTION_KINDS = ("self", "cross", "joint")
-_RULE_KEYS = {"sites", "kind", "attention", "steps", "action", "when", "order"}
+_RULE_KEYS = {"sites", "kind", "attention", "steps", "action", "when", "order", "method"}
 _WHEN_KEYS = {"indicator", "of", "below", "on", "rescale"}
 _PLAN_KEYS = {"version", "steps", "rules", "model", "name", "description"}
 # Bounds every plan is checked against, besides MAX_STEPS (ditopt.errors: 'steps' in
@@ -94,8 +96,9 @@ class Rule:
     steps: str | tuple[int, ...] | None = None
     kind: str | None = None
     when: When | None = None
-    order: int | None = None  # predict: Taylor order (default 1)
+    order: int | None = None  # predict: forecast order (default 1)
     attention: str | None = None  # only attention sites of this kind: self | cross | joint
+    method: str | None = None  # predict: taylor (default) | hermite | foca | freq (ditopt.runtime.forecast)
     line: int | None = field(default=None, compare=False)
     step_line: int | None = field(default=None, compare=False)
 
@@ -122,6 +125,8 @@ class Rule:
         d["action"] = self.action
         if self.order is not None:
             d["order"] = self.order
+        if self.method is not None:
+            d["method"] = self.method
         if self.when:
             d["when"] = self.when.to_dict()
         return d
@@ -377,9 +382,16 @@ def _rule_from_dict(raw: Any, index: int, lines: dict[str, int] | None) -> Rule:
             raise PlanError(f"'order' applies to action predict, not {action!r}", site=label, **at("order"))
         if not isinstance(order, int) or isinstance(order, bool) or order not in ORDERS:
             raise PlanError(f"'order' must be one of {list(ORDERS)}, got {short(order)}", site=label, **at("order"))
+    method = raw.get("method")
+    if method is not None:
+        if action != PREDICT:
+            raise PlanError(f"'method' applies to action predict, not {action!r}", site=label, **at("method"))
+        if not isinstance(method, str) or method not in METHODS:
+            raise PlanError(f"unknown forecast method {short(method)}; known: {list(METHODS)}", site=label,
+                            **at("method"))
     when = _when_field(raw.get("when"), dict(site=label, **at("when")))  # its errors name the line of 'when'
     return Rule(sites=sites, action=action, steps=steps, kind=kind, when=when, order=order, attention=attention,
-                line=line, step_line=lines.get("steps", line))
+                method=method, line=line, step_line=lines.get("steps", line))
 
 
 def _sites_field(sites: Any, where: dict[str, Any]) -> tuple[str, ...]:

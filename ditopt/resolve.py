@@ -37,7 +37,7 @@ def compile_plan(plan: "Plan", sites: SiteTable) -> DecisionTable:
     plan.check()
     if plan.model and sites.sites and sites.model not in (None, plan.model):
         raise PlanError(f"plan was made for {plan.model}, not {sites.model}")
-    table = DecisionTable(steps=plan.steps, actions={}, adaptive={}, slots={}, indicators=[], orders={},
+    table = DecisionTable(steps=plan.steps, actions={}, adaptive={}, slots={}, indicators=[], orders={}, methods={},
                           parents={s.name: sites.ancestors(s.name) for s in sites}, site_order=sites.names())
     origin: dict[tuple[str, int], int] = {}  # (site, step) -> the rule that set it
     rule_of_indicator: list[int] = []
@@ -109,10 +109,12 @@ def _apply(table: DecisionTable, rule: "Rule", i: int, site: str, when_index: in
     row = table.actions.setdefault(site, [Action.COMPUTE] * table.steps)
     arow = table.adaptive.setdefault(site, [None] * table.steps)
     orow = table.orders.setdefault(site, [0] * table.steps)
+    mrow = table.methods.setdefault(site, [""] * table.steps)
     for s in rule.step_list(table.steps):
         row[s] = action
         arow[s] = when_index if action != Action.COMPUTE else None
         orow[s] = (1 if rule.order is None else rule.order) if action == Action.PREDICT else 0
+        mrow[s] = (rule.method or "taylor") if action == Action.PREDICT else ""
         origin[(site, s)] = i
 
 
@@ -121,7 +123,7 @@ def _assign_slots(plan: "Plan", table: DecisionTable, sites: SiteTable, origin) 
     for name, row in list(table.actions.items()):
         used = {a for a in row if a != Action.COMPUTE}
         if not used:
-            del table.actions[name], table.adaptive[name], table.orders[name]
+            del table.actions[name], table.adaptive[name], table.orders[name], table.methods[name]
             continue
         kinds = used - {Action.PREDICT}
         if len(kinds) > 1:

@@ -1,8 +1,9 @@
 """Coalesce runs of adjacent sites that share a schedule into one rewritten region.
 
 Matches: consecutive sibling sites in ``GraphAnnotation.rewrites`` (blocks of the stack, in graph
-order) with the same schedule (action, ``when`` rule and Taylor order at every step) and cache
-slot, where each site's live-outs feed only the next site, as its residual inputs.
+order) with the same schedule (``DecisionTable.schedule``: action, ``when`` rule, forecast order and
+method at every step) and cache slot, where each site's live-outs feed only the next site, as its
+residual inputs.
 Rewrite to: no new nodes. The run becomes one site named after its first member (the lead):
     before                                     after
     regions of blocks.1 nodes = (blocks.1,)     regions = (blocks.1,)  for the nodes of blocks.1..blocks.29
@@ -11,8 +12,8 @@ Rewrite to: no new nodes. The run becomes one site named after its first member 
     rewrites: blocks.1, blocks.2, ...           rewrites: blocks.1;  coalesced: {blocks.1: (blocks.1, ..., blocks.29)}
 so the later passes give the run one decision, one cache load and store per live-out, and one
 skip branch. This is exact: the residual of a run is the sum of its blocks' residuals, a reused
-output is the run's last output, and a Taylor forecast (linear in the cached values) of a sum is
-the sum of the forecasts. It divides the cache and the runtime ops by the run's length (FORA
+output is the run's last output, and a forecast of a sum is the sum of the forecasts (every
+forecaster, taylor, hermite, foca or freq, is linear in the cached values). It divides the cache and the runtime ops by the run's length (FORA
 block level on a 30-block model: one residual per CFG branch instead of 30).
 Does not fire with ``ctx.coalesce`` off, nor on a site with rewritten sites inside it.
 """
@@ -94,8 +95,7 @@ def _merged_site(sites: SiteTable, run: list[str]):
 def table_runs(table: DecisionTable, sites: SiteTable, users: dict[str, set[str]]) -> dict[str, tuple[str, ...]]:
     """The runs this pass makes of ``table``'s sites (lead -> members): for the cost model, and for
     ``set_plan``, which may swap a table into a graph only if it coalesces alike."""
-    schedules = {s: ((tuple(table.actions[s]), tuple(table.adaptive[s]), tuple(table.orders.get(s, ()))),
-                     table.slots[s]) for s in table.actions}
+    schedules = {s: (table.schedule(s), table.slots[s]) for s in table.actions}
     return {run[0]: tuple(run) for run in find_runs(sites, schedules, users)}
 
 

@@ -28,7 +28,7 @@ class Action(str, Enum):
     COMPUTE = "compute"  # run the site
     REUSE = "reuse"  # return its cached output
     REUSE_RESIDUAL = "reuse_residual"  # add its cached residual (output - input) to its input
-    PREDICT = "predict"  # Taylor forecast of its residual (or output) from its last computed steps
+    PREDICT = "predict"  # forecast of its residual (or output) from its last computed steps (by a method)
     SKIPPED = "skipped"  # stats only: an enclosing site did not compute, so this one did not run
 
     def __str__(self) -> str:
@@ -64,7 +64,9 @@ class DecisionTable:
     ``actions[site][step]``: only sites with some non-compute step appear.
     ``adaptive[site][step]``: the index into ``indicators`` of the ``when`` rule deciding that
     (site, step), else None. ``slots[site]``: the cache slot a reusing site reads ("output" or
-    "residual"). ``orders[site][step]``: a ``predict`` step's Taylor order (0 elsewhere).
+    "residual"). ``orders[site][step]``: a ``predict`` step's order (0 elsewhere).
+    ``methods[site][step]``: a ``predict`` step's forecaster (``runtime.forecast.METHODS``; "" elsewhere,
+    and a site or table without the row forecasts with taylor).
     ``parents[site]``: the sites that contain it; ``site_order``: every site in graph order.
     ``runs[lead]``: the sites a coalesced region stands for (the graph decides and caches once
     for the run, under the lead's name; the stats report each member).
@@ -76,6 +78,7 @@ class DecisionTable:
     slots: dict[str, str]
     indicators: list[Indicator] = field(default_factory=list)
     orders: dict[str, list[int]] = field(default_factory=dict)
+    methods: dict[str, list[str]] = field(default_factory=dict)  # predict: taylor | hermite | foca | freq
     parents: dict[str, list[str]] = field(default_factory=dict)
     site_order: list[str] = field(default_factory=list)
     runs: dict[str, tuple[str, ...]] = field(default_factory=dict)  # a coalesced run's lead -> its sites
@@ -102,6 +105,17 @@ class DecisionTable:
     def order(self, site: str, step: int) -> int:
         row = self.orders.get(site)
         return row[step] if row is not None and 0 <= step < self.steps else 0
+
+    def method(self, site: str, step: int) -> str:
+        """The forecaster of a ``predict`` step (taylor where the table says none)."""
+        row = self.methods.get(site)
+        return (row[step] if row is not None and 0 <= step < self.steps else "") or "taylor"
+
+    def schedule(self, site: str) -> tuple:
+        """What must be equal along a coalesced run: action, ``when`` rule, order and forecaster
+        at every step (``passes.coalesce_regions`` compares these)."""
+        methods = tuple(self.method(site, t) if a == Action.PREDICT else "" for t, a in enumerate(self.actions[site]))
+        return tuple(self.actions[site]), tuple(self.adaptive[site]), tuple(self.orders.get(site, ())), methods
 
     def action_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -142,7 +156,7 @@ class DecisionTable:
         if self.steps != other.steps:
             return f"plan has {other.steps} steps, the compiled graph {self.steps}"
         for lead, run in self.runs.items():
-            rows = {(tuple(other.actions[s]), tuple(other.orders.get(s, ()))) for s in run}
+            rows = {other.schedule(s) for s in run}
             if len(rows) > 1:
                 return (f"the compiled graph decides {run[0]}..{run[-1]} as one region (coalesced), but the "
                         f"plan gives them different schedules; optimise again (or with coalesce=False)")

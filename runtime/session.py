@@ -18,6 +18,7 @@ import torch
 
 from .cache_store import CacheStore
 from .decisions import Action, DecisionTable
+from .forecast import forecast_by, taylor_forecast  # noqa: F401 - taylor_forecast re-exported (it lived here)
 from .step_state import StepState
 
 if TYPE_CHECKING:
@@ -208,8 +209,9 @@ class Runtime:
 
     def load(self, graph: int, site: str, slot: str) -> torch.Tensor | None:
         """What a skipped site reads back at this call: the newest cached value, or for a
-        ``predict`` step its Taylor forecast from the last computed steps (order 1 or 2 in the
-        step index, Newton's divided differences; fewer cached steps lower the order)."""
+        ``predict`` step its forecast from the last ``order + 1`` computed steps by the step's
+        ``method`` (taylor, hermite, foca or freq: :mod:`ditopt.runtime.forecast`; fewer cached
+        steps lower the order, one is plain reuse)."""
         key = self.key(graph, site, slot)
         table = self.graphs.get(graph)
         step = self.state.step
@@ -220,7 +222,7 @@ class Runtime:
         history = self.store.history(key)[-(order + 1):]
         if not history:
             return None
-        return taylor_forecast([e.step for e in history], [e.value for e in history], step)
+        return forecast_by(table.method(site, step), [e.step for e in history], [e.value for e in history], step)
 
     def _record(self, site: str, decision: Action) -> None:
         if self.records:
@@ -257,39 +259,6 @@ def polyval(coefficients: tuple[float, ...], x: torch.Tensor) -> torch.Tensor:
     for c in coefficients:
         out = out * x + c
     return out
-
-
-def taylor_forecast(steps: list[int], values: list[torch.Tensor], at: int) -> torch.Tensor:
-    """Extrapolate the polynomial through ``(steps[i], values[i])`` to step ``at``.
-
-    Newton's form: with one point it is that value (reuse), with two a line, with three a
-    parabola; the order follows the number of points. As TaylorSeer (Liu et al., "From Reusing
-    to Forecasting: Accelerating Diffusion Models with TaylorSeers", 2025) forecasts features
-    from finite differences of the last computed steps.
-
-    Example:
-        >>> ys = [torch.tensor([1.0]), torch.tensor([3.0]), torch.tensor([7.0])]  # at steps 0, 1, 2
-        >>> float(taylor_forecast([0, 1, 2], ys, 3))   # y = s^2 + s + 1
-        13.0
-        >>> float(taylor_forecast([1, 2], ys[1:], 4))  # line through (1, 3), (2, 7)
-        15.0
-    """
-    if len(steps) != len(values) or not steps:
-        raise ValueError("taylor_forecast needs as many steps as values, at least one")
-    # divided differences, newest point last
-    coeffs = [v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for v in values]
-    table = list(coeffs)
-    newton = [table[-1]]
-    n = len(steps)
-    for level in range(1, n):
-        table = [(table[i + 1] - table[i]) / float(steps[i + level] - steps[i]) for i in range(len(table) - 1)]
-        newton.append(table[-1])
-    out = newton[0].clone()
-    factor = 1.0
-    for k in range(1, n):
-        factor *= float(at - steps[n - k])
-        out = out + factor * newton[k]
-    return out.to(values[-1].dtype)
 
 
 def get_runtime(rid: int) -> Runtime:
