@@ -9,7 +9,7 @@ See docs/ARCHITECTURE.md for how the package is laid out.
 """
 
 from . import presets
-from .api import Stats, compiled_graph, optimize, reset, set_plan, set_step, sites, stats, step_callback
+from .api import Stats, compiled_graph, generation, optimize, reset, set_plan, set_step, sites, stats, step_callback
 from .backend import CompiledGraph, DitoptBackend
 from .cost import CostModel, Prediction, cost_model
 from .errors import CaptureError, DitoptError, PlanError
@@ -26,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "mark_repeated_blocks",
+    "generation",
     "Action", "CaptureError", "CompiledGraph", "CompiledPlan", "CostModel", "DecisionTable", "DitoptBackend",
     "DitoptError", "Plan", "PlanError", "PlannerConfig", "Prediction", "ProfileError", "RedundancyMap", "Rule",
     "Site", "SiteTable", "Stats", "Tuned", "When", "compiled_graph", "cost_model", "find_sites", "optimize",

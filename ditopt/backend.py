@@ -17,7 +17,9 @@ and hand the table straight to :meth:`Runtime.set_graph`. What was compiled is k
 from __future__ import annotations
 
 import importlib.metadata
+import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ import torch.fx as fx
 
 from ditopt.passes import PassContext, run_pipeline
 from ditopt.passes.annotations import graph_annotation
-from ditopt.runtime import DecisionTable, Runtime, find_runtime
+from ditopt.runtime import DecisionTable, Runtime
 
 from .errors import PlanError
 from .plan import Plan
@@ -86,17 +88,22 @@ class DitoptBackend:
         self.plan = as_plan(plan)
         self.observe = observe
         self.coalesce = coalesce
-        self.runtime = runtime
+        self._runtime = None if runtime is None else weakref.ref(runtime)
         self.inductor = inductor
         self.timestep_arg = timestep_arg
         self.last: CompiledGraph | None = None
 
+    @property
+    def runtime(self) -> Runtime | None:
+        """The runtime this backend compiles for (held weakly: its wrapper owns it)."""
+        return None if self._runtime is None else self._runtime()
+
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]):
-        params = {id(t) for t in example_inputs if isinstance(t, torch.nn.Parameter)}
-        runtime = self.runtime or find_runtime(params) or Runtime()
-        runtime.param_ids |= params
-        self.runtime = runtime
-        _BACKENDS[runtime.id] = self
+        runtime = self.runtime
+        if runtime is None:  # a backend made without one owns its runtime
+            runtime = self._owned = Runtime()
+            self._runtime = weakref.ref(runtime)
+        runtime.backend = self
         original = gm
         clock = [time.perf_counter()]
 
@@ -127,8 +134,8 @@ class DitoptBackend:
             decompose_calls_for_inductor(gm)  # the calls of marked blocks (ditopt.regional)
             compiled = compile_fx(gm, [*example_inputs, token])
             seconds["inductor"] = lap()
-            return lambda *args: compiled(*args, token)
-        return lambda *args: gm(*args, token)
+            return runtime.guarded(lambda *args: compiled(*args, token))
+        return runtime.guarded(lambda *args: gm(*args, token))
 
 
 def _model_device(example_inputs: list[Any]) -> torch.device:
@@ -138,12 +145,9 @@ def _model_device(example_inputs: list[Any]) -> torch.device:
     return (params or tensors or [torch.empty(0)])[0].device
 
 
-_BACKENDS: dict[int, DitoptBackend] = {}  # runtime id -> the backend that last compiled for it
-
-
 def backend_of(runtime: Runtime) -> DitoptBackend | None:
     """The backend that last compiled a graph for ``runtime`` (also through ``torch.compile``)."""
-    return _BACKENDS.get(runtime.id)
+    return runtime.backend
 
 
 def compile_graph(gm: fx.GraphModule, plan: PlanLike, example_inputs: list[Any], *, inductor: bool = False,
@@ -180,7 +184,7 @@ def compile_graph(gm: fx.GraphModule, plan: PlanLike, example_inputs: list[Any],
 
     if not any("example_value" in n.meta or "tensor_meta" in n.meta for n in gm.graph.nodes):
         ShapeProp(gm).propagate(*example_inputs)
-    backend = DitoptBackend(plan, runtime or Runtime(), inductor=inductor, timestep_arg=timestep_arg,
+    backend = DitoptBackend(plan, runtime, inductor=inductor, timestep_arg=timestep_arg,
                             coalesce=coalesce)
     compiled = backend(gm, list(example_inputs))
 
@@ -198,13 +202,10 @@ def ditopt_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict 
     ``"timestep"``), ``inductor`` (default True; False runs the rewritten graph as Python),
     ``coalesce`` (default True: runs of adjacent sites that decide alike share one region and cache).
     """
-    given = options
     options = dict(options or {})
     if "plan" not in options:
         raise PlanError("backend 'ditopt' needs options={'plan': ...}")
-    # torch.compile hands every graph of one wrapper the same options dict: one runtime per wrapper,
-    # never another wrapper's found by its parameters
-    runtime = _runtime_for_options(given)
+    runtime = runtime_of_compile_call(_calling_wrapper())
     backend = DitoptBackend(options.pop("plan"), runtime, inductor=options.pop("inductor", True),
                             timestep_arg=options.pop("timestep_arg", "timestep"),
                             coalesce=options.pop("coalesce", True))
@@ -213,17 +214,65 @@ def ditopt_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict 
     return backend(gm, example_inputs)
 
 
-_OPTIONS_RUNTIMES: list[tuple[dict, Runtime]] = []  # (the options dict, kept alive so its id stays its own)
+def _calling_wrapper() -> Any:
+    """The ``torch.compile`` call whose graph the backend is compiling now: dynamo calls the
+    backend through the ``_TorchCompileWrapper`` that ``torch.compile`` made (one per call of
+    ``torch.compile``), a few frames up."""
+    frame = sys._getframe(1)
+    for _ in range(8):
+        if frame is None:
+            break
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, torch._TorchCompileWrapper):
+            return candidate
+        frame = frame.f_back
+    return None
 
 
-def _runtime_for_options(options: dict | None) -> Runtime:
-    for given, runtime in _OPTIONS_RUNTIMES:
-        if given is options:
-            return runtime
-    runtime = Runtime()
-    if options is not None:
-        _OPTIONS_RUNTIMES.append((options, runtime))
+def compile_wrapper_of(compiled: torch.nn.Module) -> Any:
+    """The ``_TorchCompileWrapper`` behind a ``torch.compile``'d module (None if there is none)."""
+    link = getattr(getattr(compiled, "dynamo_ctx", None), "callback", None)
+    for _ in range(8):
+        if link is None or isinstance(link, torch._TorchCompileWrapper):
+            return link
+        link = getattr(link, "_torchdynamo_orig_backend", None) or getattr(link, "__wrapped__", None)
+    return None
+
+
+def runtime_of_compile_call(wrapper: Any, module: torch.nn.Module | None = None) -> Runtime | None:
+    """The runtime of one ``torch.compile(..., backend="ditopt")`` call, made on first use.
+
+    The compiled module (found on the stack when the backend runs, or given) owns it, so that it
+    and its caches go with the module and are never shared with another wrapper of the same model;
+    the ``torch.compile`` call's wrapper (which dynamo keeps) only points to it weakly. Compiling
+    a function rather than a module, the wrapper keeps it.
+    """
+    if wrapper is None:  # the backend called by hand, not through torch.compile: it owns one
+        return None
+    ref = wrapper.__dict__.get("_ditopt_runtime")
+    runtime = ref() if isinstance(ref, weakref.ref) else ref
+    if runtime is None:
+        runtime = Runtime()
+        wrapper._ditopt_runtime = weakref.ref(runtime)
+    if module is None:
+        module = _compiled_module_on_stack(wrapper)
+    if module is not None:
+        module.__dict__["_ditopt_runtime"] = runtime
+    else:
+        wrapper._ditopt_runtime = runtime
     return runtime
+
+
+def _compiled_module_on_stack(wrapper: Any) -> torch.nn.Module | None:
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, OptimizedModule) and compile_wrapper_of(candidate) is wrapper:
+            return candidate
+        frame = frame.f_back
+    return None
 
 
 def _register_backend() -> None:
