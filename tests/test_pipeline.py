@@ -78,3 +78,38 @@ def test_tune_a_pipeline_measures_each_candidate_on_the_same_noise():
     assert 10 * math.log10(1 / mse) == pytest.approx(tuned.best.psnr, abs=1e-6)
     with pytest.raises(ProfileError, match="generator"):
         ditopt.tune_pipeline(pipe, rmap, budget=0.5, generator=torch.Generator(), **call)
+
+
+def test_a_pipeline_run_after_an_interrupted_one_inside_a_generation_block():
+    """The scheduler fails after step 2 (outside the model: nothing tells the runtime); the next
+    run, inside ``ditopt.generation``, gives the images of a freshly optimised transformer."""
+    steps = 6
+    pipe = _pipe()
+    original = pipe.transformer
+    plan = ditopt.presets.fora(interval=2, steps=steps, level="block")
+
+    def run():
+        return pipe(class_labels=[1, 2], num_inference_steps=steps, guidance_scale=4.0,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    pipe.transformer = ditopt.optimize(original, plan)
+    reference = run()  # freshly optimised
+    pipe.transformer = ditopt.optimize(original, plan)
+    step, calls = pipe.scheduler.step, []
+
+    def failing_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("interrupted")
+        return step(*args, **kwargs)
+
+    pipe.scheduler.step = failing_step
+    try:
+        run()
+    except RuntimeError:
+        pass
+    pipe.scheduler.step = step
+    with ditopt.generation(pipe.transformer):
+        images = run()
+    assert (images == reference).all()
+    assert ditopt.stats(pipe.transformer).decisions["transformer_blocks.1"] == ["compute", "reuse_residual"] * 3
