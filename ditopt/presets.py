@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
 
+from ditopt.runtime.forecast import METHODS
+
 from .errors import check_count, check_steps
 from .plan import Plan, Rule, When
 
@@ -121,7 +123,7 @@ def delta_dit(steps: int = 50, interval: int = 2, k: int = 2, boundary: int | No
 
 
 def taylorseer(steps: int = 50, interval: int = 4, order: int = 2, *, warmup: int | None = None,
-               level: str = "block") -> Plan:
+               level: str = "block", method: str = "taylor") -> Plan:
     """TaylorSeer: forecast the blocks' features with a Taylor series between full steps.
 
     Follows Liu et al., "From Reusing to Forecasting: Accelerating Diffusion Models with
@@ -132,6 +134,8 @@ def taylorseer(steps: int = 50, interval: int = 4, order: int = 2, *, warmup: in
     as TaylorSeer's lite mode forecasts the final projection. The first ``warmup`` steps compute
     (default ``order + 1``, so the first forecast has a full history), then every
     ``interval``-th step computes and the others forecast. ``order=0`` is plain reuse.
+    ``method`` picks the forecaster (``taylor``, ``hermite``, ``foca``, ``freq``:
+    :mod:`ditopt.runtime.forecast`).
 
     Example:
         >>> plan = taylorseer(steps=10, interval=3, order=1)
@@ -146,13 +150,15 @@ def taylorseer(steps: int = 50, interval: int = 4, order: int = 2, *, warmup: in
         raise ValueError(f"order must be 0, 1 or 2, got {order!r}")
     if level not in ("block", "output"):
         raise ValueError(f"level must be 'block' or 'output', got {level!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     warmup = order + 1 if warmup is None else warmup
     check_count(warmup, "warmup", minimum=1)
     forecast = tuple(s for s in range(warmup, steps) if (s - warmup) % interval != 0)
     where = dict(sites=("*",), kind="block") if level == "block" else dict(sites=("output",))
-    rules = [Rule(**where, steps=forecast, action="predict", order=order)] if forecast else \
-        [Rule(**where, action="compute")]
-    suffix = "" if level == "block" else "-output"
+    rules = [Rule(**where, steps=forecast, action="predict", order=order,
+                  method=None if method == "taylor" else method)] if forecast else [Rule(**where, action="compute")]
+    suffix = ("" if level == "block" else "-output") + ("" if method == "taylor" else f"-{method}")
     plan = Plan(steps=steps, rules=rules, name=f"taylorseer-{interval}-o{order}{suffix}")
     plan.check()
     return plan

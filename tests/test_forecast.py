@@ -249,3 +249,11 @@ def test_block_level_methods_differ_and_report_predict():
         for b in fc.METHODS:
             if a < b:
                 assert not torch.allclose(results[a], results[b], atol=1e-6), (a, b)
+
+
+def test_taylorseer_preset_takes_a_method():
+    plan = ditopt.presets.taylorseer(steps=10, interval=3, order=2, method="hermite")
+    assert plan.rules[0].method == "hermite" and plan.name == "taylorseer-3-o2-hermite"
+    assert ditopt.presets.taylorseer(steps=10).rules[0].method is None  # taylor: the YAML is unchanged
+    with pytest.raises(ValueError, match="method must be one of"):
+        ditopt.presets.taylorseer(steps=10, method="spline")

@@ -20,7 +20,6 @@ import math
 import shlex
 import sys
 import time
-from dataclasses import replace
 
 import torch
 
@@ -42,19 +41,13 @@ VARIANTS = {
 SAME_AS_TAYLOR = {("hermite s=0.71", 1), ("foca", 1)}
 
 
-def plan_for(steps: int, interval: int, order: int, method: str) -> ditopt.Plan:
-    plan = presets.taylorseer(steps=steps, interval=interval, order=order)
-    return replace(plan, rules=[replace(r, method=method) if r.action == "predict" else r for r in plan.rules],
-                   name=f"{plan.name}-{method}")
-
-
 def run_variant(name: str, steps: int, interval: int, order: int, method: str, constants: dict, labels, references):
     saved = {k: getattr(forecast, k) for k in constants}
     for k, v in constants.items():
         setattr(forecast, k, v)
     try:
         fresh = zoo.load(name)
-        fast = ditopt.optimize(fresh.model, plan_for(steps, interval, order, method))
+        fast = ditopt.optimize(fresh.model, presets.taylorseer(steps=steps, interval=interval, order=order, method=method))
         psnrs, computed, total = [], 0, 0
         for seed, ref in enumerate(references):
             ditopt.reset(fast)
