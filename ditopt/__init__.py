@@ -13,6 +13,7 @@ from .api import Stats, compiled_graph, generation, optimize, reset, set_plan, s
 from .backend import CompiledGraph, DitoptBackend
 from .cost import CostModel, Prediction, cost_model
 from .errors import CaptureError, DitoptError, PlanError
+from .parallel import SequenceParallel
 from .plan import CompiledPlan, Plan, Rule, When
 from .regional import mark_repeated_blocks
 from .profile import ProfileError, RedundancyMap, profile, profile_pipeline
@@ -28,7 +29,7 @@ __all__ = [
     "mark_repeated_blocks",
     "generation",
     "Action", "CaptureError", "CompiledGraph", "CompiledPlan", "CostModel", "DecisionTable", "DitoptBackend",
-    "DitoptError", "Plan", "PlanError", "PlannerConfig", "Prediction", "ProfileError", "RedundancyMap", "Rule",
+    "DitoptError", "Plan", "PlanError", "SequenceParallel", "PlannerConfig", "Prediction", "ProfileError", "RedundancyMap", "Rule",
     "Site", "SiteTable", "Stats", "Tuned", "When", "compiled_graph", "cost_model", "find_sites", "optimize",
     "plan_from_profile", "planner", "presets", "profile", "profile_pipeline", "reset", "set_plan", "set_step",
     "sites", "stats", "step_callback", "tune", "tune_pipeline",

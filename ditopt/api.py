@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch._dynamo.eval_frame import OptimizedModule
@@ -101,13 +101,16 @@ def candidate_site_names(model: torch.nn.Module) -> list[str]:
 
 
 def optimize(model: torch.nn.Module, plan: PlanLike, *, timestep_arg: str = "timestep",
-             coalesce: bool = True) -> torch.nn.Module:
+             coalesce: bool = True, parallel=None) -> torch.nn.Module:
     """Make ``model`` reuse features as ``plan`` says; a drop-in replacement for the model.
 
     The plan is checked at once against the model's module paths (a plan for another model,
     unknown sites, bad steps fail here, naming rule and site); the graph is captured on the
     first call, where the plan is resolved against the sites found in it. Adjacent sites that
     decide alike share one region and one cache (exact; ``coalesce=False`` keeps one per site).
+    ``parallel=ditopt.SequenceParallel(mode="ulysses" | "ring")``, under an initialised process
+    group, shards the token dimension over its ranks (every rank calls the model with the same
+    inputs and gets the whole output; ``stats(model).comm_bytes`` counts what it sent).
 
     Example:
         >>> import torch, ditopt
@@ -122,11 +125,11 @@ def optimize(model: torch.nn.Module, plan: PlanLike, *, timestep_arg: str = "tim
         >>> ditopt.stats(fast).decisions["transformer_blocks.1.attn1"]
         ['compute', 'reuse', 'compute', 'reuse']
     """
-    return wrap(model, plan, timestep_arg=timestep_arg, coalesce=coalesce)
+    return wrap(model, plan, timestep_arg=timestep_arg, coalesce=coalesce, parallel=parallel)
 
 
 def wrap(model: torch.nn.Module, plan: PlanLike, *, timestep_arg: str = "timestep", observe: bool = False,
-         runtime: Runtime | None = None, coalesce: bool = True) -> torch.nn.Module:
+         runtime: Runtime | None = None, coalesce: bool = True, parallel=None) -> torch.nn.Module:
     """What :func:`optimize` does; ``observe`` and ``runtime`` are for the profiler's entry point."""
     if isinstance(model, OptimizedModule):
         raise DitoptError("optimize() takes the original model, not a torch.compile'd one")
@@ -136,7 +139,7 @@ def wrap(model: torch.nn.Module, plan: PlanLike, *, timestep_arg: str = "timeste
     plan.check_patterns(candidate_site_names(model))
     runtime = runtime or Runtime()
     backend = DitoptBackend(plan, runtime, inductor=False, timestep_arg=timestep_arg, observe=observe,
-                            coalesce=coalesce)
+                            coalesce=coalesce, parallel=parallel)
     _make_room_for_another_model()
     wrapped = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
     wrapped.__class__ = DitoptModule
@@ -183,6 +186,9 @@ class Stats:
     """What the runtime did in the last generation.
 
     ``decisions[site]`` has one entry per call: compute, reuse, reuse_residual or skipped.
+    ``comm_bytes``: bytes this rank sent to other ranks in the generation (sequence parallelism),
+    by collective kind (``all_to_all``, ``all_gather``, ``ring``) and ``total``; empty when
+    nothing was sent. Counted as the collectives run (eagerly: not under torch.compile).
     """
 
     decisions: dict[str, list[str]]
@@ -191,12 +197,14 @@ class Stats:
     generation: int
     calls: int
     graphs: int
+    comm_bytes: dict[str, int] = field(default_factory=dict)
 
 
 def stats(model: torch.nn.Module) -> Stats:
     rt = runtime_of(model)
     return Stats(decisions=rt.decisions(), cache_bytes=rt.store.nbytes, step=rt.state.step,
-                 generation=rt.state.generation, calls=len(rt.records), graphs=len(rt.graphs))
+                 generation=rt.state.generation, calls=len(rt.records), graphs=len(rt.graphs),
+                 comm_bytes=dict(rt.comm_bytes))
 
 
 def set_plan(model: torch.nn.Module, plan: PlanLike) -> None:

@@ -73,7 +73,8 @@ class DitoptBackend:
     """A dynamo backend that rewrites each captured graph according to ``plan``.
 
     ``observe`` inserts the profiler's observer nodes (:func:`ditopt.profile` sets it);
-    ``coalesce=False`` keeps one region per site (``coalesce_regions`` off).
+    ``coalesce=False`` keeps one region per site (``coalesce_regions`` off); ``parallel`` (a
+    :class:`ditopt.SequenceParallel`) shards the token dimension over the ranks of a process group.
     ``last`` is the :class:`CompiledGraph` of the latest graph compiled.
 
     Example:
@@ -84,8 +85,10 @@ class DitoptBackend:
     """
 
     def __init__(self, plan: PlanLike, runtime: Runtime | None = None, *, inductor: bool = True,
-                 timestep_arg: str = "timestep", observe: bool = False, coalesce: bool = True):
+                 timestep_arg: str = "timestep", observe: bool = False, coalesce: bool = True,
+                 parallel: Any = None):
         self.plan = as_plan(plan)
+        self.parallel = parallel  # a ditopt.SequenceParallel: shard the tokens over its ranks
         self.observe = observe
         self.coalesce = coalesce
         self._runtime = None if runtime is None else weakref.ref(runtime)
@@ -120,7 +123,7 @@ class DitoptBackend:
         device = _model_device(example_inputs)
         ctx = PassContext(sites=sites, runtime_id=runtime.id, graph_id=graph_id, inductor=self.inductor,
                           timestep=self.timestep_arg, observe=self.observe, device=device,
-                          coalesce=self.coalesce)
+                          coalesce=self.coalesce, parallel=self.parallel)
         report = run_pipeline(gm, ctx, table, inductor=self.inductor)
         seconds["passes"] = lap()
         table.runs = dict(graph_annotation(gm).coalesced)  # the runs coalesce_regions made one region
@@ -200,7 +203,8 @@ def ditopt_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict 
 
     Options: ``plan`` (required: a Plan, a YAML path or text), ``timestep_arg`` (default
     ``"timestep"``), ``inductor`` (default True; False runs the rewritten graph as Python),
-    ``coalesce`` (default True: runs of adjacent sites that decide alike share one region and cache).
+    ``coalesce`` (default True: runs of adjacent sites that decide alike share one region and cache),
+    ``parallel`` (a :class:`ditopt.SequenceParallel`: shard the tokens over the ranks of a process group).
     """
     options = dict(options or {})
     if "plan" not in options:
@@ -208,7 +212,7 @@ def ditopt_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict 
     runtime = runtime_of_compile_call(_calling_wrapper())
     backend = DitoptBackend(options.pop("plan"), runtime, inductor=options.pop("inductor", True),
                             timestep_arg=options.pop("timestep_arg", "timestep"),
-                            coalesce=options.pop("coalesce", True))
+                            coalesce=options.pop("coalesce", True), parallel=options.pop("parallel", None))
     if options:
         raise PlanError(f"unknown ditopt backend option(s): {sorted(options)}")
     return backend(gm, example_inputs)

@@ -21,9 +21,15 @@ from .insert_skip_branches import insert_skip_branches
 from .insert_step_tracking import insert_step_tracking
 from .lower_skip_branches import lower_skip_branches
 from .pass_base import PassContext, PassResult
+from .sequence_parallel import sequence_parallel
 from .verify_graph import GraphInvariantError, verify_graph
 
-# annotate_decisions runs first and alone reads the plan (it takes the decision table).
+# With ctx.parallel, sequence_parallel runs before everything: it changes shapes (every rank holds
+# a slice of the tokens) and inserts nodes into sites, and every later pass must see that.
+FIRST = [
+    sequence_parallel,      # only when ctx.parallel is set
+]
+# annotate_decisions runs next and alone reads the plan (it takes the decision table).
 PIPELINE = [
     coalesce_regions,       # before any node is inserted: a run of sites that decide alike is one region
     insert_step_tracking,   # token + begin_step: every later runtime op reads the token
@@ -42,7 +48,8 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, table: DecisionTable, *,
     """Run every pass, then regenerate the code of the graph and its branches once; return
     ``[(pass name, modified)]``. ``DITOPT_DEBUG=1`` verifies after each pass."""
     debug = os.environ.get("DITOPT_DEBUG") == "1"
-    report = [("annotate_decisions", annotate_decisions(gm, ctx, table).modified)]
+    report = [(p.__name__, p(gm, ctx).modified) for p in (FIRST if ctx.parallel is not None else [])]
+    report.append(("annotate_decisions", annotate_decisions(gm, ctx, table).modified))
     passes = PIPELINE + ([] if inductor else EAGER_ONLY)
     for p in passes:
         result = p(gm, ctx)
@@ -55,7 +62,7 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, table: DecisionTable, *,
 
 
 __all__ = [
-    "annotations", "EAGER_ONLY", "PIPELINE", "GraphInvariantError", "PassContext", "PassResult", "annotate_decisions",
+    "annotations", "EAGER_ONLY", "FIRST", "PIPELINE", "GraphInvariantError", "PassContext", "PassResult", "annotate_decisions",
     "coalesce_regions", "insert_cache_ops", "insert_indicators", "insert_observers", "insert_skip_branches", "insert_step_tracking",
-    "lower_skip_branches", "run_pipeline", "verify_graph",
+    "lower_skip_branches", "run_pipeline", "sequence_parallel", "verify_graph",
 ]

@@ -8,6 +8,7 @@ Everything a pass decides from is in typed node and graph annotations (:mod:`.an
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -26,7 +27,9 @@ class PassContext:
     inductor compiles the result (cache tensors are then copied, since inductor may reuse an
     output buffer); ``timestep`` names the forward argument that carries the timestep;
     ``observe`` asks for the profiler's observer nodes; ``device`` is where the model's tensors
-    live (the runtime token and everything the rewritten graph creates go there).
+    live (the runtime token and everything the rewritten graph creates go there); ``parallel``
+    is a :class:`ditopt.parallel.SequenceParallel` (or None): ``sequence_parallel`` shards the
+    tokens over its ranks before any other pass runs.
     """
 
     sites: SiteTable
@@ -37,6 +40,7 @@ class PassContext:
     observe: bool = False
     device: torch.device = torch.device("cpu")
     coalesce: bool = True  # coalesce_regions: one region for each run of sites that decide alike
+    parallel: Any = None  # a SequenceParallel: shard the token dimension over its ranks
 
 
 def replace_site_nodes(sites: SiteTable, renames: dict[str, str]) -> SiteTable:

@@ -63,6 +63,7 @@ class Runtime:
         self._in_flight = threading.Lock()
         self._overran = False  # this generation has run past the plan's steps (warned once)
         self._flags: dict[tuple[bool, torch.device], torch.Tensor] = {}  # decision constants per device
+        self.comm_bytes: dict[str, int] = {}  # bytes sent by collective kind (and "total") this generation
         _RUNTIMES[self.id] = self
 
     # -- set-up ---------------------------------------------------------------------------
@@ -82,6 +83,7 @@ class Runtime:
         """Forget caches, step state and records (the next call starts a new generation)."""
         self.end_generation()
         self.records.clear()
+        self.comm_bytes.clear()
 
     def end_generation(self) -> None:
         """Free the caches and make the next call start a new generation; keep the records of
@@ -128,6 +130,7 @@ class Runtime:
         if new_generation:
             self.store.clear()
             self.records.clear()
+            self.comm_bytes.clear()
             self._accumulated.clear()
             self._reuse_ok.clear()
             self._overran = False

@@ -1,0 +1,321 @@
+"""What a sequence-parallel graph calls: sharding, gathering, distributed attention, and the
+byte accounting of every collective it runs.
+
+The pass ``passes/sequence_parallel.py`` rewrites a graph so that each rank holds a slice of the
+token dimension; the functions here are the call targets it inserts (plain functions of tensors
+and constants, so the generated code names them and dynamo, aot and inductor trace through them:
+every collective is a functional collective, ``torch.distributed._functional_collectives``).
+
+A **layout** (``segs``) says how the token dimension of a value is made up, in global order:
+``(("s", n), ("r", m))`` is ``n`` tokens sharded over the ranks (each holds ``n // world``
+consecutive ones) followed by ``m`` tokens every rank holds (text tokens joined to the image
+tokens in joint attention).
+
+Bytes are counted per collective kind in the runtime's ``comm_bytes`` (``ditopt.stats``): the
+bytes this rank hands to other ranks, its own chunk excluded: an all-to-all of ``b`` bytes sends
+``b (world - 1) / world``, an all-gather of a ``b``-byte chunk ``b (world - 1)`` (what a ring
+all-gather sends), a ring hop its whole tensor. Counting happens when the collective runs
+eagerly; under tracing (fake tensors, torch.compile) nothing is counted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+
+from .session import get_runtime
+
+KINDS = ("all_to_all", "all_gather", "ring")
+
+Segs = tuple[tuple[str, int], ...]
+
+
+# -- accounting ------------------------------------------------------------------------------
+
+def _traced(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor) or torch.compiler.is_compiling()
+
+
+def record(rid: int, kind: str, nbytes: int) -> None:
+    """Add ``nbytes`` sent by a ``kind`` collective to runtime ``rid``'s counters (and the total)."""
+    counters = get_runtime(rid).comm_bytes
+    counters[kind] = counters.get(kind, 0) + int(nbytes)
+    counters["total"] = counters.get("total", 0) + int(nbytes)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+# -- layouts ---------------------------------------------------------------------------------
+
+def local_length(segs: Segs, world: int) -> int:
+    """Tokens one rank holds of a layout."""
+    return sum(n // world if kind == "s" else n for kind, n in segs)
+
+
+def slice_layout(segs: Segs, s: slice, world: int) -> tuple[Segs, slice] | None:
+    """The segments ``x[s]`` keeps of a layout, and ``s`` in local positions; None unless ``s``
+    (step 1, int bounds) cuts at segment boundaries.
+
+    >>> slice_layout((("r", 6), ("s", 48)), slice(6, None), 2)
+    ((('s', 48),), slice(6, None, None))
+    >>> slice_layout((("s", 48), ("r", 6)), slice(None, -6), 2)
+    ((('s', 48),), slice(None, -6, None))
+    """
+    total = sum(n for _, n in segs)
+    bounds, local = [0], [0]
+    for kind, n in segs:
+        bounds.append(bounds[-1] + n)
+        local.append(local[-1] + (n // world if kind == "s" else n))
+    a = 0 if s.start is None else max(0, min(total, s.start + total if s.start < 0 else s.start))
+    b = total if s.stop is None else max(0, min(total, s.stop + total if s.stop < 0 else s.stop))
+    if a not in bounds or b not in bounds or a >= b:
+        return None
+    ia, ib = bounds.index(a), bounds.index(b)
+
+    def place(orig, i, stop):
+        if orig is None or orig >= 0:
+            return None if orig is None else local[i]
+        v = local[i] - local[-1]
+        return None if v == 0 and stop else v
+
+    return segs[ia:ib], slice(place(s.start, ia, False), place(s.stop, ib, True), s.step)
+
+
+def _pieces(x: torch.Tensor, dim: int, segs: Segs, world: int, local: bool) -> list[torch.Tensor]:
+    """``x`` split along ``dim`` into its segments (local lengths if ``local``, else global)."""
+    sizes = [n // world if (kind == "s" and local) else n for kind, n in segs]
+    return list(torch.split(x, sizes, dim=dim))
+
+
+def shard(x: torch.Tensor, dim: int, segs: Segs, rank: int, world: int) -> torch.Tensor:
+    """This rank's part of a value every rank holds whole: of each sharded segment the
+    ``rank``-th slice, each replicated segment whole. No communication."""
+    if len(segs) == 1 and segs[0][0] == "s":
+        n = segs[0][1] // world
+        return x.narrow(dim, rank * n, n)
+    out = []
+    for piece, (kind, n) in zip(_pieces(x, dim, segs, world, local=False), segs):
+        out.append(piece.narrow(dim, rank * (n // world), n // world) if kind == "s" else piece)
+    return torch.cat(out, dim=dim)
+
+
+def _all_gather(x: torch.Tensor, dim: int, group: str, world: int, rid: int) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along ``dim``, rank order."""
+    x = x.contiguous()
+    out = funcol.wait_tensor(funcol.all_gather_single(x, dim, group))
+    if not _traced(x):
+        record(rid, "all_gather", _nbytes(x) * (world - 1))
+    return out
+
+
+def gather(x: torch.Tensor, dim: int, segs: Segs, group: str, rank: int, world: int, rid: int) -> torch.Tensor:
+    """The whole value from this rank's part of it (:func:`shard` undone): every sharded segment
+    all-gathered along ``dim``."""
+    if len(segs) == 1 and segs[0][0] == "s":
+        return _all_gather(x, dim, group, world, rid)
+    out = []
+    for piece, (kind, _) in zip(_pieces(x, dim, segs, world, local=True), segs):
+        out.append(_all_gather(piece, dim, group, world, rid) if kind == "s" else piece)
+    return torch.cat(out, dim=dim)
+
+
+# -- attention -------------------------------------------------------------------------------
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                       scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``softmax(q k^T scale + mask) v`` and the log-sum-exp of each query row (fp32, ``[..., Lq]``).
+
+    CPU: the flash kernel behind SDPA (``_scaled_dot_product_flash_attention_for_cpu``); CUDA:
+    flash without a mask in half precision, else the memory-efficient kernel; the plain formula
+    where neither applies."""
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+    try:
+        if q.device.type == "cpu":
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
+                                                                               scale=scale)
+        if q.device.type == "cuda" and mask is None and q.dtype in (torch.float16, torch.bfloat16):
+            out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
+            return out[0], out[1]
+        if q.device.type == "cuda":
+            bias = None if mask is None else mask.expand(*q.shape[:-1], k.shape[-2])
+            out = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, scale=scale)
+            return out[0], out[1][..., : q.shape[-2]]
+    except RuntimeError:
+        pass
+    s = (q.float() @ k.float().transpose(-2, -1)) * (scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
+    if mask is not None:
+        s = s + mask.float()
+    lse = torch.logsumexp(s, dim=-1)
+    return (torch.softmax(s, dim=-1) @ v.float()).to(q.dtype), lse
+
+
+def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Attention over the union of key sets from the attention over each set and its
+    log-sum-exp: ``sum_i exp(lse_i - lse) out_i`` with ``lse = logsumexp_i lse_i``. A row that
+    sees no key of a set (lse -inf) takes nothing from it."""
+    if len(parts) == 1:
+        return parts[0][0]
+    lses = torch.stack([lse.float() for _, lse in parts])
+    total = torch.logsumexp(lses, dim=0)
+    weights = torch.where(torch.isfinite(lses), torch.exp(lses - total), torch.zeros_like(lses))
+    out = sum(w.unsqueeze(-1) * torch.nan_to_num(o.float()) for w, (o, _) in zip(weights.unbind(0), parts))
+    return out.to(parts[0][0].dtype)
+
+
+def _heads_to_tokens(x: torch.Tensor, group: str, world: int, rid: int) -> torch.Tensor:
+    """``[B, H, n, d]`` (this rank's n tokens, all heads) -> ``[B, H/world, world n, d]`` (all
+    tokens of this rank's heads): one all-to-all."""
+    b, h, n, d = x.shape
+    send = x.reshape(b, world, h // world, n, d).permute(1, 0, 2, 3, 4).contiguous()
+    got = funcol.wait_tensor(funcol.all_to_all_single(send, None, None, group))
+    if not _traced(x):
+        record(rid, "all_to_all", _nbytes(send) * (world - 1) // world)
+    return got.permute(1, 2, 0, 3, 4).reshape(b, h // world, world * n, d)
+
+
+def _tokens_to_heads(x: torch.Tensor, group: str, world: int, rid: int) -> torch.Tensor:
+    """The inverse of :func:`_heads_to_tokens`: ``[B, H/world, world n, d]`` -> ``[B, H, n, d]``."""
+    b, hl, big_n, d = x.shape
+    n = big_n // world
+    send = x.reshape(b, hl, world, n, d).permute(2, 0, 1, 3, 4).contiguous()
+    got = funcol.wait_tensor(funcol.all_to_all_single(send, None, None, group))
+    if not _traced(x):
+        record(rid, "all_to_all", _nbytes(send) * (world - 1) // world)
+    return got.permute(1, 0, 2, 3, 4).reshape(b, world * hl, n, d)
+
+
+def _to_full_sequence(x: torch.Tensor, segs: Segs, group: str, rank: int, world: int, rid: int) -> torch.Tensor:
+    """This rank's heads over the whole (global) sequence of a ``[B, H, local, d]`` tensor."""
+    hl = x.shape[1] // world
+    out = []
+    for piece, (kind, _) in zip(_pieces(x, 2, segs, world, local=True), segs):
+        out.append(_heads_to_tokens(piece, group, world, rid) if kind == "s" else piece[:, rank * hl:(rank + 1) * hl])
+    return torch.cat(out, dim=2) if len(out) > 1 else out[0]
+
+
+def _mask_heads(mask: torch.Tensor | None, heads: int, rank: int, world: int) -> torch.Tensor | None:
+    if mask is not None and mask.dim() >= 3 and mask.shape[-3] == heads:
+        hl = heads // world
+        return mask.narrow(-3, rank * hl, hl)
+    return mask
+
+
+def ulysses_attention(q, k, v, mask, scale, q_segs: Segs, kv_segs: Segs, group: str, rank: int, world: int,
+                      rid: int) -> torch.Tensor:
+    """Self-attention over the whole sequence from this rank's tokens (``[B, H, local, d]``):
+    all-to-all (scatter heads, gather tokens) for q, k, v; attention of this rank's heads over
+    every token; the inverse all-to-all. Replicated segments (text in joint attention) are cut
+    to this rank's heads, and their output rows all-gathered over heads. ``mask`` is global."""
+    heads = q.shape[1]
+    if heads % world:
+        raise ValueError(f"Ulysses attention needs the head count ({heads}) to divide the world size ({world})")
+    qf, kf, vf = (_to_full_sequence(t, s, group, rank, world, rid) for t, s in ((q, q_segs), (k, kv_segs), (v, kv_segs)))
+    out = torch.nn.functional.scaled_dot_product_attention(qf, kf, vf, attn_mask=_mask_heads(mask, heads, rank, world),
+                                                           scale=scale)
+    pieces = []
+    for piece, (kind, _) in zip(_pieces(out, 2, q_segs, world, local=False), q_segs):
+        if kind == "s":
+            pieces.append(_tokens_to_heads(piece, group, world, rid))
+        else:  # every rank computed these rows for its heads: gather the heads
+            pieces.append(_all_gather(piece, 1, group, world, rid))
+    return torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
+
+
+def _ring_pass(x: torch.Tensor, group: str, rank: int, world: int, rid: int) -> torch.Tensor:
+    """Send ``x`` to the next rank and receive the previous rank's (one all-to-all with one
+    non-empty split each way)."""
+    flat = x.contiguous().reshape(-1)
+    sizes_in, sizes_out = [0] * world, [0] * world
+    sizes_in[(rank + 1) % world] = flat.numel()
+    sizes_out[(rank - 1) % world] = flat.numel()
+    got = funcol.wait_tensor(funcol.all_to_all_single(flat, sizes_out, sizes_in, group))
+    if not _traced(x):
+        record(rid, "ring", _nbytes(flat))
+    return got.reshape(x.shape)
+
+
+def _columns(segs: Segs, world: int, source: int | None) -> list[int]:
+    """Global key positions of the replicated segments (``source`` None) or of rank ``source``'s
+    slices of the sharded ones."""
+    cols, offset = [], 0
+    for kind, n in segs:
+        if kind == "r" and source is None:
+            cols.extend(range(offset, offset + n))
+        elif kind == "s" and source is not None:
+            cols.extend(range(offset + source * (n // world), offset + (source + 1) * (n // world)))
+        offset += n
+    return cols
+
+
+def ring_attention(q, k, v, mask, scale, q_segs: Segs, kv_segs: Segs, group: str, rank: int, world: int,
+                   rid: int) -> torch.Tensor:
+    """Self-attention of this rank's queries over every rank's keys: the sharded part of K/V goes
+    around the ring (``world - 1`` hops), one partial attention per block of keys, the partials
+    merged by their log-sum-exp (:func:`merge_partials`). Any head count works. ``mask`` is
+    global: its query rows are cut to this rank's, its key columns to each block's."""
+    if mask is not None and mask.shape[-2] > 1:
+        mask = shard(mask, mask.dim() - 2, q_segs, rank, world)
+
+    def cols(source):
+        if mask is None or mask.shape[-1] == 1:
+            return mask
+        index = torch.tensor(_columns(kv_segs, world, source), device=mask.device)
+        return mask.index_select(-1, index)
+
+    k_pieces = _pieces(k, 2, kv_segs, world, local=True)
+    v_pieces = _pieces(v, 2, kv_segs, world, local=True)
+    kinds = [kind for kind, _ in kv_segs]
+    parts = []
+    if "r" in kinds:
+        k_rep = torch.cat([p for p, kind in zip(k_pieces, kinds) if kind == "r"], dim=2)
+        v_rep = torch.cat([p for p, kind in zip(v_pieces, kinds) if kind == "r"], dim=2)
+        parts.append(attention_with_lse(q, k_rep, v_rep, cols(None), scale))
+    if "s" in kinds:
+        kv = torch.stack([torch.cat([p for p, kind in zip(pieces, kinds) if kind == "s"], dim=2)
+                          for pieces in (k_pieces, v_pieces)])
+        for hop in range(world):
+            source = (rank - hop) % world
+            parts.append(attention_with_lse(q, kv[0], kv[1], cols(source), scale))
+            if hop < world - 1:
+                kv = _ring_pass(kv, group, rank, world, rid)
+    return merge_partials(parts)
+
+
+def sp_attention(q, k, v, mask, scale, q_segs: Segs, kv_segs: Segs, mode: str, group: str, rank: int, world: int,
+                 rid: int) -> torch.Tensor:
+    """The distributed self-attention a sequence-parallel graph calls in place of SDPA."""
+    run = ulysses_attention if mode == "ulysses" else ring_attention
+    return run(q, k, v, mask, scale, q_segs, kv_segs, group, rank, world, rid)
+
+
+# Output shapes for shape propagation on fake tensors (the pass runs these instead: no collective).
+def _fake_attention(q, k, v, *args):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _fake_gather(x, dim, segs, group, rank, world, rid):
+    shape = list(x.shape)
+    shape[dim] = sum(n for _, n in segs)
+    return x.new_empty(shape)
+
+
+sp_attention.fake = _fake_attention  # type: ignore[attr-defined]
+gather.fake = _fake_gather  # type: ignore[attr-defined]
+
+
+def world_of(group: dist.ProcessGroup | None) -> tuple[int, int, str]:
+    """``(rank, world size, group name)`` of ``group`` (the default group when None)."""
+    group = group if group is not None else dist.group.WORLD
+    return dist.get_rank(group), dist.get_world_size(group), group.group_name
+
+
+__all__ = ["KINDS", "attention_with_lse", "gather", "local_length", "merge_partials", "record", "ring_attention",
+           "shard", "slice_layout", "sp_attention", "ulysses_attention", "world_of"]
