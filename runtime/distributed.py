@@ -96,10 +96,11 @@ def _pieces(x: torch.Tensor, dim: int, segs: Segs, world: int, local: bool) -> l
 
 def shard(x: torch.Tensor, dim: int, segs: Segs, rank: int, world: int) -> torch.Tensor:
     """This rank's part of a value every rank holds whole: of each sharded segment the
-    ``rank``-th slice, each replicated segment whole. No communication."""
+    ``rank``-th slice, each replicated segment whole. No communication; a dense copy (like a
+    value computed on this rank: caches and compiled branches expect its strides)."""
     if len(segs) == 1 and segs[0][0] == "s":
         n = segs[0][1] // world
-        return x.narrow(dim, rank * n, n)
+        return x.narrow(dim, rank * n, n).contiguous()
     out = []
     for piece, (kind, n) in zip(_pieces(x, dim, segs, world, local=False), segs):
         out.append(piece.narrow(dim, rank * (n // world), n // world) if kind == "s" else piece)

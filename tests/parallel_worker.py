@@ -3,9 +3,10 @@
 ``spawn(jobs, world)`` starts ``world`` processes with a gloo group; each runs every job and
 rank 0's results come back as a list of dicts. A job compares one model (a small config of
 :mod:`ditopt.small_models`, or ``dit3``: a DiT with 3 heads) under one plan and mode against the
-single-process run, over ``steps`` denoising steps:
+single-process eager run (``compile``: the parallel one through ``torch.compile(backend="ditopt")``),
+over ``steps`` denoising steps:
 
-    {"model": "dit", "mode": "ring", "plan": "all" | "fora2", "steps": 1}
+    {"model": "dit", "mode": "ring", "plan": "all" | "fora2", "steps": 1, "compile": False}
 
 and reports the largest absolute difference of every step's output, the decisions and the
 bytes sent (``ditopt.stats(...).comm_bytes``), or the error raised (``error``).
@@ -64,8 +65,11 @@ def run_job(job: dict) -> dict:
     reference = _outputs(single, kwargs, steps)
     result = {**job, "reference_decisions": ditopt.stats(single).decisions}
     try:
-        parallel = ditopt.optimize(model, plan_for(job.get("plan", "all"), steps),
-                                   parallel=ditopt.SequenceParallel(mode=job["mode"]))
+        spec, plan = ditopt.SequenceParallel(mode=job["mode"]), plan_for(job.get("plan", "all"), steps)
+        if job.get("compile"):  # the backend under inductor
+            parallel = torch.compile(model, backend="ditopt", options={"plan": plan, "parallel": spec})
+        else:
+            parallel = ditopt.optimize(model, plan, parallel=spec)
         outs = _outputs(parallel, kwargs, steps)
     except Exception as exc:  # reported to the test, which may expect it
         return {**result, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}

@@ -140,7 +140,8 @@ MODELS = ["dit", "pixart", "cogvideox", "wan", "hunyuan"]
 JOBS = [*({"model": m, "mode": mode} for m in MODELS for mode in ("ulysses", "ring")),
         {"model": "dit3", "mode": "ring"}, {"model": "dit3", "mode": "ulysses"},
         {"model": "dit", "mode": "ulysses", "plan": "fora2", "steps": 4},
-        {"model": "wan", "mode": "ring", "plan": "fora2", "steps": 4}]
+        {"model": "wan", "mode": "ring", "plan": "fora2", "steps": 4},
+        {"model": "dit", "mode": "ring", "plan": "fora2", "steps": 2, "compile": True}]
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +149,8 @@ def spawned():
     from parallel_worker import spawn
 
     results = spawn(JOBS, world=2)
-    return {(r["model"], r["mode"], r.get("plan", "all")): r for r in results}
+    return {(r["model"], r["mode"], r.get("plan", "all"), *(["compiled"] if r.get("compile") else [])): r
+            for r in results}
 
 
 def _ok(result: dict) -> dict:
@@ -204,3 +206,10 @@ def test_fora2_with_sequence_parallel_skipped_blocks_send_nothing(spawned):
     wan = _ok(spawned[("wan", "ring", "fora2")])
     all_compute = _ok(spawned[("wan", "ring", "all")])["comm_bytes"]["ring"]
     assert wan["max_diff"] <= 1e-5 and wan["comm_bytes"]["ring"] == 2 * all_compute
+
+
+@pytest.mark.slow
+def test_the_backend_option_under_inductor_equals_single_process_fora2(spawned):
+    compiled = _ok(spawned[("dit", "ring", "fora2", "compiled")])
+    assert compiled["max_diff"] <= 1e-5 and compiled["decisions"] == compiled["reference_decisions"]
+    assert compiled["comm_bytes"] == {}  # counted on the eager path only
