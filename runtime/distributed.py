@@ -24,9 +24,11 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 
 from .session import get_runtime
+
+if dist.is_available():  # builds without distributed support import ditopt all the same
+    import torch.distributed._functional_collectives as funcol
 
 KINDS = ("all_to_all", "all_gather", "ring")
 

@@ -2,7 +2,7 @@
 
 ``spawn(jobs, world)`` starts ``world`` processes with a gloo group; each runs every job and
 rank 0's results come back as a list of dicts. A job compares one model (a small config of
-:mod:`ditopt.small_models`, or ``dit3``: a DiT with 3 heads) under one plan and mode against the
+:mod:`ditopt.small_models`, or ``dit3`` / ``dit4``: a DiT with 3 / 4 heads) under one plan and mode against the
 single-process eager run (``compile``: the parallel one through ``torch.compile(backend="ditopt")``),
 over ``steps`` denoising steps:
 
@@ -26,11 +26,11 @@ import torch.distributed as dist
 def build(name: str):
     from ditopt.small_models import build as build_small
 
-    if name == "dit3":  # 3 heads: not divisible among 2 ranks
+    if name in ("dit3", "dit4"):  # 3 heads: not divisible among 2 ranks; 4: Ulysses on 4 ranks
         from diffusers import DiTTransformer2DModel
 
         torch.manual_seed(0)
-        m = DiTTransformer2DModel(num_attention_heads=3, attention_head_dim=8, in_channels=4, out_channels=4,
+        m = DiTTransformer2DModel(num_attention_heads=int(name[-1]), attention_head_dim=8, in_channels=4, out_channels=4,
                                   num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
         return m.eval(), dict(hidden_states=torch.randn(2, 4, 8, 8), timestep=torch.tensor([500, 500]),
                               class_labels=torch.tensor([1, 2]))
