@@ -81,18 +81,22 @@ class DitoptModule(OptimizedModule):
     def __deepcopy__(self, memo):
         backend = self._ditopt_backend
         return optimize(copy.deepcopy(self._orig_mod, memo), backend.plan, timestep_arg=backend.timestep_arg,
-                        coalesce=backend.coalesce)
+                        coalesce=backend.coalesce, parallel=backend.parallel)
 
     def __reduce__(self):
         backend = self._ditopt_backend
-        return _rebuild, (self._orig_mod, backend.plan.to_yaml(), backend.timestep_arg, backend.coalesce)
+        return _rebuild, (self._orig_mod, backend.plan.to_yaml(), backend.timestep_arg, backend.coalesce,
+                          backend.parallel)
 
 
-def _rebuild(model: torch.nn.Module, plan_text: str, timestep_arg: str, coalesce: bool) -> torch.nn.Module:
-    """Unpickle an optimised model: optimise the unpickled model again with the same plan."""
+def _rebuild(model: torch.nn.Module, plan_text: str, timestep_arg: str, coalesce: bool,
+             parallel=None) -> torch.nn.Module:
+    """Unpickle an optimised model: optimise the unpickled model again with the same plan (and the
+    same :class:`ditopt.SequenceParallel`, whose group is then the unpickling process's default)."""
     from .plan import Plan
 
-    return optimize(model, Plan.from_yaml(plan_text), timestep_arg=timestep_arg, coalesce=coalesce)
+    return optimize(model, Plan.from_yaml(plan_text), timestep_arg=timestep_arg, coalesce=coalesce,
+                    parallel=parallel)
 
 
 def candidate_site_names(model: torch.nn.Module) -> list[str]:
