@@ -18,7 +18,15 @@ What the backend does with a graph holding such calls (:func:`split_regions`):
    inlined; a plan that reuses attention or feed-forwards inlines the blocks it reaches into
    (correct, only the compile-time gain is lost); profiling inlines all;
 3. the passes rewrite the graph with the kept calls, whose block sites are the call and the
-   getitems of its outputs (:func:`regional_sites`).
+   getitems of its outputs (:func:`regional_sites`); a skip branch holds the calls of the blocks
+   it skips. ``ditopt.compiled_graph(m)`` keeps the inlined graph as ``original`` (where its
+   ``sites`` are) and names the blocks kept as calls in ``rewritten.meta["ditopt_regions"]``;
+4. under inductor each called subgraph is traced with inductor's decompositions wherever it is
+   (:func:`decompose_calls_for_inductor`), and inductor generates its code once.
+
+Known limit: dynamo refuses a region whose outputs alias its inputs or each other; the marked
+forward clones such outputs (:func:`_fresh`: the two slices a single-stream block of Flux or
+HunyuanVideo returns), one copy per block call.
 
 The eager path (``ditopt.optimize``) runs the same graph as Python; a model that is not marked
 gives a graph without calls, on which none of this happens.
@@ -382,6 +390,7 @@ def split_regions(gm: fx.GraphModule, compile_plan: Callable, *, observe: bool =
         sites = find_sites(gm.graph)
         found = time.perf_counter()
         table = compile_plan(sites)
+        gm.meta["ditopt_regions"] = ()
         return SplitGraph(None, sites, table, gm, sites, table,
                           seconds={"find_sites": found - clock, "compile_plan": time.perf_counter() - found})
     copy = copy or _copy
