@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 HERMITE_SCALE = 1 / math.sqrt(2)  # s in s**k H_k(s x); see hermite_forecast
-FREQ_CUTOFF = 0.25  # share of the rfft bins along the token dimension that counts as "low"
+FREQ_CUTOFF = 0.1  # share of the rfft bins along the token dimension that counts as "low"
 
 
 def _work(values: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -201,8 +201,9 @@ def freq_forecast(steps: list[int], values: list[torch.Tensor], at: int, cutoff:
     uses a second-order Hermite predictor there), then recombine. The low band is the lowest
     ``ceil(cutoff * bins)`` bins of ``torch.fft.rfft`` (at least the mean; ``cutoff`` default
     :data:`FREQ_CUTOFF`). As the split is linear, this is ``T - lowpass(T - F_n)`` with ``T`` the
-    Taylor forecast. (The paper's cumulative residual feature is what a coalesced run of blocks
-    caches here: one residual for the run.)
+    Taylor forecast. The split is 1-D along the token order as the site sees it (for a video
+    model the flattened frame, row, column patch order), not over the patch grid. (The paper's
+    cumulative residual feature is what a coalesced run of blocks caches here: one residual.)
 
     Exactness (tested): exact on a signal whose low band is constant and whose high band is a
     polynomial of the order in the step; a low band that moves is held at its newest value.

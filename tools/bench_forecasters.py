@@ -38,6 +38,11 @@ VARIANTS = {
     "freq c=0.25": ("freq", {"FREQ_CUTOFF": 0.25}),
     "freq c=0.5": ("freq", {"FREQ_CUTOFF": 0.5}),
 }
+EXTRA = {  # run only when named with --variants
+    "freq c=0.1": ("freq", {"FREQ_CUTOFF": 0.1}),
+    "freq c=0": ("freq", {"FREQ_CUTOFF": 0.0}),
+    "hermite s=0.6": ("hermite", {"HERMITE_SCALE": 0.6}),
+}
 SAME_AS_TAYLOR = {("hermite s=0.71", 1), ("foca", 1)}
 
 
@@ -64,17 +69,18 @@ def run_variant(name: str, steps: int, interval: int, order: int, method: str, c
             setattr(forecast, k, v)
 
 
-def bench_model(name: str, seeds: int, n_labels: int, log) -> list[str]:
+def bench_model(name: str, seeds: int, n_labels: int, log, variants: dict | None = None) -> list[str]:
     ref_zoo = zoo.load(name)
     steps = ref_zoo.steps
     labels = torch.arange(n_labels) % 10
     references = [ref_zoo.sample(labels, seed=seed, steps=steps) for seed in range(seeds)]
-    head = "| interval, order | compute | " + " | ".join(VARIANTS) + " |"
+    variants = VARIANTS if variants is None else variants
+    head = "| interval, order | compute | " + " | ".join(variants) + " |"
     lines = [f"**{name}** ({steps} steps, {seeds} seeds, {n_labels} samples a seed; PSNR in dB)", "", head,
-             "|" + "---|" * (len(VARIANTS) + 2)]
+             "|" + "---|" * (len(variants) + 2)]
     for interval, order in GRID:
         cells, compute = [], None
-        for column, (method, constants) in VARIANTS.items():
+        for column, (method, constants) in variants.items():
             if (column, order) in SAME_AS_TAYLOR:
                 cells.append("= taylor")
                 continue
@@ -92,6 +98,8 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", default=list(zoo.NAMES), choices=list(zoo.NAMES))
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--labels", type=int, default=10, help="samples per seed (digits 0..9, cycled)")
+    parser.add_argument("--variants", nargs="+", choices=[*VARIANTS, *EXTRA], default=list(VARIANTS),
+                        help=f"columns to run (default: all but the extras {', '.join(EXTRA)})")
     parser.add_argument("--markdown", help="write the tables to this file as well")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
@@ -100,7 +108,8 @@ def main(argv=None) -> int:
     out = [f"Command: `python tools/bench_forecasters.py {shlex.join(argv)}` "
            f"({datetime.date.today().isoformat()}, {'GPU' if torch.cuda.is_available() else 'CPU'})", ""]
     for name in args.models:
-        out += bench_model(name, args.seeds, args.labels, log) + [""]
+        variants = {k: {**VARIANTS, **EXTRA}[k] for k in args.variants}
+        out += bench_model(name, args.seeds, args.labels, log, variants) + [""]
     text = "\n".join(out)
     print(text)
     if args.markdown:
