@@ -31,7 +31,7 @@ def annotate_decisions(gm: fx.GraphModule, ctx: PassContext, table: DecisionTabl
             node = by_name[node_name]
             annotate(node, regions=(*node_annotation(node).regions, name))
         depth = sum(1 for a in sites.ancestors(name) if a in table.actions)
-        schedule = (tuple(table.actions[name]), tuple(table.adaptive[name]), tuple(table.orders.get(name, ())))
+        schedule = table.schedule(name)  # action, when rule, order and forecaster per step
         ga.rewrites[name] = SiteRewrite(slot=table.slots[name], depth=depth, schedule=schedule)
     for index, indicator in enumerate(table.indicators):
         node = by_name[indicator.node]

@@ -257,3 +257,36 @@ def test_taylorseer_preset_takes_a_method():
     assert ditopt.presets.taylorseer(steps=10).rules[0].method is None  # taylor: the YAML is unchanged
     with pytest.raises(ValueError, match="method must be one of"):
         ditopt.presets.taylorseer(steps=10, method="spline")
+
+
+def test_coalescing_and_resampling_keep_the_forecaster():
+    """Adjacent blocks with different forecasters are separate regions; a resampled plan keeps them."""
+    import ditopt
+    from diffusers import DiTTransformer2DModel
+    from ditopt.plan import Plan
+    from ditopt.resample import resample_plan
+
+    plan = Plan.from_yaml("""
+version: 1
+steps: 8
+rules:
+  - sites: "stack[0:2]"
+    kind: block
+    steps: "2:8:2"
+    action: predict
+    method: hermite
+  - sites: "stack[2:4]"
+    kind: block
+    steps: "2:8:2"
+    action: predict
+""")
+    assert [r.method for r in resample_plan(plan, 16).rules] == ["hermite", None]
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                  num_layers=4, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+    fast = ditopt.optimize(model, plan)
+    with torch.no_grad():
+        fast(torch.randn(1, 4, 8, 8), timestep=torch.tensor([999]), class_labels=torch.tensor([3]))
+    assert ditopt.compiled_graph(fast).table.runs == {
+        "transformer_blocks.0": ("transformer_blocks.0", "transformer_blocks.1"),
+        "transformer_blocks.2": ("transformer_blocks.2", "transformer_blocks.3")}
