@@ -43,8 +43,8 @@ def insert_step_tracking(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     graph = gm.graph
     timestep = find_timestep(graph, ctx.timestep)
     if timestep is None:
-        raise CaptureError(f"no '{ctx.timestep}' tensor input found: ditopt needs the timestep to track steps "
-                           f"(pass timestep_arg= to name it)")
+        raise CaptureError(f"no '{ctx.timestep}' tensor input found: ditopt needs the timestep as a tensor to track "
+                           f"steps (a Python number is not one: pass torch.tensor([t]); another name: timestep_arg=)")
     placeholders = list(graph.find_nodes(op="placeholder"))
     with graph.inserting_after(placeholders[-1]):
         token = graph.placeholder(TOKEN)
