@@ -455,14 +455,20 @@ def _cat(fl: _Flow, node: fx.Node):
                 fl.refuse(node, "joins token values along different dimensions")
             segs.extend(t.segs if t is not None else [("r", _shape(a)[d])])
         return Tok(d, tuple(segs))
+    p, segs = _aligned(fl, node, tensors, toks, len(out), "joins")
+    return Tok(p, segs)
+
+
+def _aligned(fl: _Flow, node: fx.Node, tensors, toks, rank: int, verb: str):
+    """The one token place of the token operands of a cat/stack; the others aligned to it."""
     places = {(t.dim, t.segs) for t in toks if t is not None}
     if len(places) != 1:
-        fl.refuse(node, "joins token values whose token dimensions do not line up")
+        fl.refuse(node, f"{verb} token values whose token dimensions do not line up")
     p, segs = places.pop()
     for a, t in zip(tensors, toks):
         if t is None:
-            fl.align(node, a, len(out), p, segs)
-    return Tok(p, segs)
+            fl.align(node, a, rank, p, segs)
+    return p, segs
 
 
 def _stack(fl: _Flow, node: fx.Node):
@@ -471,13 +477,7 @@ def _stack(fl: _Flow, node: fx.Node):
     if not any(toks):
         return None
     out = _shape(node)
-    places = {(t.dim, t.segs) for t in toks if t is not None}
-    if len(places) != 1:
-        fl.refuse(node, "stacks token values whose token dimensions do not line up")
-    p, segs = places.pop()
-    for a, t in zip(tensors, toks):
-        if t is None:
-            fl.align(node, a, len(out) - 1, p, segs)
+    p, segs = _aligned(fl, node, tensors, toks, len(out) - 1, "stacks")
     d = _norm(_arg(node, 1, "dim", 0), len(out))
     return Tok(p + (1 if d <= p else 0), segs)
 

@@ -42,7 +42,7 @@ from ditopt.runtime.forecast import METHODS
 
 from .errors import MAX_STEPS, PlanError, check_number, check_steps, short
 from .sites import SITE_KINDS, SiteTable, is_positional, parse_position, parse_slice
-from .validate import load_yaml, size_message
+from .validate import load_yaml, read_text
 
 VERSION = 1
 COMPUTE, REUSE, REUSE_RESIDUAL, PREDICT = (Action.COMPUTE, Action.REUSE, Action.REUSE_RESIDUAL, Action.PREDICT)
@@ -184,16 +184,11 @@ class Plan:
                 raise PlanError(f"plan path is a directory, not a plan file: {path}")
             if not path.is_file():
                 raise PlanError(f"plan file not found: {path}")
-            if path.suffix.lower() not in PLAN_SUFFIXES:
-                raise PlanError(f"plan file must end in .yaml or .yml: {path}")
-            too_big = size_message(path.stat().st_size)
-            if too_big:
-                raise PlanError(f"{path}: {too_big}")
-            text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise PlanError(f"cannot read plan file {path}: {exc.strerror or exc}") from None
-        except UnicodeDecodeError:
-            raise PlanError(f"{path}: not a plan (not UTF-8 text)") from None
+        if path.suffix.lower() not in PLAN_SUFFIXES:
+            raise PlanError(f"plan file must end in .yaml or .yml: {path}")
+        text = read_text(path, "plan file", PlanError)
         try:
             return cls.from_yaml(text)
         except PlanError as exc:

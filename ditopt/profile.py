@@ -40,7 +40,7 @@ from .errors import DitoptError, check_count, check_number, check_steps, short
 from .passes.insert_observers import OBSERVED_KINDS
 from .flops import ModuleCost
 from .sites import OUTPUT, STACK
-from .validate import load_yaml, size_message
+from .validate import load_yaml, read_text
 
 __all__ = ["RedundancyMap", "ProfileError", "profile", "profile_pipeline"]
 
@@ -216,15 +216,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
     signature; ProfileError naming the file and the key otherwise."""
     if not path.is_file():
         raise ProfileError(f"redundancy map not found: {path}")
-    try:
-        too_big = size_message(path.stat().st_size)
-        if too_big:
-            raise ProfileError(f"{path}: {too_big}")
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ProfileError(f"cannot read redundancy map {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise ProfileError(f"{path}: not a ditopt redundancy map (not UTF-8 text)") from None
+    text = read_text(path, "redundancy map", ProfileError)
     meta, _ = load_yaml(text, error=lambda m, line: ProfileError(f"{path}: {m}" + (f" (line {line})" if line else "")))
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ProfileError(f"{path}: not a ditopt redundancy map (format {FORMAT})")

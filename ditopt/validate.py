@@ -60,6 +60,20 @@ def size_message(size: int) -> str | None:
     return None
 
 
+def read_text(path, what: str, error: Callable[[str], Exception]) -> str:
+    """The UTF-8 text of the file ``path`` (a ``what``: "plan file", "redundancy map"), at most
+    :data:`MAX_TEXT_BYTES`; ``error(message)`` raised naming the file otherwise."""
+    try:
+        too_big = size_message(path.stat().st_size)
+        if too_big:
+            raise error(f"{path}: {too_big}")
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not a {what} (not UTF-8 text)") from None
+
+
 def load_yaml(text: Any, *, error: Error) -> tuple[Any, yaml.Node | None]:
     """``(data, root node)`` of YAML ``text``; ``error(message, line)`` raised for anything the
     module docstring lists."""
