@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from ditopt.passes import PassContext, run_pipeline
 from ditopt.passes.annotations import graph_annotation
@@ -33,7 +34,7 @@ from ditopt.runtime import DecisionTable, Runtime
 
 from .errors import PlanError
 from .plan import Plan
-from .regional import decompose_calls_for_inductor, split_regions
+from .regional import decompose_calls_for_inductor, expand_block_calls, has_block_calls, split_regions
 from .sites import SiteTable
 
 PlanLike = Plan | str | Path | dict
@@ -66,7 +67,7 @@ def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     graph.output(graph.graph_copy(gm.graph, env))
     for old, new in env.items():
         new.meta = dict(old.meta)
-    return fx.GraphModule(gm, graph)
+    return _LazyGraphModule(gm, graph)  # its code is generated when first run or read
 
 
 class DitoptBackend:
@@ -114,11 +115,18 @@ class DitoptBackend:
             clock.append(time.perf_counter())
             return clock[-1] - clock[-2]
 
+        # marked blocks: one subgraph per kind of block, called per block with its weights (ditopt.regional)
+        if has_block_calls(gm):  # on a copy: dynamo keeps reading the graph it handed us
+            gm = original = _copy_graph_module(gm)
+        weights = expand_block_calls(gm, example_inputs)
+        expanded = lap()
         # the sites as if no block were marked; the plan raises PlanError before anything is rewritten;
         # the calls of marked blocks the plan treats as a whole stay calls (ditopt.regional)
         split = split_regions(_copy_graph_module(gm), self.plan.compile, observe=self.observe, copy=_copy_graph_module)
         gm, sites, table, seconds = split.graph, split.graph_sites, split.graph_table, dict(split.seconds)
         lap()
+        if weights:
+            seconds = {"expand_blocks": expanded, **seconds}
         graph_id = len(runtime.graphs)
         device = _model_device(example_inputs)
         ctx = PassContext(sites=sites, runtime_id=runtime.id, graph_id=graph_id, inductor=self.inductor,
@@ -135,9 +143,13 @@ class DitoptBackend:
             from torch._inductor.compile_fx import compile_fx
 
             decompose_calls_for_inductor(gm)  # the calls of marked blocks (ditopt.regional)
-            compiled = compile_fx(gm, [*example_inputs, token])
+            compiled = compile_fx(gm, [*example_inputs, *weights.fakes, token])
             seconds["inductor"] = lap()
+            if weights:
+                return runtime.guarded(lambda *args: compiled(*args, *weights.values(), token))
             return runtime.guarded(lambda *args: compiled(*args, token))
+        if weights:
+            return runtime.guarded(lambda *args: gm(*args, *weights.values(), token))
         return runtime.guarded(lambda *args: gm(*args, token))
 
 

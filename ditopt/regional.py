@@ -34,7 +34,11 @@ gives a graph without calls, on which none of this happens.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import operator
+import re
+import threading
 import time
 import types
 import weakref
@@ -43,6 +47,8 @@ from typing import Callable
 
 import torch
 import torch.fx as fx
+from torch.fx._lazy_graph_module import _LazyGraphModule
+import torch.utils._pytree as pytree
 
 from .capture import module_path
 from .errors import DitoptError
@@ -52,30 +58,237 @@ from .sites import SiteTable, find_sites
 INVOKE = torch.ops.higher_order.invoke_subgraph
 
 _MARKED: "weakref.WeakKeyDictionary[type, Callable]" = weakref.WeakKeyDictionary()  # one marked forward per class
+_BLOCKS: "weakref.WeakValueDictionary[int, torch.nn.Module]" = weakref.WeakValueDictionary()  # marked blocks by key
+_KEYS = itertools.count()
+_FORCED = threading.local()  # block_calls(): every compile sees the marked blocks as calls
+_FAKE_OUTPUTS: dict = {}  # (block signature, input signature) -> the outputs' metadata (see block_call)
 
 
 # -- marking the blocks of one model --------------------------------------------------------
 
 def _marked_forward(cls: type) -> Callable:
-    """The block class's forward, marked as a nested compile region, one per class (so every
-    block of the class shares dynamo's cache of the traced subgraph). What is marked is a
-    wrapper with a code object of its own per class (marking sets attributes on the function
-    it is given, and dynamo keys its cache by code): it calls the class's forward and returns
-    its outputs unaliased (:func:`_fresh`)."""
+    """The block class's forward as a marked block runs it, one per class: the class's forward,
+    except while a ditopt backend's dynamo traces the model (:func:`_calls_wanted`), where the
+    block becomes one opaque node, ``block_call(key, *args, **kwargs)``, that the backend expands
+    (:func:`expand_block_calls`). A code object of its own per class, so the frames of two block
+    classes never share dynamo's caches."""
     marked = _MARKED.get(cls)
     if marked is None:
         base = cls.forward
 
         def forward(self, *args, **kwargs):
-            return _fresh(base(self, *args, **kwargs), args, kwargs)
+            mark = self.__dict__.get("_ditopt_block")
+            if mark is not None and torch.compiler.is_compiling() and _calls_wanted():
+                return block_call(mark.key, *args, **kwargs)
+            return base(self, *args, **kwargs)
 
         name = f"forward_of_{cls.__name__}_{id(cls):x}"
         code = forward.__code__.replace(co_name=name, co_qualname=name)
-        fn = types.FunctionType(code, forward.__globals__, name, None, forward.__closure__)
-        fn.__doc__, fn.__wrapped__ = base.__doc__, base
-        marked = torch.compiler.nested_compile_region(fn)
+        marked = types.FunctionType(code, forward.__globals__, name, None, forward.__closure__)
+        marked.__doc__, marked.__wrapped__ = base.__doc__, base
         _MARKED[cls] = marked
     return marked
+
+
+class _Mark:
+    """A marked block's key into the registry of marked blocks. A copy of the block (deepcopy,
+    pickle) gets no mark: it runs unmarked rather than as the block the key names."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: int):
+        self.key = key
+
+    def __copy__(self):
+        return None
+
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        return (type(None), ())
+
+
+def _why_not_markable(module: torch.nn.Module) -> str | None:
+    forward = getattr(type(module), "forward", None)
+    if "forward" in module.__dict__:
+        return "the instance already has its own forward (a hook?)"
+    if not isinstance(forward, types.FunctionType):
+        return "its class's forward is not a Python function"
+    if hasattr(forward, "__marked_compile_region_fn__"):
+        return "its class's forward is already a nested compile region"
+    return None
+
+
+def _mark(module: torch.nn.Module) -> None:
+    module.__dict__["forward"] = types.MethodType(_marked_forward(type(module)), module)
+    module.__dict__["_ditopt_block"] = mark = _Mark(next(_KEYS))
+    _BLOCKS[mark.key] = module
+
+
+def _is_marked(module: torch.nn.Module) -> bool:
+    bound = module.__dict__.get("forward")
+    return isinstance(bound, types.MethodType) and bound.__func__ is _MARKED.get(type(module))
+
+
+def _unmark(module: torch.nn.Module) -> None:
+    if _is_marked(module):
+        del module.__dict__["forward"]
+        mark = module.__dict__.pop("_ditopt_block", None)
+        if mark is not None:
+            _BLOCKS.pop(mark.key, None)
+
+
+_HELD: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDictionary()  # optimize()'s marks, counted
+_HELD_LOCK = threading.Lock()
+
+
+def hold_marks(model: torch.nn.Module) -> list:
+    """Mark ``model``'s repeated blocks for an optimised wrapper (``ditopt.optimize``): counted,
+    so that wrappers of one model share the marks and the last one released unmarks. Blocks the
+    user marked are left to the user. Returns what :func:`release_marks` takes."""
+    try:
+        found = repeated_blocks(model)
+    except Exception:  # a model whose modules cannot be walked: no marks
+        return []
+    held = []
+    with _HELD_LOCK:
+        for _, module in found:
+            if module in _HELD:
+                _HELD[module] += 1
+            elif _is_marked(module) or _why_not_markable(module) is not None:
+                continue
+            else:
+                _mark(module)
+                _HELD[module] = 1
+            held.append(weakref.ref(module))
+    return held
+
+
+def release_marks(held: list) -> None:
+    """Undo :func:`hold_marks` (idempotent per list: it is emptied)."""
+    with _HELD_LOCK:
+        while held:
+            module = held.pop()()
+            if module is None or module not in _HELD:
+                continue
+            _HELD[module] -= 1
+            if _HELD[module] <= 0:
+                del _HELD[module]
+                _unmark(module)
+
+
+@torch._dynamo.assume_constant_result
+def _calls_wanted() -> bool:
+    """Is the graph dynamo traces now for a ditopt backend (or inside :func:`block_calls`)?
+    Evaluated once per trace as a constant: other backends (inductor alone, a user's) see the
+    blocks traced inline, as if unmarked."""
+    if getattr(_FORCED, "on", False):
+        return True
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        fn = InstructionTranslator.current_tx().output.compiler_fn
+    except Exception:  # not under dynamo, or a torch without this structure: inline
+        return False
+    from .backend import DitoptBackend, ditopt_backend
+
+    seen = set()
+    while fn is not None and id(fn) not in seen:
+        seen.add(id(fn))
+        if isinstance(fn, DitoptBackend) or fn is ditopt_backend:
+            return True
+        fn = getattr(fn, "compiler_fn", None) or getattr(fn, "__wrapped__", None) or getattr(fn, "func", None)
+    return False
+
+
+@contextlib.contextmanager
+def block_calls():
+    """Within: a marked block is one ``block_call`` node for any backend (tests and tools that
+    capture with their own backend, then :func:`expand_block_calls`)."""
+    before = getattr(_FORCED, "on", False)
+    _FORCED.on = True
+    try:
+        yield
+    finally:
+        _FORCED.on = before
+
+
+def _plain(value) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device, torch.Size)) or (
+        isinstance(value, (tuple, list)) and all(_plain(v) for v in value))
+
+
+def block_signature(block: torch.nn.Module) -> tuple:
+    """What makes two blocks trace alike besides their inputs: every submodule's path and class,
+    its plain attributes (numbers, strings, flags, dtypes: ``heads``, ``context_pre_only``,
+    ``eps``...), the class and plain attributes of its other attributes one level down (an
+    attention processor), its hooks, and every parameter's and buffer's shape, dtype, device,
+    layout and ``requires_grad``. Blocks of one signature given inputs of one signature trace to
+    one graph up to their weights: the rule :func:`expand_block_calls` rests on."""
+    out = []
+    for path, mod in block.named_modules():
+        attrs = []
+        for name, value in sorted(vars(mod).items()):
+            if name in ("_parameters", "_buffers", "_modules", "_ditopt_block") or name.startswith("_forward") \
+                    or name.startswith("_backward") or name.startswith("_state_dict") or name.startswith("_load_state"):
+                continue
+            if _plain(value):
+                attrs.append((name, value))
+            elif isinstance(value, torch.Tensor):
+                attrs.append((name, "tensor", tuple(value.shape), value.dtype, value.device))
+            elif not callable(value) or hasattr(value, "__dict__"):
+                inner = tuple(sorted((k, v) for k, v in getattr(value, "__dict__", {}).items() if _plain(v)))
+                attrs.append((name, type(value).__qualname__, inner))
+        hooks = tuple(len(getattr(mod, h, None) or ()) for h in
+                      ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_forward_hooks_with_kwargs"))
+        tensors = tuple((n, tuple(t.shape), t.dtype, t.device, t.layout, t.requires_grad)
+                        for n, t in (*mod._parameters.items(), *mod._buffers.items()) if t is not None)
+        out.append((path, type(mod), tuple(attrs), hooks, tensors))
+    return tuple(out)
+
+
+def _leaf_signature(value) -> tuple:
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), tuple(value.stride()), value.dtype, value.device, value.requires_grad)
+    return ("value", type(value), value if _plain(value) else id(value))
+
+
+@torch._dynamo.allow_in_graph
+def block_call(key: int, *args, **kwargs):
+    """One marked block's forward, as one node of a dynamo graph (dynamo does not trace into it).
+
+    Dynamo runs it on fake tensors for the outputs' metadata: the block's forward on fake copies
+    of its weights, once per (block signature, input signature); a block alike to one run before
+    gets fake outputs of the same metadata at once. On real tensors (a graph that was not
+    expanded) it runs the block."""
+    from torch._guards import detect_fake_mode
+
+    block = _BLOCKS[key]
+    base = getattr(type(block).forward, "__wrapped__", type(block).forward)
+    fake = detect_fake_mode((args, kwargs))
+    if fake is None:
+        return base(block, *args, **kwargs)
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    sig = (block_signature(block), str(spec), tuple(_leaf_signature(v) for v in leaves))
+    known = _FAKE_OUTPUTS.get(sig)
+    if known is None:
+        from torch.nn.utils.stateless import _reparametrize_module
+
+        weights = {n: fake.from_tensor(t, static_shapes=True)
+                   for n, t in (*block.named_parameters(), *block.named_buffers())}
+        with _reparametrize_module(block, weights):
+            out = _fresh(base(block, *args, **kwargs), args, kwargs)
+        flat, out_spec = pytree.tree_flatten(out)
+        if len(_FAKE_OUTPUTS) > 512:
+            _FAKE_OUTPUTS.clear()
+        _FAKE_OUTPUTS[sig] = ([(tuple(o.shape), tuple(o.stride()), o.dtype, o.device) if isinstance(o, torch.Tensor)
+                               else o for o in flat], out_spec)
+        return out
+    flat, out_spec = known
+    with fake:
+        made = [torch.empty_strided(m[0], m[1], dtype=m[2], device=m[3]) if isinstance(m, tuple) else m for m in flat]
+    return pytree.tree_unflatten(made, out_spec)
 
 
 def _fresh(out, args, kwargs):
@@ -132,9 +345,7 @@ class RepeatedBlocks:
 
     def undo(self) -> None:
         for module in self._modules:
-            bound = module.__dict__.get("forward")
-            if isinstance(bound, types.MethodType) and bound.__func__ is _MARKED.get(type(module)):
-                del module.__dict__["forward"]
+            _unmark(module)
         self._modules = []
 
     def __enter__(self) -> "RepeatedBlocks":
@@ -183,19 +394,317 @@ def mark_repeated_blocks(model: torch.nn.Module, blocks=None) -> RepeatedBlocks:
     marks = RepeatedBlocks(paths=())
     paths = []
     for path, module in found:
-        forward = getattr(type(module), "forward", None)
-        if "forward" in module.__dict__:
-            marks.skipped[path] = "the instance already has its own forward (a hook?)"
-        elif not isinstance(forward, types.FunctionType):
-            marks.skipped[path] = "its class's forward is not a Python function"
-        elif hasattr(forward, "__marked_compile_region_fn__"):
-            marks.skipped[path] = "its class's forward is already a nested compile region"
+        why = _why_not_markable(module)
+        if why is not None:
+            marks.skipped[path] = why
         else:
-            module.__dict__["forward"] = types.MethodType(_marked_forward(type(module)), module)
+            _mark(module)
             marks._modules.append(module)
             paths.append(path)
     marks.paths = tuple(paths)
     return marks
+
+
+# -- expanding the block calls -----------------------------------------------------------------
+
+_SOURCE_PART = re.compile(r"\['([^']+)'\]|\[(\d+)\]|\.(\w+)")
+
+
+def _attribute_chain(source: str) -> list[str]:
+    """``L['self']._modules['block']._modules['attn']._parameters['weight']`` -> ``['attn', 'weight']``:
+    the attributes reaching a tensor from the template's block (dynamo's source of a lifted input)."""
+    rest = source[len("L['self']"):]
+    parts = [next(g for g in m.groups() if g is not None) for m in _SOURCE_PART.finditer(rest)]
+    parts = [p for p in parts if p not in ("_modules", "_parameters", "_buffers", "__dict__")]
+    if not parts or parts[0] != "block":
+        raise DitoptError(f"a marked block reads a tensor that is not its own ({source})")
+    return parts[1:]
+
+
+@dataclass
+class _Template:
+    """One block traced once by dynamo, as a subgraph: placeholders are the tensor leaves of the
+    block's inputs (``leaf_index``: which leaf each is), then the tensors it reads from the block
+    (``weights``: the attribute chain from the block to each); outputs are the tensor leaves of
+    what the block returns (``out``: per leaf of ``out_spec``, its output index, or the constant)."""
+
+    gm: fx.GraphModule
+    leaf_index: list[int]
+    weights: list[list[str]]
+    out_spec: object
+    out: list
+    uses: list = field(default_factory=list)
+    name: str = ""
+
+
+def _source_name(node: fx.Node) -> str:
+    source = getattr(node, "_dynamo_source", None)
+    name = getattr(source, "name", None)
+    return name() if callable(name) else str(name)
+
+
+class _Traced(Exception):
+    """Raised by the template's capturing backend once it holds the graph (ends dynamo's work there)."""
+
+
+def _trace_template(block: torch.nn.Module, leaves: list, spec, caller: dict, returned, fake=None) -> _Template:
+    """Trace ``block`` alone with dynamo on real tensors shaped like ``leaves`` (the fake input
+    leaves of its call; the other leaves are constants; ``returned``: the call's fake outputs), and make the subgraph of it, its module
+    stacks those of a subgraph traced inside ``caller`` (the calling node's module stack)."""
+    base = getattr(type(block).forward, "__wrapped__", type(block).forward)
+    values = []
+    for v in leaves:
+        if isinstance(v, torch.Tensor):
+            t = torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=v.device)
+            values.append(t.normal_() if t.is_floating_point() else t.zero_())
+        else:
+            values.append(v)
+    positions = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
+
+    def forward(self, *inputs):
+        vals = list(values)
+        for i, t in zip(positions, inputs):
+            vals[i] = t
+        args, kwargs = pytree.tree_unflatten(vals, spec)
+        out = _fresh(base(self.block, *args, **kwargs), args, kwargs)
+        return tuple(o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor))
+
+    code = forward.__code__.replace(co_name=f"template_of_{type(block).__name__}")  # a fresh code object: its own dynamo cache
+    root = torch.nn.Module()
+    root.block = block
+    root.forward = types.MethodType(types.FunctionType(code, forward.__globals__, code.co_name, None, forward.__closure__), root)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        raise _Traced  # the graph is all we want: no guards, no run
+
+    before = getattr(_FORCED, "on", False)
+    _FORCED.on = False  # the block itself, traced inline
+    try:
+        torch._dynamo.optimize(record, nopython=True, dynamic=False)(root.forward)(*(values[i] for i in positions))
+    except torch._dynamo.exc.BackendCompilerFailed as exc:
+        if not isinstance(getattr(exc, "inner_exception", None), _Traced):
+            raise
+    finally:
+        _FORCED.on = before
+    if len(graphs) != 1:
+        raise DitoptError(f"the marked block {type(block).__name__} was traced as {len(graphs)} graphs, expected 1")
+    traced = graphs[0]
+    graph, env = fx.Graph(), {}
+    weights: list[list[str]] = []
+    inputs, lifted = [], []
+    index = re.compile(r"^L\['inputs'\]\[(\d+)\]$")
+    for ph in traced.graph.find_nodes(op="placeholder"):
+        name = _source_name(ph)
+        m = index.match(name)
+        if m:
+            inputs.append((int(m.group(1)), ph))
+        elif name.startswith("L['self']"):
+            lifted.append((_attribute_chain(name), ph))
+        else:
+            raise DitoptError(f"the marked block {type(block).__name__} reads an input that is neither its argument "
+                              f"nor its own tensor ({name}): leave it unmarked")
+    inputs.sort(key=lambda p: p[0])
+    caller_raw = _raw(list(caller.values())[-1]) if caller else ""
+
+    def rerooted(stack: dict) -> dict:
+        new = dict(caller)
+        for key, value in (stack or {}).items():
+            raw, typ = value if isinstance(value, tuple) else (value, "")
+            path = module_path(str(raw))
+            rel = path[len("block"):].lstrip(".") if path == "block" or path.startswith("block.") else path
+            new[key] = (f"{caller_raw}.{rel}" if rel else caller_raw, typ)
+        return new
+
+    for _, ph in inputs + lifted:
+        new = graph.placeholder(ph.name, type_expr=ph.type)
+        new.meta = {**ph.meta, "nn_module_stack": dict(caller)}
+        _refake(new, fake)
+        env[ph] = new
+    weights = [chain for chain, _ in lifted]
+    results = traced.graph.output_node().args[0]
+    results = results if isinstance(results, (tuple, list)) else (results,)
+    for n in traced.graph.nodes:
+        if n.op in ("placeholder", "output"):
+            continue
+        new = graph.node_copy(n, env.__getitem__)
+        new.meta = {**n.meta, "nn_module_stack": rerooted(n.meta.get("nn_module_stack"))}
+        _refake(new, fake)
+        env[n] = new
+    leaves_out, out_spec = pytree.tree_flatten(returned)
+    if len(results) != sum(isinstance(o, torch.Tensor) for o in leaves_out):
+        raise DitoptError(f"the marked block {type(block).__name__} returns one tensor twice: leave it unmarked")
+    outputs, out = [env[r] for r in results], []
+    for o in leaves_out:
+        out.append(len(out) - sum(isinstance(x, tuple) for x in out) if isinstance(o, torch.Tensor) else ("const", o))
+    graph.output(tuple(outputs))
+    sub = _LazyGraphModule(traced, graph)
+    return _Template(sub, [positions[i] for i, _ in inputs], weights, out_spec, out)
+
+
+def _refake(node: fx.Node, fake) -> None:
+    """``node``'s example value (tensors in it) remade in the fake mode ``fake``, same metadata."""
+    value = node.meta.get("example_value")
+    if fake is None or value is None:
+        return
+
+    def remake(v):
+        if not isinstance(v, torch.Tensor):
+            return v
+        with fake:
+            t = torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=v.device)
+        return t.requires_grad_(v.requires_grad) if v.requires_grad and t.is_floating_point() else t
+
+    node.meta["example_value"] = pytree.tree_map(remake, value)
+
+
+@dataclass
+class BlockInputs:
+    """The tensors the expanded block calls read from the blocks (their weights): placeholders the
+    expansion added after the graph's own inputs, read from the modules at every call (held
+    weakly: the model owns them)."""
+
+    owners: list = field(default_factory=list)
+    names: list = field(default_factory=list)
+    fakes: list = field(default_factory=list)
+
+    def values(self) -> list:
+        out = []
+        for ref, name in zip(self.owners, self.names):
+            owner = ref()
+            if owner is None:
+                raise DitoptError("the model whose blocks this graph calls was freed")
+            out.append(getattr(owner, name))
+        return out
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def expand_block_calls(gm: fx.GraphModule, example_inputs: list) -> BlockInputs:
+    """Replace each ``block_call`` node of ``gm`` by a call of its block's subgraph (in place).
+
+    Blocks alike (:func:`block_signature`) called with inputs alike (shapes, strides, dtypes,
+    devices, the same constants) share one subgraph, traced once by dynamo on the first of them
+    (:func:`_trace_template`); each call is an ``invoke_subgraph`` of it with the block's own
+    weights, read through placeholders added after the graph's inputs (returned: the caller passes
+    ``BlockInputs.values()`` after the graph's own arguments). A subgraph called once is inlined.
+    The result is the graph dynamo gives for blocks marked as nested compile regions, without
+    dynamo tracing or matching each block."""
+    from torch._guards import detect_fake_mode
+
+    found = BlockInputs()
+    nodes = list(gm.graph.find_nodes(op="call_function", target=block_call))
+    if not nodes:
+        return found
+    fake = _graph_fake_mode(gm) or detect_fake_mode(example_inputs)
+    graph = gm.graph
+    last = graph.find_nodes(op="placeholder")[-1]
+    templates: dict[tuple, _Template] = {}
+    for node in nodes:
+        block = _BLOCKS.get(node.args[0])
+        if block is None:
+            raise DitoptError(f"{node.name}: the marked block it calls was unmarked or freed")
+        leaves, spec = pytree.tree_flatten((node.args[1:], dict(node.kwargs)))
+        metas = [v.meta["example_value"] if isinstance(v, fx.Node) else v for v in leaves]
+        if any(isinstance(m, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in (*m.shape, *m.stride()))
+               for m in metas):
+            raise DitoptError(f"{node.name}: a marked block called with dynamic shapes; compile with dynamic=False "
+                              f"(or leave the blocks unmarked)")
+        caller = dict(node.meta.get("nn_module_stack") or {})
+        sig = (block_signature(block), str(spec), tuple(_leaf_signature(m) for m in metas))
+        template = templates.get(sig)
+        if template is None:
+            template = templates[sig] = _trace_template(block, metas, spec, caller, node.meta["example_value"], fake)
+            template.name = f"repeated_block{len(templates) - 1}"
+            setattr(gm, template.name, template.gm)
+        weights = []
+        for chain in template.weights:
+            owner = block
+            for part in chain[:-1]:
+                owner = getattr(owner, part)
+            tensor = getattr(owner, chain[-1])
+            with graph.inserting_after(last):
+                last = graph.placeholder(f"{node.name}_{'_'.join(chain)}")
+            last.meta["example_value"] = _like(tensor, fake)
+            found.owners.append(weakref.ref(owner))
+            found.names.append(chain[-1])
+            found.fakes.append(last.meta["example_value"])
+            weights.append(last)
+        outputs = [n.meta.get("example_value") for n in template.gm.graph.output_node().args[0]]
+        with graph.inserting_before(node):
+            getter = graph.get_attr(template.name)
+            getter.meta["nn_module_stack"] = caller
+            call = graph.call_function(INVOKE, (getter, template.name, *(leaves[i] for i in template.leaf_index), *weights))
+        call.meta = {k: v for k, v in node.meta.items() if k != "example_value"}
+        with fake if fake is not None else contextlib.nullcontext():
+            call.meta["example_value"] = tuple(torch.empty_strided(tuple(o.shape), tuple(o.stride()), dtype=o.dtype,
+                                                                   device=o.device) for o in outputs)
+        template.uses.append(call)
+        _reroute_outputs(node, call, template)
+        graph.erase_node(node)
+    once = {t.uses[0].name for t in templates.values() if len(t.uses) == 1}
+    gm.recompile()
+    if once:
+        inline_calls(gm, only=once)
+        for t in templates.values():
+            if len(t.uses) == 1:
+                delattr(gm, t.name)
+    return found
+
+
+def _like(tensor: torch.Tensor, fake):
+    """A fake tensor of ``fake`` with ``tensor``'s metadata (a new one: faster than
+    ``fake.from_tensor``, which memoises every tensor it sees), or ``tensor`` without a fake mode."""
+    if fake is None:
+        return tensor
+    with fake:
+        out = torch.empty_strided(tuple(tensor.shape), tuple(tensor.stride()), dtype=tensor.dtype, device=tensor.device)
+    return out.requires_grad_(tensor.requires_grad) if tensor.requires_grad else out
+
+
+def _graph_fake_mode(gm: fx.GraphModule):
+    """The fake mode of the example values in ``gm`` (dynamo's tracing mode), or None."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    for n in gm.graph.nodes:
+        value = n.meta.get("example_value")
+        if isinstance(value, FakeTensor):
+            return value.fake_mode
+    return None
+
+
+def _reroute_outputs(node: fx.Node, call: fx.Node, template: _Template) -> None:
+    """Give the uses of the opaque ``node``'s outputs the call's (a getitem per tensor output)."""
+    graph = call.graph
+
+    def leaf(i: int):
+        where = template.out[i]
+        if isinstance(where, tuple):
+            return where[1]
+        with graph.inserting_after(call):
+            item = graph.call_function(operator.getitem, (call, where))
+        item.meta = {**call.meta, "example_value": call.meta["example_value"][where]}
+        return item
+
+    spec = template.out_spec
+    if spec.num_children == 0 or spec.is_leaf():
+        node.replace_all_uses_with(leaf(0))
+        return
+    if any(not child.is_leaf() for child in spec.children_specs):
+        raise DitoptError(f"{node.name}: a marked block that returns a nested structure ({spec}); leave it unmarked")
+    for user in list(node.users):
+        if user.op != "call_function" or user.target is not operator.getitem or not isinstance(user.args[1], int):
+            raise DitoptError(f"{node.name}: a use of a marked block's outputs that is not an index ({user.format_node()})")
+        value = leaf(user.args[1])
+        if isinstance(value, fx.Node):
+            user.replace_all_uses_with(value)
+        else:  # a constant output (None): its uses take the constant
+            for consumer in list(user.users):
+                consumer.args = fx.map_arg(consumer.args, lambda n: value if n is user else n)
+                consumer.kwargs = fx.map_arg(consumer.kwargs, lambda n: value if n is user else n)
+        graph.erase_node(user)
 
 
 # -- inlining the calls -----------------------------------------------------------------------
@@ -213,6 +722,11 @@ class Call:
     inner: tuple[str, ...] = ()
     outputs: dict[str, str] = field(default_factory=dict)
     why: str = ""
+
+
+def has_block_calls(gm: fx.GraphModule) -> bool:
+    """Does ``gm`` hold opaque calls of marked blocks (:func:`block_call`) to expand?"""
+    return bool(gm.graph.find_nodes(op="call_function", target=block_call))
 
 
 def has_calls(gm: fx.GraphModule) -> bool:
@@ -422,7 +936,7 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     graph.output(graph.graph_copy(gm.graph, env))
     for old, new in env.items():
         new.meta = dict(old.meta)
-    out = fx.GraphModule(gm, graph)
+    out = _LazyGraphModule(gm, graph)  # its code is generated when first run or read
     out.meta.update(gm.meta)
     return out
 

@@ -18,7 +18,7 @@ import torch
 
 import ditopt
 from ditopt.errors import DitoptError
-from ditopt.regional import INVOKE, inline_calls, split_regions
+from ditopt.regional import INVOKE, block_calls, expand_block_calls, inline_calls, split_regions
 from real_models import build
 
 STEPS = 4
@@ -147,8 +147,10 @@ def test_marked_model_under_the_backend_matches_the_eager_path(name, plan_name):
     counters.clear()
     with ditopt.mark_repeated_blocks(model):
         fast = torch.compile(model, backend="ditopt", options={"plan": plan, "inductor": False}, fullgraph=True)
-        runs = [_generate(fast, kwargs, timesteps) for _ in range(2)]
-    assert counters["stats"]["unique_graphs"] == 1
+        runs = [_generate(fast, kwargs, timesteps)]
+        graphs = counters["stats"]["unique_graphs"]  # the model's graph and one trace per kind of block
+        runs.append(_generate(fast, kwargs, timesteps))
+    assert counters["stats"]["unique_graphs"] == graphs and len(fast.__dict__["_ditopt_runtime"].graphs) == 1
     for got in runs:
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -202,16 +204,19 @@ def test_a_kept_calls_outputs_leave_a_skip_branch_without_a_copy():
 
 
 def _dynamo_graph(model, kwargs):
+    """The graph the ditopt backend starts from: dynamo's, the marked blocks' calls expanded."""
     graphs = []
 
     def record(gm, example_inputs):
-        graphs.append(gm)
+        graphs.append((gm, example_inputs))
         return gm.forward
 
     torch._dynamo.reset()
-    with torch.no_grad():
+    with torch.no_grad(), block_calls():
         torch.compile(model, backend=record, fullgraph=True)(**kwargs)
-    return graphs[0]
+    gm = _copy(graphs[0][0])
+    expand_block_calls(gm, graphs[0][1])
+    return gm
 
 
 def _copy(gm):
