@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import weakref
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -20,6 +21,7 @@ from ditopt.runtime import Runtime
 
 from .backend import CompiledGraph, DitoptBackend, PlanLike, as_plan, backend_of, compile_wrapper_of, runtime_of_compile_call
 from .capture import lean_tracing
+from .regional import RegionalError, hold_marks, refuse_marks, release_marks
 from .errors import CaptureError, DitoptError, PlanError
 from .sites import OUTPUT, STACK, SiteTable, find_sites
 
@@ -40,12 +42,22 @@ class DitoptModule(OptimizedModule):
                 return super().__call__(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as exc:
             inner = getattr(exc, "inner_exception", None)
+            held = self.__dict__.get("_ditopt_marks")
+            if isinstance(inner, RegionalError) and held:  # blocks ditopt marked itself: capture them inline
+                refuse_marks(held)
+                object.__setattr__(self, "_ditopt_regional_failure", str(inner))
+                return self(*args, **kwargs)
             if isinstance(inner, CaptureError):
                 self._raise_for_timestep(args, kwargs)
             if isinstance(inner, DitoptError):
                 raise inner from None
             raise
         except torch._dynamo.exc.TorchDynamoException as exc:  # dynamo could not trace the model
+            held = self.__dict__.get("_ditopt_marks")
+            if held:  # perhaps because of the blocks ditopt marked itself: capture them inline
+                refuse_marks(held)
+                object.__setattr__(self, "_ditopt_regional_failure", f"{type(exc).__name__}: {exc}")
+                return self(*args, **kwargs)
             self._raise_for_timestep(args, kwargs)
             name = type(self._orig_mod).__name__
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -81,22 +93,23 @@ class DitoptModule(OptimizedModule):
     def __deepcopy__(self, memo):
         backend = self._ditopt_backend
         return optimize(copy.deepcopy(self._orig_mod, memo), backend.plan, timestep_arg=backend.timestep_arg,
-                        coalesce=backend.coalesce, parallel=backend.parallel)
+                        coalesce=backend.coalesce, parallel=backend.parallel,
+                        attention_backend=backend.attention_backend)
 
     def __reduce__(self):
         backend = self._ditopt_backend
         return _rebuild, (self._orig_mod, backend.plan.to_yaml(), backend.timestep_arg, backend.coalesce,
-                          backend.parallel)
+                          backend.parallel, backend.attention_backend)
 
 
 def _rebuild(model: torch.nn.Module, plan_text: str, timestep_arg: str, coalesce: bool,
-             parallel=None) -> torch.nn.Module:
+             parallel=None, attention_backend: str = "sdpa") -> torch.nn.Module:
     """Unpickle an optimised model: optimise the unpickled model again with the same plan (and the
     same :class:`ditopt.SequenceParallel`, whose group is then the unpickling process's default)."""
     from .plan import Plan
 
     return optimize(model, Plan.from_yaml(plan_text), timestep_arg=timestep_arg, coalesce=coalesce,
-                    parallel=parallel)
+                    parallel=parallel, attention_backend=attention_backend)
 
 
 def candidate_site_names(model: torch.nn.Module) -> list[str]:
@@ -105,7 +118,8 @@ def candidate_site_names(model: torch.nn.Module) -> list[str]:
 
 
 def optimize(model: torch.nn.Module, plan: PlanLike, *, timestep_arg: str = "timestep",
-             coalesce: bool = True, parallel=None) -> torch.nn.Module:
+             coalesce: bool = True, parallel=None, regional: bool = True,
+             attention_backend: str = "sdpa") -> torch.nn.Module:
     """Make ``model`` reuse features as ``plan`` says; a drop-in replacement for the model.
 
     The plan is checked at once against the model's module paths (a plan for another model,
@@ -115,6 +129,15 @@ def optimize(model: torch.nn.Module, plan: PlanLike, *, timestep_arg: str = "tim
     ``parallel=ditopt.SequenceParallel(mode="ulysses" | "ring")``, under an initialised process
     group, shards the token dimension over its ranks (every rank calls the model with the same
     inputs and gets the whole output; ``stats(model).comm_bytes`` counts what it sent).
+    ``attention_backend`` moves SDPA calls to another kernel: ``"flash"`` (flash-attn),
+    ``"sage"`` (SageAttention), ``"flex"`` (torch's flex_attention), ``"auto"`` (flash-attn where
+    it applies, else SDPA, said once); ``"sdpa"`` (the default) keeps them. An unknown name, or a
+    named kernel whose package does not import, raises InputError here, the model untouched.
+    ``regional`` (default on): the model's repeated blocks (:func:`ditopt.mark_repeated_blocks`
+    finds them) are traced once per kind of block and called per block, so the first call costs
+    about one block's tracing, not one per block; they are marked while the optimised model
+    lives (a mark is invisible outside ditopt's capture), and a model whose blocks cannot be
+    traced alone is captured whole.
 
     Example:
         >>> import torch, ditopt
@@ -129,11 +152,13 @@ def optimize(model: torch.nn.Module, plan: PlanLike, *, timestep_arg: str = "tim
         >>> ditopt.stats(fast).decisions["transformer_blocks.1.attn1"]
         ['compute', 'reuse', 'compute', 'reuse']
     """
-    return wrap(model, plan, timestep_arg=timestep_arg, coalesce=coalesce, parallel=parallel)
+    return wrap(model, plan, timestep_arg=timestep_arg, coalesce=coalesce, parallel=parallel, regional=regional,
+                attention_backend=attention_backend)
 
 
 def wrap(model: torch.nn.Module, plan: PlanLike, *, timestep_arg: str = "timestep", observe: bool = False,
-         runtime: Runtime | None = None, coalesce: bool = True, parallel=None) -> torch.nn.Module:
+         runtime: Runtime | None = None, coalesce: bool = True, parallel=None, regional: bool = True,
+         attention_backend: str = "sdpa") -> torch.nn.Module:
     """What :func:`optimize` does; ``observe`` and ``runtime`` are for the profiler's entry point."""
     if isinstance(model, OptimizedModule):
         raise DitoptError("optimize() takes the original model, not a torch.compile'd one")
@@ -143,12 +168,16 @@ def wrap(model: torch.nn.Module, plan: PlanLike, *, timestep_arg: str = "timeste
     plan.check_patterns(candidate_site_names(model))
     runtime = runtime or Runtime()
     backend = DitoptBackend(plan, runtime, inductor=False, timestep_arg=timestep_arg, observe=observe,
-                            coalesce=coalesce, parallel=parallel)
+                            coalesce=coalesce, parallel=parallel, attention_backend=attention_backend)
     _make_room_for_another_model()
     wrapped = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
     wrapped.__class__ = DitoptModule
     object.__setattr__(wrapped, "_ditopt_runtime", runtime)
     object.__setattr__(wrapped, "_ditopt_backend", backend)
+    held = hold_marks(model) if regional else []
+    object.__setattr__(wrapped, "_ditopt_marks", held)
+    if held:
+        weakref.finalize(wrapped, release_marks, held)
     return wrapped
 
 

@@ -29,12 +29,13 @@ import torch.fx as fx
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from ditopt.passes import PassContext, run_pipeline
+from ditopt.passes.attention_backend import check_attention_backend
 from ditopt.passes.annotations import graph_annotation
 from ditopt.runtime import DecisionTable, Runtime
 
 from .errors import PlanError
 from .plan import Plan
-from .regional import decompose_calls_for_inductor, expand_block_calls, has_block_calls, split_regions
+from .regional import RegionalError, decompose_calls_for_inductor, expand_block_calls, has_block_calls, split_regions
 from .sites import SiteTable
 
 PlanLike = Plan | str | Path | dict
@@ -75,7 +76,9 @@ class DitoptBackend:
 
     ``observe`` inserts the profiler's observer nodes (:func:`ditopt.profile` sets it);
     ``coalesce=False`` keeps one region per site (``coalesce_regions`` off); ``parallel`` (a
-    :class:`ditopt.SequenceParallel`) shards the token dimension over the ranks of a process group.
+    :class:`ditopt.SequenceParallel`) shards the token dimension over the ranks of a process group;
+    ``attention_backend`` (auto | sdpa | flash | sage | flex) is the kernel SDPA calls move to
+    (``passes/attention_backend.py``; checked here, with the package a named kernel needs).
     ``last`` is the :class:`CompiledGraph` of the latest graph compiled.
 
     Example:
@@ -87,8 +90,9 @@ class DitoptBackend:
 
     def __init__(self, plan: PlanLike, runtime: Runtime | None = None, *, inductor: bool = True,
                  timestep_arg: str = "timestep", observe: bool = False, coalesce: bool = True,
-                 parallel: Any = None):
+                 parallel: Any = None, attention_backend: str = "sdpa"):
         self.plan = as_plan(plan)
+        self.attention_backend = check_attention_backend(attention_backend)
         self.parallel = parallel  # a ditopt.SequenceParallel: shard the tokens over its ranks
         self.observe = observe
         self.coalesce = coalesce
@@ -118,7 +122,12 @@ class DitoptBackend:
         # marked blocks: one subgraph per kind of block, called per block with its weights (ditopt.regional)
         if has_block_calls(gm):  # on a copy: dynamo keeps reading the graph it handed us
             gm = original = _copy_graph_module(gm)
-        weights = expand_block_calls(gm, example_inputs)
+        try:
+            weights = expand_block_calls(gm, example_inputs)
+        except RegionalError:
+            raise
+        except Exception as exc:  # dynamo's or torch's, tracing a block alone
+            raise RegionalError(f"a marked block could not be traced alone: {type(exc).__name__}: {exc}") from exc
         expanded = lap()
         # the sites as if no block were marked; the plan raises PlanError before anything is rewritten;
         # the calls of marked blocks the plan treats as a whole stay calls (ditopt.regional)
@@ -131,7 +140,8 @@ class DitoptBackend:
         device = _model_device(example_inputs)
         ctx = PassContext(sites=sites, runtime_id=runtime.id, graph_id=graph_id, inductor=self.inductor,
                           timestep=self.timestep_arg, observe=self.observe, device=device,
-                          coalesce=self.coalesce, parallel=self.parallel)
+                          coalesce=self.coalesce, parallel=self.parallel,
+                          attention_backend=self.attention_backend)
         report = run_pipeline(gm, ctx, table, inductor=self.inductor)
         seconds["passes"] = lap()
         table.runs = dict(graph_annotation(gm).coalesced)  # the runs coalesce_regions made one region
@@ -216,7 +226,8 @@ def ditopt_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict 
     Options: ``plan`` (required: a Plan, a YAML path or text), ``timestep_arg`` (default
     ``"timestep"``), ``inductor`` (default True; False runs the rewritten graph as Python),
     ``coalesce`` (default True: runs of adjacent sites that decide alike share one region and cache),
-    ``parallel`` (a :class:`ditopt.SequenceParallel`: shard the tokens over the ranks of a process group).
+    ``parallel`` (a :class:`ditopt.SequenceParallel`: shard the tokens over the ranks of a process group),
+    ``attention_backend`` (default ``"sdpa"``; auto | flash | sage | flex: the kernel SDPA calls move to).
     """
     options = dict(options or {})
     if "plan" not in options:
@@ -224,7 +235,8 @@ def ditopt_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict 
     runtime = runtime_of_compile_call(_calling_wrapper())
     backend = DitoptBackend(options.pop("plan"), runtime, inductor=options.pop("inductor", True),
                             timestep_arg=options.pop("timestep_arg", "timestep"),
-                            coalesce=options.pop("coalesce", True), parallel=options.pop("parallel", None))
+                            coalesce=options.pop("coalesce", True), parallel=options.pop("parallel", None),
+                            attention_backend=options.pop("attention_backend", "sdpa"))
     if options:
         raise PlanError(f"unknown ditopt backend option(s): {sorted(options)}")
     return backend(gm, example_inputs)

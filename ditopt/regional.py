@@ -51,7 +51,7 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 import torch.utils._pytree as pytree
 
 from .capture import module_path
-from .errors import DitoptError
+from .errors import CaptureError, DitoptError
 from .regions import region_of
 from .sites import SiteTable, find_sites
 
@@ -88,6 +88,11 @@ def _marked_forward(cls: type) -> Callable:
         marked.__doc__, marked.__wrapped__ = base.__doc__, base
         _MARKED[cls] = marked
     return marked
+
+
+class RegionalError(CaptureError):
+    """A marked block could not be traced once and called per block (:func:`expand_block_calls`).
+    ``ditopt.optimize``, which marks blocks by itself, then captures the model unmarked."""
 
 
 class _Mark:
@@ -140,6 +145,7 @@ def _unmark(module: torch.nn.Module) -> None:
 
 
 _HELD: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDictionary()  # optimize()'s marks, counted
+_REFUSED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # blocks whose expansion failed: never held again
 _HELD_LOCK = threading.Lock()
 
 
@@ -156,13 +162,26 @@ def hold_marks(model: torch.nn.Module) -> list:
         for _, module in found:
             if module in _HELD:
                 _HELD[module] += 1
-            elif _is_marked(module) or _why_not_markable(module) is not None:
+            elif module in _REFUSED or _is_marked(module) or _why_not_markable(module) is not None:
                 continue
             else:
                 _mark(module)
                 _HELD[module] = 1
             held.append(weakref.ref(module))
     return held
+
+
+def refuse_marks(held: list) -> None:
+    """The blocks of ``held`` could not be expanded: unmark them for every wrapper, and never hold
+    them again (the next call of each wrapper captures them inline)."""
+    with _HELD_LOCK:
+        for ref in held:
+            module = ref()
+            if module is not None and module in _HELD:
+                del _HELD[module]
+                _unmark(module)
+                _REFUSED.add(module)
+        held.clear()
 
 
 def release_marks(held: list) -> None:
@@ -219,6 +238,11 @@ def _plain(value) -> bool:
         isinstance(value, (tuple, list)) and all(_plain(v) for v in value))
 
 
+def _frozen(value):
+    """A plain value as a hashable one (lists as tuples)."""
+    return tuple(_frozen(v) for v in value) if isinstance(value, (tuple, list)) else value
+
+
 def block_signature(block: torch.nn.Module) -> tuple:
     """What makes two blocks trace alike besides their inputs: every submodule's path and class,
     its plain attributes (numbers, strings, flags, dtypes: ``heads``, ``context_pre_only``,
@@ -234,11 +258,11 @@ def block_signature(block: torch.nn.Module) -> tuple:
                     or name.startswith("_backward") or name.startswith("_state_dict") or name.startswith("_load_state"):
                 continue
             if _plain(value):
-                attrs.append((name, value))
+                attrs.append((name, _frozen(value)))
             elif isinstance(value, torch.Tensor):
                 attrs.append((name, "tensor", tuple(value.shape), value.dtype, value.device))
             elif not callable(value) or hasattr(value, "__dict__"):
-                inner = tuple(sorted((k, v) for k, v in getattr(value, "__dict__", {}).items() if _plain(v)))
+                inner = tuple(sorted((k, _frozen(v)) for k, v in getattr(value, "__dict__", {}).items() if _plain(v)))
                 attrs.append((name, type(value).__qualname__, inner))
         hooks = tuple(len(getattr(mod, h, None) or ()) for h in
                       ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_forward_hooks_with_kwargs"))
@@ -251,7 +275,7 @@ def block_signature(block: torch.nn.Module) -> tuple:
 def _leaf_signature(value) -> tuple:
     if isinstance(value, torch.Tensor):
         return ("tensor", tuple(value.shape), tuple(value.stride()), value.dtype, value.device, value.requires_grad)
-    return ("value", type(value), value if _plain(value) else id(value))
+    return ("value", type(value), _frozen(value) if _plain(value) else id(value))
 
 
 @torch._dynamo.allow_in_graph
@@ -417,7 +441,7 @@ def _attribute_chain(source: str) -> list[str]:
     parts = [next(g for g in m.groups() if g is not None) for m in _SOURCE_PART.finditer(rest)]
     parts = [p for p in parts if p not in ("_modules", "_parameters", "_buffers", "__dict__")]
     if not parts or parts[0] != "block":
-        raise DitoptError(f"a marked block reads a tensor that is not its own ({source})")
+        raise RegionalError(f"a marked block reads a tensor that is not its own ({source})")
     return parts[1:]
 
 
@@ -489,7 +513,7 @@ def _trace_template(block: torch.nn.Module, leaves: list, spec, caller: dict, re
     finally:
         _FORCED.on = before
     if len(graphs) != 1:
-        raise DitoptError(f"the marked block {type(block).__name__} was traced as {len(graphs)} graphs, expected 1")
+        raise RegionalError(f"the marked block {type(block).__name__} was traced as {len(graphs)} graphs, expected 1")
     traced = graphs[0]
     graph, env = fx.Graph(), {}
     weights: list[list[str]] = []
@@ -503,7 +527,7 @@ def _trace_template(block: torch.nn.Module, leaves: list, spec, caller: dict, re
         elif name.startswith("L['self']"):
             lifted.append((_attribute_chain(name), ph))
         else:
-            raise DitoptError(f"the marked block {type(block).__name__} reads an input that is neither its argument "
+            raise RegionalError(f"the marked block {type(block).__name__} reads an input that is neither its argument "
                               f"nor its own tensor ({name}): leave it unmarked")
     inputs.sort(key=lambda p: p[0])
     caller_raw = _raw(list(caller.values())[-1]) if caller else ""
@@ -534,7 +558,7 @@ def _trace_template(block: torch.nn.Module, leaves: list, spec, caller: dict, re
         env[n] = new
     leaves_out, out_spec = pytree.tree_flatten(returned)
     if len(results) != sum(isinstance(o, torch.Tensor) for o in leaves_out):
-        raise DitoptError(f"the marked block {type(block).__name__} returns one tensor twice: leave it unmarked")
+        raise RegionalError(f"the marked block {type(block).__name__} returns one tensor twice: leave it unmarked")
     outputs, out = [env[r] for r in results], []
     for o in leaves_out:
         out.append(len(out) - sum(isinstance(x, tuple) for x in out) if isinstance(o, torch.Tensor) else ("const", o))
@@ -605,12 +629,12 @@ def expand_block_calls(gm: fx.GraphModule, example_inputs: list) -> BlockInputs:
     for node in nodes:
         block = _BLOCKS.get(node.args[0])
         if block is None:
-            raise DitoptError(f"{node.name}: the marked block it calls was unmarked or freed")
+            raise RegionalError(f"{node.name}: the marked block it calls was unmarked or freed")
         leaves, spec = pytree.tree_flatten((node.args[1:], dict(node.kwargs)))
         metas = [v.meta["example_value"] if isinstance(v, fx.Node) else v for v in leaves]
         if any(isinstance(m, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in (*m.shape, *m.stride()))
                for m in metas):
-            raise DitoptError(f"{node.name}: a marked block called with dynamic shapes; compile with dynamic=False "
+            raise RegionalError(f"{node.name}: a marked block called with dynamic shapes; compile with dynamic=False "
                               f"(or leave the blocks unmarked)")
         caller = dict(node.meta.get("nn_module_stack") or {})
         sig = (block_signature(block), str(spec), tuple(_leaf_signature(m) for m in metas))
@@ -692,7 +716,7 @@ def _reroute_outputs(node: fx.Node, call: fx.Node, template: _Template) -> None:
     if spec.num_children == 0 or spec.is_leaf():
         node.replace_all_uses_with(leaf(0))
         return
-    if any(not child.is_leaf() for child in spec.children_specs):
+    if any(not child.is_leaf() for child in spec.children()):
         raise DitoptError(f"{node.name}: a marked block that returns a nested structure ({spec}); leave it unmarked")
     for user in list(node.users):
         if user.op != "call_function" or user.target is not operator.getitem or not isinstance(user.args[1], int):

@@ -257,3 +257,148 @@ def test_regional_inductor_compile_matches_the_eager_path_and_compiles_the_block
     assert len(defined) == len(set(defined)) >= 1  # the block's code, generated once
     called = sum(len(re.findall(rf"= {fn}\(", code)) for fn in set(defined))
     assert called == len(kept)  # and called per block
+
+
+# -- regional capture: ditopt.optimize marks the repeated blocks itself -------------------------
+
+def _wan(layers: int):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                  out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=layers,
+                                  rope_max_seq_len=32).eval()
+    kwargs = dict(hidden_states=torch.randn(1, 4, 2, 4, 4), encoder_hidden_states=torch.randn(1, 3, 16))
+    return model, kwargs, [torch.tensor([1000 * f]) for f in (0.999, 0.7, 0.4, 0.1)]
+
+
+def _marked(model):
+    return [p for p, m in model.named_modules() if "_ditopt_block" in m.__dict__]
+
+
+@pytest.fixture
+def block_traces(monkeypatch):
+    """How many blocks dynamo traced alone (one per kind of block)."""
+    import ditopt.regional as regional
+
+    traced = []
+    original = regional._trace_template
+
+    def counting(block, *args, **kwargs):
+        traced.append(block)
+        return original(block, *args, **kwargs)
+
+    monkeypatch.setattr(regional, "_trace_template", counting)
+    return traced
+
+
+def test_optimize_traces_each_kind_of_block_once_and_matches_the_whole_capture(block_traces):
+    model, kwargs, timesteps = _wan(6)
+    plan = PLANS["fora"]()
+    whole = ditopt.optimize(model, plan, regional=False)
+    expected = _generate(whole, kwargs, timesteps)
+    assert _marked(model) == []
+    fast = ditopt.optimize(model, plan)
+    got = _generate(fast, kwargs, timesteps)
+    assert block_traces == [model.blocks[0]]  # one block traced alone, not one per block
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert ditopt.stats(fast).decisions == ditopt.stats(whole).decisions
+    compiled = ditopt.compiled_graph(fast)
+    assert "expand_blocks" in compiled.seconds
+    assert compiled.sites.names() == ditopt.compiled_graph(whole).sites.names()
+    assert compiled.rewritten.meta["ditopt_regions"] == tuple(f"blocks.{i}" for i in range(6))
+    assert _calls(compiled.rewritten) == (6, 1)  # six calls (in the coalesced run's branch) of one subgraph
+    assert _marked(model) == [f"blocks.{i}" for i in range(6)]  # while the optimised model lives
+    del fast
+    import gc
+
+    gc.collect()
+    assert _marked(model) == [] and all("forward" not in b.__dict__ for b in model.blocks)
+
+
+def test_blocks_that_differ_in_an_attribute_get_their_own_subgraph(block_traces):
+    model, kwargs, timesteps = _wan(4)
+    plan = ditopt.Plan.from_dict({"version": 1, "steps": 4, "rules": [{"sites": "*", "action": "compute"}]})
+    before = _generate(model, kwargs, timesteps[:1])[0]
+    model.blocks[2].norm2.eps = 0.5  # read by layer_norm as a constant: block 2 traces differently
+    reference = _generate(model, kwargs, timesteps[:1])[0]
+    assert not torch.allclose(before, reference)  # (the change shows in the output)
+    fast = ditopt.optimize(model, plan)
+    torch.testing.assert_close(_generate(fast, kwargs, timesteps[:1])[0], reference, rtol=0, atol=0)
+    assert block_traces == [model.blocks[0], model.blocks[2]]  # blocks 0, 1 and 3 alike; block 2 apart
+
+
+def test_block_weights_are_read_at_every_call():
+    model, kwargs, timesteps = _wan(3)
+    fast = ditopt.optimize(model, ditopt.Plan.from_dict({"version": 1, "steps": 4, "rules": [{"sites": "*", "action": "compute"}]}))
+    _generate(fast, kwargs, timesteps[:1])
+    with torch.no_grad():
+        model.blocks[1].ffn.net[2].weight.mul_(3)  # in place
+        model.blocks[2].attn1.to_q.weight = torch.nn.Parameter(torch.randn_like(model.blocks[2].attn1.to_q.weight))
+    torch.testing.assert_close(_generate(fast, kwargs, timesteps[:1])[0], _generate(model, kwargs, timesteps[:1])[0],
+                               rtol=0, atol=0)
+
+
+def test_a_copy_of_a_marked_model_runs_as_itself():
+    import copy
+
+    model, kwargs, timesteps = _wan(3)
+    with ditopt.mark_repeated_blocks(model):
+        clone = copy.deepcopy(model)
+        with torch.no_grad():
+            clone.blocks[1].ffn.net[2].weight.mul_(3)
+        assert _marked(clone) == [] or all(b.__dict__.get("_ditopt_block") is None for b in clone.blocks)
+        fast = torch.compile(clone, backend="ditopt", options={"plan": PLANS["fora"](), "inductor": False})
+        got = _generate(fast, kwargs, timesteps[:1])[0]
+        torch.testing.assert_close(got, _generate(clone, kwargs, timesteps[:1])[0], rtol=0, atol=0)
+        assert not torch.allclose(got, _generate(model, kwargs, timesteps[:1])[0])
+
+
+def test_other_backends_see_marked_blocks_inline():
+    model, kwargs, _ = _wan(3)
+    with ditopt.mark_repeated_blocks(model):
+        graphs = []
+
+        def record(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        torch._dynamo.reset()
+        with torch.no_grad():
+            torch.compile(model, backend=record, fullgraph=True)(**kwargs, timestep=torch.tensor([500]))
+    targets = {str(n.target) for n in graphs[0].graph.nodes}
+    assert not any("block_call" in t or "invoke_subgraph" in t for t in targets)
+
+
+_SHARED = torch.ones(8)
+
+
+class _ReadsAGlobal(torch.nn.Module):
+    """A block reading a tensor that is neither its input nor its own: it cannot be traced alone."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.inner = block
+
+    def forward(self, x, temb):
+        return self.inner(x, temb) + _SHARED
+
+
+def test_a_block_that_cannot_be_traced_alone_is_captured_whole():
+    from synthetic import latents, make_stack, timesteps
+
+    model = make_stack(depth=3)
+    model.blocks = torch.nn.ModuleList(_ReadsAGlobal(b) for b in model.blocks)
+    plan = ditopt.Plan.from_dict({"version": 1, "steps": 4, "rules": [
+        {"sites": "blocks.*", "kind": "block", "steps": [1, 3], "action": "reuse_residual"}]})
+    xs, ts = latents(4), timesteps(4)
+    whole = ditopt.optimize(model, plan, regional=False)
+    expected = [whole(x, t) for x, t in zip(xs, ts)]
+    fast = ditopt.optimize(model, plan)
+    got = [fast(x, t) for x, t in zip(xs, ts)]
+    assert "Please convert all Tensors to FakeTensors" in fast.__dict__["_ditopt_regional_failure"]  # the global
+    assert _marked(model) == []  # unmarked for good
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert ditopt.stats(fast).decisions == ditopt.stats(whole).decisions
