@@ -13,6 +13,7 @@ from ditopt.runtime.decisions import DecisionTable
 
 from . import annotations
 from .annotate_decisions import annotate_decisions
+from .attention_backend import attention_backend
 from .coalesce_regions import coalesce_regions
 from .insert_cache_ops import insert_cache_ops
 from .insert_indicators import insert_indicators
@@ -24,11 +25,15 @@ from .pass_base import PassContext, PassResult
 from .sequence_parallel import sequence_parallel
 from .verify_graph import GraphInvariantError, verify_graph
 
-# With ctx.parallel, sequence_parallel runs before everything: it changes shapes (every rank holds
-# a slice of the tokens) and inserts nodes into sites, and every later pass must see that.
-FIRST = [
-    sequence_parallel,      # only when ctx.parallel is set
-]
+# Before everything, each pass here when the context asks for it (the report names those that ran):
+FIRST = {
+    # ctx.parallel: it changes shapes (every rank holds a slice of the tokens) and inserts nodes
+    # into sites, and every later pass must see that.
+    sequence_parallel: lambda ctx: ctx.parallel is not None,
+    # ctx.attention_backend: SDPA calls move to another kernel in place (same nodes: sites hold);
+    # after sequence_parallel, whose distributed attention replaces self-attention's SDPA.
+    attention_backend: lambda ctx: ctx.attention_backend != "sdpa",
+}
 # annotate_decisions runs next and alone reads the plan (it takes the decision table).
 PIPELINE = [
     coalesce_regions,       # before any node is inserted: a run of sites that decide alike is one region
@@ -48,7 +53,7 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, table: DecisionTable, *,
     """Run every pass, then regenerate the code of the graph and its branches once; return
     ``[(pass name, modified)]``. ``DITOPT_DEBUG=1`` verifies after each pass."""
     debug = os.environ.get("DITOPT_DEBUG") == "1"
-    report = [(p.__name__, p(gm, ctx).modified) for p in (FIRST if ctx.parallel is not None else [])]
+    report = [(p.__name__, p(gm, ctx).modified) for p, wanted in FIRST.items() if wanted(ctx)]
     report.append(("annotate_decisions", annotate_decisions(gm, ctx, table).modified))
     passes = PIPELINE + ([] if inductor else EAGER_ONLY)
     for p in passes:
@@ -63,6 +68,7 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, table: DecisionTable, *,
 
 __all__ = [
     "annotations", "EAGER_ONLY", "FIRST", "PIPELINE", "GraphInvariantError", "PassContext", "PassResult", "annotate_decisions",
+    "attention_backend",
     "coalesce_regions", "insert_cache_ops", "insert_indicators", "insert_observers", "insert_skip_branches", "insert_step_tracking",
     "lower_skip_branches", "run_pipeline", "sequence_parallel", "verify_graph",
 ]

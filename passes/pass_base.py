@@ -29,7 +29,8 @@ class PassContext:
     ``observe`` asks for the profiler's observer nodes; ``device`` is where the model's tensors
     live (the runtime token and everything the rewritten graph creates go there); ``parallel``
     is a :class:`ditopt.parallel.SequenceParallel` (or None): ``sequence_parallel`` shards the
-    tokens over its ranks before any other pass runs.
+    tokens over its ranks before any other pass runs; ``attention_backend`` is the kernel
+    ``attention_backend`` moves SDPA calls to (auto | sdpa | flash | sage | flex; "sdpa" keeps them).
     """
 
     sites: SiteTable
@@ -41,6 +42,7 @@ class PassContext:
     device: torch.device = torch.device("cpu")
     coalesce: bool = True  # coalesce_regions: one region for each run of sites that decide alike
     parallel: Any = None  # a SequenceParallel: shard the token dimension over its ranks
+    attention_backend: str = "sdpa"  # the attention kernel: auto | sdpa | flash | sage | flex
 
 
 def replace_site_nodes(sites: SiteTable, renames: dict[str, str]) -> SiteTable:
