@@ -94,22 +94,22 @@ class DitoptModule(OptimizedModule):
         backend = self._ditopt_backend
         return optimize(copy.deepcopy(self._orig_mod, memo), backend.plan, timestep_arg=backend.timestep_arg,
                         coalesce=backend.coalesce, parallel=backend.parallel,
-                        attention_backend=backend.attention_backend)
+                        attention_backend=backend.attention_backend, regional=self._ditopt_regional)
 
     def __reduce__(self):
         backend = self._ditopt_backend
         return _rebuild, (self._orig_mod, backend.plan.to_yaml(), backend.timestep_arg, backend.coalesce,
-                          backend.parallel, backend.attention_backend)
+                          backend.parallel, backend.attention_backend, self._ditopt_regional)
 
 
 def _rebuild(model: torch.nn.Module, plan_text: str, timestep_arg: str, coalesce: bool,
-             parallel=None, attention_backend: str = "sdpa") -> torch.nn.Module:
+             parallel=None, attention_backend: str = "sdpa", regional: bool = True) -> torch.nn.Module:
     """Unpickle an optimised model: optimise the unpickled model again with the same plan (and the
     same :class:`ditopt.SequenceParallel`, whose group is then the unpickling process's default)."""
     from .plan import Plan
 
     return optimize(model, Plan.from_yaml(plan_text), timestep_arg=timestep_arg, coalesce=coalesce,
-                    parallel=parallel, attention_backend=attention_backend)
+                    parallel=parallel, attention_backend=attention_backend, regional=regional)
 
 
 def candidate_site_names(model: torch.nn.Module) -> list[str]:
@@ -176,6 +176,7 @@ def wrap(model: torch.nn.Module, plan: PlanLike, *, timestep_arg: str = "timeste
     object.__setattr__(wrapped, "_ditopt_backend", backend)
     held = hold_marks(model) if regional else []
     object.__setattr__(wrapped, "_ditopt_marks", held)
+    object.__setattr__(wrapped, "_ditopt_regional", regional)
     if held:
         weakref.finalize(wrapped, release_marks, held)
     return wrapped

@@ -279,16 +279,16 @@ def _marked(model):
 @pytest.fixture
 def block_traces(monkeypatch):
     """How many blocks dynamo traced alone (one per kind of block)."""
-    import ditopt.regional as regional
+    import ditopt.expand as expand
 
     traced = []
-    original = regional._trace_template
+    original = expand._trace_template
 
     def counting(block, *args, **kwargs):
         traced.append(block)
         return original(block, *args, **kwargs)
 
-    monkeypatch.setattr(regional, "_trace_template", counting)
+    monkeypatch.setattr(expand, "_trace_template", counting)
     return traced
 
 

@@ -56,7 +56,7 @@ def build(kind: str, layers: int):
     return model.eval(), inputs, torch.tensor([500])
 
 
-def measure(kind: str, layers: int, inductor: bool) -> dict[str, float]:
+def measure(kind: str, layers: int, inductor: bool, regional: bool = True) -> dict[str, float]:
     model, inputs, t = build(kind, layers)
     plan = ditopt.presets.fora(interval=2, steps=4, level="block")
     with torch.no_grad():
@@ -65,7 +65,7 @@ def measure(kind: str, layers: int, inductor: bool) -> dict[str, float]:
         model(**inputs, timestep=t)
         forward = time.perf_counter() - start
         torch._dynamo.reset()
-        fast = ditopt.optimize(model, plan)
+        fast = ditopt.optimize(model, plan, regional=regional)
         start = time.perf_counter()
         fast(**inputs, timestep=t)
         first = time.perf_counter() - start
@@ -90,7 +90,7 @@ PLANS = {
 }
 
 
-def _first_call(model, inputs, t, plan, *, inductor: bool):
+def _first_call(model, inputs, t, plan, *, inductor: bool, regional: bool = False):
     """A fresh dynamo and the first call of the optimised model: (seconds, CPU seconds, model,
     output). The CPU time (this process and the compilers it ran) is what the compile cost when
     other processes share the machine (the wall time then also counts their turns)."""
@@ -98,7 +98,7 @@ def _first_call(model, inputs, t, plan, *, inductor: bool):
     if inductor:
         fast = torch.compile(model, backend="ditopt", options={"plan": plan}, fullgraph=True, dynamic=False)
     else:
-        fast = ditopt.optimize(model, plan)
+        fast = ditopt.optimize(model, plan, regional=regional)
     with torch.no_grad():
         start, cpu = time.perf_counter(), _cpu_seconds()
         out = fast(**inputs, timestep=t, return_dict=False)[0]
@@ -140,7 +140,7 @@ def measure_regional(kind: str, layers: int, plan_name: str, inductor: bool) -> 
     lines, outs = [], {}
     for regional in (False, True):
         marks = ditopt.mark_repeated_blocks(model) if regional else None
-        first, cpu, fast, _ = _first_call(model, inputs, t, plan, inductor=False)
+        first, cpu, fast, _ = _first_call(model, inputs, t, plan, inductor=False, regional=regional)
         stages = ditopt.compiled_graph(fast).seconds
         cells = {"capture + passes": first - forward, "first call CPU": cpu,
                  "dynamo": first - forward - sum(stages.values()), **stages}
@@ -187,11 +187,14 @@ def main(argv=None) -> None:
             print("\n".join(measure_regional(kind, args.layers, args.plan, not args.no_inductor)), flush=True)
         return
     for kind in args.models:
-        rows = [measure(kind, args.layers, args.inductor and i == 0) for i in range(args.repeats)]
-        best = min(rows, key=lambda r: r["capture + passes"])
-        extra = {k: v for k, v in rows[0].items() if k.startswith(("compiled", "inductor"))}
-        cells = ", ".join(f"{k} {v:.3f} s" for k, v in {**best, **extra}.items())
-        print(f"{kind} ({args.layers} blocks, best of {args.repeats}): {cells}")
+        for regional in (False, True):
+            rows = [measure(kind, args.layers, args.inductor and i == 0 and not regional, regional)
+                    for i in range(args.repeats)]
+            best = min(rows, key=lambda r: r["capture + passes"])
+            extra = {k: v for k, v in rows[0].items() if k.startswith(("compiled", "inductor"))}
+            cells = ", ".join(f"{k} {v:.3f} s" for k, v in {**best, **extra}.items())
+            how = "regional" if regional else "whole graph"
+            print(f"{kind} ({args.layers} blocks, {how}, best of {args.repeats}): {cells}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,401 @@
+"""Marked blocks: a model's repeated blocks as one opaque call each under a ditopt backend.
+
+:func:`mark_repeated_blocks` (by the user, before ``torch.compile``) and :func:`hold_marks` (by
+``ditopt.optimize``) give each block instance a marked forward: while a ditopt backend's dynamo
+traces the model the block is one node, :func:`block_call`, that the backend expands
+(:mod:`ditopt.expand`); anywhere else it runs its class's forward. See :mod:`ditopt.regional`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+import types
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.utils._pytree as pytree
+
+from .errors import CaptureError, DitoptError
+
+_MARKED: "weakref.WeakKeyDictionary[type, Callable]" = weakref.WeakKeyDictionary()  # one marked forward per class
+_BLOCKS: "weakref.WeakValueDictionary[int, torch.nn.Module]" = weakref.WeakValueDictionary()  # marked blocks by key
+_KEYS = itertools.count()
+_FORCED = threading.local()  # block_calls(): every compile sees the marked blocks as calls
+_FAKE_OUTPUTS: dict = {}  # (block signature, input signature) -> the outputs' metadata (see block_call)
+
+# -- marking the blocks of one model --------------------------------------------------------
+
+def _marked_forward(cls: type) -> Callable:
+    """The block class's forward as a marked block runs it, one per class: the class's forward,
+    except while a ditopt backend's dynamo traces the model (:func:`_calls_wanted`), where the
+    block becomes one opaque node, ``block_call(key, *args, **kwargs)``, that the backend expands
+    (:func:`expand_block_calls`). A code object of its own per class, so the frames of two block
+    classes never share dynamo's caches."""
+    marked = _MARKED.get(cls)
+    if marked is None:
+        base = cls.forward
+
+        def forward(self, *args, **kwargs):
+            mark = self.__dict__.get("_ditopt_block")
+            if mark is not None and torch.compiler.is_compiling() and _calls_wanted():
+                return block_call(mark.key, *args, **kwargs)
+            return base(self, *args, **kwargs)
+
+        name = f"forward_of_{cls.__name__}_{id(cls):x}"
+        code = forward.__code__.replace(co_name=name, co_qualname=name)
+        # named forward: a pickled bound method is looked up by name, and a copy then gets its class's forward
+        marked = types.FunctionType(code, forward.__globals__, "forward", None, forward.__closure__)
+        marked.__doc__, marked.__wrapped__ = base.__doc__, base
+        _MARKED[cls] = marked
+    return marked
+
+
+class RegionalError(CaptureError):
+    """A marked block could not be traced once and called per block (:func:`expand_block_calls`).
+    ``ditopt.optimize``, which marks blocks by itself, then captures the model unmarked."""
+
+
+class _Mark:
+    """A marked block's key into the registry of marked blocks. A copy of the block (deepcopy,
+    pickle) gets no mark: it runs unmarked rather than as the block the key names."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: int):
+        self.key = key
+
+    def __copy__(self):
+        return None
+
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        return (type(None), ())
+
+
+def _why_not_markable(module: torch.nn.Module) -> str | None:
+    forward = getattr(type(module), "forward", None)
+    bound = module.__dict__.get("forward")
+    if isinstance(bound, types.MethodType) and bound.__self__ is module and bound.__func__ is forward:
+        del module.__dict__["forward"]  # its class's own forward (a copy of a marked block): as if absent
+    if "forward" in module.__dict__:
+        return "the instance already has its own forward (a hook?)"
+    if not isinstance(forward, types.FunctionType):
+        return "its class's forward is not a Python function"
+    if hasattr(forward, "__marked_compile_region_fn__"):
+        return "its class's forward is already a nested compile region"
+    return None
+
+
+def _mark(module: torch.nn.Module) -> None:
+    module.__dict__["forward"] = types.MethodType(_marked_forward(type(module)), module)
+    module.__dict__["_ditopt_block"] = mark = _Mark(next(_KEYS))
+    _BLOCKS[mark.key] = module
+
+
+def _is_marked(module: torch.nn.Module) -> bool:
+    bound = module.__dict__.get("forward")
+    return isinstance(bound, types.MethodType) and bound.__func__ is _MARKED.get(type(module))
+
+
+def _unmark(module: torch.nn.Module) -> None:
+    if _is_marked(module):
+        del module.__dict__["forward"]
+        mark = module.__dict__.pop("_ditopt_block", None)
+        if mark is not None:
+            _BLOCKS.pop(mark.key, None)
+
+
+_HELD: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDictionary()  # optimize()'s marks, counted
+_REFUSED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # blocks whose expansion failed: never held again
+_HELD_LOCK = threading.Lock()
+
+
+def hold_marks(model: torch.nn.Module) -> list:
+    """Mark ``model``'s repeated blocks for an optimised wrapper (``ditopt.optimize``): counted,
+    so that wrappers of one model share the marks and the last one released unmarks. Blocks the
+    user marked are left to the user. Returns what :func:`release_marks` takes."""
+    try:
+        found = repeated_blocks(model)
+    except Exception:  # a model whose modules cannot be walked: no marks
+        return []
+    held = []
+    with _HELD_LOCK:
+        for _, module in found:
+            if module in _HELD:
+                _HELD[module] += 1
+            elif module in _REFUSED or _is_marked(module) or _why_not_markable(module) is not None:
+                continue
+            else:
+                _mark(module)
+                _HELD[module] = 1
+            held.append(weakref.ref(module))
+    return held
+
+
+def refuse_marks(held: list) -> None:
+    """The blocks of ``held`` could not be expanded: unmark them for every wrapper, and never hold
+    them again (the next call of each wrapper captures them inline)."""
+    with _HELD_LOCK:
+        for ref in held:
+            module = ref()
+            if module is not None and module in _HELD:
+                del _HELD[module]
+                _unmark(module)
+                _REFUSED.add(module)
+        held.clear()
+
+
+def release_marks(held: list) -> None:
+    """Undo :func:`hold_marks` (idempotent per list: it is emptied)."""
+    with _HELD_LOCK:
+        while held:
+            module = held.pop()()
+            if module is None or module not in _HELD:
+                continue
+            _HELD[module] -= 1
+            if _HELD[module] <= 0:
+                del _HELD[module]
+                _unmark(module)
+
+
+@torch._dynamo.assume_constant_result
+def _calls_wanted() -> bool:
+    """Is the graph dynamo traces now for a ditopt backend (or inside :func:`block_calls`)?
+    Evaluated once per trace as a constant: other backends (inductor alone, a user's) see the
+    blocks traced inline, as if unmarked."""
+    if getattr(_FORCED, "on", False):
+        return True
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        fn = InstructionTranslator.current_tx().output.compiler_fn
+    except Exception:  # not under dynamo, or a torch without this structure: inline
+        return False
+    from .backend import DitoptBackend, ditopt_backend
+
+    seen = set()
+    while fn is not None and id(fn) not in seen:
+        seen.add(id(fn))
+        if isinstance(fn, DitoptBackend) or fn is ditopt_backend:
+            return True
+        fn = getattr(fn, "compiler_fn", None) or getattr(fn, "__wrapped__", None) or getattr(fn, "func", None)
+    return False
+
+
+@contextlib.contextmanager
+def block_calls():
+    """Within: a marked block is one ``block_call`` node for any backend (tests and tools that
+    capture with their own backend, then :func:`expand_block_calls`)."""
+    before = getattr(_FORCED, "on", False)
+    _FORCED.on = True
+    try:
+        yield
+    finally:
+        _FORCED.on = before
+
+
+def _plain(value) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device, torch.Size)) or (
+        isinstance(value, (tuple, list)) and all(_plain(v) for v in value))
+
+
+def _frozen(value):
+    """A plain value as a hashable one (lists as tuples)."""
+    return tuple(_frozen(v) for v in value) if isinstance(value, (tuple, list)) else value
+
+
+def block_signature(block: torch.nn.Module) -> tuple:
+    """What makes two blocks trace alike besides their inputs: every submodule's path and class,
+    its plain attributes (numbers, strings, flags, dtypes: ``heads``, ``context_pre_only``,
+    ``eps``...), the class and plain attributes of its other attributes one level down (an
+    attention processor), its hooks, and every parameter's and buffer's shape, dtype, device,
+    layout and ``requires_grad``. Blocks of one signature given inputs of one signature trace to
+    one graph up to their weights: the rule :func:`expand_block_calls` rests on."""
+    out = []
+    for path, mod in block.named_modules():
+        attrs = []
+        for name, value in sorted(vars(mod).items()):
+            if name in ("_parameters", "_buffers", "_modules", "_ditopt_block") or name.startswith("_forward") \
+                    or name.startswith("_backward") or name.startswith("_state_dict") or name.startswith("_load_state"):
+                continue
+            if _plain(value):
+                attrs.append((name, _frozen(value)))
+            elif isinstance(value, torch.Tensor):
+                attrs.append((name, "tensor", tuple(value.shape), value.dtype, value.device))
+            elif not callable(value) or hasattr(value, "__dict__"):
+                inner = tuple(sorted((k, _frozen(v)) for k, v in getattr(value, "__dict__", {}).items() if _plain(v)))
+                attrs.append((name, type(value).__qualname__, inner))
+        hooks = tuple(len(getattr(mod, h, None) or ()) for h in
+                      ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_forward_hooks_with_kwargs"))
+        tensors = tuple((n, tuple(t.shape), t.dtype, t.device, t.layout, t.requires_grad)
+                        for n, t in (*mod._parameters.items(), *mod._buffers.items()) if t is not None)
+        out.append((path, type(mod), tuple(attrs), hooks, tensors))
+    return tuple(out)
+
+
+def _leaf_signature(value) -> tuple:
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), tuple(value.stride()), value.dtype, value.device, value.requires_grad)
+    return ("value", type(value), _frozen(value) if _plain(value) else id(value))
+
+
+@torch._dynamo.allow_in_graph
+def block_call(key: int, *args, **kwargs):
+    """One marked block's forward, as one node of a dynamo graph (dynamo does not trace into it).
+
+    Dynamo runs it on fake tensors for the outputs' metadata: the block's forward on fake copies
+    of its weights, once per (block signature, input signature); a block alike to one run before
+    gets fake outputs of the same metadata at once. On real tensors (a graph that was not
+    expanded) it runs the block."""
+    from torch._guards import detect_fake_mode
+
+    block = _BLOCKS[key]
+    base = getattr(type(block).forward, "__wrapped__", type(block).forward)
+    fake = detect_fake_mode((args, kwargs))
+    if fake is None:
+        return base(block, *args, **kwargs)
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    sig = (block_signature(block), str(spec), tuple(_leaf_signature(v) for v in leaves))
+    known = _FAKE_OUTPUTS.get(sig)
+    if known is None:
+        from torch.nn.utils.stateless import _reparametrize_module
+
+        weights = {n: fake.from_tensor(t, static_shapes=True)
+                   for n, t in (*block.named_parameters(), *block.named_buffers())}
+        with _reparametrize_module(block, weights):
+            out = _fresh(base(block, *args, **kwargs), args, kwargs)
+        flat, out_spec = pytree.tree_flatten(out)
+        if len(_FAKE_OUTPUTS) > 512:
+            _FAKE_OUTPUTS.clear()
+        _FAKE_OUTPUTS[sig] = ([(tuple(o.shape), tuple(o.stride()), o.dtype, o.device) if isinstance(o, torch.Tensor)
+                               else o for o in flat], out_spec)
+        return out
+    flat, out_spec = known
+    with fake:
+        made = [torch.empty_strided(m[0], m[1], dtype=m[2], device=m[3]) if isinstance(m, tuple) else m for m in flat]
+    return pytree.tree_unflatten(made, out_spec)
+
+
+def _fresh(out, args, kwargs):
+    """A block's outputs as a nested compile region may return them: an output that is one of the
+    block's inputs is cloned, and so is every view among two or more outputs (dynamo refuses a
+    region whose outputs alias its inputs or each other: the single-stream blocks of Flux and
+    HunyuanVideo return two slices of one tensor). Other outputs pass as they are."""
+    inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    if isinstance(out, torch.Tensor):
+        return out.clone() if any(out is a for a in inputs) else out
+    if isinstance(out, (tuple, list)) and len(out) > 1:
+        return type(out)(o.clone() if isinstance(o, torch.Tensor) and (o._base is not None or any(o is a for a in inputs))
+                         else o for o in out)
+    return out
+
+
+def repeated_blocks(model: torch.nn.Module, blocks=None) -> list[tuple[str, torch.nn.Module]]:
+    """``(path, module)`` of the blocks to mark, outermost only: the modules whose class is in
+    ``blocks`` (class names or classes), else in the model's ``_repeated_blocks`` (diffusers'
+    list for ``compile_repeated_blocks``), else the elements of every ``ModuleList`` of two or
+    more modules of one class with submodules (the outermost such lists).
+
+    Example:
+        >>> import torch
+        >>> class Net(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(2, 2)) for _ in range(3))
+        >>> [p for p, _ in repeated_blocks(Net())]
+        ['blocks.0', 'blocks.1', 'blocks.2']
+    """
+    named = [(p, m) for p, m in model.named_modules() if p]
+    wanted = blocks if blocks is not None else getattr(model, "_repeated_blocks", None)
+    if wanted:
+        names = {w if isinstance(w, str) else w.__name__ for w in ([wanted] if isinstance(wanted, (str, type)) else wanted)}
+        found = [(p, m) for p, m in named if type(m).__name__ in names]
+    else:
+        lists = [p for p, m in named if isinstance(m, torch.nn.ModuleList) and len(m) >= 2
+                 and len({type(c) for c in m}) == 1 and any(True for _ in m[0].children())]
+        lists = [p for p in lists if not any(p.startswith(q + ".") for q in lists)]
+        found = [(p, m) for p, m in named if any(p.startswith(q + ".") and "." not in p[len(q) + 1:] for q in lists)]
+    paths = [p for p, _ in found]
+    return [(p, m) for p, m in found if not any(p.startswith(q + ".") for q in paths)]
+
+
+@dataclass
+class RepeatedBlocks:
+    """The blocks :func:`mark_repeated_blocks` marked; :meth:`undo` (or leaving the ``with``
+    block) restores every one exactly. ``skipped``: ``{path: why}`` of blocks left unmarked."""
+
+    paths: tuple[str, ...]
+    skipped: dict[str, str] = field(default_factory=dict)
+    _modules: list = field(default_factory=list, repr=False)
+
+    def undo(self) -> None:
+        for module in self._modules:
+            _unmark(module)
+        self._modules = []
+
+    def __enter__(self) -> "RepeatedBlocks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.undo()
+
+
+def mark_repeated_blocks(model: torch.nn.Module, blocks=None) -> RepeatedBlocks:
+    """Mark the repeated blocks of ``model`` so that a following ``torch.compile(model,
+    backend="ditopt", ...)`` traces each kind of block once and inductor compiles it once
+    (regional compilation; ``ditopt.optimize`` does the marking by itself).
+
+    Each block instance gets a marked forward as an instance attribute (the class and the other
+    instances are untouched): under a ditopt backend the block is one opaque call that the backend
+    expands (see the module docstring); anywhere else it runs its class's forward. ``blocks``
+    names the block classes (default: the model's ``_repeated_blocks``, else the elements of its
+    outermost lists of same-class modules; see :func:`repeated_blocks`). Keep the marks while the
+    compiled model is in use; :meth:`RepeatedBlocks.undo` or a ``with`` block restores the model
+    exactly (the next call then traces again). A copy of a marked block is not marked.
+
+    Example:
+        >>> import torch, ditopt
+        >>> from diffusers import DiTTransformer2DModel
+        >>> model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+        ...     out_channels=4, num_layers=3, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+        >>> plan = ditopt.presets.fora(interval=2, steps=4, level="block")
+        >>> with ditopt.mark_repeated_blocks(model) as marked:
+        ...     fast = torch.compile(model, backend="ditopt", options={"plan": plan, "inductor": False})
+        ...     with torch.no_grad():
+        ...         out = fast(torch.randn(1, 4, 8, 8), timestep=torch.tensor([999]), class_labels=torch.tensor([3]))
+        >>> marked.paths
+        ('transformer_blocks.0', 'transformer_blocks.1', 'transformer_blocks.2')
+        >>> ditopt.compiled_graph(fast).rewritten.meta["ditopt_regions"]  # one shared subgraph for these
+        ('transformer_blocks.1', 'transformer_blocks.2')
+        >>> "forward" in model.transformer_blocks[1].__dict__
+        False
+    """
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    if isinstance(model, OptimizedModule):
+        raise DitoptError("mark_repeated_blocks() takes the model before torch.compile, not the compiled wrapper")
+    found = repeated_blocks(model, blocks)
+    if not found:
+        raise DitoptError(f"no repeated blocks found in {type(model).__name__}: name their class with blocks=")
+    marks = RepeatedBlocks(paths=())
+    paths = []
+    for path, module in found:
+        why = _why_not_markable(module)
+        if why is not None:
+            marks.skipped[path] = why
+        else:
+            _mark(module)
+            marks._modules.append(module)
+            paths.append(path)
+    marks.paths = tuple(paths)
+    return marks
+
+
+__all__ = ["RegionalError", "RepeatedBlocks", "block_call", "block_calls", "block_signature", "hold_marks",
+           "mark_repeated_blocks", "refuse_marks", "release_marks", "repeated_blocks"]
