@@ -42,6 +42,16 @@ class InputError(DitoptError, ValueError):
     """A bad argument to a ditopt function or command (a count, a number, a path)."""
 
 
+class DivergenceError(DitoptError, RuntimeError):
+    """Sequence-parallel ranks about to take different decisions (``SequenceParallel(check=True)``):
+    the message names the step, the sites and the ranks that disagree. Raised on every rank."""
+
+
+class RankFailureError(DitoptError, RuntimeError):
+    """A sequence-parallel peer rank died, raised or stopped answering mid-generation: the message
+    names that rank (or says why it cannot) and the step this rank was at."""
+
+
 _SHORT = reprlib.Repr()
 _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlevel = 60, 60, 3
 _SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 6

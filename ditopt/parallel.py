@@ -26,9 +26,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .errors import CaptureError, PlanError
+from .errors import CaptureError, DivergenceError, PlanError, RankFailureError, check_number
 from .regions import target_name, tensor_meta
-from .runtime.distributed import slice_layout
+from .runtime import distributed
+
+distributed.ERRORS.update(divergence=DivergenceError, failure=RankFailureError)  # what the runtime raises
 
 MODES = ("ulysses", "ring")
 
@@ -39,11 +41,13 @@ class SequenceParallel:
 
     ``mode="ulysses"``: each self-attention does an all-to-all that trades tokens for heads
     (the head count must divide the world size); ``mode="ring"``: keys and values go around the
-    ring and partial attentions merge by log-sum-exp (any head count).
+    ring and partial attentions merge by log-sum-exp (any head count). ``timeout``: seconds a collective
+    waits for a peer, else ``RankFailureError`` (None: ``group``'s own); ``check``: all-gather a
+    checksum of each call's decisions, ``DivergenceError`` if they differ (``runtime.distributed``).
 
     Example:
         >>> SequenceParallel(mode="ring")
-        SequenceParallel(mode='ring', group=None)
+        SequenceParallel(mode='ring', group=None, timeout=300.0, check=False)
         >>> SequenceParallel(mode="tensor")
         Traceback (most recent call last):
         ditopt.errors.PlanError: SequenceParallel mode 'tensor': use one of ulysses, ring
@@ -51,21 +55,22 @@ class SequenceParallel:
 
     mode: str = "ulysses"
     group: Any = None
+    timeout: float | None = 300.0
+    check: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise PlanError(f"SequenceParallel mode {self.mode!r}: use one of {', '.join(MODES)}")
+        if self.timeout is not None:
+            check_number(self.timeout, "SequenceParallel timeout (seconds)", positive=True, error=PlanError)
 
     def resolve(self) -> tuple[int, int, str]:
         """``(rank, world size, group name)``; PlanError without an initialised process group."""
-        import torch.distributed as dist
-
-        from ditopt.runtime.distributed import world_of
-
-        if not dist.is_available() or not dist.is_initialized():
+        if not distributed.dist.is_available() or not distributed.dist.is_initialized():
             raise PlanError("SequenceParallel needs an initialised process group "
                             "(torch.distributed.init_process_group, e.g. under torchrun)")
-        return world_of(self.group)
+        return distributed.world_of(self.group if self.timeout is None else distributed.timed_group(self.group,
+                                                                                                     self.timeout))
 
 
 Segs = tuple[tuple[str, int], ...]
@@ -342,7 +347,7 @@ def _slice_segs(fl: _Flow, node: fx.Node, segs: Segs, s: slice) -> tuple[Segs, s
     """The segments a slice of the token dimension keeps, and the slice in local positions."""
     if s.step not in (None, 1) or not all(isinstance(b, (int, type(None))) for b in (s.start, s.stop)):
         fl.refuse(node, "slices the token dimension with a step or computed bounds")
-    cut = slice_layout(segs, s, fl.world)
+    cut = distributed.slice_layout(segs, s, fl.world)
     if cut is None:
         fl.refuse(node, "slices the token dimension inside a run of sharded tokens")
     return cut

@@ -16,21 +16,35 @@ bytes this rank hands to other ranks, its own chunk excluded: an all-to-all of `
 ``b (world - 1) / world``, an all-gather of a ``b``-byte chunk ``b (world - 1)`` (what a ring
 all-gather sends), a ring hop its whole tensor. Counting happens when the collective runs
 eagerly; under tracing (fake tensors, torch.compile) nothing is counted.
+
+**Across ranks** (the bottom of this file): a ``when`` rule's indicator is averaged over the ranks
+before its decision (``ditopt::update_indicator_across``, an all-reduce of two numbers), so every
+rank decides alike; ``SequenceParallel(check=True)`` all-gathers a checksum of each call's schedule
+first (``ditopt::check_decisions``) and raises on divergence; a collective that fails (a peer died,
+or did not answer within the group's timeout: :func:`timed_group`) raises naming the rank and step.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
+from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from .session import get_runtime
+from .decisions import Action
+from .session import _RUNTIMES, get_runtime
 
 if dist.is_available():  # builds without distributed support import ditopt all the same
     import torch.distributed._functional_collectives as funcol
 
-KINDS = ("all_to_all", "all_gather", "ring")
+KINDS = ("all_to_all", "all_gather", "ring", "all_reduce", "check")
+# What a failure raises: ditopt.parallel registers ditopt.errors' classes (the runtime imports nothing above it).
+ERRORS: dict[str, type[Exception]] = {"divergence": RuntimeError, "failure": RuntimeError}
+_TIMEOUTS: dict[str, float] = {}  # group name -> the timeout its collectives were made with (seconds)
+_GROUPS: dict[tuple[str, float], "dist.ProcessGroup"] = {}
 
 Segs = tuple[tuple[str, int], ...]
 
@@ -112,7 +126,7 @@ def shard(x: torch.Tensor, dim: int, segs: Segs, rank: int, world: int) -> torch
 def _all_gather(x: torch.Tensor, dim: int, group: str, world: int, rid: int) -> torch.Tensor:
     """Concatenate every rank's ``x`` along ``dim``, rank order."""
     x = x.contiguous()
-    out = funcol.wait_tensor(funcol.all_gather_single(x, dim, group))
+    out = _collective("all-gather", group, world, rid, lambda: funcol.all_gather_single(x, dim, group))
     if not _traced(x):
         record(rid, "all_gather", _nbytes(x) * (world - 1))
     return out
@@ -178,7 +192,7 @@ def _heads_to_tokens(x: torch.Tensor, group: str, world: int, rid: int) -> torch
     tokens of this rank's heads): one all-to-all."""
     b, h, n, d = x.shape
     send = x.reshape(b, world, h // world, n, d).permute(1, 0, 2, 3, 4).contiguous()
-    got = funcol.wait_tensor(funcol.all_to_all_single(send, None, None, group))
+    got = _collective("all-to-all", group, world, rid, lambda: funcol.all_to_all_single(send, None, None, group))
     if not _traced(x):
         record(rid, "all_to_all", _nbytes(send) * (world - 1) // world)
     return got.permute(1, 2, 0, 3, 4).reshape(b, h // world, world * n, d)
@@ -189,7 +203,7 @@ def _tokens_to_heads(x: torch.Tensor, group: str, world: int, rid: int) -> torch
     b, hl, big_n, d = x.shape
     n = big_n // world
     send = x.reshape(b, hl, world, n, d).permute(2, 0, 1, 3, 4).contiguous()
-    got = funcol.wait_tensor(funcol.all_to_all_single(send, None, None, group))
+    got = _collective("all-to-all", group, world, rid, lambda: funcol.all_to_all_single(send, None, None, group))
     if not _traced(x):
         record(rid, "all_to_all", _nbytes(send) * (world - 1) // world)
     return got.permute(1, 0, 2, 3, 4).reshape(b, world * hl, n, d)
@@ -239,7 +253,8 @@ def _ring_pass(x: torch.Tensor, group: str, rank: int, world: int, rid: int) -> 
     sizes_in, sizes_out = [0] * world, [0] * world
     sizes_in[(rank + 1) % world] = flat.numel()
     sizes_out[(rank - 1) % world] = flat.numel()
-    got = funcol.wait_tensor(funcol.all_to_all_single(flat, sizes_out, sizes_in, group))
+    got = _collective("ring pass", group, world, rid,
+                      lambda: funcol.all_to_all_single(flat, sizes_out, sizes_in, group))
     if not _traced(x):
         record(rid, "ring", _nbytes(flat))
     return got.reshape(x.shape)
@@ -320,5 +335,148 @@ def world_of(group: dist.ProcessGroup | None) -> tuple[int, int, str]:
     return dist.get_rank(group), dist.get_world_size(group), group.group_name
 
 
-__all__ = ["KINDS", "attention_with_lse", "gather", "local_length", "merge_partials", "record", "ring_attention",
-           "shard", "slice_layout", "sp_attention", "ulysses_attention", "world_of"]
+# -- across ranks: timeouts, failures, the same decisions everywhere ---------------------------
+
+def timed_group(base: dist.ProcessGroup | None, seconds: float) -> dist.ProcessGroup:
+    """A group of ``base``'s ranks (the default group when None) whose collectives give up after
+    ``seconds``; made once per (group, seconds) by every rank of ``base`` (at compile time)."""
+    base = base if base is not None else dist.group.WORLD
+    key = (base.group_name, float(seconds))
+    group = _GROUPS.get(key)
+    if group is None or group not in dist.distributed_c10d._world.pg_names:  # destroyed with its parent
+        group = _GROUPS[key] = dist.new_group(sorted(dist.get_process_group_ranks(base)), timeout=timedelta(
+            seconds=seconds), backend=dist.get_backend(base), use_local_synchronization=True)
+        _TIMEOUTS[group.group_name] = float(seconds)
+    return group
+
+
+def _collective(what: str, group: str, world: int, rid: int, issue: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``issue()``'s result waited for; a failure (a peer gone, or silent past the timeout) raises
+    ``ERRORS["failure"]`` naming the peer rank and this rank's step (gloo's error names neither)."""
+    try:
+        return funcol.wait_tensor(issue())
+    except RuntimeError as exc:
+        raise ERRORS["failure"](_failure_message(str(exc), what, group, world, rid)) from exc
+
+
+def _failure_message(text: str, what: str, group: str, world: int, rid: int) -> str:
+    pg = dist.distributed_c10d._resolve_process_group(group)
+    rank = dist.get_rank(pg)
+    ranks = dist.get_process_group_ranks(pg)
+    # Two ranks: the peer is the other one. More: gloo names the peer's address, not its rank.
+    peer = f"rank {ranks[1 - rank]}" if world == 2 else "a peer rank (gloo's error gives its address, not its rank)"
+    runtime = _RUNTIMES.get(rid)
+    where = f"step {runtime.state.step} (CFG branch {runtime.state.branch})" if runtime is not None else "a step"
+    timeout = _TIMEOUTS.get(group)
+    if "timed out" in text.lower():
+        why = (f"{peer} did not answer within the {f'{timeout:g} s ' if timeout else ''}timeout (it raised and "
+               f"lives on, hangs, or runs another collective)")
+    elif "closed" in text or "reset" in text or "onnection" in text:
+        why = f"{peer} is gone: its connection closed (the process died or exited)"
+    else:
+        why = f"{peer} failed"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return (f"ditopt: sequence parallelism: {why}, during the {what} of {where} on rank {ranks[rank]}; this process "
+            f"group cannot be used any more: end the process [{first[:300]}]")
+
+
+def mean_over_ranks(x: torch.Tensor, group: str, world: int, rid: int) -> torch.Tensor:
+    """The mean of ``x`` over the ranks (one all-reduce; the same bits on every rank)."""
+    out = _collective("all-reduce", group, world, rid, lambda: funcol.all_reduce(x, "sum", group)) / world
+    record(rid, "all_reduce", 2 * _nbytes(x) * (world - 1) // world)  # what a ring all-reduce sends
+    return out
+
+
+@torch.library.custom_op("ditopt::update_indicator_across", mutates_args=("token",))
+def update_indicator_across(token: torch.Tensor, value: torch.Tensor, rid: int, graph: int, rule: int, group: str,
+                            world: int) -> None:
+    """``ditopt::update_indicator`` whose relative L1 change is averaged over the ranks first (the
+    mean change and the mean magnitude, each rank holding an equal share of the tokens: the change
+    of the whole tensor), on the device: every rank takes the same decision, no host read."""
+    token.add_(1)
+    get_runtime(rid).update_indicator(graph, rule, value.detach(),
+                                      reduce=lambda parts: mean_over_ranks(parts, group, world, rid))
+
+
+@update_indicator_across.register_fake
+def _(token, value, rid, graph, rule, group, world):
+    return None
+
+
+_CODES = list(Action)
+
+
+def _planned(table, site: str, step: int) -> int:
+    row = table.adaptive.get(site)
+    rule = row[step] if row is not None and 0 <= step < table.steps else None
+    return _CODES.index(table.action(site, step)) + (0 if rule is None else 8 * (rule + 1))
+
+
+def _taken(table, decisions: dict, sites: list[str]) -> list[int]:
+    """One call's decisions as ``Runtime.decisions`` reports them (``when`` rules read now: a sync)."""
+    call = {s: str(d[1] if bool(d[0]) else Action.COMPUTE) if isinstance(d, tuple) else str(d)
+            for s, d in ((s, decisions.get(s, Action.COMPUTE)) for s in sites)}
+    return [_CODES.index(Action(a)) for a in table.with_nested_skips(call).values()]
+
+
+@torch.library.custom_op("ditopt::check_decisions", mutates_args=("token",))
+def check_decisions(token: torch.Tensor, rid: int, graph: int, group: str, world: int) -> None:
+    """``SequenceParallel(check=True)``, at the start of every call (before any decision or other
+    collective): all-gather the step, the CFG branch and a checksum of the plan's decisions at this
+    step and of the previous call's decisions as taken (``when`` rules included: a host read); if
+    any rank's differ, all-gather the per-site codes and raise ``ERRORS["divergence"]`` on every
+    rank, naming the step, the sites and the ranks."""
+    token.add_(1)
+    rt = get_runtime(rid)
+    table, step, branch = rt.graphs[graph], rt.state.step, rt.state.branch
+    sites = list(table.site_order or sorted(table.actions))
+    taken = rt.records[-2].decisions if len(rt.records) > 1 else {}
+    codes = [_planned(table, s, step) for s in sites] + _taken(table, taken, sites)
+    head = [len(sites), step, branch, zlib.crc32(repr(codes).encode())]
+    rows = _check_gather(torch.tensor(head, device=token.device), group, world, rid)
+    if all(r == rows[0] for r in rows):
+        return
+    if len({r[0] for r in rows}) > 1:
+        raise ERRORS["divergence"](f"ditopt: sequence-parallel ranks compiled different graphs (sites per rank: "
+                                   f"{[r[0] for r in rows]}) at step {step}")
+    per_rank = _check_gather(torch.tensor(codes, device=token.device), group, world, rid)
+    raise ERRORS["divergence"](_divergence(rows, per_rank, sites))
+
+
+@check_decisions.register_fake
+def _(token, rid, graph, group, world):
+    return None
+
+
+def _check_gather(x: torch.Tensor, group: str, world: int, rid: int) -> list[list[int]]:
+    out = _collective("decision check", group, world, rid, lambda: funcol.all_gather_single(x, 0, group))
+    record(rid, "check", _nbytes(x) * (world - 1))
+    return out.view(world, -1).tolist()
+
+
+def _divergence(rows: list[list[int]], codes: list[list[int]], sites: list[str]) -> str:
+    """The message of a diverged schedule: where the ranks are, and which sites they disagree on."""
+    def name(code: int) -> str:
+        return str(_CODES[code % 8]) + (f" (when rule {code // 8 - 1})" if code >= 8 else "")
+
+    parts, n = [], len(sites)
+    if len({(r[1], r[2]) for r in rows}) > 1:
+        parts.append("they are at different steps: " + ", ".join(f"rank {i} at step {r[1]} (CFG branch {r[2]})"
+                                                                  for i, r in enumerate(rows)))
+    for offset, label in ((0, "planned at this step"), (n, "taken at the call before")):
+        differ = [j for j in range(n) if len({c[offset + j] for c in codes}) > 1]
+        if differ:
+            shown = "; ".join(f"{sites[j]}: " + ", ".join(f"rank {i} {name(c[offset + j])}" for i, c in enumerate(codes))
+                              for j in differ[:4])
+            parts.append(f"decisions {label}: {shown}" + (f" (and {len(differ) - 4} more sites)" if len(differ) > 4
+                                                           else ""))
+    ranks = [i for i, r in enumerate(rows) if r != rows[0]]
+    return (f"ditopt: sequence-parallel ranks diverged at step {rows[0][1]} (rank 0's; CFG branch {rows[0][2]}): "
+            f"rank 0 and rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} disagree: "
+            f"{'; '.join(parts)}. Every rank must run the same plan and be told the same steps, or their collectives "
+            f"pair with the wrong layers")
+
+
+__all__ = ["ERRORS", "KINDS", "attention_with_lse", "check_decisions", "gather", "local_length", "mean_over_ranks",
+           "merge_partials", "record", "ring_attention", "shard", "slice_layout", "sp_attention", "timed_group",
+           "ulysses_attention", "update_indicator_across", "world_of"]

@@ -188,9 +188,12 @@ class Runtime:
             return None
         return decision == Action.COMPUTE
 
-    def update_indicator(self, graph: int, rule: int, value: torch.Tensor) -> None:
+    def update_indicator(self, graph: int, rule: int, value: torch.Tensor,
+                         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """Accumulate the relative L1 change of a ``when`` rule's watched tensor (its ``of``
-        site's output or modulated input), rescaled if the rule says so, on device."""
+        site's output or modulated input), rescaled if the rule says so, on device. ``reduce``
+        (sequence parallelism) maps this rank's ``[mean |change|, mean |previous|]`` to their
+        mean over the ranks, so that every rank decides from the same number."""
         indicator = self.graphs[graph].indicators[rule]
         key = (graph, rule, self.state.branch)
         prev_key = self.key(graph, f"when{rule}", "previous")
@@ -201,7 +204,10 @@ class Runtime:
             self._reuse_ok.pop(key, None)
             return
         prev = previous.value
-        change = (value - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12)
+        parts = torch.stack([(value - prev).abs().mean(), prev.abs().mean()])
+        if reduce is not None:
+            parts = reduce(parts)
+        change = parts[0] / parts[1].clamp_min(1e-12)
         if indicator.rescale is not None:
             change = polyval(indicator.rescale, change)
         accumulated = self._accumulated.get(key, torch.zeros((), device=value.device)) + change

@@ -105,6 +105,168 @@ def spawn(jobs: list[dict], world: int = 2) -> list[dict]:
             return json.load(f)
 
 
+# -- across ranks: decisions, divergence, failures (tests/test_parallel_failure.py) -------------
+#
+# ``spawn_each(scenario, arg)`` runs ``scenario(rank, world, arg)`` on every rank and returns every
+# rank's result (None for a rank that died), without join=True's killing of the others when one dies.
+
+# Captured whole: the token-flow walker does not enter the block calls of regional capture
+# (``optimize(regional=True)``, the default since a009c12), so sequence parallelism refuses them.
+WHOLE = {"regional": False}
+
+def _dit_inputs(rank: int):
+    """The small DiT and inputs that differ per rank: rank r's hidden states are noise of seed r,
+    scaled by 1 + 29 r (the first block's relative change is then much smaller on rank 1)."""
+    model, kwargs = build("dit")
+    g = torch.Generator().manual_seed(rank)
+    return model, {**kwargs, "hidden_states": torch.randn(kwargs["hidden_states"].shape, generator=g) * (1 + 29 * rank)}
+
+
+def adaptive_run(rank: int, world: int, job: dict) -> dict:
+    """First-Block-Cache under sequence parallelism on per-rank data: the decisions taken, and the
+    indicator's ``[mean |change|, mean |previous|]`` before (``local``) and after (``mean``) the
+    average over the ranks (a spy on ``runtime.distributed.mean_over_ranks``)."""
+    import ditopt
+    from ditopt.runtime import distributed
+
+    local, mean, real = [], [], distributed.mean_over_ranks
+
+    def spy(x, *args):
+        out = real(x, *args)
+        local.append(x.tolist())
+        mean.append(out.tolist())
+        return out
+
+    distributed.mean_over_ranks = spy
+    try:
+        model, kwargs = _dit_inputs(rank)
+        spec = ditopt.SequenceParallel(mode=job["mode"], timeout=30, check=job.get("check", False))
+        fast = ditopt.optimize(model, ditopt.presets.first_block_cache(job["threshold"], steps=job["steps"]),
+                               parallel=spec, **WHOLE)
+        _outputs(fast, kwargs, job["steps"])
+    finally:
+        distributed.mean_over_ranks = real
+    stats = ditopt.stats(fast)
+    return {"decisions": stats.decisions, "local": local, "mean": mean, "comm_bytes": stats.comm_bytes}
+
+
+def diverged_run(rank: int, world: int, hows: list[str]) -> dict:
+    """For each way in ``hows``, three FORA-2 steps with ``check=True`` where rank 1 runs another
+    schedule: ``plan`` (it computes everything) or ``step`` (it is told step 2 where rank 0 is at
+    step 1); ``same``: no divergence. What each raised, after how many calls."""
+    import ditopt
+    from ditopt.small_models import timesteps
+
+    found = {}
+    for how in hows:
+        model, kwargs = build("dit")
+        plan = "all" if how == "plan" and rank == 1 else "fora2"
+        fast = ditopt.optimize(model, plan_for(plan, 3), parallel=ditopt.SequenceParallel(mode="ring", timeout=30,
+                                                                                          check=True), **WHOLE)
+        found[how] = {"calls": 0}
+        try:
+            with torch.no_grad():
+                for i, t in enumerate(timesteps(3, kwargs["timestep"])):
+                    if how == "step" and rank == 1 and i == 1:
+                        ditopt.set_step(fast, 2)
+                    fast(**{**kwargs, "timestep": t})
+                    found[how]["calls"] += 1
+        except Exception as exc:
+            found[how]["error"] = f"{type(exc).__name__}: {exc}"
+        found[how]["comm_bytes"] = ditopt.stats(fast).comm_bytes
+    return found
+
+
+def failing_run(rank: int, world: int, job: dict) -> dict:
+    """Ring attention over ``job["steps"]`` steps; at step 2 rank 1's attention kills its process
+    (``how="kill"``) or raises and the process lives on (``how="raise"``). What the other rank
+    raises, and how long after its step-2 call began."""
+    import signal
+    import time
+
+    import ditopt
+    from ditopt.runtime import distributed
+    from ditopt.small_models import timesteps
+
+    model, kwargs = build("dit")
+    fast = ditopt.optimize(model, plan_for("all", job["steps"]),
+                           parallel=ditopt.SequenceParallel(mode="ring", timeout=job["timeout"]), **WHOLE)
+    real, now = distributed.attention_with_lse, {"step": -1}
+
+    def failing(*args):
+        if rank == 1 and now["step"] == 2:
+            if job["how"] == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError("injected failure on rank 1")
+        return real(*args)
+
+    distributed.attention_with_lse = failing
+    start = time.monotonic()
+    try:
+        with torch.no_grad():
+            for i, t in enumerate(timesteps(job["steps"], kwargs["timestep"])):
+                now["step"], start = i, time.monotonic()
+                fast(**{**kwargs, "timestep": t})
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}", "step": now["step"], "elapsed": time.monotonic() - start}
+    finally:
+        distributed.attention_with_lse = real
+    return {"step": now["step"]}
+
+
+def in_turn(rank: int, world: int, scenarios: list) -> list[dict]:
+    """Several ``(scenario, arg)`` in one spawn (their groups stay usable: each ends alike on every rank)."""
+    return [globals()[name](rank, world, arg) for name, arg in scenarios]
+
+
+def _each_worker(rank: int, world: int, init_file: str, scenario: str, arg, out_dir: str) -> None:
+    import time
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        result = globals()[scenario](rank, world, arg)
+    except Exception as exc:
+        result = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
+    with open(os.path.join(out_dir, f"{rank}.tmp"), "w") as f:
+        json.dump(result, f)
+    os.replace(os.path.join(out_dir, f"{rank}.tmp"), os.path.join(out_dir, f"{rank}.json"))
+    # A rank that raised stays alive until every rank has reported or died (spawn_each says so):
+    # its peers must find it silent, not gone.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not os.path.exists(os.path.join(out_dir, "done")):
+        time.sleep(0.1)
+    os._exit(0)  # no destroy_process_group: a peer may be gone
+
+
+def spawn_each(scenario: str, arg, world: int = 2, deadline: float = 240.0) -> list[dict | None]:
+    """``scenario(rank, world, arg)`` on ``world`` spawned ranks: every rank's result (None for a
+    rank that wrote none: it died); ranks still running after ``deadline`` seconds are killed."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = mp.start_processes(_each_worker, args=(world, os.path.join(tmp, "init"), scenario, arg, tmp),
+                                 nprocs=world, join=False, start_method="spawn")
+        end = time.monotonic() + deadline
+        while time.monotonic() < end and not all(os.path.exists(os.path.join(tmp, f"{r}.json")) or not p.is_alive()
+                                                 for r, p in enumerate(ctx.processes)):
+            time.sleep(0.1)
+        open(os.path.join(tmp, "done"), "w").close()
+        for p in ctx.processes:
+            p.join(max(0.0, min(10.0, end - time.monotonic())))
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        found = []
+        for r in range(world):
+            path = os.path.join(tmp, f"{r}.json")
+            found.append(json.load(open(path)) if os.path.exists(path) else None)
+        return found
+
+
 if __name__ == "__main__":  # python tests/parallel_worker.py dit ring [world]
     import sys
 
