@@ -35,7 +35,8 @@ from ditopt.runtime import DecisionTable, Runtime
 
 from .errors import PlanError
 from .plan import Plan
-from .regional import RegionalError, decompose_calls_for_inductor, expand_block_calls, has_block_calls, split_regions
+from .regional import (RegionalError, decompose_calls_for_inductor, expand_block_calls, has_block_calls,
+                       lower_calls_for_eager, split_regions)
 from .sites import SiteTable
 
 PlanLike = Plan | str | Path | dict
@@ -131,7 +132,9 @@ class DitoptBackend:
         expanded = lap()
         # the sites as if no block were marked; the plan raises PlanError before anything is rewritten;
         # the calls of marked blocks the plan treats as a whole stay calls (ditopt.regional)
-        split = split_regions(_copy_graph_module(gm), self.plan.compile, observe=self.observe, copy=_copy_graph_module)
+        # (profiling and sequence parallelism keep no call: they rewrite inside every block)
+        split = split_regions(_copy_graph_module(gm), self.plan.compile, observe=self.observe or self.parallel is not None,
+                              copy=_copy_graph_module)
         gm, sites, table, seconds = split.graph, split.graph_sites, split.graph_table, dict(split.seconds)
         lap()
         if weights:
@@ -158,6 +161,7 @@ class DitoptBackend:
             if weights:
                 return runtime.guarded(lambda *args: compiled(*args, *weights.values(), token))
             return runtime.guarded(lambda *args: compiled(*args, token))
+        lower_calls_for_eager(gm)  # the kept calls of marked blocks: plain calls of their subgraph
         if weights:
             return runtime.guarded(lambda *args: gm(*args, *weights.values(), token))
         return runtime.guarded(lambda *args: gm(*args, token))

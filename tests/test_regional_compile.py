@@ -59,13 +59,20 @@ def _site_facts(table):
 
 
 def _calls(gm):
-    """The invoke_subgraph calls of a graph and of its skip branches, and the subgraphs they call."""
+    """The calls of a block's subgraph in a graph and its skip branches (``invoke_subgraph``, or on the
+    eager path a plain call of the subgraph module), and how many subgraphs they call."""
     calls, subgraphs = 0, set()
     for mod in gm.modules():
         if isinstance(mod, torch.fx.GraphModule):
-            for n in mod.graph.find_nodes(op="call_function", target=INVOKE):
+            for n in mod.graph.nodes:
+                if n.target is INVOKE:
+                    sub = getattr(mod, str(n.args[0].target))
+                elif n.op == "call_module" and str(n.target).startswith("repeated_block"):
+                    sub = getattr(mod, str(n.target))
+                else:
+                    continue
                 calls += 1
-                subgraphs.add(id(getattr(mod, str(n.args[0].target))))
+                subgraphs.add(id(sub))
     return calls, len(subgraphs)
 
 
