@@ -235,7 +235,13 @@ def expand_block_calls(gm: fx.GraphModule, example_inputs: list) -> BlockInputs:
         return found
     fake = _graph_fake_mode(gm) or detect_fake_mode(example_inputs)
     graph = gm.graph
-    last = graph.find_nodes(op="placeholder")[-1]
+    placeholders = graph.find_nodes(op="placeholder")
+    last = placeholders[-1]
+    known = {}  # id(tensor) -> the placeholder that carries it (dynamo's, then ours)
+    for ph in placeholders:
+        example = getattr(ph.meta.get("grapharg"), "example", None)
+        if isinstance(example, torch.Tensor):
+            known[id(example)] = ph
     templates: dict[tuple, _Template] = {}
     for node in nodes:
         block = _BLOCKS.get(node.args[0])
@@ -260,13 +266,19 @@ def expand_block_calls(gm: fx.GraphModule, example_inputs: list) -> BlockInputs:
             for part in chain[:-1]:
                 owner = getattr(owner, part)
             tensor = getattr(owner, chain[-1])
+            if id(tensor) in known:  # the graph reads it already (a block's weight the model uses outside it too)
+                weights.append(known[id(tensor)])
+                continue
+            kind = ("parameters" if chain[-1] in owner._parameters else "buffers" if chain[-1] in owner._buffers
+                    else "attribute")  # named as dynamo names a lifted weight (what regions.is_param reads)
             with graph.inserting_after(last):
-                last = graph.placeholder(f"{node.name}_{'_'.join(chain)}")
+                last = graph.placeholder(f"{node.name}_{'_'.join(chain[:-1])}_{kind}_{chain[-1]}")
             last.meta["example_value"] = _like(tensor, fake)
             found.owners.append(weakref.ref(owner))
             found.names.append(chain[-1])
             found.fakes.append(last.meta["example_value"])
             weights.append(last)
+            known[id(tensor)] = last
         outputs = [n.meta.get("example_value") for n in template.gm.graph.output_node().args[0]]
         with graph.inserting_before(node):
             getter = graph.get_attr(template.name)

@@ -409,3 +409,20 @@ def test_a_block_that_cannot_be_traced_alone_is_captured_whole():
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert ditopt.stats(fast).decisions == ditopt.stats(whole).decisions
+
+
+@pytest.mark.parametrize("name", ["dit", "pixart", "cogvideox", "wan", "hunyuan"])
+def test_regional_capture_finds_the_sites_the_whole_capture_finds(name):
+    """Same names, kinds, attention kinds (self | cross | joint), parents, live-outs: the weights the
+    expansion lifts read as weights (a weight taken for data makes self-attention look cross)."""
+    model, kwargs = build(name)
+    plan = ditopt.Plan.from_dict({"version": 1, "steps": 4, "rules": [{"sites": "*", "action": "compute"}]})
+    found = []
+    for regional in (False, True):
+        fast = ditopt.optimize(model, plan, regional=regional)
+        with torch.no_grad():
+            fast(**kwargs)
+        compiled = ditopt.compiled_graph(fast)
+        assert ("expand_blocks" in compiled.seconds) == regional
+        found.append(_site_facts(compiled.sites))
+    assert found[0] == found[1]
