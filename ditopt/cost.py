@@ -49,7 +49,7 @@ from ditopt.runtime.decisions import SLOTS, Action, DecisionTable
 
 from .capture import capture
 from .errors import CaptureError
-from .flops import node_flops, node_shape
+from .flops import is_attention_call, node_flops, node_shape, window_attention_flops
 from .plan import Plan
 from .sites import SiteTable, find_sites
 
@@ -124,6 +124,8 @@ class SiteCost:
     output_bytes: sympy.Expr
     residual_bytes: sympy.Expr | None  # None when no input is shaped like each output
     watch_bytes: sympy.Expr = sympy.Integer(0)  # its first live-out, which a ``when`` indicator keeps
+    attention: tuple[tuple[tuple[sympy.Expr, ...], tuple[sympy.Expr, ...]], ...] = ()  # (q, v) shapes of its SDPA calls
+    window_bytes: sympy.Expr = sympy.Integer(0)  # its SDPA outputs: the residuals a ``window`` plan caches
 
 
 @dataclass(frozen=True)
@@ -285,18 +287,43 @@ class CostModel:
         per_call = {s: self.flops(s, **dims) for s in self.costs}
         blocks = self.block_sites()
         inside = {b: [s.name for s in self.sites if b in self.sites.ancestors(s.name)] for b in blocks}
+        windowed = self._window_costs(table, decisions, **dims)
+        stride = max(branches, 1)
         executed = 0
         for call in range(calls):
             for b in blocks:
                 if _action(decisions, b, call) != Action.COMPUTE:
                     continue
                 reused = sum(per_call[s] for s in inside[b]
-                             if _action(decisions, s, call) not in (Action.COMPUTE, Action.SKIPPED))
+                             if _action(decisions, s, call) not in (Action.COMPUTE, Action.SKIPPED, Action.WINDOW))
                 executed += per_call[b] - reused
+                for s in inside[b]:  # window attention instead of full; a full step that keeps the residual runs both
+                    if s in windowed and _action(decisions, s, call) == Action.WINDOW:
+                        executed -= windowed[s][0] - windowed[s][1]
+                    elif s in windowed and _action(decisions, s, call) == Action.COMPUTE and \
+                            _keeps_residual(decisions.get(s, ()), call, stride):
+                        executed += windowed[s][1]
         total = calls * sum(per_call[b] for b in blocks)
         return Prediction(compute_fraction=executed / total if total else 1.0, block_flops=executed,
                           cache_bytes_peak=self._cache_peak(table, decisions, branches, dims),
                           total_block_flops=total)
+
+    def _window_costs(self, table: DecisionTable | None, decisions, **dims) -> dict[str, tuple[int, int]]:
+        """``{site: (its SDPA calls' FLOPs, their window attention's FLOPs)}`` for each window site."""
+        if table is None:
+            if any(Action.WINDOW in row for row in decisions.values()):
+                raise ValueError("decisions with `window` need the plan too (the window sizes are in it)")
+            return {}
+        out = {}
+        for site, window in table.windowed().items():
+            full = windowed = 0
+            for q, v in self._cost(site).attention:
+                q, v = [self.evaluate(sympy.sympify(d), **dims) for d in q], [self.evaluate(sympy.sympify(d), **dims)
+                                                                                for d in v]
+                full += window_attention_flops(q, v, q[-2])
+                windowed += window_attention_flops(q, v, window)
+            out[site] = (full, windowed)
+        return out
 
     def _static_decisions(self, table: DecisionTable, steps_calls) -> tuple[dict[str, list[str]], int]:
         adaptive = [s for s, row in table.adaptive.items() if any(r is not None for r in row)]
@@ -329,10 +356,26 @@ class CostModel:
         held = 0
         for site, slot in slots.items():
             row = decisions.get(site, [Action.COMPUTE] * calls)
+            if slot == SLOTS[Action.WINDOW]:  # stored at the full steps a later window step reads
+                kept = sum(1 for c, a in enumerate(row) if a == Action.COMPUTE and _keeps_residual(row, c, branches))
+                held += min(depth, kept // max(branches, 1)) * self.evaluate(self.costs[site].window_bytes, **dims)
+                continue
             computed_steps = sum(1 for a in row if a == Action.COMPUTE) // max(branches, 1)
             held += min(depth, computed_steps) * self.cache_bytes(site, slot, **dims)
         held += sum(min(depth, steps) * self.evaluate(self.costs[of].watch_bytes, **dims) for of in watched)
         return held * branches
+
+
+def _keeps_residual(row: Sequence[str], call: int, stride: int) -> bool:
+    """Whether a window site that computed full attention at ``call`` also computed its residual:
+    a later call of the same CFG branch takes ``window`` before one computes full attention (as
+    :meth:`DecisionTable.residual_needed` decides from the plan)."""
+    for later in range(call + stride, len(row), stride):
+        if row[later] == Action.WINDOW:
+            return True
+        if row[later] == Action.COMPUTE:
+            return False
+    return False
 
 
 def _action(decisions: Mapping[str, Sequence[str]], site: str, call: int) -> str:
@@ -341,6 +384,10 @@ def _action(decisions: Mapping[str, Sequence[str]], site: str, call: int) -> str
 
 
 # -- building ----------------------------------------------------------------------------------
+
+def _operand(node: fx.Node, i: int, name: str) -> fx.Node:
+    return node.args[i] if len(node.args) > i else node.kwargs[name]
+
 
 def _is_tensor(node: fx.Node) -> bool:
     return isinstance(node.meta.get("example_value"), torch.Tensor)
@@ -453,9 +500,15 @@ def cost_model(model: torch.nn.Module, **example_inputs) -> CostModel:
                  for o in outs]
         output_bytes = sum(sizes, sympy.Integer(0))
         has_residual = bool(site.residual_inputs) and all(r is not None for r in site.residual_inputs)
+        calls = [nodes[m] for m in sym_site.nodes if is_attention_call(nodes[m])] \
+            if site.kind == "attention" and site.attention == "self" else []
+        attention = tuple((tuple(to_dims(d) for d in node_shape(_operand(n, 0, "query"), cap.expr)),
+                           tuple(to_dims(d) for d in node_shape(_operand(n, 2, "value"), cap.expr))) for n in calls)
+        window_bytes = sum((math.prod(node_shape(n, cap.expr), start=sympy.Integer(1)) *
+                            n.meta["example_value"].element_size() for n in calls), sympy.Integer(0))
         costs[site.name] = SiteCost(site.name, site.kind, to_dims(flops), to_dims(output_bytes),
                                     to_dims(output_bytes) if has_residual else None,
-                                    to_dims(sizes[0]) if sizes else sympy.Integer(0))
+                                    to_dims(sizes[0]) if sizes else sympy.Integer(0), attention, to_dims(window_bytes))
 
     used = set().union(*(e.free_symbols for c in costs.values() for e in (c.flops, c.output_bytes)))
     symbols = {name: sym for name, sym in symbols.items() if sym in used}

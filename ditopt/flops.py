@@ -9,7 +9,8 @@ whose sizes may be ints or sympy expressions, so one formula prices a concrete c
 - ``linear`` / ``mm`` / ``matmul`` / ``bmm`` / ``addmm`` / ``baddbmm``: ``2 * M * N * K``
   (``2 * numel(out) * K``; the bias add is not counted);
 - ``scaled_dot_product_attention``: ``2*B*H*Sq*Sk*(Dqk + Dv)`` (QK and AV; causal masks not
-  discounted);
+  discounted); window attention (:func:`window_attention_flops`, the ``window`` action's kernel):
+  ``2*B*H*ceil(S/block)*block*window*(Dqk + Dv)``, what its one batched SDPA call executes;
 - convolution: ``2 * B * prod(out spatial) * C_out * C_in/groups * prod(kernel)`` (transposed:
   input spatial instead of output).
 
@@ -43,7 +44,7 @@ import torch
 import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["ModuleCost", "attention_flops", "conv_flops", "linear_flops", "matmul_flops", "node_flops",
+__all__ = ["ModuleCost", "attention_flops", "window_attention_flops", "conv_flops", "linear_flops", "matmul_flops", "node_flops",
            "node_shape"]
 
 Shape = Sequence[Any]  # sizes: ints or sympy expressions
@@ -65,6 +66,32 @@ def attention_flops(q: Shape, k: Shape, v: Shape):
     """SDPA with q ``[..., H, Sq, Dqk]``, k ``[..., Hk, Sk, Dqk]``, v ``[..., Hk, Sk, Dv]`` (GQA
     repeats k/v over H)."""
     return 2 * math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
+
+
+def window_attention_flops(q: Sequence[int], v: Sequence[int], window: int, block: int | None = None) -> int:
+    """:func:`ditopt.runtime.window_attention.window_attention` on q ``[..., S, Dqk]`` and v
+    ``[..., S, Dv]`` (ints): each query block of ``block`` tokens (the kernel's default for the
+    window) against ``window`` keys, padded queries included; full attention where the window
+    covers the sequence.
+
+    >>> q = (1, 2, 1024, 64)
+    >>> window_attention_flops(q, q, 128) / attention_flops(q, q, q)
+    0.125
+    >>> window_attention_flops((1, 2, 1000, 64), (1, 2, 1000, 64), 128)   # 1000 queries padded to 63 blocks of 16
+    66060288
+    """
+    from ditopt.runtime.window_attention import window_block
+
+    tokens = int(q[-2])
+    if window >= tokens:
+        return attention_flops(q, q, v)
+    block = block or window_block(window)
+    return 2 * math.prod(q[:-2]) * math.ceil(tokens / block) * block * window * (q[-1] + v[-1])
+
+
+def is_attention_call(node: fx.Node) -> bool:
+    """A ``scaled_dot_product_attention`` call (what the ``window`` action rewrites)."""
+    return node.op == "call_function" and node.target is _F.scaled_dot_product_attention
 
 
 def conv_flops(x: Shape, weight: Shape, out: Shape, transposed: bool = False):

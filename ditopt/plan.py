@@ -12,6 +12,9 @@ its ``when`` indicator watch a site's modulated input instead of its output, map
 polynomial before it accumulates (``when: {of: "stack[0]", on: input, rescale: [...]}``,
 TeaCache). A ``predict`` rule names its forecaster with ``method`` (``taylor``, the default,
 ``hermite``, ``foca`` or ``freq``; :mod:`ditopt.runtime.forecast` says what each computes).
+A ``window`` rule (self-attention sites only) gives its window in tokens along the attention's
+sequence (``window: 256``): at those steps the site computes window attention and adds the residual
+(full - window attention) cached at its last full step (DiTFastAttn's WA-RS).
 
 Example:
     >>> plan = Plan.from_yaml('''
@@ -45,13 +48,14 @@ from .sites import SITE_KINDS, SiteTable, is_positional, parse_position, parse_s
 from .validate import load_yaml, read_text
 
 VERSION = 1
-COMPUTE, REUSE, REUSE_RESIDUAL, PREDICT = (Action.COMPUTE, Action.REUSE, Action.REUSE_RESIDUAL, Action.PREDICT)
+COMPUTE, REUSE, REUSE_RESIDUAL, PREDICT, WINDOW = (Action.COMPUTE, Action.REUSE, Action.REUSE_RESIDUAL, Action.PREDICT,
+                                                   Action.WINDOW)
 ACTIONS = tuple(a.value for a in PLAN_ACTIONS)
 ORDERS = (0, 1, 2)
 INDICATORS = ("rel_l1",)
 WATCHED = ("output", "input")  # when.on: a site's first live-out, or its modulated input
 ATTENTION_KINDS = ("self", "cross", "joint")
-_RULE_KEYS = {"sites", "kind", "attention", "steps", "action", "when", "order", "method"}
+_RULE_KEYS = {"sites", "kind", "attention", "steps", "action", "when", "order", "method", "window"}
 _WHEN_KEYS = {"indicator", "of", "below", "on", "rescale"}
 _PLAN_KEYS = {"version", "steps", "rules", "model", "name", "description"}
 # Bounds every plan is checked against, besides MAX_STEPS (ditopt.errors: 'steps' in
@@ -60,6 +64,7 @@ _PLAN_KEYS = {"version", "steps", "rules", "model", "name", "description"}
 MAX_RULES = 4096  # rules in one plan
 MAX_NAME = 1000  # characters of a name, a model, a site pattern, a slice or when.of
 MAX_RESCALE = 16  # coefficients of a when.rescale polynomial
+MAX_WINDOW = 1 << 24  # tokens of a window attention's window
 PLAN_SUFFIXES = (".yaml", ".yml")
 
 
@@ -99,6 +104,7 @@ class Rule:
     order: int | None = None  # predict: forecast order (default 1)
     attention: str | None = None  # only attention sites of this kind: self | cross | joint
     method: str | None = None  # predict: taylor (default) | hermite | foca | freq (ditopt.runtime.forecast)
+    window: int | None = None  # window: tokens of the attention window (required there, nowhere else)
     line: int | None = field(default=None, compare=False)
     step_line: int | None = field(default=None, compare=False)
 
@@ -127,6 +133,8 @@ class Rule:
             d["order"] = self.order
         if self.method is not None:
             d["method"] = self.method
+        if self.window is not None:
+            d["window"] = self.window
         if self.when:
             d["when"] = self.when.to_dict()
         return d
@@ -384,9 +392,29 @@ def _rule_from_dict(raw: Any, index: int, lines: dict[str, int] | None) -> Rule:
         if not isinstance(method, str) or method not in METHODS:
             raise PlanError(f"unknown forecast method {short(method)}; known: {list(METHODS)}", site=label,
                             **at("method"))
+    window = _window_field(raw.get("window"), action, dict(site=label, **at("window")))
     when = _when_field(raw.get("when"), dict(site=label, **at("when")))  # its errors name the line of 'when'
+    if when is not None and action == WINDOW:
+        raise PlanError("'window' cannot be adaptive ('when'): the residual it adds needs a fixed step table",
+                        site=label, **at("when"))
     return Rule(sites=sites, action=action, steps=steps, kind=kind, when=when, order=order, attention=attention,
-                method=method, line=line, step_line=lines.get("steps", line))
+                method=method, window=window, line=line, step_line=lines.get("steps", line))
+
+
+def _window_field(window: Any, action: str, where: dict[str, Any]) -> int | None:
+    """``window: <tokens>``: required by action window, refused by every other action."""
+    if action != WINDOW:
+        if window is not None:
+            raise PlanError(f"'window' applies to action window, not {action!r}", **where)
+        return None
+    if window is None:
+        raise PlanError("action window needs 'window: <tokens>', the window along the attention's sequence", **where)
+    if isinstance(window, (list, dict)):
+        raise PlanError(f"per-axis windows (frames x height x width) are not supported yet; give 'window' in tokens "
+                        f"of the attention's sequence, got {short(window)}", **where)
+    if not isinstance(window, int) or isinstance(window, bool) or not 0 < window <= MAX_WINDOW:
+        raise PlanError(f"'window' must be a number of tokens in 1..{MAX_WINDOW}, got {short(window)}", **where)
+    return window
 
 
 def _sites_field(sites: Any, where: dict[str, Any]) -> tuple[str, ...]:

@@ -73,7 +73,8 @@ def resample_plan(plan: "Plan", steps: int) -> "Plan":
                 new_steps = tuple(s for s in new_steps if s > 0)
         if new_steps:
             rules.append(Rule(sites=rule.sites, action=rule.action, steps=new_steps, kind=rule.kind,
-                              when=rule.when, order=rule.order, attention=rule.attention, method=rule.method))
+                              when=rule.when, order=rule.order, attention=rule.attention, method=rule.method,
+                              window=rule.window))
     new = Plan(steps=steps, rules=rules, version=plan.version, model=plan.model,
                name=f"{plan.name or 'plan'}@{steps}")
     new.check()

@@ -38,7 +38,7 @@ def compile_plan(plan: "Plan", sites: SiteTable) -> DecisionTable:
     if plan.model and sites.sites and sites.model not in (None, plan.model):
         raise PlanError(f"plan was made for {plan.model}, not {sites.model}")
     table = DecisionTable(steps=plan.steps, actions={}, adaptive={}, slots={}, indicators=[], orders={}, methods={},
-                          parents={s.name: sites.ancestors(s.name) for s in sites}, site_order=sites.names())
+                          windows={}, parents={s.name: sites.ancestors(s.name) for s in sites}, site_order=sites.names())
     origin: dict[tuple[str, int], int] = {}  # (site, step) -> the rule that set it
     rule_of_indicator: list[int] = []
     for i, rule in enumerate(plan.rules):
@@ -96,6 +96,12 @@ def _indicator(rule: "Rule", i: int, sites: SiteTable) -> Indicator:
 
 def _check_can_take(rule: "Rule", i: int, site) -> None:
     where = dict(rule=i, line=rule.line, site=site.name)
+    if rule.action == Action.WINDOW:  # the site still runs: only its self-attention kernel changes
+        if site.kind != "attention" or site.attention != "self":
+            what = f"{site.attention} attention" if site.kind == "attention" else f"a {site.kind}"
+            raise PlanError(f"window applies to self-attention sites only; {site.name!r} is {what} (narrow the rule "
+                            f"with kind: attention, attention: self)", **where)
+        return
     if rule.action != Action.COMPUTE and not site.skippable:
         raise PlanError(f"site cannot be skipped: {site.why_not_skippable}", **where)
     if rule.action == Action.REUSE_RESIDUAL and any(r is None for r in site.residual_inputs):
@@ -110,11 +116,13 @@ def _apply(table: DecisionTable, rule: "Rule", i: int, site: str, when_index: in
     arow = table.adaptive.setdefault(site, [None] * table.steps)
     orow = table.orders.setdefault(site, [0] * table.steps)
     mrow = table.methods.setdefault(site, [""] * table.steps)
+    wrow = table.windows.setdefault(site, [0] * table.steps)
     for s in rule.step_list(table.steps):
         row[s] = action
         arow[s] = when_index if action != Action.COMPUTE else None
         orow[s] = (1 if rule.order is None else rule.order) if action == Action.PREDICT else 0
         mrow[s] = (rule.method or "taylor") if action == Action.PREDICT else ""
+        wrow[s] = rule.window if action == Action.WINDOW else 0
         origin[(site, s)] = i
 
 
@@ -123,8 +131,12 @@ def _assign_slots(plan: "Plan", table: DecisionTable, sites: SiteTable, origin) 
     for name, row in list(table.actions.items()):
         used = {a for a in row if a != Action.COMPUTE}
         if not used:
-            del table.actions[name], table.adaptive[name], table.orders[name], table.methods[name]
+            del table.actions[name], table.adaptive[name], table.orders[name], table.methods[name], table.windows[name]
             continue
+        if Action.WINDOW in used:
+            _check_window_row(plan, table, name, used, origin)
+        if not any(table.windows[name]):
+            del table.windows[name]
         kinds = used - {Action.PREDICT}
         if len(kinds) > 1:
             raise PlanError(f"a site takes one kind of reuse per plan, got {sorted(a.value for a in used)}", site=name)
@@ -139,6 +151,20 @@ def _assign_slots(plan: "Plan", table: DecisionTable, sites: SiteTable, origin) 
             i = origin[(name, first)]
             raise PlanError(f"{row[first]} at step {first} before the site computed at any step",
                             rule=i, line=plan.rules[i].line, site=name)
+
+
+def _check_window_row(plan: "Plan", table: DecisionTable, name: str, used: set, origin) -> None:
+    """A window site takes no other reuse (its graph keeps the site and swaps the attention
+    kernel), and one window: the graph computes one window size per site."""
+    steps = [s for s, w in enumerate(table.windows[name]) if w]
+    i = origin[(name, steps[-1])]
+    where = dict(rule=i, line=plan.rules[i].line, site=name)
+    if len(used) > 1:
+        raise PlanError(f"a window site takes no other reuse in the same plan, got {sorted(a.value for a in used)}",
+                        **where)
+    sizes = sorted({table.windows[name][s] for s in steps})
+    if len(sizes) > 1:
+        raise PlanError(f"a site takes one window size per plan (the graph computes one), got {sizes}", **where)
 
 
 def _check_when(plan: "Plan", table: DecisionTable, sites: SiteTable, rule_of_indicator: list[int]) -> None:

@@ -20,6 +20,7 @@ from .insert_indicators import insert_indicators
 from .insert_observers import insert_observers
 from .insert_skip_branches import insert_skip_branches
 from .insert_step_tracking import insert_step_tracking
+from .insert_window_branches import insert_window_branches
 from .lower_skip_branches import lower_skip_branches
 from .pass_base import PassContext, PassResult
 from .sequence_parallel import sequence_parallel
@@ -40,6 +41,7 @@ PIPELINE = [
     insert_step_tracking,   # token + begin_step: every later runtime op reads the token
     insert_observers,       # profiling graphs only (ctx.observe): observe each site's output
     insert_indicators,      # before cache ops, so a watched site's indicator sits outside the regions
+    insert_window_branches, # window sites' SDPA calls: before cache ops, so an enclosing region takes them in
     insert_cache_ops,       # decide / load / store around each region; graph still computes all
     insert_skip_branches,   # needs the loads and stores in place: regions become torch.cond
 ]
@@ -70,5 +72,5 @@ __all__ = [
     "annotations", "EAGER_ONLY", "FIRST", "PIPELINE", "GraphInvariantError", "PassContext", "PassResult", "annotate_decisions",
     "attention_backend",
     "coalesce_regions", "insert_cache_ops", "insert_indicators", "insert_observers", "insert_skip_branches", "insert_step_tracking",
-    "lower_skip_branches", "run_pipeline", "sequence_parallel", "verify_graph",
+    "insert_window_branches", "lower_skip_branches", "run_pipeline", "sequence_parallel", "verify_graph",
 ]

@@ -7,6 +7,8 @@ Rewrite to: no new nodes. Annotations only (:mod:`.annotations`):
     NodeAnnotation.watch        on the node a when rule watches (its site's first live-out, or
                                 its modulated input for `on: input`): the when-rule indices
     GraphAnnotation.rewrites    {site: SiteRewrite(slot, depth, schedule)} for every site that reuses
+    GraphAnnotation.windows     {site: window} for every self-attention site planned `window` (it runs
+                                at every step, so its nodes join no region and it gets no skip branch)
 The table itself goes to the runtime from the backend; no copy of it is kept in the graph.
 """
 
@@ -26,11 +28,14 @@ def annotate_decisions(gm: fx.GraphModule, ctx: PassContext, table: DecisionTabl
         return PassResult(gm, False)
     sites = ctx.sites
     by_name = {n.name: n for n in gm.graph.nodes}
+    ga.windows = table.windowed()
     for name in table.actions:
+        if name in ga.windows:
+            continue
         for node_name in sites[name].nodes:
             node = by_name[node_name]
             annotate(node, regions=(*node_annotation(node).regions, name))
-        depth = sum(1 for a in sites.ancestors(name) if a in table.actions)
+        depth = sum(1 for a in sites.ancestors(name) if a in table.actions and a not in ga.windows)
         schedule = table.schedule(name)  # action, when rule, order and forecaster per step
         ga.rewrites[name] = SiteRewrite(slot=table.slots[name], depth=depth, schedule=schedule)
     for index, indicator in enumerate(table.indicators):

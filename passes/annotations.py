@@ -4,7 +4,7 @@ A node's annotation (:class:`NodeAnnotation`, frozen) says what the passes made 
 ``role`` of a node a pass inserted, the ``site`` it serves, the reusing ``regions`` it belongs
 to, the ``when`` rules that ``watch`` it. The graph's annotation (:class:`GraphAnnotation`)
 says which sites are rewritten (their cache slot and nesting depth) and which already have a
-skip branch. Everything else about a site (its nodes, live-outs, residual inputs) is in the
+skip branch, and which self-attention sites compute window attention at some steps. Everything else about a site (its nodes, live-outs, residual inputs) is in the
 pass context's :class:`~ditopt.sites.SiteTable`: the one source of site information.
 
 Example:
@@ -122,6 +122,8 @@ class GraphAnnotation:
     rewrites: dict[str, SiteRewrite] = field(default_factory=dict)  # the sites that get a skip branch
     skip_branches: set[str] | None = None  # sites given one so far (None: insert_skip_branches not run)
     coalesced: dict[str, tuple[str, ...]] = field(default_factory=dict)  # lead site -> the run it stands for
+    windows: dict[str, int] = field(default_factory=dict)  # self-attention sites planned `window` -> window (tokens)
+    window_branches: set[str] | None = None  # window sites given their branches so far (None: pass not run)
 
 
 def graph_annotation(gm: fx.GraphModule) -> GraphAnnotation:

@@ -95,7 +95,8 @@ def _merged_site(sites: SiteTable, run: list[str]):
 def table_runs(table: DecisionTable, sites: SiteTable, users: dict[str, set[str]]) -> dict[str, tuple[str, ...]]:
     """The runs this pass makes of ``table``'s sites (lead -> members): for the cost model, and for
     ``set_plan``, which may swap a table into a graph only if it coalesces alike."""
-    schedules = {s: (table.schedule(s), table.slots[s]) for s in table.actions}
+    windowed = table.windowed()  # window sites run at every step: annotate_decisions makes them no region
+    schedules = {s: (table.schedule(s), table.slots[s]) for s in table.actions if s not in windowed}
     return {run[0]: tuple(run) for run in find_runs(sites, schedules, users)}
 
 

@@ -53,4 +53,7 @@ def verify_graph(gm: fx.GraphModule, ctx: PassContext | None = None) -> PassResu
     missing = set(ga.rewrites) - set(ga.skip_branches or ())
     if ga.skip_branches is not None and missing:
         raise GraphInvariantError(f"sites annotated for reuse but never given a skip branch: {sorted(missing)}")
+    unwindowed = set(ga.windows) - set(ga.window_branches or ())
+    if ga.window_branches is not None and unwindowed:
+        raise GraphInvariantError(f"sites planned `window` but never given window branches: {sorted(unwindowed)}")
     return PassResult(gm, False)

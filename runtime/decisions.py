@@ -29,6 +29,7 @@ class Action(str, Enum):
     REUSE = "reuse"  # return its cached output
     REUSE_RESIDUAL = "reuse_residual"  # add its cached residual (output - input) to its input
     PREDICT = "predict"  # forecast of its residual (or output) from its last computed steps (by a method)
+    WINDOW = "window"  # self-attention: window attention plus the residual (full - window) of its last full step
     SKIPPED = "skipped"  # stats only: an enclosing site did not compute, so this one did not run
 
     def __str__(self) -> str:
@@ -41,8 +42,10 @@ class Action(str, Enum):
         return str.__hash__(self)
 
 
-PLAN_ACTIONS = (Action.COMPUTE, Action.REUSE, Action.REUSE_RESIDUAL, Action.PREDICT)  # what a rule may say
-SLOTS = {Action.REUSE: "output", Action.REUSE_RESIDUAL: "residual"}  # the cache slot a reusing action reads
+PLAN_ACTIONS = (Action.COMPUTE, Action.REUSE, Action.REUSE_RESIDUAL, Action.PREDICT, Action.WINDOW)  # what a rule may say
+# the cache slot a reusing action reads (``window``: the residual full - window at each SDPA call of the site)
+SLOTS = {Action.REUSE: "output", Action.REUSE_RESIDUAL: "residual", Action.WINDOW: "window"}
+RUNNING = (Action.COMPUTE, Action.WINDOW)  # actions at which a site runs (the sites inside it run too)
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,8 @@ class DecisionTable:
     "residual"). ``orders[site][step]``: a ``predict`` step's order (0 elsewhere).
     ``methods[site][step]``: a ``predict`` step's forecaster (``runtime.forecast.METHODS``; "" elsewhere,
     and a site or table without the row forecasts with taylor).
+    ``windows[site][step]``: a ``window`` step's window in tokens (0 elsewhere); the rewritten graph
+    holds one window per site, so a site's window steps share one size.
     ``parents[site]``: the sites that contain it; ``site_order``: every site in graph order.
     ``runs[lead]``: the sites a coalesced region stands for (the graph decides and caches once
     for the run, under the lead's name; the stats report each member).
@@ -79,6 +84,7 @@ class DecisionTable:
     indicators: list[Indicator] = field(default_factory=list)
     orders: dict[str, list[int]] = field(default_factory=dict)
     methods: dict[str, list[str]] = field(default_factory=dict)  # predict: taylor | hermite | foca | freq
+    windows: dict[str, list[int]] = field(default_factory=dict)  # window: tokens of the window (0 elsewhere)
     parents: dict[str, list[str]] = field(default_factory=dict)
     site_order: list[str] = field(default_factory=list)
     runs: dict[str, tuple[str, ...]] = field(default_factory=dict)  # a coalesced run's lead -> its sites
@@ -111,11 +117,37 @@ class DecisionTable:
         row = self.methods.get(site)
         return (row[step] if row is not None and 0 <= step < self.steps else "") or "taylor"
 
+    def window(self, site: str, step: int) -> int:
+        """The window (tokens) of a ``window`` step, 0 at other steps."""
+        row = self.windows.get(site)
+        return row[step] if row is not None and 0 <= step < self.steps else 0
+
+    def window_of(self, site: str) -> int:
+        """The one window the graph computes for ``site``, 0 if it never takes ``window``."""
+        return max(self.windows.get(site, ()), default=0)
+
+    def windowed(self) -> dict[str, int]:
+        """``{site: window}`` for every site that takes ``window`` at some step."""
+        return {s: w for s in self.actions if (w := self.window_of(s))}
+
+    def residual_needed(self, site: str, step: int) -> bool:
+        """Whether a full step of a ``window`` site must also compute its residual (full - window):
+        a later ``window`` step comes before the site next runs full attention for sure (a full
+        step inside a site that computes at that step). Elsewhere the window part is not run."""
+        for later in range(step + 1, self.steps):
+            action = self.action(site, later)
+            if action == Action.WINDOW:
+                return True
+            if action == Action.COMPUTE and all(self.action(p, later) in RUNNING for p in self.parents.get(site, ())):
+                return False
+        return False
+
     def schedule(self, site: str) -> tuple:
-        """What must be equal along a coalesced run: action, ``when`` rule, order and forecaster
-        at every step (``passes.coalesce_regions`` compares these)."""
+        """What must be equal along a coalesced run: action, ``when`` rule, order, forecaster and
+        window at every step (``passes.coalesce_regions`` compares these)."""
         methods = tuple(self.method(site, t) if a == Action.PREDICT else "" for t, a in enumerate(self.actions[site]))
-        return tuple(self.actions[site]), tuple(self.adaptive[site]), tuple(self.orders.get(site, ())), methods
+        return (tuple(self.actions[site]), tuple(self.adaptive[site]), tuple(self.orders.get(site, ())), methods,
+                tuple(self.windows.get(site, ())))
 
     def action_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -125,8 +157,9 @@ class DecisionTable:
         return counts
 
     def with_nested_skips(self, call: dict[str, str]) -> dict[str, str]:
-        """One call's decisions with every site inside a non-computing site marked skipped."""
-        return {site: Action.SKIPPED.value if any(call.get(p, Action.COMPUTE) != Action.COMPUTE
+        """One call's decisions with every site inside a site that did not run marked skipped (a
+        ``window`` site runs: only its attention kernel changes)."""
+        return {site: Action.SKIPPED.value if any(call.get(p, Action.COMPUTE) not in RUNNING
                                                   for p in self.parents.get(site, ())) else str(action)
                 for site, action in call.items()}
 
@@ -155,6 +188,9 @@ class DecisionTable:
                     f"{sorted(self.actions)}); optimise again instead")
         if self.steps != other.steps:
             return f"plan has {other.steps} steps, the compiled graph {self.steps}"
+        if self.windowed() != other.windowed():
+            return (f"the compiled graph computes window attention with windows {self.windowed()}, the plan "
+                    f"{other.windowed()}; optimise again")
         for lead, run in self.runs.items():
             rows = {other.schedule(s) for s in run}
             if len(rows) > 1:
@@ -163,4 +199,4 @@ class DecisionTable:
         return None
 
 
-__all__ = ["Action", "DecisionTable", "Indicator", "PLAN_ACTIONS", "SLOTS"]
+__all__ = ["Action", "DecisionTable", "Indicator", "PLAN_ACTIONS", "RUNNING", "SLOTS"]

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import torch
 
+from .decisions import SLOTS, Action
 from .session import get_runtime
+
+WINDOW_SLOT = SLOTS[Action.WINDOW]
 
 
 @torch.library.custom_op("ditopt::begin_step", mutates_args=("token",))
@@ -50,6 +53,25 @@ def decide(token: torch.Tensor, rid: int, graph: int, site: str, shape: list[int
 @decide.register_fake
 def _(token, rid, graph, site, shape, device):
     return torch.empty((), dtype=torch.bool, device=device)
+
+
+@torch.library.custom_op("ditopt::window_residual", mutates_args=())
+def window_residual(token: torch.Tensor, rid: int, graph: int, site: str) -> torch.Tensor:
+    """Whether a ``window`` site computes its residual (full - window attention) at this call: a
+    bool scalar on the CPU (the plan is static, the branch is taken on the host). True when the
+    site runs full attention here and a later ``window`` step will read the residual
+    (:meth:`DecisionTable.residual_needed`); elsewhere the window part is not run."""
+    return torch.tensor(_keeps_window_residual(get_runtime(rid), graph, site))
+
+
+@window_residual.register_fake
+def _(token, rid, graph, site):
+    return torch.empty((), dtype=torch.bool)
+
+
+def _keeps_window_residual(rt, graph: int, site: str) -> bool:
+    table = rt.graphs.get(graph)
+    return bool(rt.computed(site)) and table is not None and table.residual_needed(site, rt.state.step)
 
 
 @torch.library.custom_op("ditopt::update_indicator", mutates_args=("token",))
@@ -97,6 +119,8 @@ def cache_store(
     token.add_(1)
     rt = get_runtime(rid)
     known = rt.computed(site)  # static decisions are known on the host: no read of ``computed``
+    if known and slot.startswith(WINDOW_SLOT):  # a window residual is computed at some full steps only
+        known = _keeps_window_residual(rt, graph, site)
     if known is False:
         return
     value = value.detach().clone() if copy else value.detach()
@@ -131,4 +155,4 @@ def run_branch(pred, compute_fn, reuse_fn, operands):
     return compute_fn(*operands) if pred else reuse_fn(*operands)
 
 
-__all__ = ["begin_step", "decide", "update_indicator", "cache_load", "cache_store", "dense_copy", "run_branch"]
+__all__ = ["begin_step", "decide", "window_residual", "update_indicator", "cache_load", "cache_store", "dense_copy", "run_branch"]

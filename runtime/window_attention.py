@@ -10,7 +10,7 @@ a gathered key span, all blocks in one batched call. The work is ``tokens x wind
 instead of ``tokens^2`` (8x less at a window of 1/8 of the sequence; measured in
 ``docs/BENCHMARKS.md``), and :func:`window_mask` gives the dense mask it equals.
 
-Layout is SDPA's: ``[batch, heads, tokens, head_dim]``.
+Layout is SDPA's: ``[batch, heads, tokens, head_dim]`` (any leading dims: ``[batch, tokens, dim]`` too).
 """
 
 from __future__ import annotations
@@ -64,17 +64,18 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     """
     if window < 1:
         raise ValueError(f"window must be >= 1 token, got {window}")
-    batch, heads, tokens, dim = q.shape
+    *lead, tokens, dim = q.shape
     if window >= tokens:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    rows = math.prod(lead)
     block = block or window_block(window)
     blocks = math.ceil(tokens / block)
-    qb = F.pad(q, (0, 0, 0, blocks * block - tokens)).reshape(batch * heads, blocks, block, dim)
+    qb = F.pad(q, (0, 0, 0, blocks * block - tokens)).reshape(rows, blocks, block, dim)
     index = (_spans(tokens, window, block, q.device)[:, None] + torch.arange(window, device=q.device)).reshape(-1)
-    kb = k.reshape(batch * heads, tokens, -1).index_select(1, index).reshape(batch * heads, blocks, window, -1)
-    vb = v.reshape(batch * heads, tokens, -1).index_select(1, index).reshape(batch * heads, blocks, window, -1)
+    kb = k.reshape(rows, tokens, -1).index_select(1, index).reshape(rows, blocks, window, -1)
+    vb = v.reshape(rows, tokens, -1).index_select(1, index).reshape(rows, blocks, window, -1)
     out = F.scaled_dot_product_attention(qb, kb, vb, scale=scale)
-    return out.reshape(batch, heads, blocks * block, -1)[:, :, :tokens]
+    return out.reshape(*lead, blocks * block, -1)[..., :tokens, :]
 
 
 def window_attention_flops(batch: int, heads: int, tokens: int, dim: int, window: int,
