@@ -45,11 +45,11 @@ import sympy
 import torch
 import torch.fx as fx
 
-from ditopt.runtime.decisions import SLOTS, Action, DecisionTable
+from ditopt.runtime.decisions import SLOTS, Action, DecisionTable, keeps_residual
 
 from .capture import capture
 from .errors import CaptureError
-from .flops import is_attention_call, node_flops, node_shape, window_attention_flops
+from .flops import attention_calls, node_flops, node_shape, window_attention_flops
 from .plan import Plan
 from .sites import SiteTable, find_sites
 
@@ -288,7 +288,6 @@ class CostModel:
         blocks = self.block_sites()
         inside = {b: [s.name for s in self.sites if b in self.sites.ancestors(s.name)] for b in blocks}
         windowed = self._window_costs(table, decisions, **dims)
-        stride = max(branches, 1)
         executed = 0
         for call in range(calls):
             for b in blocks:
@@ -297,12 +296,10 @@ class CostModel:
                 reused = sum(per_call[s] for s in inside[b]
                              if _action(decisions, s, call) not in (Action.COMPUTE, Action.SKIPPED, Action.WINDOW))
                 executed += per_call[b] - reused
-                for s in inside[b]:  # window attention instead of full; a full step that keeps the residual runs both
-                    if s in windowed and _action(decisions, s, call) == Action.WINDOW:
-                        executed -= windowed[s][0] - windowed[s][1]
-                    elif s in windowed and _action(decisions, s, call) == Action.COMPUTE and \
-                            _keeps_residual(decisions.get(s, ()), call, stride):
-                        executed += windowed[s][1]
+                for s in set(windowed) & set(inside[b]):  # window: window attention, not full; keeping: both
+                    action, (full, window) = _action(decisions, s, call), windowed[s]
+                    keeps = action == Action.COMPUTE and keeps_residual(decisions[s], call, max(branches, 1))
+                    executed += window - full if action == Action.WINDOW else window if keeps else 0
         total = calls * sum(per_call[b] for b in blocks)
         return Prediction(compute_fraction=executed / total if total else 1.0, block_flops=executed,
                           cache_bytes_peak=self._cache_peak(table, decisions, branches, dims),
@@ -316,13 +313,9 @@ class CostModel:
             return {}
         out = {}
         for site, window in table.windowed().items():
-            full = windowed = 0
-            for q, v in self._cost(site).attention:
-                q, v = [self.evaluate(sympy.sympify(d), **dims) for d in q], [self.evaluate(sympy.sympify(d), **dims)
-                                                                                for d in v]
-                full += window_attention_flops(q, v, q[-2])
-                windowed += window_attention_flops(q, v, window)
-            out[site] = (full, windowed)
+            calls = [[[self.evaluate(sympy.sympify(d), **dims) for d in x] for x in c]
+                     for c in self._cost(site).attention]
+            out[site] = tuple(sum(window_attention_flops(q, v, w or q[-2]) for q, v in calls) for w in (0, window))
         return out
 
     def _static_decisions(self, table: DecisionTable, steps_calls) -> tuple[dict[str, list[str]], int]:
@@ -357,7 +350,7 @@ class CostModel:
         for site, slot in slots.items():
             row = decisions.get(site, [Action.COMPUTE] * calls)
             if slot == SLOTS[Action.WINDOW]:  # stored at the full steps a later window step reads
-                kept = sum(1 for c, a in enumerate(row) if a == Action.COMPUTE and _keeps_residual(row, c, branches))
+                kept = sum(1 for c, a in enumerate(row) if a == Action.COMPUTE and keeps_residual(row, c, branches))
                 held += min(depth, kept // max(branches, 1)) * self.evaluate(self.costs[site].window_bytes, **dims)
                 continue
             computed_steps = sum(1 for a in row if a == Action.COMPUTE) // max(branches, 1)
@@ -366,28 +359,12 @@ class CostModel:
         return held * branches
 
 
-def _keeps_residual(row: Sequence[str], call: int, stride: int) -> bool:
-    """Whether a window site that computed full attention at ``call`` also computed its residual:
-    a later call of the same CFG branch takes ``window`` before one computes full attention (as
-    :meth:`DecisionTable.residual_needed` decides from the plan)."""
-    for later in range(call + stride, len(row), stride):
-        if row[later] == Action.WINDOW:
-            return True
-        if row[later] == Action.COMPUTE:
-            return False
-    return False
-
-
 def _action(decisions: Mapping[str, Sequence[str]], site: str, call: int) -> str:
     row = decisions.get(site)
     return row[call] if row is not None and call < len(row) else Action.COMPUTE
 
 
 # -- building ----------------------------------------------------------------------------------
-
-def _operand(node: fx.Node, i: int, name: str) -> fx.Node:
-    return node.args[i] if len(node.args) > i else node.kwargs[name]
-
 
 def _is_tensor(node: fx.Node) -> bool:
     return isinstance(node.meta.get("example_value"), torch.Tensor)
@@ -500,15 +477,13 @@ def cost_model(model: torch.nn.Module, **example_inputs) -> CostModel:
                  for o in outs]
         output_bytes = sum(sizes, sympy.Integer(0))
         has_residual = bool(site.residual_inputs) and all(r is not None for r in site.residual_inputs)
-        calls = [nodes[m] for m in sym_site.nodes if is_attention_call(nodes[m])] \
-            if site.kind == "attention" and site.attention == "self" else []
-        attention = tuple((tuple(to_dims(d) for d in node_shape(_operand(n, 0, "query"), cap.expr)),
-                           tuple(to_dims(d) for d in node_shape(_operand(n, 2, "value"), cap.expr))) for n in calls)
-        window_bytes = sum((math.prod(node_shape(n, cap.expr), start=sympy.Integer(1)) *
-                            n.meta["example_value"].element_size() for n in calls), sympy.Integer(0))
+        attention = tuple((tuple(map(to_dims, q)), tuple(map(to_dims, v))) for q, v in attention_calls(
+            (nodes[m] for m in sym_site.nodes), cap.expr)) if site.attention == "self" else ()
+        window_bytes = sum((math.prod(q[:-1]) * v[-1] for q, v in attention), sympy.Integer(0)) * (
+            outs[0].meta["example_value"].element_size() if outs else 4)  # its SDPA outputs
         costs[site.name] = SiteCost(site.name, site.kind, to_dims(flops), to_dims(output_bytes),
                                     to_dims(output_bytes) if has_residual else None,
-                                    to_dims(sizes[0]) if sizes else sympy.Integer(0), attention, to_dims(window_bytes))
+                                    to_dims(sizes[0]) if sizes else sympy.Integer(0), attention, window_bytes)
 
     used = set().union(*(e.free_symbols for c in costs.values() for e in (c.flops, c.output_bytes)))
     symbols = {name: sym for name, sym in symbols.items() if sym in used}

@@ -44,8 +44,8 @@ import torch
 import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["ModuleCost", "attention_flops", "window_attention_flops", "conv_flops", "linear_flops", "matmul_flops", "node_flops",
-           "node_shape"]
+__all__ = ["ModuleCost", "attention_flops", "conv_flops", "attention_calls", "linear_flops", "matmul_flops",
+           "node_flops", "node_shape", "window_attention_flops"]
 
 Shape = Sequence[Any]  # sizes: ints or sympy expressions
 
@@ -89,9 +89,11 @@ def window_attention_flops(q: Sequence[int], v: Sequence[int], window: int, bloc
     return 2 * math.prod(q[:-2]) * math.ceil(tokens / block) * block * window * (q[-1] + v[-1])
 
 
-def is_attention_call(node: fx.Node) -> bool:
-    """A ``scaled_dot_product_attention`` call (what the ``window`` action rewrites)."""
-    return node.op == "call_function" and node.target is _F.scaled_dot_product_attention
+def attention_calls(nodes: Iterable[fx.Node], expr_of: Callable = int) -> tuple[tuple[tuple, tuple], ...]:
+    """``(q shape, v shape)`` of each ``scaled_dot_product_attention`` call among ``nodes`` (what the
+    ``window`` action rewrites), sizes through ``expr_of``."""
+    return tuple((node_shape(_operand(n, 0, "query"), expr_of), node_shape(_operand(n, 2, "value"), expr_of))
+                 for n in nodes if n.op == "call_function" and n.target is _F.scaled_dot_product_attention)
 
 
 def conv_flops(x: Shape, weight: Shape, out: Shape, transposed: bool = False):

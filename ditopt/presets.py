@@ -21,8 +21,8 @@ from ditopt.runtime.forecast import METHODS
 from .errors import check_count, check_steps
 from .plan import Plan, Rule, When
 
-__all__ = ["fora", "first_block_cache", "delta_dit", "taylorseer", "teacache", "dbcache", "pab", "all_compute",
-           "Preset", "REGISTRY", "PRESETS", "SPELLINGS", "lookup"]
+__all__ = ["fora", "first_block_cache", "delta_dit", "taylorseer", "teacache", "dbcache", "pab", "ditfastattn",
+           "all_compute", "Preset", "REGISTRY", "PRESETS", "SPELLINGS", "lookup"]
 
 
 def _check_threshold(threshold) -> None:
@@ -275,6 +275,60 @@ def pab(steps: int = 50, self_range: int | None = 2, cross_range: int | None = 6
     return plan
 
 
+def ditfastattn(steps: int = 50, *, window: int = 256, interval: int = 4, warmup: int = 2,
+                share_cross: bool = True, threshold: float | None = None) -> Plan:
+    """DiTFastAttn as a static schedule: window attention with residual sharing on self-attention,
+    full attention at a refresh interval, cross-attention outputs shared across steps.
+
+    Follows Yuan et al., "DiTFastAttn: Attention Compression for Diffusion Transformer Models"
+    (2024). Its WA-RS (window attention with residual sharing) is the ``window`` action: at the
+    steps that refresh, a self-attention site computes full attention and caches the residual
+    full - window; at the steps between it computes window attention over ``window`` tokens of its
+    sequence and adds the residual. Its AST (attention sharing across timesteps) is ``reuse``; here
+    on cross-attention sites (``share_cross``), at the same steps, as PAB finds cross attention the
+    most stable across steps. The first ``warmup`` steps compute everything; after them, every
+    ``interval``-th step refreshes (full attention everywhere).
+
+    Not built yet: the paper's greedy per-(step, layer) calibration, which picks WA-RS, AST or full
+    attention for each layer and step from the model's output error under a ``threshold`` (it would
+    use ``ditopt.profile``); passing ``threshold`` raises ``NotImplementedError``. Nor the per-axis
+    windows of video models (frames x height x width): ``window`` counts tokens of the sequence.
+
+    Example:
+        >>> import torch, ditopt
+        >>> from diffusers import DiTTransformer2DModel
+        >>> plan = ditfastattn(steps=10, window=8, interval=4, warmup=2)
+        >>> [(r.attention, r.action, r.step_list(10)) for r in plan.rules]
+        [('self', 'window', [3, 4, 5, 7, 8, 9]), ('cross', 'reuse', [3, 4, 5, 7, 8, 9])]
+        >>> model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+        ...     out_channels=4, num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+        >>> fast = ditopt.optimize(model, plan)
+        >>> with torch.no_grad():
+        ...     for t in range(999, 0, -100):
+        ...         _ = fast(torch.randn(1, 4, 8, 8), timestep=torch.tensor([t]), class_labels=torch.tensor([1]))
+        >>> ditopt.stats(fast).decisions["transformer_blocks.0.attn1"][:6]
+        ['compute', 'compute', 'compute', 'window', 'window', 'window']
+    """
+    check_steps(steps)
+    check_count(window, "window", minimum=1)
+    check_count(interval, "interval", minimum=1)
+    check_count(warmup, "warmup", minimum=1)
+    if warmup >= steps:
+        raise ValueError(f"warmup must be less than steps ({steps}), got {warmup}")
+    if threshold is not None:
+        raise NotImplementedError("ditfastattn(threshold=...): the greedy per-(step, layer) calibration is not built "
+                                  "yet; the preset is a static schedule (window, interval, warmup)")
+    shared = tuple(s for s in range(warmup, steps) if (s - warmup) % interval != 0)
+    rules = [Rule(sites=("*",), kind="attention", attention="self", steps=shared, action="window", window=window)]
+    if share_cross:
+        rules.append(Rule(sites=("*",), kind="attention", attention="cross", steps=shared, action="reuse"))
+    if not shared:
+        rules = [Rule(sites=("*",), kind="block", action="compute")]
+    plan = Plan(steps=steps, rules=rules, name=f"ditfastattn-{window}")
+    plan.check()
+    return plan
+
+
 def all_compute(steps: int = 50) -> Plan:
     """A plan that computes everything: outputs stay bit-identical to the model's."""
     return Plan(steps=steps, rules=[Rule(sites=("*",), action="compute")], name="all-compute")
@@ -323,6 +377,8 @@ REGISTRY: dict[str, Preset] = {p.name: p for p in [
     Preset("delta-dit", delta_dit, {"delta-dit": {}}),
     Preset("pab", pab, {"pab": {}}),
     Preset("all-compute", all_compute, {"all-compute": {}}, published=False),
+    # not written to configs/presets yet: its window is in tokens, so it fits one resolution
+    Preset("ditfastattn", ditfastattn, {"ditfastattn-N": {}}, "window", published=False),
 ]}
 
 # The published methods, each also as ``configs/presets/<name>.yaml`` (tools/write_presets.py).

@@ -43,7 +43,7 @@ from ditopt.errors import PlanError
 from ditopt.runtime.decisions import SLOTS, Action
 from ditopt.runtime.window_attention import window_attention
 
-from .annotations import Role, annotate, graph_annotation, regions_of
+from .annotations import Role, annotate, graph_annotation, regions_of, token_of
 from .insert_skip_branches import _dense, _example, _pinned_operands
 from .pass_base import PassContext, PassResult, copy_meta
 
@@ -58,8 +58,9 @@ def insert_window_branches(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     ga = graph_annotation(gm)
     done = set(ga.window_branches or ())
     todo = [site for site in ga.windows if site not in done]
+    calls = {site: _checked_calls(gm.graph, ctx, site) for site in todo}  # every refusal before any rewrite
     for site in todo:
-        _rewrite(gm, ctx, site, ga.windows[site])
+        _rewrite(gm, ctx, site, ga.windows[site], calls[site])
         done.add(site)
     ga.window_branches = done
     if todo:
@@ -73,14 +74,19 @@ def sdpa_calls(graph: fx.Graph, nodes) -> list[fx.Node]:
     return [n for n in graph.nodes if n.name in names and n.op == "call_function" and n.target in _SDPA]
 
 
-def _rewrite(gm: fx.GraphModule, ctx: PassContext, site: str, window: int) -> None:
-    graph = gm.graph
+def _checked_calls(graph: fx.Graph, ctx: PassContext, site: str) -> list[fx.Node]:
     calls = sdpa_calls(graph, ctx.sites[site].nodes)
     if not calls:
         raise PlanError(f"window needs the site's attention as a scaled_dot_product_attention call; {site!r} has "
                         f"none (another attention backend, or sequence parallelism, replaced it)", site=site)
-    token = next(n for n in graph.find_nodes(op="placeholder") if n.meta.get("ditopt") and
-                 n.meta["ditopt"].role is Role.TOKEN)
+    for call in calls:
+        _check_call(call, site)
+    return calls
+
+
+def _rewrite(gm: fx.GraphModule, ctx: PassContext, site: str, window: int, calls: list[fx.Node]) -> None:
+    graph = gm.graph
+    token = token_of(graph)
     first = calls[0]
     regions = regions_of(first)
     shape = list(_example(first).shape)

@@ -42,7 +42,8 @@ class Action(str, Enum):
         return str.__hash__(self)
 
 
-PLAN_ACTIONS = (Action.COMPUTE, Action.REUSE, Action.REUSE_RESIDUAL, Action.PREDICT, Action.WINDOW)  # what a rule may say
+# what a rule may say
+PLAN_ACTIONS = (Action.COMPUTE, Action.REUSE, Action.REUSE_RESIDUAL, Action.PREDICT, Action.WINDOW)
 # the cache slot a reusing action reads (``window``: the residual full - window at each SDPA call of the site)
 SLOTS = {Action.REUSE: "output", Action.REUSE_RESIDUAL: "residual", Action.WINDOW: "window"}
 RUNNING = (Action.COMPUTE, Action.WINDOW)  # actions at which a site runs (the sites inside it run too)
@@ -199,4 +200,21 @@ class DecisionTable:
         return None
 
 
-__all__ = ["Action", "DecisionTable", "Indicator", "PLAN_ACTIONS", "RUNNING", "SLOTS"]
+def keeps_residual(row: list[str], call: int, stride: int = 1) -> bool:
+    """Whether a ``window`` site that ran full attention at ``call`` of a decisions row (one entry
+    per call, ``stride`` calls per step) also computed its residual: a later call of the same CFG
+    branch takes ``window`` before one runs full attention (what :meth:`DecisionTable.residual_needed`
+    decides from the plan; the cost model reads it from decisions).
+
+    >>> keeps_residual(["compute", "skipped", "window"], 0), keeps_residual(["compute", "compute", "window"], 0)
+    (True, False)
+    """
+    for later in range(call + stride, len(row), stride):
+        if row[later] == Action.WINDOW:
+            return True
+        if row[later] == Action.COMPUTE:
+            return False
+    return False
+
+
+__all__ = ["Action", "DecisionTable", "Indicator", "PLAN_ACTIONS", "RUNNING", "SLOTS", "keeps_residual"]

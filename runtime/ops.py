@@ -155,4 +155,5 @@ def run_branch(pred, compute_fn, reuse_fn, operands):
     return compute_fn(*operands) if pred else reuse_fn(*operands)
 
 
-__all__ = ["begin_step", "decide", "window_residual", "update_indicator", "cache_load", "cache_store", "dense_copy", "run_branch"]
+__all__ = ["begin_step", "decide", "window_residual", "update_indicator", "cache_load", "cache_store", "dense_copy",
+           "run_branch"]

@@ -312,6 +312,50 @@ rules:
     assert predicted.total_block_flops == total
 
 
+def test_window_steps_execute_window_attention_flops_not_full_attention(dit, record_property):
+    """DiT at 64 tokens, window 16 (query blocks of 16): a window step's attention executes
+    4*B*H*64*16*D FLOPs instead of 4*B*H*64*64*D (a quarter); a full step that keeps the residual
+    for a later window step executes both; the last full step, which no window step follows, only
+    the full attention. FlopCounterMode counts the window kernel's one batched SDPA call."""
+    model, kwargs, cost = dit
+    plan = ditopt.Plan.from_yaml(f"""
+version: 1
+steps: {STEPS}
+rules:
+  - sites: "*"
+    kind: attention
+    attention: self
+    steps: [1, 2, 4]
+    action: window
+    window: 16
+""")
+    size = resized(kwargs, batch=2, height=16)
+    torch._dynamo.reset()
+    opt = ditopt.optimize(model, plan)
+    run_generation(opt, size)
+    calls = executed_flops_per_call(opt, size)
+    stats = ditopt.stats(opt)
+    ref = module_flops(model, size)
+    sites = [s.name for s in cost.sites if s.kind == "attention" and s.attention == "self"]
+    batch, heads, tokens, dim = 2, 2, 64, 16
+    full, window = 4 * batch * heads * tokens * tokens * dim, 4 * batch * heads * tokens * 16 * dim
+    n = len(sites)
+    assert stats.decisions[sites[0]] == ["compute", "window", "window", "compute", "window", "compute"]
+    keeps, windowed = ref["Global"] + n * window, ref["Global"] - n * (full - window)
+    assert calls == [keeps, windowed, windowed, keeps, windowed, ref["Global"]]
+    blocks = sum(ref[b] for b in cost.block_sites())
+    measured = (sum(calls) - len(calls) * (ref["Global"] - blocks)) / (len(calls) * blocks)
+    predicted = cost.predict(plan, **cost.dims_for(**size))
+    assert predicted.compute_fraction == pytest.approx(measured, rel=1e-9)
+    assert predicted.cache_bytes_peak == stats.cache_bytes == n * batch * heads * tokens * dim * 4
+    from_decisions = cost.predict(plan, decisions=stats.decisions, **cost.dims_for(**size))
+    assert from_decisions.compute_fraction == pytest.approx(measured, rel=1e-9)
+    with pytest.raises(ValueError, match="window sizes"):
+        cost.predict(decisions=stats.decisions)
+    record_property("window_step_fraction", calls[1] / ref["Global"])
+    print(f"\nwindow step: attention {window / full:.3f} of full; the call {calls[1] / ref['Global']:.4f} of full")
+
+
 # -- bad input ----------------------------------------------------------------------------------
 
 def test_bad_input_names_what_is_wrong(dit, wan):
