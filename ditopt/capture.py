@@ -9,6 +9,7 @@ turns that into the module path a user writes (``blocks.0.attn1``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import re
 import threading
@@ -34,6 +35,7 @@ _PATH_RULES = [  # applied in order; each strips one spelling of attribute acces
 ]
 
 
+@functools.lru_cache(maxsize=65536)
 def module_path(raw: str) -> str:
     """Normalise a dynamo module path.
 

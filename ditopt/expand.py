@@ -8,7 +8,6 @@ extra graph inputs (:class:`BlockInputs`). See :mod:`ditopt.regional`.
 
 from __future__ import annotations
 
-import contextlib
 import operator
 import re
 import types
@@ -22,7 +21,7 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from .capture import module_path
 from .errors import DitoptError
-from .marks import _BLOCKS, _FORCED, RegionalError, _fresh, _leaf_signature, block_call, block_signature
+from .marks import _BLOCKS, _FORCED, RegionalError, _fresh, _leaf_signature, block_call, block_signature, fake_like
 
 INVOKE = torch.ops.higher_order.invoke_subgraph
 
@@ -73,11 +72,12 @@ class _Traced(Exception):
     """Raised by the template's capturing backend once it holds the graph (ends dynamo's work there)."""
 
 
-def _capture_alone(block: torch.nn.Module, leaves: list, spec) -> fx.GraphModule:
+def _capture_alone(block: torch.nn.Module, leaves: list, spec, grad: bool) -> fx.GraphModule:
     """Dynamo's graph of ``block`` called alone on real tensors shaped like the fake ``leaves``
     (the other leaves are constants): capture only (no guards, no run). Its inputs are
     ``L['inputs'][i]`` (the tensor leaves in order) and the block's own tensors (``L['self'].block...``);
-    it returns the tensor leaves of the block's outputs, in order."""
+    it returns the tensor leaves of the block's outputs, in order. ``grad``: the grad mode of the
+    model's trace (whether the call's outputs require grad)."""
     base = getattr(type(block).forward, "__wrapped__", type(block).forward)
     values = []
     for v in leaves:
@@ -109,7 +109,8 @@ def _capture_alone(block: torch.nn.Module, leaves: list, spec) -> fx.GraphModule
     before = getattr(_FORCED, "on", False)
     _FORCED.on = False  # the block itself, traced inline
     try:
-        torch._dynamo.optimize(record, nopython=True, dynamic=False)(root.forward)(*(values[i] for i in positions))
+        with torch.set_grad_enabled(grad):
+            torch._dynamo.optimize(record, nopython=True, dynamic=False)(root.forward)(*(values[i] for i in positions))
     except torch._dynamo.exc.BackendCompilerFailed as exc:
         if not isinstance(getattr(exc, "inner_exception", None), _Traced):
             raise
@@ -124,7 +125,8 @@ def _trace_template(block: torch.nn.Module, leaves: list, spec, caller: dict, re
     """Trace ``block`` alone with dynamo on real tensors shaped like ``leaves`` (the fake input
     leaves of its call; the other leaves are constants; ``returned``: the call's fake outputs), and make the subgraph of it, its module
     stacks those of a subgraph traced inside ``caller`` (the calling node's module stack)."""
-    traced = _capture_alone(block, leaves, spec)
+    grad = any(t.requires_grad for t in pytree.tree_leaves(returned) if isinstance(t, torch.Tensor))
+    traced = _capture_alone(block, leaves, spec, grad)
     graph, env = fx.Graph(), {}
     weights: list[list[str]] = []
     inputs, lifted = [], []
@@ -187,9 +189,8 @@ def _refake(node: fx.Node, fake) -> None:
     def remake(v):
         if not isinstance(v, torch.Tensor):
             return v
-        with fake:
-            t = torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=v.device)
-        return t.requires_grad_(v.requires_grad) if v.requires_grad and t.is_floating_point() else t
+        grad = v.requires_grad and v.is_floating_point()
+        return fake_like(fake, v.shape, v.stride(), v.dtype, v.device, grad)
 
     node.meta["example_value"] = pytree.tree_map(remake, value)
 
@@ -279,15 +280,14 @@ def expand_block_calls(gm: fx.GraphModule, example_inputs: list) -> BlockInputs:
             found.fakes.append(last.meta["example_value"])
             weights.append(last)
             known[id(tensor)] = last
-        outputs = [n.meta.get("example_value") for n in template.gm.graph.output_node().args[0]]
         with graph.inserting_before(node):
             getter = graph.get_attr(template.name)
             getter.meta["nn_module_stack"] = caller
             call = graph.call_function(INVOKE, (getter, template.name, *(leaves[i] for i in template.leaf_index), *weights))
         call.meta = {k: v for k, v in node.meta.items() if k != "example_value"}
-        with fake if fake is not None else contextlib.nullcontext():
-            call.meta["example_value"] = tuple(torch.empty_strided(tuple(o.shape), tuple(o.stride()), dtype=o.dtype,
-                                                                   device=o.device) for o in outputs)
+        # the call's outputs are the opaque node's (made in the model's trace, with its grad mode)
+        call.meta["example_value"] = tuple(o for o in pytree.tree_leaves(node.meta["example_value"])
+                                           if isinstance(o, torch.Tensor))
         template.uses.append(call)
         _reroute_outputs(node, call, template)
         graph.erase_node(node)
@@ -308,9 +308,8 @@ def _like(tensor: torch.Tensor, fake):
     ``fake.from_tensor``, which memoises every tensor it sees), or ``tensor`` without a fake mode."""
     if fake is None:
         return tensor
-    with fake:
-        out = torch.empty_strided(tuple(tensor.shape), tuple(tensor.stride()), dtype=tensor.dtype, device=tensor.device)
-    return out.requires_grad_(tensor.requires_grad) if tensor.requires_grad else out
+    return fake_like(fake, tensor.shape, tensor.stride(), tensor.dtype, tensor.device,
+                     tensor.requires_grad and tensor.is_floating_point())
 
 
 def _graph_fake_mode(gm: fx.GraphModule):

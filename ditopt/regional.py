@@ -297,6 +297,7 @@ def lower_calls_for_eager(gm: fx.GraphModule) -> int:
     for mod in list(gm.modules()):
         if not isinstance(mod, fx.GraphModule):
             continue
+        here = 0
         for node in list(mod.graph.find_nodes(op="call_function", target=INVOKE)):
             getter = node.args[0]
             with mod.graph.inserting_before(node):
@@ -306,9 +307,10 @@ def lower_calls_for_eager(gm: fx.GraphModule) -> int:
             mod.graph.erase_node(node)
             if not getter.users:
                 mod.graph.erase_node(getter)
-            lowered += 1
-        if lowered:
+            here += 1
+        if here:
             mod.recompile()
+        lowered += here
     return lowered
 
 

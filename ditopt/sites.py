@@ -320,17 +320,10 @@ def find_sites(graph: fx.Graph) -> SiteTable:
             residual_inputs=tuple(r.name if r is not None else None for r in res),
             residual_form=residual, skippable=ok, why_not_skippable=why,
         ))
-    first = {s.name: order_of_first(s, graph) for s in sites}
+    index = {n.name: i for i, n in enumerate(graph.nodes)}
+    first = {s.name: min((index[n] for n in s.nodes if n in index), default=-1) for s in sites}
     sites.sort(key=lambda s: (first[s.name], -len(s.nodes)))
     return SiteTable(_with_modulated_inputs(_with_parents(sites), graph))
-
-
-def order_of_first(site: Site, graph: fx.Graph) -> int:
-    names = set(site.nodes)
-    for i, n in enumerate(graph.nodes):
-        if n.name in names:
-            return i
-    return -1
 
 
 def _main_stack_blocks(blocks: list[str]) -> list[str]:
