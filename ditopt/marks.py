@@ -40,7 +40,7 @@ def _marked_forward(cls: type) -> Callable:
         base = cls.forward
 
         def forward(self, *args, **kwargs):
-            mark = self.__dict__.get("_ditopt_block")
+            mark = self._ditopt_block  # (an attribute read: dynamo would build the whole __dict__ for __dict__.get)
             if mark is not None and torch.compiler.is_compiling() and _calls_wanted():
                 return block_call(mark.key, *args, **kwargs)
             return base(self, *args, **kwargs)
