@@ -47,6 +47,7 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from .capture import module_path
 from .errors import DitoptError
+from .expand import _raw
 from .expand import BlockInputs, expand_block_calls, has_block_calls  # noqa: F401 (the backend's entry points)
 from .marks import (RegionalError, RepeatedBlocks, block_calls, hold_marks, mark_repeated_blocks,  # noqa: F401
                     refuse_marks, release_marks, repeated_blocks)
@@ -93,10 +94,6 @@ def _reprefixed(stack: dict, caller: dict, tag: str) -> dict:
             path = here + path[len(traced):]
         out[f"{key}@{here}"] = (path, typ)
     return out
-
-
-def _raw(value):
-    return value[0] if isinstance(value, tuple) else value
 
 
 def _inline_one(gm: fx.GraphModule, node: fx.Node) -> Call:

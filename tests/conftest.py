@@ -16,3 +16,15 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     yield
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A gloo group of one rank in this process (collectives run, nothing leaves it)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

@@ -110,16 +110,6 @@ def test_sequence_parallel_needs_a_process_group_and_a_known_mode():
             ditopt.SequenceParallel().resolve()
 
 
-@pytest.fixture
-def one_rank(tmp_path):
-    """A gloo group of one rank in this process (collectives run, nothing leaves it)."""
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("mode", ["ulysses", "ring"])
 def test_one_rank_rewrite_runs_and_equals_the_model(one_rank, mode):
     torch.manual_seed(0)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import ditopt
 from ditopt.errors import DivergenceError, DitoptError, RankFailureError
@@ -68,16 +67,6 @@ def test_divergence_message_names_the_step_the_sites_and_the_ranks():
     assert "diverged at step 1" in text and "rank 0 and rank 1 disagree" in text
     assert "rank 0 at step 1 (CFG branch 0), rank 1 at step 2 (CFG branch 0)" in text
     assert "blocks.0: rank 0 reuse_residual, rank 1 compute" in text and "blocks.1:" not in text
-
-
-@pytest.fixture
-def one_rank(tmp_path):
-    """A gloo group of one rank in this process."""
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_one_rank_graph_averages_the_indicator_and_checks_each_call(one_rank):
