@@ -21,7 +21,8 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from .capture import module_path
 from .errors import DitoptError
-from .marks import _BLOCKS, _FORCED, RegionalError, _fresh, _leaf_signature, block_call, block_signature, fake_like
+from .marks import (_BLOCKS, _FORCED, RegionalError, _base_class, _fresh, _leaf_signature, block_call, fake_like,
+                    traced_signature)
 
 INVOKE = torch.ops.higher_order.invoke_subgraph
 
@@ -60,6 +61,7 @@ class _Template:
     out: list
     uses: list = field(default_factory=list)
     name: str = ""
+    strides: list = field(default_factory=list)  # per placeholder of ``leaf_index``: the strides it was traced on
 
 
 def _source_name(node: fx.Node) -> str:
@@ -78,7 +80,7 @@ def _capture_alone(block: torch.nn.Module, leaves: list, spec, grad: bool) -> fx
     ``L['inputs'][i]`` (the tensor leaves in order) and the block's own tensors (``L['self'].block...``);
     it returns the tensor leaves of the block's outputs, in order. ``grad``: the grad mode of the
     model's trace (whether the call's outputs require grad)."""
-    base = getattr(type(block).forward, "__wrapped__", type(block).forward)
+    base = _base_class(block).forward
     values = []
     for v in leaves:
         if isinstance(v, torch.Tensor):
@@ -177,7 +179,9 @@ def _trace_template(block: torch.nn.Module, leaves: list, spec, caller: dict, re
         k += isinstance(o, torch.Tensor)
     graph.output(tuple(outputs))
     positions = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
-    return _Template(_LazyGraphModule(traced, graph), [positions[i] for i, _ in inputs], weights, out_spec, out)
+    index = [positions[i] for i, _ in inputs]
+    return _Template(_LazyGraphModule(traced, graph), index, weights, out_spec, out,
+                     strides=[tuple(leaves[i].stride()) for i in index])
 
 
 def _refake(node: fx.Node, fake) -> None:
@@ -255,11 +259,9 @@ def expand_block_calls(gm: fx.GraphModule, example_inputs: list) -> BlockInputs:
             raise RegionalError(f"{node.name}: a marked block called with dynamic shapes; compile with dynamic=False "
                               f"(or leave the blocks unmarked)")
         caller = dict(node.meta.get("nn_module_stack") or {})
-        sig = (block_signature(block), str(spec), tuple(_leaf_signature(m) for m in metas))
-        template = templates.get(sig)
-        if template is None:
-            template = templates[sig] = _trace_template(block, metas, spec, caller, node.meta["example_value"], fake)
-            template.name = f"repeated_block{len(templates) - 1}"
+        template = _template_for(templates, block, metas, spec, caller, node.meta["example_value"], fake)
+        if not template.name:
+            template.name = f"repeated_block{len({id(t) for t in templates.values()}) - 1}"
             setattr(gm, template.name, template.gm)
         weights = []
         for chain in template.weights:
@@ -281,9 +283,11 @@ def expand_block_calls(gm: fx.GraphModule, example_inputs: list) -> BlockInputs:
             weights.append(last)
             known[id(tensor)] = last
         with graph.inserting_before(node):
+            args = [_as_traced(graph, leaves[i], metas[i], stride, caller, fake)
+                    for i, stride in zip(template.leaf_index, template.strides)]
             getter = graph.get_attr(template.name)
             getter.meta["nn_module_stack"] = caller
-            call = graph.call_function(INVOKE, (getter, template.name, *(leaves[i] for i in template.leaf_index), *weights))
+            call = graph.call_function(INVOKE, (getter, template.name, *args, *weights))
         call.meta = {k: v for k, v in node.meta.items() if k != "example_value"}
         # the call's outputs are the opaque node's (made in the model's trace, with its grad mode)
         call.meta["example_value"] = tuple(o for o in pytree.tree_leaves(node.meta["example_value"])
@@ -291,16 +295,69 @@ def expand_block_calls(gm: fx.GraphModule, example_inputs: list) -> BlockInputs:
         template.uses.append(call)
         _reroute_outputs(node, call, template)
         graph.erase_node(node)
-    once = {t.uses[0].name for t in templates.values() if len(t.uses) == 1}
+    kinds = list({id(t): t for t in templates.values()}.values())
+    once = {t.uses[0].name for t in kinds if len(t.uses) == 1}
     gm.recompile()
     if once:
         from .regional import inline_calls
 
         inline_calls(gm, only=once)
-        for t in templates.values():
+        for t in kinds:
             if len(t.uses) == 1:
                 delattr(gm, t.name)
     return found
+
+
+def _template_for(templates: dict, block, metas: list, spec, caller: dict, returned, fake) -> "_Template":
+    """The subgraph a call of ``block`` with input leaves ``metas`` uses, traced on first need.
+
+    A kind of block is traced on contiguous inputs: a call whose input tensors have other strides
+    (the first block of a DiT reads the patch embedding's transposed output) then takes contiguous
+    copies of them and shares that subgraph, provided the block returns the same shapes and strides
+    either way; else it gets a subgraph of its own, traced on its strides as they are."""
+    signature = traced_signature(block, fake)
+    exact = (signature, str(spec), tuple(_leaf_signature(m) for m in metas))
+    if exact in templates:
+        return templates[exact]
+    dense = [_contiguous_like(m, fake) for m in metas]
+    key = (signature, str(spec), tuple(_leaf_signature(m) for m in dense))
+    template = templates.get(key)
+    if template is None:
+        template = templates[key] = _trace_template(block, dense, spec, caller, returned, fake)
+    if key != exact and not _returns_alike(template, returned):
+        template = _trace_template(block, metas, spec, caller, returned, fake)
+    templates[exact] = template
+    return template
+
+
+def _contiguous_like(value, fake):
+    """A tensor leaf as a contiguous tensor of its shape, dtype and device (itself if it is one)."""
+    if not isinstance(value, torch.Tensor) or value.is_contiguous():
+        return value
+    grad = value.requires_grad and value.is_floating_point()
+    if fake is None:
+        return torch.empty(value.shape, dtype=value.dtype, device=value.device).requires_grad_(grad)
+    return fake_like(fake, value.shape, torch.empty(value.shape, device="meta").stride(), value.dtype, value.device, grad)
+
+
+def _returns_alike(template: "_Template", returned) -> bool:
+    """Does the template's subgraph return tensors of the shapes and strides of ``returned`` (the
+    fake outputs of the block's call on its inputs as they are)?"""
+    outputs = template.gm.graph.output_node().args[0]
+    got = [o.meta.get("example_value") for o in outputs]
+    want = [o for o in pytree.tree_leaves(returned) if isinstance(o, torch.Tensor)]
+    return len(got) == len(want) and all(
+        isinstance(g, torch.Tensor) and g.shape == w.shape and g.stride() == w.stride() for g, w in zip(got, want))
+
+
+def _as_traced(graph: fx.Graph, leaf, meta, stride, caller: dict, fake):
+    """The argument ``leaf`` (a node with example value ``meta``) as the subgraph was traced on it:
+    a contiguous copy where the subgraph was traced on contiguous strides and ``meta`` has others."""
+    if not isinstance(meta, torch.Tensor) or tuple(meta.stride()) == tuple(stride):
+        return leaf
+    copy = graph.call_method("contiguous", (leaf,))
+    copy.meta = {"nn_module_stack": dict(caller), "example_value": _contiguous_like(meta, fake)}
+    return copy
 
 
 def _like(tensor: torch.Tensor, fake):
