@@ -15,6 +15,12 @@ TeaCache). A ``predict`` rule names its forecaster with ``method`` (``taylor``, 
 A ``window`` rule (self-attention sites only) gives its window in tokens along the attention's
 sequence (``window: 256``): at those steps the site computes window attention and adds the residual
 (full - window attention) cached at its last full step (DiTFastAttn's WA-RS).
+A ``partial`` rule gives the share of the site's tokens it recomputes (``ratio: 0.2``, ToCa/DuCa):
+the tokens whose input changed most since they were last computed; the others keep their cached output.
+A ``share_cfg`` rule (attention and block sites) makes the unconditional CFG branch take the
+conditional branch's output plus the offset (uncond - cond) cached at the last step both computed;
+``cfg: {layout: batched | calls, uncond: first | second}`` says how the caller runs CFG (default:
+diffusers' batched layout, unconditional half first; see :mod:`ditopt.runtime.cfg_sharing`).
 
 Example:
     >>> plan = Plan.from_yaml('''
@@ -40,6 +46,7 @@ from typing import Any
 
 import yaml
 
+from ditopt.runtime.cfg_sharing import CfgLayout
 from ditopt.runtime.decisions import PLAN_ACTIONS, Action, DecisionTable
 from ditopt.runtime.forecast import METHODS
 
@@ -55,7 +62,8 @@ ORDERS = (0, 1, 2)
 INDICATORS = ("rel_l1",)
 WATCHED = ("output", "input")  # when.on: a site's first live-out, or its modulated input
 ATTENTION_KINDS = ("self", "cross", "joint")
-_RULE_KEYS = {"sites", "kind", "attention", "steps", "action", "when", "order", "method", "window"}
+_RULE_KEYS = {"sites", "kind", "attention", "steps", "action", "when", "order", "method", "window", "cfg"}
+_RULE_KEYS.add("ratio")  # partial: share of the tokens recomputed
 _WHEN_KEYS = {"indicator", "of", "below", "on", "rescale"}
 _PLAN_KEYS = {"version", "steps", "rules", "model", "name", "description"}
 # Bounds every plan is checked against, besides MAX_STEPS (ditopt.errors: 'steps' in
@@ -105,6 +113,8 @@ class Rule:
     attention: str | None = None  # only attention sites of this kind: self | cross | joint
     method: str | None = None  # predict: taylor (default) | hermite | foca | freq (ditopt.runtime.forecast)
     window: int | None = None  # window: tokens of the attention window (required there, nowhere else)
+    cfg: CfgLayout | None = None  # share_cfg: how the caller runs CFG (None: batched, uncond first)
+    ratio: float | None = None  # partial: share of the site's tokens recomputed, in (0, 1] (required there only)
     line: int | None = field(default=None, compare=False)
     step_line: int | None = field(default=None, compare=False)
 
@@ -135,6 +145,10 @@ class Rule:
             d["method"] = self.method
         if self.window is not None:
             d["window"] = self.window
+        if self.cfg is not None:
+            d["cfg"] = self.cfg.to_dict()
+        if self.ratio is not None:
+            d["ratio"] = self.ratio
         if self.when:
             d["when"] = self.when.to_dict()
         return d
@@ -393,12 +407,56 @@ def _rule_from_dict(raw: Any, index: int, lines: dict[str, int] | None) -> Rule:
             raise PlanError(f"unknown forecast method {short(method)}; known: {list(METHODS)}", site=label,
                             **at("method"))
     window = _window_field(raw.get("window"), action, dict(site=label, **at("window")))
+    cfg = _cfg_field(raw.get("cfg"), action, dict(site=label, **at("cfg")))
     when = _when_field(raw.get("when"), dict(site=label, **at("when")))  # its errors name the line of 'when'
+    if when is not None and action == Action.SHARE_CFG:
+        raise PlanError("'share_cfg' cannot be adaptive ('when'): the offset it adds needs a fixed step table",
+                        site=label, **at("when"))
+    if when is not None and action == Action.STALE_KV:
+        raise PlanError("'stale_kv' cannot be adaptive ('when'): every rank must skip the same exchanges, and the "
+                        "exchange before a stale step must know it will be needed", site=label, **at("when"))
+    ratio = _ratio_field(raw.get("ratio"), action, dict(site=label, **at("ratio")))
+    if when is not None and action == Action.PARTIAL:
+        raise PlanError("'partial' cannot be adaptive ('when'): its graph recomputes a fixed number of tokens at "
+                        "fixed steps", site=label, **at("when"))
     if when is not None and action == WINDOW:
         raise PlanError("'window' cannot be adaptive ('when'): the residual it adds needs a fixed step table",
                         site=label, **at("when"))
     return Rule(sites=sites, action=action, steps=steps, kind=kind, when=when, order=order, attention=attention,
-                method=method, window=window, line=line, step_line=lines.get("steps", line))
+                method=method, window=window, cfg=cfg, ratio=ratio, line=line, step_line=lines.get("steps", line))
+
+
+def _cfg_field(cfg: Any, action: str, where: dict[str, Any]) -> CfgLayout | None:
+    """``cfg: {layout: batched | calls, uncond: first | second}`` (or just the layout) on a share_cfg
+    rule; refused on every other action."""
+    if cfg is None:
+        return None
+    if action != Action.SHARE_CFG:
+        raise PlanError(f"'cfg' applies to action share_cfg, not {action!r}", **where)
+    if isinstance(cfg, CfgLayout):
+        cfg = cfg.to_dict()
+    if isinstance(cfg, str):
+        cfg = {"layout": cfg}
+    if not isinstance(cfg, dict) or set(cfg) - {"layout", "uncond"} or not all(
+            isinstance(v, str) for v in cfg.values()):
+        raise PlanError(f"'cfg' must be {{layout: batched | calls, uncond: first | second}}, got {short(cfg)}", **where)
+    try:
+        return CfgLayout(cfg.get("layout", "batched"), cfg.get("uncond", ""))
+    except ValueError as exc:
+        raise PlanError(f"'cfg': {exc}", **where) from None
+
+
+def _ratio_field(ratio: Any, action: str, where: dict[str, Any]) -> float | None:
+    """``ratio: <share of tokens>``: required by action partial (0 < ratio <= 1), refused elsewhere."""
+    if action != Action.PARTIAL:
+        if ratio is not None:
+            raise PlanError(f"'ratio' applies to action partial, not {action!r}", **where)
+        return None
+    if ratio is None:
+        raise PlanError("action partial needs 'ratio: <share of tokens recomputed>', e.g. ratio: 0.2", **where)
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio <= 1:
+        raise PlanError(f"'ratio' must be a share of the tokens in (0, 1], got {short(ratio)}", **where)
+    return float(ratio)
 
 
 def _window_field(window: Any, action: str, where: dict[str, Any]) -> int | None:

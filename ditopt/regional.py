@@ -175,6 +175,10 @@ def _keepable(call: Call, sites: SiteTable, table, observe: bool) -> bool:
     if observe or call.why:
         return False
     inner = set(call.inner)
+    if any(set(sites[name].nodes) & inner for name in table.cfg_shared()):
+        return False  # batched share_cfg reruns the block's nodes on half the batch (passes/insert_cfg_sharing.py)
+    if any(set(sites[name].nodes) & inner for name in table.partials()):
+        return False  # partial reruns the block's nodes on some of the tokens (passes/insert_partial.py)
     for name in table.actions:
         nodes = set(sites[name].nodes)
         if nodes & inner and not nodes >= inner:

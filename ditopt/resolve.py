@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ditopt.runtime.cfg_sharing import CfgLayout
 from ditopt.runtime.decisions import SLOTS, Action, DecisionTable, Indicator
 
 from .errors import PlanError
@@ -54,6 +55,12 @@ def compile_plan(plan: "Plan", sites: SiteTable) -> DecisionTable:
         for site in matched:
             _check_can_take(rule, i, site)
             _apply(table, rule, i, site.name, when_index, origin)
+        if rule.action == Action.SHARE_CFG and matched:  # one CFG layout per plan: the caller's
+            layout = rule.cfg or CfgLayout()
+            if table.cfg is not None and table.cfg != layout:
+                raise PlanError(f"share_cfg rules disagree on the CFG layout: {table.cfg} and {layout}",
+                                rule=i, line=rule.line, site=",".join(rule.sites))
+            table.cfg = layout
     _assign_slots(plan, table, sites, origin)
     _check_when(plan, table, sites, rule_of_indicator)
     _check_no_adaptive_forecast(plan, table, origin)
@@ -102,6 +109,14 @@ def _check_can_take(rule: "Rule", i: int, site) -> None:
             raise PlanError(f"window applies to self-attention sites only; {site.name!r} is {what} (narrow the rule "
                             f"with kind: attention, attention: self)", **where)
         return
+    if rule.action == Action.STALE_KV:  # the site still runs: only its K/V exchange is skipped (runtime/stale_kv.py)
+        if site.kind != "attention" or site.attention != "self":
+            what = f"{site.attention} attention" if site.kind == "attention" else f"a {site.kind}"
+            raise PlanError(f"stale_kv applies to self-attention sites only; {site.name!r} is {what} (narrow the "
+                            f"rule with kind: attention, attention: self)", **where)
+        return
+    if rule.action == Action.SHARE_CFG and site.kind not in ("attention", "block"):
+        raise PlanError(f"share_cfg applies to attention and block sites; {site.name!r} is a {site.kind}", **where)
     if rule.action != Action.COMPUTE and not site.skippable:
         raise PlanError(f"site cannot be skipped: {site.why_not_skippable}", **where)
     if rule.action == Action.REUSE_RESIDUAL and any(r is None for r in site.residual_inputs):
@@ -123,6 +138,8 @@ def _apply(table: DecisionTable, rule: "Rule", i: int, site: str, when_index: in
         orow[s] = (1 if rule.order is None else rule.order) if action == Action.PREDICT else 0
         mrow[s] = (rule.method or "taylor") if action == Action.PREDICT else ""
         wrow[s] = rule.window if action == Action.WINDOW else 0
+        if action == Action.PARTIAL or site in table.ratios:  # partial: share of tokens recomputed (0 elsewhere)
+            table.ratios.setdefault(site, [0.0] * table.steps)[s] = rule.ratio if action == Action.PARTIAL else 0.0
         origin[(site, s)] = i
 
 
@@ -135,6 +152,14 @@ def _assign_slots(plan: "Plan", table: DecisionTable, sites: SiteTable, origin) 
             continue
         if Action.WINDOW in used:
             _check_window_row(plan, table, name, used, origin)
+        if Action.PARTIAL in used:
+            _check_partial_row(plan, table, name, used, origin)
+        if not any(table.ratios.get(name, ())):
+            table.ratios.pop(name, None)
+        if Action.SHARE_CFG in used and len(used) > 1:
+            i = origin[(name, row.index(Action.SHARE_CFG))]
+            raise PlanError(f"a share_cfg site takes no other reuse in the same plan, got "
+                            f"{sorted(a.value for a in used)}", rule=i, line=plan.rules[i].line, site=name)
         if not any(table.windows[name]):
             del table.windows[name]
         kinds = used - {Action.PREDICT}
@@ -151,6 +176,21 @@ def _assign_slots(plan: "Plan", table: DecisionTable, sites: SiteTable, origin) 
             i = origin[(name, first)]
             raise PlanError(f"{row[first]} at step {first} before the site computed at any step",
                             rule=i, line=plan.rules[i].line, site=name)
+
+
+def _check_partial_row(plan: "Plan", table: DecisionTable, name: str, used: set, origin) -> None:
+    """A partial site takes no other reuse (its graph holds one cond: all tokens or some; an
+    enclosing site may reuse), and one ratio: the graph gathers a fixed number of tokens."""
+    steps = [s for s, r in enumerate(table.ratios[name]) if r]
+    i = origin[(name, steps[-1])]
+    where = dict(rule=i, line=plan.rules[i].line, site=name)
+    if len(used) > 1:
+        raise PlanError(f"a partial site takes no other reuse in the same plan, got {sorted(a.value for a in used)} "
+                        f"(let an enclosing site reuse instead, as presets.duca does)", **where)
+    ratios = sorted({table.ratios[name][s] for s in steps})
+    if len(ratios) > 1:
+        raise PlanError(f"a site takes one partial ratio per plan (the graph gathers a fixed number of tokens), "
+                        f"got {ratios}", **where)
 
 
 def _check_window_row(plan: "Plan", table: DecisionTable, name: str, used: set, origin) -> None:

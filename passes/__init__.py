@@ -16,8 +16,10 @@ from .annotate_decisions import annotate_decisions
 from .attention_backend import attention_backend
 from .coalesce_regions import coalesce_regions
 from .insert_cache_ops import insert_cache_ops
+from .insert_cfg_sharing import insert_cfg_sharing
 from .insert_indicators import insert_indicators
 from .insert_observers import insert_observers
+from .insert_partial import insert_partial
 from .insert_skip_branches import insert_skip_branches
 from .insert_step_tracking import insert_step_tracking
 from .insert_window_branches import insert_window_branches
@@ -42,6 +44,10 @@ PIPELINE = [
     insert_observers,       # profiling graphs only (ctx.observe): observe each site's output
     insert_indicators,      # before cache ops, so a watched site's indicator sits outside the regions
     insert_window_branches, # window sites' SDPA calls: before cache ops, so an enclosing region takes them in
+    insert_cfg_sharing,     # batched share_cfg sites (cond half only): likewise before cache ops, and before the
+                            # skip branches, which must find its store to hoist where an enclosing site reuses
+    insert_partial,         # partial sites (some tokens): before cache ops, so an enclosing region takes in its
+                            # cond, and before the skip branches, which hoist its stores where that region reuses
     insert_cache_ops,       # decide / load / store around each region; graph still computes all
     insert_skip_branches,   # needs the loads and stores in place: regions become torch.cond
 ]
@@ -71,6 +77,6 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, table: DecisionTable, *,
 __all__ = [
     "annotations", "EAGER_ONLY", "FIRST", "PIPELINE", "GraphInvariantError", "PassContext", "PassResult", "annotate_decisions",
     "attention_backend",
-    "coalesce_regions", "insert_cache_ops", "insert_indicators", "insert_observers", "insert_skip_branches", "insert_step_tracking",
+    "coalesce_regions", "insert_cache_ops", "insert_cfg_sharing", "insert_indicators", "insert_observers", "insert_partial", "insert_skip_branches", "insert_step_tracking",
     "insert_window_branches", "lower_skip_branches", "run_pipeline", "sequence_parallel", "verify_graph",
 ]

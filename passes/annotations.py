@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from typing import Any
 
 import torch.fx as fx
 
@@ -124,6 +125,10 @@ class GraphAnnotation:
     coalesced: dict[str, tuple[str, ...]] = field(default_factory=dict)  # lead site -> the run it stands for
     windows: dict[str, int] = field(default_factory=dict)  # self-attention sites planned `window` -> window (tokens)
     window_branches: set[str] | None = None  # window sites given their branches so far (None: pass not run)
+    cfg_shared: dict[str, Any] = field(default_factory=dict)  # batched-CFG share_cfg sites -> their CfgLayout
+    cfg_branches: set[str] | None = None  # share_cfg sites given their branches so far (None: pass not run)
+    partials: dict[str, float] = field(default_factory=dict)  # sites planned `partial` -> ratio of tokens
+    partial_branches: set[str] | None = None  # partial sites given their branches so far (None: pass not run)
 
 
 def graph_annotation(gm: fx.GraphModule) -> GraphAnnotation:

@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from .cfg_sharing import CfgLayout
+
 
 class Action(str, Enum):
     """What a site does at a step. The values are the plan's YAML spellings."""
@@ -30,6 +32,9 @@ class Action(str, Enum):
     REUSE_RESIDUAL = "reuse_residual"  # add its cached residual (output - input) to its input
     PREDICT = "predict"  # forecast of its residual (or output) from its last computed steps (by a method)
     WINDOW = "window"  # self-attention: window attention plus the residual (full - window) of its last full step
+    SHARE_CFG = "share_cfg"  # the unconditional CFG branch: the conditional branch's output plus a cached offset
+    STALE_KV = "stale_kv"  # sequence parallelism: self-attention over fresh local and kept remote K/V (no exchange)
+    PARTIAL = "partial"  # token-wise: recompute the tokens whose input changed most, the others from the cache
     SKIPPED = "skipped"  # stats only: an enclosing site did not compute, so this one did not run
 
     def __str__(self) -> str:
@@ -43,10 +48,16 @@ class Action(str, Enum):
 
 
 # what a rule may say
-PLAN_ACTIONS = (Action.COMPUTE, Action.REUSE, Action.REUSE_RESIDUAL, Action.PREDICT, Action.WINDOW)
+PLAN_ACTIONS = (Action.COMPUTE, Action.REUSE, Action.REUSE_RESIDUAL, Action.PREDICT, Action.WINDOW, Action.SHARE_CFG)
+PLAN_ACTIONS += (Action.STALE_KV,)  # runtime/stale_kv.py
 # the cache slot a reusing action reads (``window``: the residual full - window at each SDPA call of the site)
-SLOTS = {Action.REUSE: "output", Action.REUSE_RESIDUAL: "residual", Action.WINDOW: "window"}
-RUNNING = (Action.COMPUTE, Action.WINDOW)  # actions at which a site runs (the sites inside it run too)
+# ``share_cfg``: the offset uncond - cond (runtime/cfg_sharing.py)
+SLOTS = {Action.REUSE: "output", Action.REUSE_RESIDUAL: "residual", Action.WINDOW: "window",
+         Action.SHARE_CFG: "share_cfg"}
+SLOTS[Action.STALE_KV] = "stale_kv"  # the remote K/V kept from the last exchange (runtime/stale_kv.py)
+PLAN_ACTIONS += (Action.PARTIAL,)  # runtime/partial.py, passes/insert_partial.py
+SLOTS[Action.PARTIAL] = "partial"  # partial0: the site's output, partial1: the input it was computed from
+RUNNING = (Action.COMPUTE, Action.WINDOW, Action.STALE_KV)  # actions at which a site runs (the sites inside it run too)
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,7 @@ class DecisionTable:
     ``parents[site]``: the sites that contain it; ``site_order``: every site in graph order.
     ``runs[lead]``: the sites a coalesced region stands for (the graph decides and caches once
     for the run, under the lead's name; the stats report each member).
+    ``cfg``: the CFG layout of a plan with ``share_cfg`` steps (:class:`~ditopt.runtime.cfg_sharing.CfgLayout`).
     """
 
     steps: int
@@ -89,6 +101,8 @@ class DecisionTable:
     parents: dict[str, list[str]] = field(default_factory=dict)
     site_order: list[str] = field(default_factory=list)
     runs: dict[str, tuple[str, ...]] = field(default_factory=dict)  # a coalesced run's lead -> its sites
+    ratios: dict[str, list[float]] = field(default_factory=dict)  # partial: share of tokens recomputed (0 elsewhere)
+    cfg: CfgLayout | None = None  # share_cfg: how the caller runs CFG (None: no share_cfg step)
 
     def members(self, site: str) -> tuple[str, ...]:
         """The sites a decision about ``site`` is for: the run it leads, or itself."""
@@ -143,6 +157,27 @@ class DecisionTable:
                 return False
         return False
 
+    def cfg_shared(self) -> list[str]:
+        """The sites that take ``share_cfg`` at some step, with batched CFG (they compute half the
+        batch there: ``passes/insert_cfg_sharing.py`` rewrites them); [] for CFG as two calls."""
+        if self.cfg is None or self.cfg.layout != "batched":
+            return []
+        return [s for s, row in self.actions.items() if Action.SHARE_CFG in row]
+
+    def ratio_of(self, site: str) -> float:
+        """The one ratio of tokens a ``partial`` site recomputes (the graph holds one), 0 if none."""
+        return max(self.ratios.get(site, ()), default=0.0)
+
+    def partials(self) -> dict[str, float]:
+        """``{site: ratio}`` for every site that takes ``partial`` at some step."""
+        return {s: r for s in self.actions if (r := self.ratio_of(s))}
+
+    def running(self) -> tuple[Action, ...]:
+        """The actions at which a site runs (the sites inside it run too): with batched CFG a
+        ``share_cfg`` site runs, on half the batch."""
+        batched = self.cfg is not None and self.cfg.layout == "batched"
+        return RUNNING + (Action.SHARE_CFG,) if batched else RUNNING
+
     def schedule(self, site: str) -> tuple:
         """What must be equal along a coalesced run: action, ``when`` rule, order, forecaster and
         window at every step (``passes.coalesce_regions`` compares these)."""
@@ -160,7 +195,8 @@ class DecisionTable:
     def with_nested_skips(self, call: dict[str, str]) -> dict[str, str]:
         """One call's decisions with every site inside a site that did not run marked skipped (a
         ``window`` site runs: only its attention kernel changes)."""
-        return {site: Action.SKIPPED.value if any(call.get(p, Action.COMPUTE) not in RUNNING
+        running = self.running()
+        return {site: Action.SKIPPED.value if any(call.get(p, Action.COMPUTE) not in running
                                                   for p in self.parents.get(site, ())) else str(action)
                 for site, action in call.items()}
 
@@ -189,6 +225,11 @@ class DecisionTable:
                     f"{sorted(self.actions)}); optimise again instead")
         if self.steps != other.steps:
             return f"plan has {other.steps} steps, the compiled graph {self.steps}"
+        if self.cfg != other.cfg and (self.cfg_shared() or other.cfg_shared()):
+            return (f"the compiled graph shares CFG branches as {self.cfg}, the plan as {other.cfg}; optimise again")
+        if self.partials() != other.partials():
+            return (f"the compiled graph recomputes tokens of {self.partials()} (site: ratio), the plan "
+                    f"{other.partials()}; optimise again")
         if self.windowed() != other.windowed():
             return (f"the compiled graph computes window attention with windows {self.windowed()}, the plan "
                     f"{other.windowed()}; optimise again")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from . import cfg_sharing, partial
 from .decisions import SLOTS, Action
 from .session import get_runtime
 
@@ -119,9 +120,14 @@ def cache_store(
     token.add_(1)
     rt = get_runtime(rid)
     known = rt.computed(site)  # static decisions are known on the host: no read of ``computed``
+    if known is False and slot.startswith(partial.SLOT):  # a partial step recomputed some tokens: stored too
+        known = partial.ran(rt, site)
     if known and slot.startswith(WINDOW_SLOT):  # a window residual is computed at some full steps only
         known = _keeps_window_residual(rt, graph, site)
     if known is False:
+        return
+    if slot.startswith(cfg_sharing.SLOT):  # share_cfg: the offset, or the cond call's output (runtime/cfg_sharing.py)
+        cfg_sharing.store(rt, graph, site, slot, value, copy)
         return
     value = value.detach().clone() if copy else value.detach()
     key = rt.key(graph, site, slot)

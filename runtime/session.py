@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from . import cfg_sharing
 from .cache_store import CacheStore
 from .decisions import Action, DecisionTable
 from .forecast import forecast_by, taylor_forecast  # noqa: F401 - taylor_forecast re-exported (it lived here)
@@ -149,6 +150,11 @@ class Runtime:
         """True to compute, False to reuse, None when a ``when`` rule decides (see below)."""
         table = self.graphs[graph]
         step = self.state.step
+        if table.action(site, step) == Action.SHARE_CFG:  # host-decided from the CFG branch (runtime/cfg_sharing.py)
+            decision = cfg_sharing.decide(self, graph, site, shape)
+            for member in table.members(site):
+                self._record(member, Action.COMPUTE if decision else Action.SHARE_CFG)
+            return decision
         decision: bool | None = True
         if table.action(site, step) != Action.COMPUTE:
             if self.store.has(self.key(graph, site, table.slots[site] + "0"), shape):
@@ -223,6 +229,8 @@ class Runtime:
         steps lower the order, one is plain reuse)."""
         key = self.key(graph, site, slot)
         table = self.graphs.get(graph)
+        if table is not None and slot.startswith(cfg_sharing.SLOT):  # the offset (+ the cond output, two calls)
+            return cfg_sharing.load(self, graph, site, slot)
         step = self.state.step
         order = table.order(site, step) if table is not None else 0
         if order == 0:
