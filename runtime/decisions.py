@@ -233,6 +233,10 @@ class DecisionTable:
         if self.windowed() != other.windowed():
             return (f"the compiled graph computes window attention with windows {self.windowed()}, the plan "
                     f"{other.windowed()}; optimise again")
+        stale = [{s for s, row in t.actions.items() if Action.STALE_KV in row} for t in (self, other)]
+        if stale[0] != stale[1]:  # a stale_kv site keeps its nodes out of every region (runtime/stale_kv.py)
+            return (f"the compiled graph has stale_kv sites {sorted(stale[0])}, the plan {sorted(stale[1])}; optimise "
+                    f"again")
         for lead, run in self.runs.items():
             rows = {other.schedule(s) for s in run}
             if len(rows) > 1:

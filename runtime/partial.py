@@ -1,0 +1,54 @@
+"""Token-wise partial recompute (ToCa, DuCa): which tokens a ``partial`` step recomputes.
+
+A site planned ``partial`` with ``ratio`` r keeps two cache slots: ``partial0``, its output, and
+``partial1``, the input (its token-carrying input) each token's cached output was computed from.
+At a partial step the site recomputes the ``ceil(r * N)`` tokens whose input changed most since
+then, by the relative change ``||x_t - x_cached_t|| / ||x_cached_t||`` (norms over every other
+dimension, the batch included: one selection serves the whole batch, so per-token tables gather
+alike), and scatters them into the cached output (``passes/insert_partial.py`` builds the graph).
+
+Example:
+    >>> x_old = torch.ones(2, 4, 3)
+    >>> x = x_old.clone(); x[:, 2] += 1.0; x[:, 0] += 0.5
+    >>> select_tokens(x, x_old, 1, 2).tolist()
+    [0, 2]
+    >>> tokens_of(0.25, 10), tokens_of(1.0, 10)
+    (3, 10)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .decisions import SLOTS, Action
+
+SLOT = SLOTS[Action.PARTIAL]
+EPS = 1e-12
+
+
+def tokens_of(ratio: float, tokens: int) -> int:
+    """How many of ``tokens`` a partial step with ``ratio`` recomputes: ``ceil(ratio * tokens)``, at least 1."""
+    return max(1, min(tokens, math.ceil(ratio * tokens - 1e-9)))
+
+
+def token_change(x: torch.Tensor, x_old: torch.Tensor, dim: int) -> torch.Tensor:
+    """Relative change of each token of ``x`` (dimension ``dim``) against ``x_old``: shape ``[N]``."""
+    d = (x.float() - x_old.float()).movedim(dim, 0).flatten(1)
+    base = x_old.float().movedim(dim, 0).flatten(1)
+    return d.norm(dim=1) / (base.norm(dim=1) + EPS)
+
+
+def select_tokens(x: torch.Tensor, x_old: torch.Tensor, dim: int, k: int) -> torch.Tensor:
+    """The ``k`` tokens (dimension ``dim``) whose input changed most, in increasing order."""
+    score = token_change(x, x_old, dim)
+    return torch.topk(score, k, sorted=False).indices.sort().values
+
+
+def ran(rt, site: str) -> bool:
+    """Whether ``site`` took ``partial`` at this call (its caches are then updated too)."""
+    return bool(rt.records) and rt.records[-1].decisions.get(site) == Action.PARTIAL
+
+
+__all__ = ["SLOT", "ran", "select_tokens", "token_change", "tokens_of"]
