@@ -21,7 +21,7 @@ from ditopt.runtime.forecast import METHODS
 from .errors import check_count, check_steps
 from .plan import Plan, Rule, When
 
-__all__ = ["fora", "first_block_cache", "delta_dit", "taylorseer", "teacache", "dbcache", "pab", "ditfastattn",
+__all__ = ["fora", "first_block_cache", "delta_dit", "taylorseer", "teacache", "dbcache", "pab", "ditfastattn", "distrifusion",
            "all_compute", "Preset", "REGISTRY", "PRESETS", "SPELLINGS", "lookup"]
 
 
@@ -329,6 +329,35 @@ def ditfastattn(steps: int = 50, *, window: int = 256, interval: int = 4, warmup
     return plan
 
 
+def distrifusion(steps: int = 50, *, warmup: int = 1, interval: int = 2) -> Plan:
+    """DistriFusion as a static schedule (sequence parallelism only): self-attention reuses the
+    remote K/V of its last exchange (``stale_kv``) at the steps between exchanges.
+
+    Follows Li et al., "DistriFusion: Distributed Parallel Inference for High-Resolution Diffusion
+    Models" (CVPR 2024): each rank attends with its fresh local K/V and the other ranks' stale K/V,
+    so the exchange can be skipped (the paper overlaps it with compute instead; ditopt elides it at
+    the stale steps). The first ``warmup`` steps exchange; after them, in each cycle of ``interval``
+    steps the first ``interval - 1`` are stale and the last exchanges: ``interval=2`` is "stale
+    every other step". Run it with ``optimize(model, plan, parallel=ditopt.SequenceParallel(...))``;
+    without sequence parallelism the first call raises PlanError.
+
+    Example:
+        >>> plan = distrifusion(steps=8)
+        >>> [(r.attention, r.action, r.step_list(8)) for r in plan.rules]
+        [('self', 'stale_kv', [1, 3, 5, 7])]
+    """
+    check_steps(steps)
+    check_count(warmup, "warmup", minimum=1)
+    check_count(interval, "interval", minimum=2)
+    stale = tuple(s for s in range(warmup, steps) if (s - warmup) % interval != interval - 1)
+    rules = [Rule(sites=("*",), kind="attention", attention="self", steps=stale, action="stale_kv")]
+    if not stale:
+        rules = [Rule(sites=("*",), kind="block", action="compute")]
+    plan = Plan(steps=steps, rules=rules, name=f"distrifusion-{interval}")
+    plan.check()
+    return plan
+
+
 def all_compute(steps: int = 50) -> Plan:
     """A plan that computes everything: outputs stay bit-identical to the model's."""
     return Plan(steps=steps, rules=[Rule(sites=("*",), action="compute")], name="all-compute")
@@ -379,6 +408,8 @@ REGISTRY: dict[str, Preset] = {p.name: p for p in [
     Preset("all-compute", all_compute, {"all-compute": {}}, published=False),
     # not written to configs/presets yet: its window is in tokens, so it fits one resolution
     Preset("ditfastattn", ditfastattn, {"ditfastattn-N": {}}, "window", published=False),
+    # not written to configs/presets: it needs sequence parallelism (the bench runs one process)
+    Preset("distrifusion", distrifusion, {"distrifusion-N": {}}, "interval", published=False),
 ]}
 
 # The published methods, each also as ``configs/presets/<name>.yaml`` (tools/write_presets.py).

@@ -123,9 +123,13 @@ def sequence_parallel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for node, (args, kwargs) in flow.new_args.items():  # before any input is replaced by its shard
         node.args, node.kwargs = args, kwargs
         changed.add(node)
+    attention_sites = [site for site in ctx.sites if site.kind == "attention"]
     for node, (q, k, v, mask, scale), q_segs, kv_segs in flow.attention:
+        # the innermost attention site holding the call: a plan's stale_kv steps are looked up by it
+        site = next((s.name for s in reversed(attention_sites) if node.name in s.nodes), "")
         node.target = distributed.sp_attention
-        node.args = (q, k, v, mask, scale, q_segs, kv_segs, spec.mode, group, rank, world, ctx.runtime_id)
+        node.args = (q, k, v, mask, scale, q_segs, kv_segs, spec.mode, group, rank, world, ctx.runtime_id,
+                     ctx.graph_id, site, node.name)
         node.kwargs = {}
         changed.add(node)
     start = flow.start
@@ -154,6 +158,31 @@ def sequence_parallel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     _propagate(gm, changed)
     ctx.sites = _resite(ctx.sites, graph, added, renames)
     return PassResult(gm, True)
+
+
+def check_stale_kv(gm: fx.GraphModule, table, ctx: PassContext) -> set[str]:
+    """The sites a plan gives ``stale_kv`` steps (they keep their nodes and run at every step:
+    ``runtime.distributed.sp_attention`` reads the table); PlanError, naming the site, without
+    sequence parallelism, under inductor (the decision is taken on the host, in the eager path),
+    or at a self-attention site whose attention the token flow did not make distributed."""
+    from ditopt.runtime.decisions import Action
+
+    stale = {name for name, row in table.actions.items() if Action.STALE_KV in row}
+    if not stale:
+        return stale
+    name = sorted(stale)[0]
+    if ctx.parallel is None:
+        raise PlanError(f"stale_kv needs sequence parallelism (it skips the K/V exchange between ranks): "
+                        f"optimize(model, plan, parallel=ditopt.SequenceParallel(...)), or drop the stale_kv rule",
+                        site=name)
+    if ctx.inductor:
+        raise PlanError("stale_kv runs on the eager path only (ditopt.optimize, or the backend with inductor=False): "
+                        "its per-step choice of collective is taken on the host", site=name)
+    held = {n.args[13] for n in gm.graph.nodes if n.target is distributed.sp_attention and len(n.args) > 13}
+    for name in sorted(stale - held):
+        raise PlanError("stale_kv: this self-attention site holds no distributed attention (its keys and values do "
+                        "not carry the sharded tokens)", site=name)
+    return stale
 
 
 def _check(flow: TokenFlow, mode: str, world: int) -> None:
@@ -234,4 +263,4 @@ def _resite(sites: SiteTable, graph: fx.Graph, added: list[tuple[fx.Node, fx.Nod
     return SiteTable(out, model=sites.model)
 
 
-__all__ = ["find_token_flow", "sequence_parallel", "token_flow"]
+__all__ = ["check_stale_kv", "find_token_flow", "sequence_parallel", "token_flow"]

@@ -274,11 +274,12 @@ def _columns(segs: Segs, world: int, source: int | None) -> list[int]:
 
 
 def ring_attention(q, k, v, mask, scale, q_segs: Segs, kv_segs: Segs, group: str, rank: int, world: int,
-                   rid: int) -> torch.Tensor:
+                   rid: int, keep: dict | None = None) -> torch.Tensor:
     """Self-attention of this rank's queries over every rank's keys: the sharded part of K/V goes
     around the ring (``world - 1`` hops), one partial attention per block of keys, the partials
     merged by their log-sum-exp (:func:`merge_partials`). Any head count works. ``mask`` is
-    global: its query rows are cut to this rank's, its key columns to each block's."""
+    global: its query rows are cut to this rank's, its key columns to each block's. ``keep`` (a
+    dict) receives ``{source rank: [2, B, H, its sharded tokens, d]}``, the K/V blocks received."""
     if mask is not None and mask.shape[-2] > 1:
         mask = shard(mask, mask.dim() - 2, q_segs, rank, world)
 
@@ -301,6 +302,8 @@ def ring_attention(q, k, v, mask, scale, q_segs: Segs, kv_segs: Segs, group: str
                           for pieces in (k_pieces, v_pieces)])
         for hop in range(world):
             source = (rank - hop) % world
+            if keep is not None and hop:
+                keep[source] = kv
             parts.append(attention_with_lse(q, kv[0], kv[1], cols(source), scale))
             if hop < world - 1:
                 kv = _ring_pass(kv, group, rank, world, rid)
@@ -308,8 +311,27 @@ def ring_attention(q, k, v, mask, scale, q_segs: Segs, kv_segs: Segs, group: str
 
 
 def sp_attention(q, k, v, mask, scale, q_segs: Segs, kv_segs: Segs, mode: str, group: str, rank: int, world: int,
-                 rid: int) -> torch.Tensor:
-    """The distributed self-attention a sequence-parallel graph calls in place of SDPA."""
+                 rid: int, graph: int = -1, site: str = "", call: str = "") -> torch.Tensor:
+    """The distributed self-attention a sequence-parallel graph calls in place of SDPA. ``site``
+    (the attention site holding this ``call``) and ``graph`` let a plan's ``stale_kv`` steps skip
+    the exchange (:mod:`.stale_kv`: decided on the host from the static table, eager path only)."""
+    if site and not _traced(q):
+        from . import stale_kv
+
+        what, remote = stale_kv.plan_at(rid, graph, site, call)
+        if what == "stale":
+            return stale_kv.stale_attention(q, k, v, mask, scale, q_segs, kv_segs, rank, world, remote)
+        if what == "keep" and mode == "ulysses":
+            out, remote = stale_kv.gathered_attention(q, k, v, mask, scale, q_segs, kv_segs, group, rank, world, rid)
+            stale_kv.keep(rid, graph, site, call, remote)
+            return out
+        if what == "keep":
+            blocks: dict = {}
+            out = ring_attention(q, k, v, mask, scale, q_segs, kv_segs, group, rank, world, rid, keep=blocks)
+            remote = (stale_kv.remote_from_ring(blocks, kv_segs, rank, world) if blocks
+                      else torch.stack([k, v])[..., :0, :])  # one rank: nothing remote
+            stale_kv.keep(rid, graph, site, call, remote)
+            return out
     run = ulysses_attention if mode == "ulysses" else ring_attention
     return run(q, k, v, mask, scale, q_segs, kv_segs, group, rank, world, rid)
 

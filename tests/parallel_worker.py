@@ -59,6 +59,8 @@ def _outputs(model, kwargs: dict, steps: int) -> list[torch.Tensor]:
 def run_job(job: dict) -> dict:
     import ditopt
 
+    if job.get("stale"):  # tests/test_stale_kv.py
+        return stale_job(job)
     steps = job.get("steps", 1)
     model, kwargs = build(job["model"])
     single = ditopt.optimize(model, plan_for(job.get("plan", "all"), steps))
@@ -272,3 +274,98 @@ if __name__ == "__main__":  # python tests/parallel_worker.py dit ring [world]
 
     found = spawn([{"model": sys.argv[1], "mode": sys.argv[2]}], int(sys.argv[3]) if len(sys.argv) > 3 else 2)
     print(json.dumps([{k: v for k, v in r.items() if "decisions" not in k} for r in found]))
+
+
+# -- stale K/V (tests/test_stale_kv.py) --------------------------------------------------------
+
+def build_dit(layers: int):
+    """The small DiT (2 heads of 8, 16 tokens, batch 2) with ``layers`` blocks."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    m = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                              num_layers=layers, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    return m.eval(), dict(hidden_states=torch.randn(2, 4, 8, 8), timestep=torch.tensor([500, 500]),
+                          class_labels=torch.tensor([1, 2]))
+
+
+def hand_reference(model, kwargs: dict, ts: list, stale: set, world: int) -> tuple[list[torch.Tensor], int]:
+    """The model's outputs, in one process, where each self-attention call of a ``stale`` step
+    attends, for the queries of rank r's tokens, with this step's K/V of rank r's tokens and the K/V
+    of the other tokens from the step the call last ran fresh. Also the number of patched calls."""
+    import torch.nn.functional as F
+
+    real = F.scaled_dot_product_attention
+    kept: dict[int, tuple] = {}
+    state = {"step": 0, "call": 0, "patched": 0}
+
+    def patched(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        index, state["call"] = state["call"], state["call"] + 1
+        n = q.shape[-2]
+        if k.shape[-2] != n:  # cross-attention: local
+            return real(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
+        assert attn_mask is None and not is_causal
+        state["patched"] += 1
+        if state["step"] not in stale:
+            kept[index] = (k.clone(), v.clone())
+            return real(q, k, v, scale=scale, **kw)
+        k0, v0 = kept[index]
+        m, rows = n // world, []
+        for r in range(world):
+            own = slice(r * m, (r + 1) * m)
+            kr, vr = k0.clone(), v0.clone()
+            kr[..., own, :], vr[..., own, :] = k[..., own, :], v[..., own, :]
+            rows.append(real(q[..., own, :], kr, vr, scale=scale, **kw))
+        return torch.cat(rows, dim=-2)
+
+    outs = []
+    F.scaled_dot_product_attention = patched
+    try:
+        with torch.no_grad():
+            for step, t in enumerate(ts):
+                state["step"], state["call"] = step, 0
+                outs.append(model(**{**kwargs, "timestep": t}).sample.clone())
+    finally:
+        F.scaled_dot_product_attention = real
+    return outs, state["patched"]
+
+
+def stale_job(job: dict) -> dict:
+    """DistriFusion's stale-every-other-step plan (``presets.distrifusion``) on the small DiT with
+    ``layers`` blocks, against the hand reference and the un-elided parallel run: per step the
+    output difference, the bytes sent by kind and the cache bytes held."""
+    import ditopt
+    from ditopt.small_models import timesteps
+
+    steps, world = job.get("steps", 4), dist.get_world_size()
+    model, kwargs = build_dit(job.get("layers", 6))
+    ts = timesteps(steps, kwargs["timestep"])
+    plan = job.get("plan_yaml")
+    plan = ditopt.Plan.from_yaml(plan) if plan else ditopt.presets.distrifusion(steps=steps)
+    stale = {s for r in plan.rules if r.action == "stale_kv" for s in r.step_list(steps)}
+    reference, patched = hand_reference(model, kwargs, ts, stale, world)
+    spec = ditopt.SequenceParallel(mode=job["mode"])
+    result = {**job, "stale_steps": sorted(stale), "patched_calls": patched}
+    try:
+        runs = {}
+        for name, p in (("stale", plan), ("full", ditopt.presets.all_compute(steps=steps))):
+            fast = ditopt.optimize(model, p, parallel=spec, **job.get("options", {}))
+            outs, bytes_per_step, cache = [], [], []
+            with torch.no_grad():
+                for t in ts:
+                    before = dict(ditopt.stats(fast).comm_bytes)
+                    outs.append(fast(**{**kwargs, "timestep": t}).sample.clone())
+                    after = ditopt.stats(fast).comm_bytes
+                    bytes_per_step.append({k: after[k] - before.get(k, 0) for k in after})
+                    cache.append(ditopt.stats(fast).cache_bytes)
+            runs[name] = dict(outs=outs, bytes=bytes_per_step, cache=cache, total=dict(ditopt.stats(fast).comm_bytes),
+                              decisions=ditopt.stats(fast).decisions)
+    except Exception as exc:
+        return {**result, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
+    stale_run, full = runs["stale"], runs["full"]
+    return {**result,
+            "diff_hand": [float((a - b).abs().max()) for a, b in zip(stale_run["outs"], reference)],
+            "diff_full": [float((a - b).abs().max()) for a, b in zip(stale_run["outs"], full["outs"])],
+            "bytes": stale_run["bytes"], "full_bytes": full["bytes"], "cache_bytes": stale_run["cache"],
+            "total": stale_run["total"], "full_total": full["total"],
+            "decisions": {s: d for s, d in stale_run["decisions"].items() if s.endswith("attn1")}}

@@ -1,0 +1,160 @@
+"""``action: stale_kv``: self-attention under sequence parallelism that skips its K/V exchange
+(DistriFusion's stale activations).
+
+A ``stale_kv`` step of a self-attention site attends with this step's **local** K/V (fresh: this
+rank computed them) and the **remote** K/V kept from the last step the site exchanged them, and
+sends nothing. ``runtime.distributed.sp_attention`` asks :func:`plan_at` what to do at each call
+(the table is static, so every rank decides alike, from the step alone):
+
+- ``"stale"``: a ``stale_kv`` step with remote K/V kept: :func:`stale_attention`, no collective.
+- ``"keep"``: an exchange step that a later ``stale_kv`` step of the site needs (one comes before
+  the site surely exchanges again, :func:`needed_later`): exchange, and keep the remote K/V in the
+  runtime's cache store, keyed ``(graph, site, "stale_kv:<call>", branch)`` like every other cache
+  (``stats().cache_bytes`` counts them: ``2 B H (N - N/world) d`` elements per attention call).
+- ``"exchange"``: the plain distributed attention.
+
+What is kept, per mode:
+
+- **ring**: the remote K/V pass through the rank anyway (``world - 1`` hops); the blocks it receives
+  are kept. A keeping step sends what a ring step sends.
+- **Ulysses**: an all-to-all step holds the whole sequence of ``H / world`` heads only, and a stale
+  step needs every head of the remote tokens (it sends nothing, so its queries stay local with all
+  heads). So a keeping step all-gathers K and V over the ranks instead (ring-equivalent: the
+  sharded tokens of every head) and attends with this rank's queries over the gathered keys: the
+  same result as Ulysses; no all-to-all of q or of the output. Bytes per attention, ``b`` the bytes
+  of one rank's K (all heads): Ulysses ``4 b (world-1)/world``, a keeping step ``2 b (world-1)`` --
+  equal at 2 ranks, ``world/2`` times Ulysses above.
+
+A stale step of either mode is one attention of the local queries over the assembled global K/V
+(local slices fresh, the replicated text tokens fresh, the other ranks' slices kept).
+
+Example (two ranks' K of 4 sharded tokens each; rank 0 keeps rank 1's and assembles):
+    >>> import torch
+    >>> full = torch.arange(8.0).view(1, 1, 1, 8, 1).expand(2, 1, 1, 8, 1)
+    >>> remote = remote_of(full, (("s", 8),), rank=0, world=2)
+    >>> remote[0].flatten().tolist()
+    [4.0, 5.0, 6.0, 7.0]
+    >>> assemble(torch.zeros(2, 1, 1, 4, 1), remote, (("s", 8),), rank=0, world=2)[0].flatten().tolist()
+    [0.0, 0.0, 0.0, 0.0, 4.0, 5.0, 6.0, 7.0]
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .decisions import Action, DecisionTable
+from .session import _RUNTIMES
+
+SLOT = "stale_kv"  # SLOTS[Action.STALE_KV]
+
+Segs = tuple[tuple[str, int], ...]
+
+
+def needed_later(table: DecisionTable, site: str, step: int) -> bool:
+    """Whether remote K/V exchanged by ``site`` at ``step`` are read by a later ``stale_kv`` step:
+    one comes before the site next exchanges for sure (a computing step inside sites that all run
+    then). A later step inside a reusing block does not run the site at all."""
+    running = table.running()
+    for later in range(step + 1, table.steps):
+        action = table.action(site, later)
+        if action == Action.STALE_KV:
+            return True
+        if action == Action.COMPUTE and all(table.action(p, later) in running for p in table.parents.get(site, ())):
+            return False
+    return False
+
+
+def plan_at(rid: int, graph: int, site: str, call: str) -> tuple[str, object | None]:
+    """``("stale" | "keep" | "exchange", the kept remote K/V or None)`` for this call of ``site``.
+    A ``stale_kv`` step with nothing kept (a new generation, or a shape change) exchanges."""
+    rt = _RUNTIMES.get(rid)
+    table = rt.graphs.get(graph) if rt is not None else None
+    if table is None or site not in table.actions:
+        return "exchange", None
+    step = rt.state.step
+    if table.action(site, step) == Action.STALE_KV:
+        entry = rt.store.latest(rt.key(graph, site, f"{SLOT}:{call}"))
+        if entry is not None:
+            rt._record(site, Action.STALE_KV)
+            return "stale", entry.value
+        rt._record(site, Action.COMPUTE)
+    return ("keep" if needed_later(table, site, step) else "exchange"), None
+
+
+def keep(rid: int, graph: int, site: str, call: str, remote: torch.Tensor) -> None:
+    """Keep ``remote`` (``[2, B, H, remote tokens, d]``) as this step's remote K/V of ``site``."""
+    rt = _RUNTIMES[rid]
+    rt.store.put(rt.key(graph, site, f"{SLOT}:{call}"), rt.state.step, remote.detach())
+
+
+def remote_of(full: torch.Tensor, segs: Segs, rank: int, world: int) -> torch.Tensor:
+    """The other ranks' tokens of every sharded segment of a global ``[..., tokens, d]`` tensor,
+    in segment order, rank order within a segment (this rank's slice and replicated runs left out)."""
+    pieces = torch.split(full, [n for _, n in segs], dim=-2)
+    out = []
+    for piece, (kind, n) in zip(pieces, segs):
+        if kind == "s":
+            m = n // world
+            out += [piece[..., : rank * m, :], piece[..., (rank + 1) * m:, :]]
+    return torch.cat(out, dim=-2)
+
+
+def remote_from_ring(blocks: dict[int, torch.Tensor], segs: Segs, rank: int, world: int) -> torch.Tensor:
+    """:func:`remote_of` from the blocks a ring step received: ``{source rank: [..., its sharded
+    tokens of every segment, d]}``."""
+    local = [n // world for kind, n in segs if kind == "s"]
+    split = {src: torch.split(b, local, dim=-2) for src, b in blocks.items()}
+    out = []
+    for j in range(len(local)):
+        out += [split[src][j] for src in range(world) if src != rank]
+    return torch.cat(out, dim=-2)
+
+
+def assemble(local: torch.Tensor, remote: torch.Tensor, segs: Segs, rank: int, world: int) -> torch.Tensor:
+    """The global ``[..., tokens, d]`` tensor from this rank's local part (fresh) and ``remote``
+    (kept): the inverse of :func:`remote_of` with the local slices put back."""
+    local_pieces = torch.split(local, [n // world if kind == "s" else n for kind, n in segs], dim=-2)
+    remote_pieces = iter(torch.split(remote, [n - n // world for kind, n in segs if kind == "s"], dim=-2))
+    out = []
+    for piece, (kind, n) in zip(local_pieces, segs):
+        if kind == "s":
+            other = next(remote_pieces)
+            m = n // world
+            out += [other[..., : rank * m, :], piece, other[..., rank * m:, :]]
+        else:
+            out.append(piece)
+    return torch.cat(out, dim=-2)
+
+
+def _rows(mask: torch.Tensor | None, q_segs: Segs, rank: int, world: int) -> torch.Tensor | None:
+    """A global mask cut to this rank's query rows (a broadcast row is kept)."""
+    from .distributed import shard
+
+    if mask is not None and mask.dim() >= 2 and mask.shape[-2] > 1:
+        return shard(mask, mask.dim() - 2, q_segs, rank, world)
+    return mask
+
+
+def stale_attention(q, k, v, mask, scale, q_segs: Segs, kv_segs: Segs, rank: int, world: int,
+                    remote: torch.Tensor) -> torch.Tensor:
+    """This rank's queries (all heads) over the global K/V: local (fresh) and ``remote`` (kept)."""
+    kf = assemble(k, remote[0], kv_segs, rank, world)
+    vf = assemble(v, remote[1], kv_segs, rank, world)
+    return torch.nn.functional.scaled_dot_product_attention(q, kf, vf, attn_mask=_rows(mask, q_segs, rank, world),
+                                                            scale=scale)
+
+
+def gathered_attention(q, k, v, mask, scale, q_segs: Segs, kv_segs: Segs, group: str, rank: int, world: int,
+                       rid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ulysses at a keeping step: K and V all-gathered (every head), this rank's queries over them;
+    returns the output and the remote K/V to keep."""
+    from .distributed import gather
+
+    full = gather(torch.stack([k, v]), 3, kv_segs, group, rank, world, rid)
+    out = torch.nn.functional.scaled_dot_product_attention(q, full[0], full[1], attn_mask=_rows(mask, q_segs, rank,
+                                                                                                   world), scale=scale)
+    return out, remote_of(full, kv_segs, rank, world)
+
+
+__all__ = ["SLOT", "assemble", "gathered_attention", "keep", "needed_later", "plan_at", "remote_from_ring",
+           "remote_of", "stale_attention"]

@@ -1,0 +1,176 @@
+"""``action: stale_kv`` (DistriFusion's stale K/V) under sequence parallelism (issue 14).
+
+At a stale step a self-attention site attends with this step's local K/V and the remote K/V kept
+from its last exchange, and sends nothing (``runtime/stale_kv.py``). The spawned tests (2 gloo
+ranks, ``tests/parallel_worker.py``: ``stale_job``) compare against a hand reference that shares no
+code with the runtime: the eager model in one process with ``F.scaled_dot_product_attention``
+patched so that each rank's query rows see their own fresh K/V and the other tokens' K/V of the
+step before.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ditopt
+from ditopt import PlanError
+from ditopt.runtime import stale_kv
+from ditopt.runtime.decisions import Action, DecisionTable
+from ditopt.small_models import build
+
+# -- without ranks -----------------------------------------------------------------------------
+
+
+def stale_plan(steps=(1, 3), total: int = 4, **extra) -> ditopt.Plan:
+    return ditopt.Plan.from_dict({"version": 1, "steps": total, "rules": [
+        {"sites": "*", "kind": "attention", "attention": "self", "steps": list(steps), "action": "stale_kv", **extra}]})
+
+
+@pytest.mark.parametrize("segs", [(("s", 8),), (("r", 3), ("s", 8)), (("s", 8), ("r", 2), ("s", 4))])
+@pytest.mark.parametrize("rank", [0, 1])
+def test_remote_kv_assembles_back_to_the_global_tensor_with_fresh_local_slices(segs, rank):
+    world = 2
+    full = torch.randn(2, 1, 3, sum(n for _, n in segs), 4)
+    local = ditopt.runtime.distributed.shard(full, 3, segs, rank, world)
+    remote = stale_kv.remote_of(full, segs, rank, world)
+    assert remote.shape[-2] == sum(n - n // world for k, n in segs if k == "s")
+    assert torch.equal(stale_kv.assemble(local, remote, segs, rank, world), full)
+    fresh = local + 1  # the local slices (and the replicated runs) are this step's
+    assembled = stale_kv.assemble(fresh, remote, segs, rank, world)
+    assert torch.equal(ditopt.runtime.distributed.shard(assembled, 3, segs, rank, world), fresh)
+    # what a ring step received, source by source (every sharded segment's slice of that source)
+    blocks = {src: torch.cat([p for p, (k, _) in zip(torch.split(
+        ditopt.runtime.distributed.shard(full, 3, segs, src, world), [n // world if k == "s" else n for k, n in segs],
+        dim=-2), segs) if k == "s"], dim=-2) for src in range(world) if src != rank}
+    assert torch.equal(stale_kv.remote_from_ring(blocks, segs, rank, world), remote)
+
+
+def test_an_exchange_is_kept_only_when_a_later_stale_step_reads_it_first():
+    table = DecisionTable(steps=6, actions={"b.attn": [Action.COMPUTE, Action.STALE_KV, Action.COMPUTE,
+                                                      Action.COMPUTE, Action.STALE_KV, Action.COMPUTE],
+                                            "b": [Action.COMPUTE] * 3 + [Action.REUSE] + [Action.COMPUTE] * 2},
+                          adaptive={}, slots={}, parents={"b.attn": ["b"], "b": []})
+    # step 2's exchange feeds step 4 (step 3 sits inside a reusing block: the site does not run)
+    assert [stale_kv.needed_later(table, "b.attn", s) for s in range(6)] == [True, False, True, True, False, False]
+
+
+def test_stale_kv_is_refused_without_sequence_parallelism():
+    model, kwargs = build("dit")
+    fast = ditopt.optimize(model, stale_plan())
+    with pytest.raises(PlanError, match=r"site 'transformer_blocks\.0\.attn1'.*stale_kv needs sequence parallelism"):
+        with torch.no_grad():
+            fast(**kwargs)
+
+
+@pytest.mark.parametrize("plan, message", [
+    (lambda: stale_plan(steps=(0, 1)), "stale_kv at step 0: nothing has been computed yet"),
+    (lambda: stale_plan(when={"of": "stack[0]", "below": 0.1}), "'stale_kv' cannot be adaptive"),
+    (lambda: ditopt.Plan.from_dict({"version": 1, "steps": 4, "rules": [
+        {"sites": "*", "kind": "block", "steps": [1], "action": "stale_kv"}]}), "stale_kv applies to self-attention "
+     "sites only; 'transformer_blocks.0' is a block"),
+    (lambda: ditopt.Plan.from_dict({"version": 1, "steps": 4, "rules": [
+        {"sites": "*", "kind": "attention", "attention": "cross", "steps": [1], "action": "stale_kv"}]}),
+     "'transformer_blocks.0.attn2' is cross attention"),
+    (lambda: ditopt.Plan.from_dict({"version": 1, "steps": 4, "rules": [
+        {"sites": "*", "kind": "attention", "attention": "self", "steps": [1], "action": "stale_kv"},
+        {"sites": "*", "kind": "attention", "attention": "self", "steps": [2], "action": "reuse"}]}),
+     "one kind of reuse per plan"),
+])
+def test_misused_stale_kv_is_a_plan_error(plan, message):
+    model = build("pixart")[0]
+    with pytest.raises(PlanError, match=message):
+        plan().compile(ditopt.sites(model, **build("pixart")[1]))
+
+
+def test_the_preset_is_stale_every_other_step_after_the_warmup():
+    plan = ditopt.presets.distrifusion(steps=8)
+    assert [(r.attention, r.action, r.step_list(8)) for r in plan.rules] == [("self", "stale_kv", [1, 3, 5, 7])]
+    assert ditopt.presets.distrifusion(steps=9, warmup=2, interval=3).rules[0].step_list(9) == [2, 3, 5, 6, 8]
+    assert ditopt.presets.lookup("distrifusion-3")[1] == {"interval": 3}
+    assert ditopt.Plan.from_yaml(plan.to_yaml()).to_yaml() == plan.to_yaml()
+    with pytest.raises(ValueError):
+        ditopt.presets.distrifusion(steps=8, interval=1)
+
+
+@pytest.mark.parametrize("mode", ["ulysses", "ring"])
+def test_one_rank_stale_steps_equal_the_model_and_refuse_inductor(one_rank, mode):
+    model, kwargs = build("dit")
+    fast = ditopt.optimize(model, stale_plan(), parallel=ditopt.SequenceParallel(mode=mode))
+    with torch.no_grad():
+        for t in (900, 600, 300, 100):  # one rank: nothing is remote, so stale = fresh
+            args = {**kwargs, "timestep": torch.tensor([t, t])}
+            assert (fast(**args).sample - model(**args).sample).abs().max() < 1e-5
+    assert ditopt.stats(fast).decisions["transformer_blocks.0.attn1"] == ["compute", "stale_kv", "compute", "stale_kv"]
+    compiled = torch.compile(model, backend="ditopt", options={"plan": stale_plan(), "inductor": True,
+                                                               "parallel": ditopt.SequenceParallel(mode=mode)})
+    with pytest.raises(Exception, match="stale_kv runs on the eager path only"), torch.no_grad():
+        compiled(**kwargs)
+
+
+# -- spawned ranks (slow) ------------------------------------------------------------------------
+
+LAYERS, STEPS = 6, 8
+COMPOSED = ditopt.Plan.from_dict({"version": 1, "steps": 6, "rules": [
+    {"sites": "*", "kind": "attention", "attention": "self", "steps": [1, 3, 5], "action": "stale_kv"},
+    {"sites": "stack[1:]", "kind": "block", "steps": [2, 4], "action": "reuse_residual"}]}).to_yaml()
+JOBS = [{"stale": True, "mode": m, "steps": STEPS, "layers": LAYERS} for m in ("ulysses", "ring")] + [
+    {"stale": True, "mode": "ring", "steps": 6, "layers": 3, "plan_yaml": COMPOSED}]
+
+
+@pytest.fixture(scope="module")
+def spawned():
+    from parallel_worker import spawn
+
+    return {(r["mode"], "composed" if r.get("plan_yaml") else "preset"): r for r in spawn(JOBS, world=2)}
+
+
+def _ok(result: dict) -> dict:
+    assert "error" not in result, result.get("trace", result.get("error"))
+    return result
+
+
+def _shapes(world=2, batch=2, heads=2, head_dim=8, tokens=16, itemsize=4) -> tuple[int, int]:
+    """Bytes of one rank's K (all heads, its tokens), and of its part of the stack's output."""
+    local = batch * heads * (tokens // world) * head_dim * itemsize
+    return local, local  # hidden = heads * head_dim channels
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ulysses", "ring"])
+def test_stale_every_other_step_equals_the_hand_reference_and_sends_about_half(spawned, mode):
+    r = _ok(spawned[(mode, "preset")])
+    assert r["stale_steps"] == [1, 3, 5, 7] and r["patched_calls"] == LAYERS * STEPS
+    assert max(r["diff_hand"]) <= 1e-5, r["diff_hand"]
+    assert min(r["diff_full"][s] for s in r["stale_steps"]) > 1e-4  # stale K/V really were used
+    assert r["decisions"]["transformer_blocks.0.attn1"] == ["compute", "stale_kv"] * 4
+    local, hidden = _shapes()
+    output = hidden  # the output all-gather, every step: (world - 1) chunks of this rank's part
+    for step, sent in enumerate(r["bytes"]):
+        if step in r["stale_steps"]:  # nothing for attention: only the output gather
+            assert sent["total"] == output and sent.get("all_to_all", 0) == sent.get("ring", 0) == 0, (step, sent)
+        elif mode == "ulysses":  # a keeping step: K and V all-gathered (every head) instead of 4 all-to-alls
+            assert sent == {"all_gather": LAYERS * 2 * local + output, "total": LAYERS * 2 * local + output}
+        else:  # ring: what a ring step sends (the remote K/V pass through and are kept)
+            assert sent == {"ring": LAYERS * 2 * local, "all_gather": output, "total": LAYERS * 2 * local + output}
+    full = r["full_total"]["total"]
+    assert full == STEPS * (LAYERS * 2 * local + output)  # Ulysses at 2 ranks: 4 all-to-alls of local / 2
+    assert r["total"]["total"] == 4 * (LAYERS * 2 * local + output) + 4 * output
+    assert r["total"]["total"] / full <= 0.55
+    kept = LAYERS * 2 * local  # K and V of the remote tokens, every self-attention call
+    assert r["cache_bytes"] == [kept] * STEPS
+
+
+@pytest.mark.slow
+def test_stale_kv_composes_with_block_reuse_and_reused_blocks_send_nothing(spawned):
+    r = _ok(spawned[("ring", "composed")])
+    local, output = _shapes()
+    blocks = 3
+    decisions = r["decisions"]
+    assert decisions["transformer_blocks.0.attn1"] == ["compute", "stale_kv"] * 3
+    assert decisions["transformer_blocks.1.attn1"] == ["compute", "stale_kv", "skipped", "stale_kv", "skipped", "stale_kv"]
+    expected = [blocks, 0, 1, 0, 1, 0]  # attention calls that exchange: at 2 and 4 only block 0 runs
+    assert [b.get("ring", 0) for b in r["bytes"]] == [n * 2 * local for n in expected]
+    assert all(b["all_gather"] == output for b in r["bytes"])
+    # step 3 of block 1 reads the K/V kept at step 0 (step 2 did not run it); step 5 those of step 0 too
+    assert r["diff_full"][0] == 0 and max(r["diff_full"]) > 1e-4
