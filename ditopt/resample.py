@@ -74,7 +74,7 @@ def resample_plan(plan: "Plan", steps: int) -> "Plan":
         if new_steps:
             rules.append(Rule(sites=rule.sites, action=rule.action, steps=new_steps, kind=rule.kind,
                               when=rule.when, order=rule.order, attention=rule.attention, method=rule.method,
-                              window=rule.window))
+                              window=rule.window, cfg=rule.cfg, ratio=rule.ratio))
     new = Plan(steps=steps, rules=rules, version=plan.version, model=plan.model,
                name=f"{plan.name or 'plan'}@{steps}")
     new.check()

@@ -97,6 +97,7 @@ def table_runs(table: DecisionTable, sites: SiteTable, users: dict[str, set[str]
     ``set_plan``, which may swap a table into a graph only if it coalesces alike."""
     windowed = table.windowed()  # window sites run at every step: annotate_decisions makes them no region
     windowed = {**windowed, **table.partials()}  # partial sites likewise (passes/insert_partial.py)
+    windowed.update(dict.fromkeys(table.cfg_shared()))  # batched share_cfg sites likewise (insert_cfg_sharing.py)
     schedules = {s: (table.schedule(s), table.slots[s]) for s in table.actions if s not in windowed}
     return {run[0]: tuple(run) for run in find_runs(sites, schedules, users)}
 
