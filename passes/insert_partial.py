@@ -276,7 +276,12 @@ def _some_graph(found: _Tokens, operands, loads) -> fx.Graph:
     env = dict(whole)
     env[found.start] = picked
     gathered: dict[tuple[fx.Node, int], fx.Node] = {}
+    carried = {found.start}  # values computed from the tokens; the others are shared with the copy on all tokens
     for n in found.members:
+        if found.attention and not any(a in carried for a in n.all_input_nodes):
+            env[n] = whole[n]
+            continue
+        carried.add(n)
         swap = {}
         for operand, d in found.shards.get(n, {}).items():  # per-token tables: gathered alike
             if (operand, d) not in gathered:
