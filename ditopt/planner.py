@@ -424,6 +424,10 @@ def plan_from_profile(rmap: RedundancyMap, budget: float | None = None, config: 
     step since the last computed one: forecasts made from forecast-fed states drift further than
     the clean calibration trajectory shows.
     """
+    if "comm_budget" in knobs:  # a K/V change map: where to elide exchanges (ditopt/stale_plan.py)
+        from .stale_plan import plan_stale
+
+        return plan_stale(rmap, **knobs)
     sch = schedule_from_profile(rmap, budget, config, **knobs)
     config = _config(config, budget, knobs)
     label = f"budget={config.budget}" if config.budget is not None else f"max_error={config.max_error}"

@@ -318,6 +318,8 @@ def sp_attention(q, k, v, mask, scale, q_segs: Segs, kv_segs: Segs, mode: str, g
     if site and not _traced(q):
         from . import stale_kv
 
+        if rid in stale_kv.RECORDERS:
+            stale_kv.RECORDERS[rid](site, call, k, v)
         what, remote = stale_kv.plan_at(rid, graph, site, call)
         if what == "stale":
             return stale_kv.stale_attention(q, k, v, mask, scale, q_segs, kv_segs, rank, world, remote)

@@ -46,6 +46,9 @@ from .decisions import Action, DecisionTable
 from .session import _RUNTIMES
 
 SLOT = "stale_kv"  # SLOTS[Action.STALE_KV]
+# runtime id -> a callable (site, call, k, v) that sp_attention feeds this rank's K/V at every call
+# (ditopt.stale_plan.profile_kv: the K/V change map)
+RECORDERS: dict = {}
 
 Segs = tuple[tuple[str, int], ...]
 

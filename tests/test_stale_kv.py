@@ -174,3 +174,61 @@ def test_stale_kv_composes_with_block_reuse_and_reused_blocks_send_nothing(spawn
     assert all(b["all_gather"] == output for b in r["bytes"])
     # step 3 of block 1 reads the K/V kept at step 0 (step 2 did not run it); step 5 those of step 0 too
     assert r["diff_full"][0] == 0 and max(r["diff_full"]) > 1e-4
+
+
+# -- planned from a profile (ditopt/stale_plan.py) ---------------------------------------------
+
+
+def test_profile_kv_records_the_relative_kv_change_of_each_self_attention_site(one_rank):
+    import torch.nn.functional as F
+
+    from ditopt.small_models import timesteps
+    from ditopt.stale_plan import profile_kv
+
+    model, kwargs = build("dit")
+    ts = timesteps(3, kwargs["timestep"])
+
+    def run(fast):
+        with torch.no_grad():
+            for t in ts:
+                fast(**{**kwargs, "timestep": t})
+
+    kv_map = profile_kv(model, run, 3, ditopt.SequenceParallel(mode="ring"))
+    assert kv_map.sites == [f"transformer_blocks.{i}.attn1" for i in range(len(kv_map.sites))]
+    # hand: the eager model with SDPA patched to keep each call's K and V
+    real, seen = F.scaled_dot_product_attention, []
+    F.scaled_dot_product_attention = lambda q, k, v, *a, **kw: seen.append(torch.stack([k, v])) or real(q, k, v, *a, **kw)
+    try:
+        run(model)
+    finally:
+        F.scaled_dot_product_attention = real
+    n = len(kv_map.sites)
+    per_step = [seen[i * n:(i + 1) * n] for i in range(3)]
+    for step in (1, 2):
+        for i in range(n):
+            prev, now = per_step[step - 1][i], per_step[step][i]
+            expected = float((now - prev).abs().sum() / prev.abs().sum())
+            assert abs(float(kv_map.change[step, i]) - expected) < 1e-5 * max(1.0, expected)
+    assert torch.isnan(kv_map.change[0]).all()
+    assert set(kv_map.nbytes.values()) == {seen[0].numel() * 4}
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.75, 0.5, 0.3])
+def test_plan_from_profile_elides_the_least_changing_pairs_within_the_byte_budget(budget):
+    from ditopt.stale_plan import KVChangeMap
+
+    torch.manual_seed(0)
+    steps, sites = 8, [f"blocks.{i}.attn1" for i in range(3)]
+    change = torch.rand(steps, 3)
+    change[0] = float("nan")
+    kv_map = KVChangeMap("M", steps, sites, change, {s: 10 for s in sites})
+    plan = ditopt.plan_from_profile(kv_map, comm_budget=budget)
+    stale = {(t, r.sites[0]) for r in plan.rules if r.action == "stale_kv" for t in r.step_list(steps)}
+    sent = steps * 3 - len(stale)
+    assert sent <= budget * steps * 3 and sent + 1 > budget * steps * 3  # no more elided than needed
+    assert all(t >= 1 for t, _ in stale)
+    if stale:  # the first pair elided is the least-changing one (a run of one step: its own change)
+        least = min((float(change[t, i]), t, s) for t in range(1, steps) for i, s in enumerate(sites))
+        assert (least[1], least[2]) in stale
+    with pytest.raises(ditopt.DitoptError):
+        ditopt.plan_from_profile(kv_map, comm_budget=1.5)

@@ -1,0 +1,94 @@
+"""Collective elision on a zoo model: bytes per generation and PSNR of stale-K/V plans against the
+un-elided sequence-parallel run (issue 14 item 3), on 2 gloo ranks spawned here (CPU).
+
+For each mode (Ulysses, ring) it samples ``dit-digits`` (20 steps, CFG batched) with
+    full       all-compute under sequence parallelism (the reference)
+    fixed      presets.distrifusion(steps): stale every other step after step 0
+    profiled   plan_from_profile(profile_kv(...), comm_budget=B): K/V change map profiled on a
+               calibration generation (other labels, other seed), then the least-change pairs elided
+and prints, per plan, the bytes one rank sent per generation (``ditopt.stats().comm_bytes``), the
+attention bytes alone, their ratio to ``full``'s, and the PSNR against ``full``'s samples.
+
+    python tools/bench_stale_kv.py [--budget 0.5] [--model dit-digits] [--heatmap map.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+
+
+def _rank(rank: int, world: int, init: str, args: dict, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    try:
+        import ditopt
+        from ditopt import zoo
+        from ditopt.metrics import psnr
+        from ditopt.stale_plan import profile_kv
+
+        m = zoo.load(args["model"])
+        steps, labels, cal = m.steps, [0, 1, 2, 3, 4, 5, 6, 7], [9, 8, 7, 6, 5, 4, 3, 2]
+        single = m.sample(labels, seed=1)
+        rows = []
+        for mode in args["modes"]:
+            spec = ditopt.SequenceParallel(mode=mode)
+            kv_map = profile_kv(m.model, lambda f: m.sample(cal, seed=0, transformer=f), steps, spec)
+            if rank == 0 and args.get("heatmap"):
+                kv_map.heatmap(args["heatmap"].replace(".png", f"-{mode}.png"))
+            plans = {"full": ditopt.presets.all_compute(steps=steps), "fixed": ditopt.presets.distrifusion(steps=steps),
+                     "profiled": ditopt.plan_from_profile(kv_map, comm_budget=args["budget"], max_run=args["max_run"])}
+            res = {}
+            for name, plan in plans.items():
+                fast = ditopt.optimize(m.model, plan, parallel=spec, regional=False)
+                x = m.sample(labels, seed=1, transformer=fast)
+                sent = dict(ditopt.stats(fast).comm_bytes)
+                attention = sent.get("total", 0) - (sent.get("all_gather", 0) if mode == "ring" else 0)
+                stale = sum(row.count("stale_kv") for row in ditopt.stats(fast).decisions.values())
+                res[name] = dict(x=x, sent=sent, attention=attention, stale=stale)
+            full = res["full"]
+            for name, r in res.items():
+                rows.append(dict(mode=mode, plan=name, total=r["sent"].get("total", 0), by_kind=r["sent"],
+                                 ratio=r["sent"].get("total", 0) / full["sent"]["total"],
+                                 psnr_vs_full=psnr(r["x"], full["x"]),
+                                 full_vs_single=float((full["x"] - single).abs().max()),
+                                 stale_pairs=r["stale"]))
+            rows[-1]["kv_change_mean"] = float(torch.nan_to_num(kv_map.change[1:]).mean())
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(rows, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=float, default=0.5, help="comm_budget: fraction of attention bytes sent")
+    parser.add_argument("--max-run", type=int, default=None, help="at most this many stale steps of a site in a row")
+    parser.add_argument("--model", default="dit-digits")
+    parser.add_argument("--modes", default="ulysses,ring")
+    parser.add_argument("--heatmap", default=None, help="save the K/V change map as <path>-<mode>.png")
+    a = parser.parse_args(argv)
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "out.json")
+        args = dict(budget=a.budget, max_run=a.max_run, model=a.model, modes=a.modes.split(","), heatmap=a.heatmap)
+        mp.spawn(_rank, args=(2, os.path.join(tmp, "init"), args, out), nprocs=2, join=True)
+        rows = json.load(open(out))
+    print(f"{'mode':8} {'plan':9} {'stale pairs':>11} {'bytes/gen':>10} {'vs full':>8} {'PSNR vs full (dB)':>18}")
+    for r in rows:
+        print(f"{r['mode']:8} {r['plan']:9} {r['stale_pairs']:>11} {r['total']:>10} {r['ratio']:>8.3f} "
+              f"{r['psnr_vs_full']:>18.2f}   {r['by_kind']}")
+    print("full vs single process (max abs):", {r["mode"]: r["full_vs_single"] for r in rows if r["plan"] == "full"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
