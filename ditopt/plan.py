@@ -17,10 +17,9 @@ sequence (``window: 256``): at those steps the site computes window attention an
 (full - window attention) cached at its last full step (DiTFastAttn's WA-RS).
 A ``partial`` rule gives the share of the site's tokens it recomputes (``ratio: 0.2``, ToCa/DuCa):
 the tokens whose input changed most since they were last computed; the others keep their cached output.
-A ``share_cfg`` rule (attention and block sites) makes the unconditional CFG branch take the
-conditional branch's output plus the offset (uncond - cond) cached at the last step both computed;
-``cfg: {layout: batched | calls, uncond: first | second}`` says how the caller runs CFG (default:
-diffusers' batched layout, unconditional half first; see :mod:`ditopt.runtime.cfg_sharing`).
+A ``share_cfg`` rule (attention and block sites) gives the unconditional CFG branch the conditional
+one's output plus a cached offset; ``cfg: {layout: batched | calls, uncond: first | second}`` says how
+the caller runs CFG (default: batched, uncond first, as diffusers; :mod:`ditopt.runtime.cfg_sharing`).
 
 Example:
     >>> plan = Plan.from_yaml('''
@@ -407,18 +406,12 @@ def _rule_from_dict(raw: Any, index: int, lines: dict[str, int] | None) -> Rule:
             raise PlanError(f"unknown forecast method {short(method)}; known: {list(METHODS)}", site=label,
                             **at("method"))
     window = _window_field(raw.get("window"), action, dict(site=label, **at("window")))
-    cfg = _cfg_field(raw.get("cfg"), action, dict(site=label, **at("cfg")))
+    cfg = _cfg_field(raw.get("cfg"), action, raw.get("when"), dict(site=label, **at("cfg")))
     when = _when_field(raw.get("when"), dict(site=label, **at("when")))  # its errors name the line of 'when'
-    if when is not None and action == Action.SHARE_CFG:
-        raise PlanError("'share_cfg' cannot be adaptive ('when'): the offset it adds needs a fixed step table",
-                        site=label, **at("when"))
     if when is not None and action == Action.STALE_KV:
         raise PlanError("'stale_kv' cannot be adaptive ('when'): every rank must skip the same exchanges, and the "
                         "exchange before a stale step must know it will be needed", site=label, **at("when"))
-    ratio = _ratio_field(raw.get("ratio"), action, dict(site=label, **at("ratio")))
-    if when is not None and action == Action.PARTIAL:
-        raise PlanError("'partial' cannot be adaptive ('when'): its graph recomputes a fixed number of tokens at "
-                        "fixed steps", site=label, **at("when"))
+    ratio = _ratio_field(raw.get("ratio"), action, when, dict(site=label, **at("ratio")))
     if when is not None and action == WINDOW:
         raise PlanError("'window' cannot be adaptive ('when'): the residual it adds needs a fixed step table",
                         site=label, **at("when"))
@@ -426,32 +419,27 @@ def _rule_from_dict(raw: Any, index: int, lines: dict[str, int] | None) -> Rule:
                 method=method, window=window, cfg=cfg, ratio=ratio, line=line, step_line=lines.get("steps", line))
 
 
-def _cfg_field(cfg: Any, action: str, where: dict[str, Any]) -> CfgLayout | None:
-    """``cfg: {layout: batched | calls, uncond: first | second}`` (or just the layout) on a share_cfg
-    rule; refused on every other action."""
-    if cfg is None:
-        return None
-    if action != Action.SHARE_CFG:
+def _cfg_field(cfg: Any, action: str, when: Any, where: dict[str, Any]) -> CfgLayout | None:
+    """``cfg:`` of a share_cfg rule (:meth:`CfgLayout.read`), refused on every other action; and
+    share_cfg is never adaptive."""
+    if when is not None and action == Action.SHARE_CFG:
+        raise PlanError("'share_cfg' cannot be adaptive ('when'): the offset it adds needs a fixed step table", **where)
+    if cfg is not None and action != Action.SHARE_CFG:
         raise PlanError(f"'cfg' applies to action share_cfg, not {action!r}", **where)
-    if isinstance(cfg, CfgLayout):
-        cfg = cfg.to_dict()
-    if isinstance(cfg, str):
-        cfg = {"layout": cfg}
-    if not isinstance(cfg, dict) or set(cfg) - {"layout", "uncond"} or not all(
-            isinstance(v, str) for v in cfg.values()):
-        raise PlanError(f"'cfg' must be {{layout: batched | calls, uncond: first | second}}, got {short(cfg)}", **where)
     try:
-        return CfgLayout(cfg.get("layout", "batched"), cfg.get("uncond", ""))
+        return None if cfg is None else CfgLayout.read(cfg)
     except ValueError as exc:
         raise PlanError(f"'cfg': {exc}", **where) from None
 
 
-def _ratio_field(ratio: Any, action: str, where: dict[str, Any]) -> float | None:
-    """``ratio: <share of tokens>``: required by action partial (0 < ratio <= 1), refused elsewhere."""
+def _ratio_field(ratio: Any, action: str, when: Any, where: dict[str, Any]) -> float | None:
+    """``ratio: <share of tokens>``: required by action partial (0 < ratio <= 1, never adaptive), refused elsewhere."""
     if action != Action.PARTIAL:
         if ratio is not None:
             raise PlanError(f"'ratio' applies to action partial, not {action!r}", **where)
         return None
+    if when is not None:
+        raise PlanError("'partial' cannot be adaptive ('when'): its graph recomputes a fixed number of tokens", **where)
     if ratio is None:
         raise PlanError("action partial needs 'ratio: <share of tokens recomputed>', e.g. ratio: 0.2", **where)
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio <= 1:
