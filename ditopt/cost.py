@@ -205,9 +205,9 @@ class CostModel:
 
     def cache_bytes(self, site: str, slot: str = "output", **dims) -> int:
         """Bytes a cache of ``site``'s ``output`` (its live-outs) or ``residual`` holds, per CFG branch."""
-        if slot not in ("output", "residual"):
+        if slot not in ("output", "residual", SLOTS[Action.SHARE_CFG]):  # share_cfg: an offset, output-sized
             raise ValueError(f"slot must be 'output' or 'residual', got {slot!r}")
-        return self.evaluate(self.expr(site, f"{slot}_bytes"), **dims)
+        return self.evaluate(self.expr(site, f"{'output' if slot == SLOTS[Action.SHARE_CFG] else slot}_bytes"), **dims)
 
     def at(self, **dims) -> "CostModel":
         """The same model with other default dims (another resolution, frame count or batch)."""
@@ -288,19 +288,12 @@ class CostModel:
         blocks = self.block_sites()
         inside = {b: [s.name for s in self.sites if b in self.sites.ancestors(s.name)] for b in blocks}
         windowed = self._window_costs(table, decisions, **dims)
-        executed = 0
-        # share_cfg with batched CFG computes the conditional half: half the site's FLOPs (with CFG as two
-        # calls the unconditional call skips the site, as a reuse does)
-        halved = table is not None and table.cfg is not None and table.cfg.layout == "batched"
+        executed = table.share_cfg_flops(decisions, per_call, inside) if table is not None else 0  # batched: half
         for call in range(calls):
             for b in blocks:
-                if halved and _action(decisions, b, call) == Action.SHARE_CFG:
-                    executed += per_call[b] // 2
-                    continue
                 if _action(decisions, b, call) != Action.COMPUTE:
                     continue
-                reused = sum(per_call[s] // (2 if halved and _action(decisions, s, call) == Action.SHARE_CFG else 1)
-                             for s in inside[b]
+                reused = sum(per_call[s] for s in inside[b]
                              if _action(decisions, s, call) not in (Action.COMPUTE, Action.SKIPPED, Action.WINDOW))
                 executed += per_call[b] - reused
                 for s in set(windowed) & set(inside[b]):  # window: window attention, not full; keeping: both
@@ -359,10 +352,6 @@ class CostModel:
             if slot == SLOTS[Action.WINDOW]:  # stored at the full steps a later window step reads
                 kept = sum(1 for c, a in enumerate(row) if a == Action.COMPUTE and keeps_residual(row, c, branches))
                 held += min(depth, kept // max(branches, 1)) * self.evaluate(self.costs[site].window_bytes, **dims)
-                continue
-            if slot == SLOTS[Action.SHARE_CFG]:  # one offset (half the batch batched; with two calls, the cond
-                batched = table is not None and table.cfg is not None and table.cfg.layout == "batched"  # output too)
-                held += self.cache_bytes(site, "output", **dims) // (2 if batched else 1)
                 continue
             computed_steps = sum(1 for a in row if a == Action.COMPUTE) // max(branches, 1)
             held += min(depth, computed_steps) * self.cache_bytes(site, slot, **dims)

@@ -129,7 +129,18 @@ def _follow_batch(gm: fx.GraphModule, ctx: PassContext, site: str) -> _Batch:
             batched.add(op)
     if not batched:
         refuse("no input of the site carries the batch in its first dimension")
+    dims, sizes = _replay(gm, members, operands, batched, size, refuse)
+    out_dims = []
+    for o in live_outs:
+        if not isinstance(dims.get(o), int):
+            refuse(f"the site's output {o.name} does not carry the batch")
+        out_dims.append(dims[o])
+    return _Batch(size, members, operands, batched, live_outs, out_dims, sizes)
 
+
+def _replay(gm: fx.GraphModule, members, operands, batched, size: int, refuse):
+    """Run the region's nodes on fake tensors whose batch dimension has a size no other has;
+    return the batch's dimension in each value and the size lists to halve."""
     shapes = [tuple(e.shape) for n in [*members, *operands] for e in _tensors(_example(n))]
     unique = 2 * max((d for s in shapes for d in s), default=size) + 1
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -166,12 +177,7 @@ def _follow_batch(gm: fx.GraphModule, ctx: PassContext, site: str) -> _Batch:
                 refuse(f"the batch cannot be followed through this node ({type(exc).__name__}: "
                        f"{str(exc).splitlines()[0] if str(exc) else ''})", n)
             dims[n] = _batch_dims(values[n], unique, bool(carried), n, refuse)
-    out_dims = []
-    for o in live_outs:
-        if not isinstance(dims.get(o), int):
-            refuse(f"the site's output {o.name} does not carry the batch")
-        out_dims.append(dims[o])
-    return _Batch(size, members, operands, batched, live_outs, out_dims, sizes)
+    return dims, sizes
 
 
 def _tensors(value):

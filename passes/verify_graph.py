@@ -56,4 +56,7 @@ def verify_graph(gm: fx.GraphModule, ctx: PassContext | None = None) -> PassResu
     unwindowed = set(ga.windows) - set(ga.window_branches or ())
     if ga.window_branches is not None and unwindowed:
         raise GraphInvariantError(f"sites planned `window` but never given window branches: {sorted(unwindowed)}")
+    unshared = set(ga.cfg_shared) - set(ga.cfg_branches or ())
+    if ga.cfg_branches is not None and unshared:
+        raise GraphInvariantError(f"sites planned `share_cfg` but never given their branches: {sorted(unshared)}")
     return PassResult(gm, False)

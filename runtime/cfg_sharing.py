@@ -63,6 +63,23 @@ class CfgLayout:
             raise ValueError("with CFG as two calls the conditional call must come first (uncond: second): the "
                              "unconditional call shares the conditional call's output of the same step")
 
+    @classmethod
+    def read(cls, cfg) -> "CfgLayout":
+        """A layout from a plan's ``cfg:`` (a mapping ``{layout, uncond}``, or the layout alone);
+        ValueError saying what is wrong.
+
+        >>> CfgLayout.read({"layout": "calls"}), CfgLayout.read("batched")
+        (CfgLayout(layout='calls', uncond='second'), CfgLayout(layout='batched', uncond='first'))
+        """
+        if isinstance(cfg, CfgLayout):
+            return cfg
+        if isinstance(cfg, str):
+            cfg = {"layout": cfg}
+        if not isinstance(cfg, dict) or set(cfg) - {"layout", "uncond"} or not all(
+                isinstance(v, str) for v in cfg.values()):
+            raise ValueError(f"'cfg' must be {{layout: batched | calls, uncond: first | second}}, got {cfg!r}"[:300])
+        return cls(cfg.get("layout", "batched"), cfg.get("uncond", ""))
+
     @property
     def cond_half(self) -> int:
         """Index (0 or 1) of the conditional half of a batch, or of the conditional call of a step."""

@@ -172,6 +172,24 @@ class DecisionTable:
         """``{site: ratio}`` for every site that takes ``partial`` at some step."""
         return {s: r for s in self.actions if (r := self.ratio_of(s))}
 
+    def share_cfg_flops(self, decisions: dict[str, list[str]], per_call: dict[str, int],
+                        inside: dict[str, list[str]]) -> int:
+        """FLOPs the batched ``share_cfg`` sites execute at the calls of ``decisions`` (one row per
+        site, one entry per call): half of each site's ``per_call`` FLOPs, at a call where the site
+        (a block of ``inside``) shares, or where a site inside a computing block does; the cost
+        model counts such a site as not run. 0 for CFG as two calls (the unconditional call skips)."""
+        if self.cfg is None or self.cfg.layout != "batched":
+            return 0
+        total = 0
+        for block, members in inside.items():
+            for call, action in enumerate(decisions.get(block, ())):
+                if action == Action.SHARE_CFG:
+                    total += per_call[block] // 2
+                elif action == Action.COMPUTE:
+                    total += sum(per_call[s] // 2 for s in members
+                                 if call < len(decisions.get(s, ())) and decisions[s][call] == Action.SHARE_CFG)
+        return total
+
     def running(self) -> tuple[Action, ...]:
         """The actions at which a site runs (the sites inside it run too): with batched CFG a
         ``share_cfg`` site runs, on half the batch."""

@@ -58,7 +58,8 @@ def test_debug_mode_verifies_after_every_pass(name, monkeypatch):
     report = run_pipeline(p.gm, p.ctx, p.compiled, inductor=False)
     assert [step for step, _ in report] == ["annotate_decisions", "coalesce_regions", "insert_step_tracking",
                                             "insert_observers",
-                                            "insert_indicators", "insert_window_branches", "insert_cache_ops", "insert_skip_branches", "lower_skip_branches"]
+                                            "insert_indicators", "insert_window_branches", "insert_cfg_sharing", "insert_partial",
+                                            "insert_cache_ops", "insert_skip_branches", "lower_skip_branches"]
 
 
 def test_an_effect_without_the_token_is_named():
