@@ -205,9 +205,9 @@ class CostModel:
 
     def cache_bytes(self, site: str, slot: str = "output", **dims) -> int:
         """Bytes a cache of ``site``'s ``output`` (its live-outs) or ``residual`` holds, per CFG branch."""
-        if slot not in ("output", "residual", SLOTS[Action.SHARE_CFG]):  # share_cfg: an offset, output-sized
-            raise ValueError(f"slot must be 'output' or 'residual', got {slot!r}")
-        return self.evaluate(self.expr(site, f"{'output' if slot == SLOTS[Action.SHARE_CFG] else slot}_bytes"), **dims)
+        if slot not in ("output", "residual", SLOTS[Action.SHARE_CFG], "partial"):  # share_cfg: an offset, output-sized
+            raise ValueError(f"slot must be 'output' or 'residual', got {slot!r}")  # partial: its input not counted
+        return self.evaluate(self.expr(site, f"{slot if slot in ('output', 'residual') else 'output'}_bytes"), **dims)
 
     def at(self, **dims) -> "CostModel":
         """The same model with other default dims (another resolution, frame count or batch)."""
@@ -289,6 +289,7 @@ class CostModel:
         inside = {b: [s.name for s in self.sites if b in self.sites.ancestors(s.name)] for b in blocks}
         windowed = self._window_costs(table, decisions, **dims)
         executed = table.share_cfg_flops(decisions, per_call, inside) if table is not None else 0  # batched: half
+        executed += table.partial_flops(decisions, per_call, blocks) if table is not None else 0  # ~ratio of a site
         for call in range(calls):
             for b in blocks:
                 if _action(decisions, b, call) != Action.COMPUTE:

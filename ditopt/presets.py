@@ -329,6 +329,38 @@ def ditfastattn(steps: int = 50, *, window: int = 256, interval: int = 4, warmup
     return plan
 
 
+def duca(steps: int = 50, interval: int = 4, ratio: float = 0.2, *, warmup: int = 1) -> Plan:
+    """DuCa: between full steps (every ``interval``-th), conservative steps, where each block
+    recomputes the ``ratio`` of its tokens whose input changed most (``partial``, ToCa's token-wise
+    caching), alternate with aggressive steps, where the whole stack reuses its cached output.
+
+    Follows Zou et al., "Accelerating Diffusion Transformers with Dual Feature Caching" (DuCa, 2024)
+    and "... with Token-wise Feature Caching" (ToCa, 2024). As read here: after each full step the
+    steps go conservative, aggressive, conservative, ...; tokens are scored by the relative change of
+    their input (no attention map, as DuCa's), one selection per batch. The first ``warmup`` steps
+    compute. Not built: ToCa's per-layer ratios and its cross-attention / spatial-spread scores.
+
+    Example:
+        >>> [(r.action, r.step_list(9)) for r in duca(steps=9, interval=4, ratio=0.25).rules]
+        [('partial', [2, 4, 6, 8]), ('reuse', [3, 7])]
+    """
+    check_steps(steps)
+    check_count(interval, "interval", minimum=1)
+    check_count(warmup, "warmup", minimum=1)
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio <= 1:
+        raise ValueError(f"ratio must be a share of the tokens in (0, 1], got {ratio!r}")
+    offsets = {s: (s - warmup) % interval for s in range(warmup, steps)}
+    conservative = tuple(s for s, o in offsets.items() if o and o % 2 == 1)
+    aggressive = tuple(s for s, o in offsets.items() if o and o % 2 == 0)
+    rules = [Rule(sites=("*",), kind="block", steps=conservative, action="partial", ratio=float(ratio))] \
+        if conservative else [Rule(sites=("*",), kind="block", action="compute")]
+    if aggressive:
+        rules.append(Rule(sites=("stack",), steps=aggressive, action="reuse"))
+    plan = Plan(steps=steps, rules=rules, name=f"duca-{interval}-{ratio}")
+    plan.check()
+    return plan
+
+
 def distrifusion(steps: int = 50, *, warmup: int = 1, interval: int = 2) -> Plan:
     """DistriFusion as a static schedule (sequence parallelism only): self-attention reuses the
     remote K/V of its last exchange (``stale_kv``) at the steps between exchanges.
@@ -405,6 +437,7 @@ REGISTRY: dict[str, Preset] = {p.name: p for p in [
     Preset("dbcache", dbcache, {"dbcache-THRESHOLD": {}}, "threshold"),
     Preset("delta-dit", delta_dit, {"delta-dit": {}}),
     Preset("pab", pab, {"pab": {}}),
+    Preset("duca", duca, {"duca-N": {}}, "interval"),  # partial (token-wise) and stack reuse, alternating
     Preset("all-compute", all_compute, {"all-compute": {}}, published=False),
     # not written to configs/presets yet: its window is in tokens, so it fits one resolution
     Preset("ditfastattn", ditfastattn, {"ditfastattn-N": {}}, "window", published=False),

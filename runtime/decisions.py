@@ -190,6 +190,13 @@ class DecisionTable:
                                  if call < len(decisions.get(s, ())) and decisions[s][call] == Action.SHARE_CFG)
         return total
 
+    def partial_flops(self, decisions, per_call: dict[str, int], blocks: list[str]) -> float:
+        """Block FLOPs the ``partial`` steps of ``decisions`` (one row per site, one entry per call)
+        execute: ``ratio`` of the site's FLOPs at each (the K/V of all tokens a self-attention site
+        recomputes are not counted). The cost model adds these to what the blocks compute."""
+        return sum(self.ratio_of(s) * per_call[s] for s, row in decisions.items() for a in row
+                   if a == Action.PARTIAL and (s in blocks or set(self.parents.get(s, ())) & set(blocks)))
+
     def running(self) -> tuple[Action, ...]:
         """The actions at which a site runs (the sites inside it run too): with batched CFG a
         ``share_cfg`` site runs, on half the batch."""

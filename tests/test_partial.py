@@ -288,3 +288,31 @@ def test_a_partial_block_executes_fewer_flops_and_says_how_many():
     share = partial_share("dit", "block", 0.25)
     print(f"dit block partial ratio 0.25: executes {share:.3f} of the block FLOPs")
     assert 0.25 < share < 0.6
+
+
+def test_the_cost_model_counts_a_partial_step_at_the_ratio_of_the_site():
+    model, kwargs = build("dit")
+    cost = ditopt.cost.cost_model(model, **kwargs)
+    ff = [s.name for s in cost.sites if s.kind == "feedforward"]
+    plan = partial_plan("*", 0.25, kind="feedforward")
+    full = sum(cost.flops(b) for b in cost.block_sites())
+    saved = sum(cost.flops(s) for s in ff) * 0.75 * len(PARTIAL_STEPS)
+    assert cost.predict(plan).compute_fraction == pytest.approx(1 - saved / (STEPS * full))
+    measured = partial_share("dit", "feedforward", 0.25)  # the executed share of the ff FLOPs
+    assert measured == pytest.approx(0.25, rel=0.1)
+
+
+def test_the_duca_preset_runs_and_skips_what_it_says():
+    model, kwargs = build("dit")
+    plan = ditopt.presets.duca(steps=8, interval=4, ratio=0.25)
+    fast = ditopt.optimize(copy.deepcopy(model), plan)
+    ts = timesteps(8, kwargs["timestep"])
+    outs, want = run_model(fast, kwargs, ts), run_model(model, kwargs, ts)
+    decisions = ditopt.stats(fast).decisions
+    assert decisions["stack"] == ["compute"] * 3 + ["reuse"] + ["compute"] * 3 + ["reuse"]
+    assert decisions["transformer_blocks.0"] == ["compute", "compute", "partial", "skipped", "partial", "compute",
+                                                 "partial", "skipped"]
+    torch.testing.assert_close(outs[1], want[1])  # full steps compute exactly
+    assert all(torch.isfinite(o).all() for o in outs)
+    predicted = ditopt.cost.cost_model(model, **kwargs).predict(plan).compute_fraction
+    assert predicted == pytest.approx((3 + 3 * 0.25) / 8)  # computes 0, 1, 5; partial 2, 4, 6; reuse 3, 7

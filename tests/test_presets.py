@@ -329,6 +329,16 @@ def test_pab_broadcasts_attention_inside_its_window():
 
 # -- parameters -----------------------------------------------------------------------------------
 
+def test_duca_alternates_token_wise_partial_and_stack_reuse_between_full_steps():
+    plan = presets.duca(steps=12, interval=4, ratio=0.25)
+    (partial, reuse) = plan.rules
+    assert (partial.action, partial.kind, partial.ratio, partial.step_list(12)) == ("partial", "block", 0.25,
+                                                                                   [2, 4, 6, 8, 10])
+    assert (reuse.sites, reuse.action, reuse.step_list(12)) == (("stack",), "reuse", [3, 7, 11])
+    with pytest.raises(ValueError, match="ratio must be a share"):
+        presets.duca(steps=12, ratio=0)
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda: presets.delta_dit(10, interval=0), "interval must be an integer >= 1, got 0"),
     (lambda: presets.delta_dit(10, k=0), "k must be"),
