@@ -59,4 +59,7 @@ def verify_graph(gm: fx.GraphModule, ctx: PassContext | None = None) -> PassResu
     unshared = set(ga.cfg_shared) - set(ga.cfg_branches or ())
     if ga.cfg_branches is not None and unshared:
         raise GraphInvariantError(f"sites planned `share_cfg` but never given their branches: {sorted(unshared)}")
+    unpartial = set(ga.partials) - set(ga.partial_branches or ())
+    if ga.partial_branches is not None and unpartial:
+        raise GraphInvariantError(f"sites planned `partial` but never given their branches: {sorted(unpartial)}")
     return PassResult(gm, False)
