@@ -108,6 +108,14 @@ def test_one_rank_stale_steps_equal_the_model_and_refuse_inductor(one_rank, mode
         compiled(**kwargs)
 
 
+def test_a_plan_whose_stale_sites_all_stay_local_is_refused(one_rank):
+    model, kwargs = build("hunyuan")  # self-attention only in the text refiner (local); the blocks are joint
+    fast = ditopt.optimize(model, ditopt.presets.distrifusion(steps=4), parallel=ditopt.SequenceParallel(mode="ring"))
+    with pytest.raises(PlanError, match=r"refiner_blocks\.0\.attn'.*no site the plan gives it holds distributed"):
+        with torch.no_grad():
+            fast(**kwargs)
+
+
 # -- spawned ranks (slow) ------------------------------------------------------------------------
 
 LAYERS, STEPS = 6, 8
