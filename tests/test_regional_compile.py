@@ -261,7 +261,7 @@ def test_regional_inductor_compile_matches_the_eager_path_and_compiles_the_block
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert ditopt.stats(fast).decisions == decisions
     kept = ditopt.compiled_graph(fast).rewritten.meta["ditopt_regions"]
-    assert kept == KEPT.get((name, plan_name), kept) and len(kept) == 2
+    assert kept == KEPT.get((name, plan_name), kept) and len(kept) >= 2
     code = "\n".join(codes)
     defined = re.findall(r"^def (\w*repeated_subgraph\d+)\(", code, flags=re.M)
     assert len(defined) == len(set(defined)) >= 1  # the block's code, generated once
