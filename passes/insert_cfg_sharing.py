@@ -28,8 +28,9 @@ an odd batch) is refused with a PlanError naming the site and the node.
 
 Keeps: the live-outs' users (now reading the cond's outputs), ``nn_module_stack`` and example
 values; the new nodes join the regions the site was in (an enclosing block that reuses takes them
-into its skip branch and hoists the store). Runs on the eager path; under inductor a batched
-share_cfg plan is refused (CFG as two calls compiles: it is a reuse-like rewrite).
+into its skip branch and hoists the store). Under inductor (``torch.compile(backend="ditopt")``)
+the branches return dense copies and take operands pinned to their traced strides, as skip
+branches do, and the offset is stored and loaded as a copy.
 Does not fire without such sites; refuses one with another planned site inside it.
 """
 
@@ -47,7 +48,7 @@ from ditopt.regions import is_param
 from ditopt.runtime.cfg_sharing import SLOT
 
 from .annotations import Role, annotate, graph_annotation, regions_of, role_of, token_of
-from .insert_skip_branches import _example
+from .insert_skip_branches import _example, _pinned_operands
 from .pass_base import PassContext, PassResult, copy_meta, replace_site_nodes
 
 _VIEWS = {"view", "reshape"}
@@ -61,10 +62,6 @@ def insert_cfg_sharing(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     ga = graph_annotation(gm)
     done = set(ga.cfg_branches or ())
     todo = [site for site in ga.cfg_shared if site not in done]
-    if todo and ctx.inductor:
-        raise PlanError(f"share_cfg with batched CFG is built for the eager path (ditopt.optimize) only; under "
-                        f"torch.compile use CFG as two calls (cfg: {{layout: calls}}) or ditopt.optimize",
-                        site=todo[0])
     for site in todo:  # every refusal before any rewrite
         _follow_batch(gm, ctx, site)
     for site in todo:  # followed again: a site rewritten before may have replaced this one's inputs
@@ -305,7 +302,7 @@ def _rewrite(gm: fx.GraphModule, ctx: PassContext, site: str, layout, found: _Ba
         full = graph.call_function(torch.ops.ditopt.decide.default,
                                    (token, ctx.runtime_id, ctx.graph_id, site, shapes[0][0], torch.device("cpu")))
         loads = [graph.call_function(torch.ops.ditopt.cache_load.default, (
-            token, ctx.runtime_id, ctx.graph_id, site, f"{SLOT}{i}", shape, dtype, False))
+            token, ctx.runtime_id, ctx.graph_id, site, f"{SLOT}{i}", shape, dtype, ctx.inductor))
             for i, (shape, dtype, _) in enumerate(shapes)]
     copy_meta(full, first, torch.zeros((), dtype=torch.bool))
     annotate(full, role=Role.DECIDE, site=site, regions=outer)
@@ -315,8 +312,11 @@ def _rewrite(gm: fx.GraphModule, ctx: PassContext, site: str, layout, found: _Ba
 
     operands = [*found.operands, *loads]
     base = f"ditopt_{site.replace('.', '_')}_cfg"
-    setattr(gm, f"{base}_both", fx.GraphModule(gm, _both_graph(found, operands, layout)))
-    setattr(gm, f"{base}_cond", fx.GraphModule(gm, _cond_graph(found, operands, loads, layout, shapes)))
+    for name, g in (("both", _both_graph(found, operands, layout)),
+                    ("cond", _cond_graph(found, operands, loads, layout, shapes))):
+        if ctx.inductor:
+            _densify(g)
+        setattr(gm, f"{base}_{name}", fx.GraphModule(gm, g))
 
     anchor = members[-1]
     with graph.inserting_after(anchor):
@@ -325,8 +325,9 @@ def _rewrite(gm: fx.GraphModule, ctx: PassContext, site: str, layout, found: _Ba
         false_fn = graph.get_attr(f"{base}_cond")
     for fn in (true_fn, false_fn):
         annotate(fn, role=Role.BRANCH_FN, site=site, regions=outer)
+    passed = _pinned_operands(graph, operands, true_fn, outer) if ctx.inductor else operands
     with graph.inserting_after(false_fn):
-        cond = graph.call_function(torch.ops.higher_order.cond, (full, true_fn, false_fn, tuple(operands)))
+        cond = graph.call_function(torch.ops.higher_order.cond, (full, true_fn, false_fn, tuple(passed)))
     cond.meta["nn_module_stack"] = first.meta.get("nn_module_stack", {})
     annotate(cond, role=Role.SKIP_BRANCH, site=site, regions=outer, replaced=[n.name for n in members])
     previous, renames, items = cond, {}, []
@@ -350,13 +351,21 @@ def _rewrite(gm: fx.GraphModule, ctx: PassContext, site: str, layout, found: _Ba
     for i, offset in enumerate(items[len(live_outs):]):
         with graph.inserting_after(previous):
             store = graph.call_function(torch.ops.ditopt.cache_store.default, (
-                token, offset, full, ctx.runtime_id, ctx.graph_id, site, f"{SLOT}{i}", False))
+                token, offset, full, ctx.runtime_id, ctx.graph_id, site, f"{SLOT}{i}", ctx.inductor))
         copy_meta(store, live_outs[i])
         annotate(store, role=Role.STORE, site=site, index=i, regions=outer)
         previous = store
     for n in reversed(members):
         graph.erase_node(n)
     ctx.sites = replace_site_nodes(ctx.sites, renames)
+
+
+def _densify(g: fx.Graph) -> None:
+    """Under inductor: every branch output a fresh contiguous tensor (torch.cond's rule)."""
+    out = next(iter(g.find_nodes(op="output")))
+    with g.inserting_before(out):
+        dense = [g.call_function(torch.ops.ditopt.dense_copy.default, (v,)) for v in out.args[0]]
+    out.args = (tuple(dense),)
 
 
 def _copy_members(g: fx.Graph, found: _Batch, env: dict, halve: bool) -> None:

@@ -2,7 +2,7 @@
 the offset (uncond - cond) cached at the last step both computed, at attention sites and blocks.
 
 Batched CFG (one call on ``[uncond; cond]``): the site computes the conditional half only
-(``passes/insert_cfg_sharing.py``). CFG as two calls (cond first): the unconditional call's site
+(``passes/insert_cfg_sharing.py``), eagerly and under inductor. CFG as two calls (cond first): the unconditional call's site
 returns the cond call's output of the step plus the offset (``runtime/cfg_sharing.py``).
 
 The references share no code with ditopt: they replace the modules' forwards in the eager model
@@ -326,26 +326,22 @@ def test_set_plan_swaps_share_cfg_steps_and_refuses_another_layout():
         ditopt.set_plan(fast, share_plan("block", cfg={"layout": "batched", "uncond": "second"}))
 
 
-def test_batched_share_cfg_under_torch_compile_is_refused_clearly():
-    model, kwargs = cfg_batch("dit")
-    compiled = torch.compile(model, backend="ditopt", options={"plan": share_plan("block")}, fullgraph=True,
-                             dynamic=False)
-    with pytest.raises(Exception, match="eager path.*layout: calls"), torch.no_grad():
-        compiled(**kwargs)
-
-
 @pytest.mark.slow
-def test_two_call_share_cfg_compiles_under_inductor_like_eager():
-    model, kwargs = build("wan")
-    uncond = {**kwargs, "encoder_hidden_states": torch.zeros_like(kwargs["encoder_hidden_states"])}
-    plan = share_plan("block", cfg="calls")
-    compiled = torch.compile(model, backend="ditopt", options={"plan": plan}, fullgraph=True, dynamic=False)
-    fast = ditopt.optimize(model, plan)
-    with torch.no_grad():
-        for t in model_timesteps(STEPS, kwargs["timestep"]):
-            for inputs in (kwargs, uncond):
-                inputs = {**inputs, "timestep": t}
-                torch.testing.assert_close(compiled(**inputs, return_dict=False)[0],
-                                           fast(**inputs, return_dict=False)[0], atol=1e-4, rtol=1e-4)
-    assert ditopt.stats(compiled).decisions == ditopt.stats(fast).decisions
-    assert ditopt.stats(compiled).decisions["blocks.0"][3] == "share_cfg"
+def test_share_cfg_compiles_under_inductor_like_eager():
+    """Batched CFG on DiT's blocks, and CFG as two calls on Wan's: the compiled model decides and
+    computes as ditopt.optimize does."""
+    dit, dit_inputs = cfg_batch("dit")
+    wan, wan_inputs = build("wan")
+    uncond = {**wan_inputs, "encoder_hidden_states": torch.zeros_like(wan_inputs["encoder_hidden_states"])}
+    for model, calls, plan, site in [(dit, [dit_inputs], share_plan("block"), "transformer_blocks.0"),
+                                     (wan, [wan_inputs, uncond], share_plan("block", cfg="calls"), "blocks.0")]:
+        compiled = torch.compile(model, backend="ditopt", options={"plan": plan}, fullgraph=True, dynamic=False)
+        fast = ditopt.optimize(model, plan)
+        with torch.no_grad():
+            for t in model_timesteps(STEPS, calls[0]["timestep"]):
+                for inputs in calls:
+                    inputs = {**inputs, "timestep": t}
+                    torch.testing.assert_close(compiled(**inputs, return_dict=False)[0],
+                                               fast(**inputs, return_dict=False)[0], atol=1e-4, rtol=1e-4)
+        assert ditopt.stats(compiled).decisions == ditopt.stats(fast).decisions
+        assert ditopt.stats(compiled).decisions[site][2 * len(calls) - 1] == "share_cfg"  # step 1 (its uncond call)
