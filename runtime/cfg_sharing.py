@@ -18,6 +18,18 @@ Two CFG layouts, told by the plan (a ``share_cfg`` rule's ``cfg: {layout, uncond
   unconditional call that computes stores ``offset = its output - the cond output of this step``
   where a later ``share_cfg`` step reads it.
 
+A plan (YAML) that shares every block at every other step after the first, for a pipeline that
+batches CFG with the unconditional half first (``cfg`` may be left out: it is the default)::
+
+    version: 1
+    steps: 20
+    rules:
+      - sites: "*"
+        kind: block
+        steps: "1:20:2"
+        action: share_cfg
+        cfg: {layout: batched, uncond: first}
+
 Example:
     >>> CfgLayout(), CfgLayout("calls").uncond, CfgLayout().cond_half, CfgLayout("batched", "second").cond_half
     (CfgLayout(layout='batched', uncond='first'), 'second', 1, 0)
