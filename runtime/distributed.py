@@ -318,21 +318,9 @@ def sp_attention(q, k, v, mask, scale, q_segs: Segs, kv_segs: Segs, mode: str, g
     if site and not _traced(q):
         from . import stale_kv
 
-        if rid in stale_kv.RECORDERS:
-            stale_kv.RECORDERS[rid](site, call, k, v)
-        what, remote = stale_kv.plan_at(rid, graph, site, call)
-        if what == "stale":
-            return stale_kv.stale_attention(q, k, v, mask, scale, q_segs, kv_segs, rank, world, remote)
-        if what == "keep" and mode == "ulysses":
-            out, remote = stale_kv.gathered_attention(q, k, v, mask, scale, q_segs, kv_segs, group, rank, world, rid)
-            stale_kv.keep(rid, graph, site, call, remote)
-            return out
-        if what == "keep":
-            blocks: dict = {}
-            out = ring_attention(q, k, v, mask, scale, q_segs, kv_segs, group, rank, world, rid, keep=blocks)
-            remote = (stale_kv.remote_from_ring(blocks, kv_segs, rank, world) if blocks
-                      else torch.stack([k, v])[..., :0, :])  # one rank: nothing remote
-            stale_kv.keep(rid, graph, site, call, remote)
+        out = stale_kv.planned_attention(q, k, v, mask, scale, q_segs, kv_segs, mode, group, rank, world, rid, graph,
+                                         site, call)
+        if out is not None:
             return out
     run = ulysses_attention if mode == "ulysses" else ring_attention
     return run(q, k, v, mask, scale, q_segs, kv_segs, group, rank, world, rid)

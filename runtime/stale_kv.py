@@ -84,6 +84,29 @@ def plan_at(rid: int, graph: int, site: str, call: str) -> tuple[str, object | N
     return ("keep" if needed_later(table, site, step) else "exchange"), None
 
 
+def planned_attention(q, k, v, mask, scale, q_segs: Segs, kv_segs: Segs, mode: str, group: str, rank: int,
+                      world: int, rid: int, graph: int, site: str, call: str) -> torch.Tensor | None:
+    """What ``sp_attention`` runs for a call of ``site``: the stale attention, or a keeping exchange
+    (ring: the blocks received are kept; Ulysses: K/V all-gathered); None for a plain exchange."""
+    from .distributed import ring_attention
+
+    if rid in RECORDERS:
+        RECORDERS[rid](site, call, k, v)
+    what, remote = plan_at(rid, graph, site, call)
+    if what == "stale":
+        return stale_attention(q, k, v, mask, scale, q_segs, kv_segs, rank, world, remote)
+    if what == "keep" and mode == "ulysses":
+        out, remote = gathered_attention(q, k, v, mask, scale, q_segs, kv_segs, group, rank, world, rid)
+    elif what == "keep":
+        blocks: dict = {}
+        out = ring_attention(q, k, v, mask, scale, q_segs, kv_segs, group, rank, world, rid, keep=blocks)
+        remote = remote_from_ring(blocks, kv_segs, rank, world) if blocks else torch.stack([k, v])[..., :0, :]
+    else:
+        return None
+    keep(rid, graph, site, call, remote)
+    return out
+
+
 def keep(rid: int, graph: int, site: str, call: str, remote: torch.Tensor) -> None:
     """Keep ``remote`` (``[2, B, H, remote tokens, d]``) as this step's remote K/V of ``site``."""
     rt = _RUNTIMES[rid]
@@ -159,5 +182,5 @@ def gathered_attention(q, k, v, mask, scale, q_segs: Segs, kv_segs: Segs, group:
     return out, remote_of(full, kv_segs, rank, world)
 
 
-__all__ = ["SLOT", "assemble", "gathered_attention", "keep", "needed_later", "plan_at", "remote_from_ring",
+__all__ = ["RECORDERS", "SLOT", "assemble", "gathered_attention", "keep", "needed_later", "plan_at", "planned_attention", "remote_from_ring",
            "remote_of", "stale_attention"]
