@@ -45,7 +45,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from ditopt.runtime.decisions import SLOTS, Action, DecisionTable, keeps_residual
+from ditopt.runtime.decisions import RUNNING, SLOTS, Action, DecisionTable, keeps_residual
 
 from .capture import capture
 from .errors import CaptureError
@@ -295,7 +295,7 @@ class CostModel:
                 if _action(decisions, b, call) != Action.COMPUTE:
                     continue
                 reused = sum(per_call[s] for s in inside[b]
-                             if _action(decisions, s, call) not in (Action.COMPUTE, Action.SKIPPED, Action.WINDOW))
+                             if _action(decisions, s, call) not in (Action.SKIPPED, *RUNNING))  # stale_kv runs
                 executed += per_call[b] - reused
                 for s in set(windowed) & set(inside[b]):  # window: window attention, not full; keeping: both
                     action, (full, window) = _action(decisions, s, call), windowed[s]

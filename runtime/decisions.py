@@ -54,7 +54,9 @@ PLAN_ACTIONS += (Action.STALE_KV,)  # runtime/stale_kv.py
 # ``share_cfg``: the offset uncond - cond (runtime/cfg_sharing.py)
 SLOTS = {Action.REUSE: "output", Action.REUSE_RESIDUAL: "residual", Action.WINDOW: "window",
          Action.SHARE_CFG: "share_cfg"}
-SLOTS[Action.STALE_KV] = "stale_kv"  # the remote K/V kept from the last exchange (runtime/stale_kv.py)
+# stale_kv keeps the remote K/V under its own keys (runtime/stale_kv.py); the cost model counts them output-sized
+# (exact at 2 ranks for an attention site whose output is [B, N, heads x dim]: remote K + V = 2 x N/2 tokens)
+SLOTS[Action.STALE_KV] = "output"
 PLAN_ACTIONS += (Action.PARTIAL,)  # runtime/partial.py, passes/insert_partial.py
 SLOTS[Action.PARTIAL] = "partial"  # partial0: the site's output, partial1: the input it was computed from
 RUNNING = (Action.COMPUTE, Action.WINDOW, Action.STALE_KV)  # actions at which a site runs (the sites inside it run too)

@@ -116,6 +116,16 @@ def test_a_plan_whose_stale_sites_all_stay_local_is_refused(one_rank):
             fast(**kwargs)
 
 
+def test_the_cost_model_counts_stale_steps_as_computed_and_the_kept_kv_at_two_ranks():
+    from parallel_worker import build_dit
+
+    model, kwargs = build_dit(6)
+    predicted = ditopt.cost_model(model, **kwargs).predict(ditopt.presets.distrifusion(steps=8))
+    assert predicted.compute_fraction == 1.0  # a stale step runs every block; only the exchange is skipped
+    local = 2 * 2 * 8 * 8 * 4  # one rank's K: batch 2, 2 heads, 8 of 16 tokens, head dim 8, fp32
+    assert predicted.cache_bytes_peak == 6 * 2 * local  # what the 2-rank run holds (the slow test below)
+
+
 # -- spawned ranks (slow) ------------------------------------------------------------------------
 
 LAYERS, STEPS = 6, 8
