@@ -54,14 +54,15 @@ import torch.fx as fx
 from ditopt.errors import PlanError
 from ditopt.parallel import Tok, TokenMixing
 from ditopt.regions import is_param
-from ditopt.runtime.partial import SLOT, select_tokens, tokens_of
+from ditopt.runtime.partial import SLOT, gather_tokens, scatter_tokens, select_per_sample, select_tokens, tokens_of
 
 from .annotations import Role, annotate, graph_annotation, regions_of, role_of, token_of
 from .insert_skip_branches import _example
 from .pass_base import PassContext, PassResult, copy_meta, replace_site_nodes
 from .sequence_parallel import token_flow
 
-_RESIZED = {"view", "reshape", "expand"}  # nodes whose size list the flow rewrites (the token count -> k)
+_RESIZED = {"view", "reshape", "expand"}
+PER_SAMPLE = True  # each sample picks its own tokens (False: one selection for the whole batch)  # nodes whose size list the flow rewrites (the token count -> k)
 
 
 def insert_partial(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -166,7 +167,13 @@ def _follow_tokens(gm: fx.GraphModule, ctx: PassContext, site: str, ratio: float
     shards: dict[fx.Node, dict[fx.Node, int]] = {}
     for consumer, operand, d, _ in flow.shards:
         shards.setdefault(consumer, {})[operand] = d
+    # per sample (ToCa) where dimension 0 is a batch every per-token value and output carries or broadcasts
+    batch = _shape(start)[0]
+    per_sample = PER_SAMPLE and dim >= 1 and batch > 1 and all(
+        d >= 1 and _shape(o)[0] in (1, batch) for _, o, d, _ in flow.shards) and all(
+        flow.tok[o].dim >= 1 and _shape(o)[0] == batch for o in live_outs)
     return _Tokens(members=members, operands=operands, live_outs=live_outs, start=start, dim=dim, size=size, k=k,
+                   per_sample=per_sample,
                    out_dims=[flow.tok[o].dim for o in live_outs], sizes=sizes, shards=shards,
                    attention={node: (key, value) for node, (q, key, value, *_), *_ in flow.attention})
 
@@ -271,8 +278,9 @@ def _some_graph(found: _Tokens, operands, loads) -> fx.Graph:
     g = fx.Graph()
     whole = _placeholders(g, operands)
     x, x_old = whole[found.start], whole[loads[-1]]
-    idx = g.call_function(select_tokens, (x, x_old, found.dim, found.k))
-    picked = g.call_method("index_select", (x, found.dim, idx))
+    select = select_per_sample if found.per_sample else select_tokens
+    idx = g.call_function(select, (x, x_old, found.dim, found.k))
+    picked = g.call_function(gather_tokens, (x, found.dim, idx))
     if found.attention:
         for n in found.members:
             whole[n] = g.node_copy(n, lambda a: whole[a])
@@ -288,7 +296,7 @@ def _some_graph(found: _Tokens, operands, loads) -> fx.Graph:
         swap = {}
         for operand, d in found.shards.get(n, {}).items():  # per-token tables: gathered alike
             if (operand, d) not in gathered:
-                gathered[(operand, d)] = g.call_method("index_select", (env[operand], d, idx))
+                gathered[(operand, d)] = g.call_function(gather_tokens, (env[operand], d, idx))
             swap[operand] = gathered[(operand, d)]
         if n in found.attention:  # queries of the selected tokens against the keys/values of all
             for kv in found.attention[n]:
@@ -301,9 +309,9 @@ def _some_graph(found: _Tokens, operands, loads) -> fx.Graph:
         if n in found.sizes:
             new.args, new.kwargs = fx.node.map_arg(found.sizes[n], look)
         env[n] = new
-    outs = [g.call_method("index_copy", (whole[load], d, idx, env[o]))
+    outs = [g.call_function(scatter_tokens, (whole[load], d, idx, env[o]))
             for o, load, d in zip(found.live_outs, loads, found.out_dims)]
-    kept = g.call_method("index_copy", (x_old, found.dim, idx, picked))
+    kept = g.call_function(scatter_tokens, (x_old, found.dim, idx, picked))
     g.output((*outs, kept))
     g.eliminate_dead_code()
     return g

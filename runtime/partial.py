@@ -46,9 +46,48 @@ def select_tokens(x: torch.Tensor, x_old: torch.Tensor, dim: int, k: int) -> tor
     return torch.topk(score, k, sorted=False).indices.sort().values
 
 
+def select_per_sample(x: torch.Tensor, x_old: torch.Tensor, dim: int, k: int) -> torch.Tensor:
+    """The ``k`` tokens (dimension ``dim`` >= 1) whose input changed most in each sample (dimension 0):
+    ``[batch, k]``, each row increasing (ToCa's per-sample selection)."""
+    d = (x.float() - x_old.float()).movedim(dim, 1).flatten(2)
+    base = x_old.float().movedim(dim, 1).flatten(2)
+    score = d.norm(dim=2) / (base.norm(dim=2) + EPS)
+    return torch.topk(score, k, dim=1, sorted=False).indices.sort(dim=1).values
+
+
+def _index(t: torch.Tensor, dim: int, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t`` broadcast to the batch of ``idx`` ([batch, k]) and the gather index for its dimension ``dim``."""
+    shape = list(t.shape)
+    shape[0] = idx.shape[0]
+    t = t.expand(shape)
+    view = [idx.shape[0]] + [1] * (t.dim() - 1)
+    view[dim] = k
+    sizes = list(shape)
+    sizes[dim] = k
+    return t, idx.view(view).expand(sizes)
+
+
+def gather_tokens(t: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
+    """The tokens ``idx`` of ``t`` along ``dim``: ``[k]`` for every sample alike, ``[batch, k]`` per sample
+    (``t``'s dimension 0 is then the batch, or 1 for a table every sample shares)."""
+    if idx.dim() == 1:
+        return t.index_select(dim, idx)
+    t, index = _index(t, dim, idx, idx.shape[1])
+    return t.gather(dim, index)
+
+
+def scatter_tokens(cache: torch.Tensor, dim: int, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``cache`` with the tokens ``idx`` along ``dim`` replaced by ``values`` (a new tensor)."""
+    if idx.dim() == 1:
+        return cache.index_copy(dim, idx, values)
+    cache, index = _index(cache, dim, idx, idx.shape[1])
+    return cache.scatter(dim, index, values)
+
+
 def ran(rt, site: str) -> bool:
     """Whether ``site`` took ``partial`` at this call (its caches are then updated too)."""
     return bool(rt.records) and rt.records[-1].decisions.get(site) == Action.PARTIAL
 
 
-__all__ = ["SLOT", "ran", "select_tokens", "token_change", "tokens_of"]
+__all__ = ["SLOT", "gather_tokens", "ran", "scatter_tokens", "select_per_sample", "select_tokens", "token_change",
+           "tokens_of"]

@@ -112,19 +112,20 @@ class HandPartial:
                 self.cache[name] = (x.clone(), y.clone())
                 return None
             x_old, y_old = self.cache[name]
-            change = [((x[:, i] - x_old[:, i]).norm() / x_old[:, i].norm()).item() for i in range(x.shape[1])]
             k = math.ceil(self.ratio * x.shape[1] - 1e-9)
-            picked = sorted(sorted(range(len(change)), key=lambda i: -change[i])[:k])
             y_new, x_new = y_old.clone(), x_old.clone()
-            x_new[:, picked] = x[:, picked]
-            if self.token_wise:
-                self.busy = True
-                try:
-                    y_new[:, picked] = module(x[:, picked])
-                finally:
-                    self.busy = False
-            else:
-                y_new[:, picked] = y[:, picked]
+            for b in range(x.shape[0]):  # each sample picks its own tokens
+                change = [((x[b, i] - x_old[b, i]).norm() / x_old[b, i].norm()).item() for i in range(x.shape[1])]
+                picked = sorted(sorted(range(len(change)), key=lambda i: -change[i])[:k])
+                x_new[b, picked] = x[b, picked]
+                if self.token_wise:
+                    self.busy = True
+                    try:
+                        y_new[b, picked] = module(x[b:b + 1, picked])[0]
+                    finally:
+                        self.busy = False
+                else:
+                    y_new[b, picked] = y[b, picked]
             self.cache[name] = (x_new, y_new)
             return (y_new, *out[1:]) if isinstance(out, tuple) else y_new
         return run
