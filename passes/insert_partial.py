@@ -12,11 +12,13 @@ Rewrite to (one live-out ``y``, token-carrying input ``x`` with ``N`` tokens alo
                                     ditopt.cache_store(token, y, full, ..., "blocks.3.ff", "partial0")
                                     ditopt.cache_store(token, x_c, full, ..., "blocks.3.ff", "partial1")
 where ``all_fn`` is the region on every token (and ``x_c = x``), and ``some_fn`` picks
-``idx = select_tokens(x, x_old, d, k)`` (the ``k`` tokens whose input changed most relative to the
-input their cached output was computed from, :mod:`ditopt.runtime.partial`), runs the region on
-``x.index_select(d, idx)`` (every per-token operand gathered alike; a view, reshape or expand
-whose size list spells ``N`` at the token's place gets ``k``), and returns
-``y_old.index_copy(d_y, idx, y_k)`` and ``x_c = x_old.index_copy(d, idx, x_k)``: the caches
+``idx = select_per_sample(x, x_old, d, k)`` (per sample, ``[batch, k]``: the ``k`` tokens whose input
+changed most relative to the input their cached output was computed from; ``select_tokens``, one
+``[k]`` for the batch, where dimension 0 is not a batch every per-token value carries,
+:mod:`ditopt.runtime.partial`), runs the region on ``gather_tokens(x, d, idx)`` (every per-token
+operand gathered alike; a view, reshape or expand whose size list spells ``N`` at the token's
+place gets ``k``), and returns ``scatter_tokens(y_old, d_y, idx, y_k)`` and
+``x_c = scatter_tokens(x_old, d, idx, x_k)``: the caches
 change for the recomputed tokens only. It really executes ~``ratio`` of a token-wise site's work.
 Why a block keeps its tokens' outputs and not their residuals (output - input, re-added to this
 step's input): measured on dit-digits (20 steps, partial blocks between full steps), the residual

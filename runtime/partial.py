@@ -3,9 +3,10 @@
 A site planned ``partial`` with ``ratio`` r keeps two cache slots: ``partial0``, its output, and
 ``partial1``, the input (its token-carrying input) each token's cached output was computed from.
 At a partial step the site recomputes the ``ceil(r * N)`` tokens whose input changed most since
-then, by the relative change ``||x_t - x_cached_t|| / ||x_cached_t||`` (norms over every other
-dimension, the batch included: one selection serves the whole batch, so per-token tables gather
-alike), and scatters them into the cached output (``passes/insert_partial.py`` builds the graph).
+then, by the relative change ``||x_t - x_cached_t|| / ||x_cached_t||``, and scatters them into the
+cached output (``passes/insert_partial.py`` builds the graph). Each sample picks its own tokens
+(:func:`select_per_sample`, norms over the other dimensions of the sample) where the graph allows
+it; else one selection serves the whole batch (:func:`select_tokens`, the batch inside the norms).
 
 Example:
     >>> x_old = torch.ones(2, 4, 3)
