@@ -36,9 +36,9 @@ weight; the token dimension is the largest one whose flow reaches every live-out
 a PlanError naming the site and the node: a site where anything but self-attention's key side
 mixes tokens (a reduction or a view over them, a slice or split of them, joint or masked
 self-attention, an op the flow cannot follow), one holding another planned site, marked block
-calls or nodes another pass inserted. Eager path (``ditopt.optimize``) only; under inductor a
-partial plan is refused (``torch.cond`` would need both branches' data-dependent gathers
-functionalised: not built).
+calls or nodes another pass inserted. Under inductor (``torch.compile(backend="ditopt")``) the
+branches return dense copies and take operands pinned to their traced strides, as skip branches
+do, and the caches are stored and loaded as copies (topk, gather and scatter trace as they are).
 
 Keeps: the live-outs' users (now reading the cond's outputs), ``nn_module_stack`` and example
 values; the new nodes join the regions the site was in (an enclosing site that reuses takes
@@ -59,7 +59,7 @@ from ditopt.regions import is_param
 from ditopt.runtime.partial import SLOT, gather_tokens, scatter_tokens, select_per_sample, select_tokens, tokens_of
 
 from .annotations import Role, annotate, graph_annotation, regions_of, role_of, token_of
-from .insert_skip_branches import _example
+from .insert_skip_branches import _example, _pinned_operands
 from .pass_base import PassContext, PassResult, copy_meta, replace_site_nodes
 from .sequence_parallel import token_flow
 
@@ -71,9 +71,6 @@ def insert_partial(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     ga = graph_annotation(gm)
     done = set(ga.partial_branches or ())
     todo = [site for site in ga.partials if site not in done]
-    if todo and ctx.inductor:
-        raise PlanError("partial is built for the eager path (ditopt.optimize) only; under torch.compile its "
-                        "token gathers inside torch.cond are not supported yet", site=todo[0])
     for site in todo:  # every refusal before any rewrite
         _follow_tokens(gm, ctx, site, ga.partials[site])
     for site in todo:  # followed again: a site rewritten before may have replaced this one's inputs
@@ -203,7 +200,7 @@ def _rewrite(gm: fx.GraphModule, ctx: PassContext, site: str, found: _Tokens) ->
         full = graph.call_function(torch.ops.ditopt.decide.default,
                                    (token, ctx.runtime_id, ctx.graph_id, site, shapes[0][0], torch.device("cpu")))
         loads = [graph.call_function(torch.ops.ditopt.cache_load.default, (
-            token, ctx.runtime_id, ctx.graph_id, site, f"{SLOT}{i}", shape, dtype, False))
+            token, ctx.runtime_id, ctx.graph_id, site, f"{SLOT}{i}", shape, dtype, ctx.inductor))
             for i, (shape, dtype) in enumerate(shapes)]
     copy_meta(full, first, torch.zeros((), dtype=torch.bool))
     annotate(full, role=Role.DECIDE, site=site, regions=outer)
@@ -213,8 +210,10 @@ def _rewrite(gm: fx.GraphModule, ctx: PassContext, site: str, found: _Tokens) ->
 
     operands = [*found.operands, *loads]
     base = f"ditopt_{site.replace('.', '_')}_partial"
-    setattr(gm, f"{base}_all", fx.GraphModule(gm, _all_graph(found, operands)))
-    setattr(gm, f"{base}_some", fx.GraphModule(gm, _some_graph(found, operands, loads)))
+    for name, g in (("all", _all_graph(found, operands)), ("some", _some_graph(found, operands, loads))):
+        if ctx.inductor:
+            _densify(g)
+        setattr(gm, f"{base}_{name}", fx.GraphModule(gm, g))
 
     anchor = members[-1]
     with graph.inserting_after(anchor):
@@ -223,8 +222,9 @@ def _rewrite(gm: fx.GraphModule, ctx: PassContext, site: str, found: _Tokens) ->
         false_fn = graph.get_attr(f"{base}_some")
     for fn in (true_fn, false_fn):
         annotate(fn, role=Role.BRANCH_FN, site=site, regions=outer)
+    passed = _pinned_operands(graph, operands, true_fn, outer) if ctx.inductor else operands
     with graph.inserting_after(false_fn):
-        cond = graph.call_function(torch.ops.higher_order.cond, (full, true_fn, false_fn, tuple(operands)))
+        cond = graph.call_function(torch.ops.higher_order.cond, (full, true_fn, false_fn, tuple(passed)))
     cond.meta["nn_module_stack"] = first.meta.get("nn_module_stack", {})
     annotate(cond, role=Role.SKIP_BRANCH, site=site, regions=outer, replaced=[n.name for n in members])
     previous, renames, items = cond, {}, []
@@ -246,13 +246,21 @@ def _rewrite(gm: fx.GraphModule, ctx: PassContext, site: str, found: _Tokens) ->
     for i, item in enumerate(items):
         with graph.inserting_after(previous):
             store = graph.call_function(torch.ops.ditopt.cache_store.default, (
-                token, item, full, ctx.runtime_id, ctx.graph_id, site, f"{SLOT}{i}", False))
+                token, item, full, ctx.runtime_id, ctx.graph_id, site, f"{SLOT}{i}", ctx.inductor))
         copy_meta(store, cached[min(i, len(live_outs) - 1)])
         annotate(store, role=Role.STORE, site=site, index=i, regions=outer)
         previous = store
     for n in reversed(members):
         graph.erase_node(n)
     ctx.sites = replace_site_nodes(ctx.sites, renames)
+
+
+def _densify(g: fx.Graph) -> None:
+    """Under inductor: every branch output a fresh contiguous tensor (torch.cond's rule)."""
+    out = next(iter(g.find_nodes(op="output")))
+    with g.inserting_before(out):
+        dense = [g.call_function(torch.ops.ditopt.dense_copy.default, (v,)) for v in out.args[0]]
+    out.args = (tuple(dense),)
 
 
 def _placeholders(g: fx.Graph, operands) -> dict:

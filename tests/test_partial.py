@@ -317,3 +317,16 @@ def test_the_duca_preset_runs_and_skips_what_it_says():
     assert all(torch.isfinite(o).all() for o in outs)
     predicted = ditopt.cost.cost_model(model, **kwargs).predict(plan).compute_fraction
     assert predicted == pytest.approx((3 + 3 * 0.25) / 8)  # computes 0, 1, 5; partial 2, 4, 6; reuse 3, 7
+
+
+@pytest.mark.slow
+def test_under_torch_compile_partial_blocks_equal_the_eager_path():
+    """Inductor compiles the cond (topk, gather, scatter inside its branch) of each partial DiT block."""
+    model, kwargs = build("dit")
+    plan = partial_plan("*", 0.25, kind="block")
+    eager_path = ditopt.optimize(copy.deepcopy(model), plan)
+    compiled = torch.compile(copy.deepcopy(model), backend="ditopt", options={"plan": plan})
+    ts = timesteps(STEPS, kwargs["timestep"])
+    for a, b in zip(run_model(eager_path, kwargs, ts), run_model(compiled, kwargs, ts)):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    assert ditopt.stats(compiled).decisions["transformer_blocks.0"] == ["compute", "partial", "partial", "partial"]

@@ -155,11 +155,16 @@ def test_partial_inside_a_reusing_block_has_its_stores_hoisted():
     assert len(stores) == 2  # hoisted out of blocks.0's skip branch, into the main graph
 
 
-def test_under_inductor_partial_is_refused_naming_the_site():
+def test_under_inductor_the_branches_return_dense_copies_and_the_caches_are_copied():
     c = Captured(plan_of(PARTIAL_FF))
     c.ctx.inductor = True
-    with pytest.raises(PlanError, match=r"blocks\.0\.ff.*eager path"):
-        c.run_up_to(insert_partial)
+    c.run_up_to(insert_partial, eager_only=False)
+    cond = next(n for n in c.gm.graph.nodes if n.target is COND)
+    for fn in cond.args[1:3]:
+        out = next(iter(getattr(c.gm, fn.target).graph.find_nodes(op="output")))
+        assert all(v.target is torch.ops.ditopt.dense_copy.default for v in out.args[0])
+    copies = [n.args[-1] for n in c.gm.graph.nodes if n.target in (CACHE_LOAD, CACHE_STORE)]
+    assert copies == [True] * 4
 
 
 def test_a_site_holding_another_planned_site_is_refused():
