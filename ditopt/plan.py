@@ -49,7 +49,8 @@ from ditopt.runtime.cfg_sharing import CfgLayout
 from ditopt.runtime.decisions import PLAN_ACTIONS, Action, DecisionTable
 from ditopt.runtime.forecast import METHODS
 
-from .errors import MAX_STEPS, PlanError, check_number, check_steps, short
+from .errors import PlanError, check_number, check_steps, short
+from .plan_fields import MAX_NAME, cfg_field, ratio_field, sites_field, steps_field, window_field
 from .sites import SITE_KINDS, SiteTable, is_positional, parse_position, parse_slice
 from .validate import load_yaml, read_text
 
@@ -68,10 +69,8 @@ _PLAN_KEYS = {"version", "steps", "rules", "model", "name", "description"}
 # Bounds every plan is checked against, besides MAX_STEPS (ditopt.errors: 'steps' in
 # [1, MAX_STEPS]) and the YAML bounds of ditopt.validate (MAX_TEXT_BYTES of text, aliases
 # expanded to at most MAX_YAML_NODES nodes). Numbers must be finite: when.below > 0.
-MAX_RULES = 4096  # rules in one plan
-MAX_NAME = 1000  # characters of a name, a model, a site pattern, a slice or when.of
+MAX_RULES = 4096  # rules in one plan (MAX_NAME and MAX_WINDOW: ditopt.plan_fields)
 MAX_RESCALE = 16  # coefficients of a when.rescale polynomial
-MAX_WINDOW = 1 << 24  # tokens of a window attention's window
 PLAN_SUFFIXES = (".yaml", ".yml")
 
 
@@ -375,7 +374,7 @@ def _rule_from_dict(raw: Any, index: int, lines: dict[str, int] | None) -> Rule:
     if unknown:
         raise PlanError(f"unknown rule field(s) {short(sorted(unknown, key=str))}; known: {sorted(_RULE_KEYS)}",
                         **where)
-    sites = _sites_field(raw.get("sites"), at("sites"))
+    sites = sites_field(raw.get("sites"), at("sites"))
     label = ",".join(sites)
     action = raw.get("action")
     if not isinstance(action, str) or action not in ACTIONS:
@@ -391,7 +390,7 @@ def _rule_from_dict(raw: Any, index: int, lines: dict[str, int] | None) -> Rule:
         if kind not in (None, "attention"):
             raise PlanError(f"'attention' narrows attention sites, but the rule's kind is {kind!r}", site=label,
                             **at("attention"))
-    steps = _steps_field(raw.get("steps"), dict(site=label, **at("steps")))
+    steps = steps_field(raw.get("steps"), dict(site=label, **at("steps")))
     order = raw.get("order")
     if order is not None:
         if action != PREDICT:
@@ -405,104 +404,18 @@ def _rule_from_dict(raw: Any, index: int, lines: dict[str, int] | None) -> Rule:
         if not isinstance(method, str) or method not in METHODS:
             raise PlanError(f"unknown forecast method {short(method)}; known: {list(METHODS)}", site=label,
                             **at("method"))
-    window = _window_field(raw.get("window"), action, dict(site=label, **at("window")))
-    cfg = _cfg_field(raw.get("cfg"), action, raw.get("when"), dict(site=label, **at("cfg")))
+    window = window_field(raw.get("window"), action, dict(site=label, **at("window")))
+    cfg = cfg_field(raw.get("cfg"), action, raw.get("when"), dict(site=label, **at("cfg")))
     when = _when_field(raw.get("when"), dict(site=label, **at("when")))  # its errors name the line of 'when'
     if when is not None and action == Action.STALE_KV:
         raise PlanError("'stale_kv' cannot be adaptive ('when'): every rank must skip the same exchanges, and the "
                         "exchange before a stale step must know it will be needed", site=label, **at("when"))
-    ratio = _ratio_field(raw.get("ratio"), action, when, dict(site=label, **at("ratio")))
+    ratio = ratio_field(raw.get("ratio"), action, when, dict(site=label, **at("ratio")))
     if when is not None and action == WINDOW:
         raise PlanError("'window' cannot be adaptive ('when'): the residual it adds needs a fixed step table",
                         site=label, **at("when"))
     return Rule(sites=sites, action=action, steps=steps, kind=kind, when=when, order=order, attention=attention,
                 method=method, window=window, cfg=cfg, ratio=ratio, line=line, step_line=lines.get("steps", line))
-
-
-def _cfg_field(cfg: Any, action: str, when: Any, where: dict[str, Any]) -> CfgLayout | None:
-    """``cfg:`` of a share_cfg rule (:meth:`CfgLayout.read`), refused on every other action; and
-    share_cfg is never adaptive."""
-    if when is not None and action == Action.SHARE_CFG:
-        raise PlanError("'share_cfg' cannot be adaptive ('when'): the offset it adds needs a fixed step table", **where)
-    if cfg is not None and action != Action.SHARE_CFG:
-        raise PlanError(f"'cfg' applies to action share_cfg, not {action!r}", **where)
-    try:
-        return None if cfg is None else CfgLayout.read(cfg)
-    except ValueError as exc:
-        raise PlanError(f"'cfg': {exc}", **where) from None
-
-
-def _ratio_field(ratio: Any, action: str, when: Any, where: dict[str, Any]) -> float | None:
-    """``ratio: <share of tokens>``: required by action partial (0 < ratio <= 1, never adaptive), refused elsewhere."""
-    if action != Action.PARTIAL:
-        if ratio is not None:
-            raise PlanError(f"'ratio' applies to action partial, not {action!r}", **where)
-        return None
-    if when is not None:
-        raise PlanError("'partial' cannot be adaptive ('when'): its graph recomputes a fixed number of tokens", **where)
-    if ratio is None:
-        raise PlanError("action partial needs 'ratio: <share of tokens recomputed>', e.g. ratio: 0.2", **where)
-    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio <= 1:
-        raise PlanError(f"'ratio' must be a share of the tokens in (0, 1], got {short(ratio)}", **where)
-    return float(ratio)
-
-
-def _window_field(window: Any, action: str, where: dict[str, Any]) -> int | None:
-    """``window: <tokens>``: required by action window, refused by every other action."""
-    if action != WINDOW:
-        if window is not None:
-            raise PlanError(f"'window' applies to action window, not {action!r}", **where)
-        return None
-    if window is None:
-        raise PlanError("action window needs 'window: <tokens>', the window along the attention's sequence", **where)
-    if isinstance(window, (list, dict)):
-        raise PlanError(f"per-axis windows (frames x height x width) are not supported yet; give 'window' in tokens "
-                        f"of the attention's sequence, got {short(window)}", **where)
-    if not isinstance(window, int) or isinstance(window, bool) or not 0 < window <= MAX_WINDOW:
-        raise PlanError(f"'window' must be a number of tokens in 1..{MAX_WINDOW}, got {short(window)}", **where)
-    return window
-
-
-def _sites_field(sites: Any, where: dict[str, Any]) -> tuple[str, ...]:
-    if isinstance(sites, str):
-        sites = (sites,)
-    elif isinstance(sites, list) and sites and all(isinstance(s, str) for s in sites):
-        sites = tuple(sites)
-    else:
-        raise PlanError(f"'sites' must be a glob or a non-empty list of globs, got {short(sites)}", **where)
-    for pattern in sites:
-        if not pattern.removeprefix("!") or len(pattern) > MAX_NAME:
-            raise PlanError(f"'sites': a glob must be a non-empty string of at most {MAX_NAME} characters, "
-                            f"got {short(pattern)}", **where)
-        if pattern.removeprefix("!").startswith("stack["):
-            try:
-                parse_position(pattern)
-            except ValueError as exc:
-                raise PlanError(str(exc), site=",".join(sites), **where) from None
-    return sites
-
-
-def _steps_field(steps: Any, where: dict[str, Any]) -> str | tuple[int, ...] | None:
-    """A slice string, a non-empty list of ints or one int; ranges are checked by Plan.check."""
-    if steps is None:
-        return None
-    if isinstance(steps, str):
-        if len(steps) > MAX_NAME:
-            raise PlanError(f"'steps': a slice of {len(steps)} characters is not a slice", **where)
-        try:
-            parse_slice(steps)
-        except ValueError as exc:
-            raise PlanError(f"'steps': {exc}", **where) from None
-        return steps
-    if isinstance(steps, list) and not steps:
-        raise PlanError("'steps' is an empty list: omit it for every step, or name at least one step", **where)
-    if isinstance(steps, list) and len(steps) <= MAX_STEPS and all(
-            isinstance(s, int) and not isinstance(s, bool) for s in steps):
-        return tuple(steps)
-    if isinstance(steps, int) and not isinstance(steps, bool):
-        return (steps,)
-    raise PlanError(f"'steps' must be a slice string like '2:48:2' or a list of at most {MAX_STEPS} ints, "
-                    f"got {short(steps)}", **where)
 
 
 def _when_field(when: Any, where: dict[str, Any]) -> When | None:
