@@ -47,9 +47,10 @@ from ditopt.errors import PlanError
 from ditopt.regions import is_param
 from ditopt.runtime.cfg_sharing import SLOT
 
-from .annotations import Role, annotate, graph_annotation, regions_of, role_of, token_of
-from .insert_skip_branches import _example, _pinned_operands
-from .pass_base import PassContext, PassResult, copy_meta, replace_site_nodes
+from .annotations import graph_annotation, role_of
+from .cached_branches import insert_cached_cond
+from .insert_skip_branches import _example
+from .pass_base import PassContext, PassResult
 
 _VIEWS = {"view", "reshape"}
 _EXPANDS = {"expand", "broadcast_to"}
@@ -286,86 +287,18 @@ def _with(n: fx.Node, halved, new: int):
 
 
 def _rewrite(gm: fx.GraphModule, ctx: PassContext, site: str, layout, found: _Batch) -> None:
-    graph = gm.graph
-    token = token_of(graph)
     half = found.size // 2
-    members, live_outs = found.members, found.live_outs
-    first = members[0]
-    outer = regions_of(first)
-    shapes = []
-    for o, d in zip(live_outs, found.dims):
-        ex = _example(o)
-        shape = list(ex.shape)
+    shapes = []  # the offsets: each live-out's shape with half the batch
+    for o, d in zip(found.live_outs, found.dims):
+        shape = list(_example(o).shape)
         shape[d] = half
-        shapes.append((shape, ex.dtype, ex.device))
-    with graph.inserting_before(first):
-        full = graph.call_function(torch.ops.ditopt.decide.default,
-                                   (token, ctx.runtime_id, ctx.graph_id, site, shapes[0][0], torch.device("cpu")))
-        loads = [graph.call_function(torch.ops.ditopt.cache_load.default, (
-            token, ctx.runtime_id, ctx.graph_id, site, f"{SLOT}{i}", shape, dtype, ctx.inductor))
-            for i, (shape, dtype, _) in enumerate(shapes)]
-    copy_meta(full, first, torch.zeros((), dtype=torch.bool))
-    annotate(full, role=Role.DECIDE, site=site, regions=outer)
-    for i, load in enumerate(loads):
-        copy_meta(load, first, torch.zeros(shapes[i][0], dtype=shapes[i][1]))
-        annotate(load, role=Role.LOAD, site=site, index=i, regions=outer)
-
-    operands = [*found.operands, *loads]
-    base = f"ditopt_{site.replace('.', '_')}_cfg"
-    for name, g in (("both", _both_graph(found, operands, layout)),
-                    ("cond", _cond_graph(found, operands, loads, layout, shapes))):
-        if ctx.inductor:
-            _densify(g)
-        setattr(gm, f"{base}_{name}", fx.GraphModule(gm, g))
-
-    anchor = members[-1]
-    with graph.inserting_after(anchor):
-        true_fn = graph.get_attr(f"{base}_both")
-    with graph.inserting_after(true_fn):
-        false_fn = graph.get_attr(f"{base}_cond")
-    for fn in (true_fn, false_fn):
-        annotate(fn, role=Role.BRANCH_FN, site=site, regions=outer)
-    passed = _pinned_operands(graph, operands, true_fn, outer) if ctx.inductor else operands
-    with graph.inserting_after(false_fn):
-        cond = graph.call_function(torch.ops.higher_order.cond, (full, true_fn, false_fn, tuple(passed)))
-    cond.meta["nn_module_stack"] = first.meta.get("nn_module_stack", {})
-    annotate(cond, role=Role.SKIP_BRANCH, site=site, regions=outer, replaced=[n.name for n in members])
-    previous, renames, items = cond, {}, []
-    for i in range(2 * len(live_outs)):
-        with graph.inserting_after(previous):
-            item = graph.call_function(operator.getitem, (cond, i))
-        if i < len(live_outs):
-            out = live_outs[i]
-            item.meta.update({k: v for k, v in out.meta.items() if k in ("example_value", "val", "tensor_meta",
-                                                                           "nn_module_stack")})
-            annotate(item, role=Role.BRANCH_OUTPUT, site=site, regions=regions_of(out) - {site})
-        else:
-            shape, dtype, _ = shapes[i - len(live_outs)]
-            copy_meta(item, first, torch.zeros(shape, dtype=dtype))
-            annotate(item, role=Role.BRANCH_OUTPUT, site=site, regions=outer)
-        items.append(item)
-        previous = item
-    for i, out in enumerate(live_outs):
-        out.replace_all_uses_with(items[i], delete_user_cb=lambda user: user not in set(members))
-        renames[out.name] = items[i].name
-    for i, offset in enumerate(items[len(live_outs):]):
-        with graph.inserting_after(previous):
-            store = graph.call_function(torch.ops.ditopt.cache_store.default, (
-                token, offset, full, ctx.runtime_id, ctx.graph_id, site, f"{SLOT}{i}", ctx.inductor))
-        copy_meta(store, live_outs[i])
-        annotate(store, role=Role.STORE, site=site, index=i, regions=outer)
-        previous = store
-    for n in reversed(members):
-        graph.erase_node(n)
-    ctx.sites = replace_site_nodes(ctx.sites, renames)
-
-
-def _densify(g: fx.Graph) -> None:
-    """Under inductor: every branch output a fresh contiguous tensor (torch.cond's rule)."""
-    out = next(iter(g.find_nodes(op="output")))
-    with g.inserting_before(out):
-        dense = [g.call_function(torch.ops.ditopt.dense_copy.default, (v,)) for v in out.args[0]]
-    out.args = (tuple(dense),)
+        shapes.append((shape, _example(o).dtype, _example(o).device))
+    insert_cached_cond(gm, ctx, site, members=found.members, operands=found.operands, live_outs=found.live_outs,
+                       shapes=[(shape, dtype) for shape, dtype, _ in shapes], slot=SLOT,
+                       base=f"ditopt_{site.replace('.', '_')}_cfg",
+                       build=lambda operands, loads: (("both", _both_graph(found, operands, layout)),
+                                                      ("cond", _cond_graph(found, operands, loads, layout, shapes))),
+                       extra=len(shapes))
 
 
 def _copy_members(g: fx.Graph, found: _Batch, env: dict, halve: bool) -> None:

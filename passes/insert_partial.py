@@ -48,7 +48,6 @@ idempotent (a site is rewritten once).
 
 from __future__ import annotations
 
-import operator
 
 import torch
 import torch.fx as fx
@@ -58,9 +57,10 @@ from ditopt.parallel import Tok, TokenMixing
 from ditopt.regions import is_param
 from ditopt.runtime.partial import SLOT, gather_tokens, scatter_tokens, select_per_sample, select_tokens, tokens_of
 
-from .annotations import Role, annotate, graph_annotation, regions_of, role_of, token_of
-from .insert_skip_branches import _example, _pinned_operands
-from .pass_base import PassContext, PassResult, copy_meta, replace_site_nodes
+from .annotations import graph_annotation, role_of
+from .cached_branches import insert_cached_cond
+from .insert_skip_branches import _example
+from .pass_base import PassContext, PassResult
 from .sequence_parallel import token_flow
 
 _RESIZED = {"view", "reshape", "expand"}
@@ -189,78 +189,13 @@ def _resized(old, new, size: int, k: int):
 
 
 def _rewrite(gm: fx.GraphModule, ctx: PassContext, site: str, found: _Tokens) -> None:
-    graph = gm.graph
-    token = token_of(graph)
-    members, live_outs, start = found.members, found.live_outs, found.start
-    first = members[0]
-    outer = regions_of(first)
-    cached = [*live_outs, start]  # partial0..: the outputs, then the input they were computed from
-    shapes = [(list(_example(n).shape), _example(n).dtype) for n in cached]
-    with graph.inserting_before(first):
-        full = graph.call_function(torch.ops.ditopt.decide.default,
-                                   (token, ctx.runtime_id, ctx.graph_id, site, shapes[0][0], torch.device("cpu")))
-        loads = [graph.call_function(torch.ops.ditopt.cache_load.default, (
-            token, ctx.runtime_id, ctx.graph_id, site, f"{SLOT}{i}", shape, dtype, ctx.inductor))
-            for i, (shape, dtype) in enumerate(shapes)]
-    copy_meta(full, first, torch.zeros((), dtype=torch.bool))
-    annotate(full, role=Role.DECIDE, site=site, regions=outer)
-    for i, load in enumerate(loads):
-        copy_meta(load, first, torch.zeros(shapes[i][0], dtype=shapes[i][1]))
-        annotate(load, role=Role.LOAD, site=site, index=i, regions=outer)
-
-    operands = [*found.operands, *loads]
-    base = f"ditopt_{site.replace('.', '_')}_partial"
-    for name, g in (("all", _all_graph(found, operands)), ("some", _some_graph(found, operands, loads))):
-        if ctx.inductor:
-            _densify(g)
-        setattr(gm, f"{base}_{name}", fx.GraphModule(gm, g))
-
-    anchor = members[-1]
-    with graph.inserting_after(anchor):
-        true_fn = graph.get_attr(f"{base}_all")
-    with graph.inserting_after(true_fn):
-        false_fn = graph.get_attr(f"{base}_some")
-    for fn in (true_fn, false_fn):
-        annotate(fn, role=Role.BRANCH_FN, site=site, regions=outer)
-    passed = _pinned_operands(graph, operands, true_fn, outer) if ctx.inductor else operands
-    with graph.inserting_after(false_fn):
-        cond = graph.call_function(torch.ops.higher_order.cond, (full, true_fn, false_fn, tuple(passed)))
-    cond.meta["nn_module_stack"] = first.meta.get("nn_module_stack", {})
-    annotate(cond, role=Role.SKIP_BRANCH, site=site, regions=outer, replaced=[n.name for n in members])
-    previous, renames, items = cond, {}, []
-    for i, n in enumerate(cached):
-        with graph.inserting_after(previous):
-            item = graph.call_function(operator.getitem, (cond, i))
-        if i < len(live_outs):
-            item.meta.update({key: v for key, v in n.meta.items() if key in ("example_value", "val", "tensor_meta",
-                                                                               "nn_module_stack")})
-            annotate(item, role=Role.BRANCH_OUTPUT, site=site, regions=regions_of(n) - {site})
-        else:
-            copy_meta(item, first, torch.zeros(shapes[i][0], dtype=shapes[i][1]))
-            annotate(item, role=Role.BRANCH_OUTPUT, site=site, regions=outer)
-        items.append(item)
-        previous = item
-    for i, out in enumerate(live_outs):
-        out.replace_all_uses_with(items[i], delete_user_cb=lambda user: user not in set(members))
-        renames[out.name] = items[i].name
-    for i, item in enumerate(items):
-        with graph.inserting_after(previous):
-            store = graph.call_function(torch.ops.ditopt.cache_store.default, (
-                token, item, full, ctx.runtime_id, ctx.graph_id, site, f"{SLOT}{i}", ctx.inductor))
-        copy_meta(store, cached[min(i, len(live_outs) - 1)])
-        annotate(store, role=Role.STORE, site=site, index=i, regions=outer)
-        previous = store
-    for n in reversed(members):
-        graph.erase_node(n)
-    ctx.sites = replace_site_nodes(ctx.sites, renames)
-
-
-def _densify(g: fx.Graph) -> None:
-    """Under inductor: every branch output a fresh contiguous tensor (torch.cond's rule)."""
-    out = next(iter(g.find_nodes(op="output")))
-    with g.inserting_before(out):
-        dense = [g.call_function(torch.ops.ditopt.dense_copy.default, (v,)) for v in out.args[0]]
-    out.args = (tuple(dense),)
+    cached = [*found.live_outs, found.start]  # partial0..: the outputs, then the input they were computed from
+    insert_cached_cond(gm, ctx, site, members=found.members, operands=found.operands, live_outs=found.live_outs,
+                       shapes=[(list(_example(n).shape), _example(n).dtype) for n in cached], slot=SLOT,
+                       base=f"ditopt_{site.replace('.', '_')}_partial",
+                       build=lambda operands, loads: (("all", _all_graph(found, operands)),
+                                                      ("some", _some_graph(found, operands, loads))),
+                       extra=1)
 
 
 def _placeholders(g: fx.Graph, operands) -> dict:
