@@ -27,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import ditopt
+from flop_counting import flops_per_call
 from ditopt.cost import B, S
 from ditopt.small_models import build, timesteps
 
@@ -75,26 +76,9 @@ def run_generation(opt, kwargs, steps=STEPS, branches=None):
 
 def executed_flops_per_call(opt, kwargs, steps=STEPS, branches=None) -> list[int]:
     """FLOPs the rewritten graph executes at each call of a second generation."""
-    gm = opt._ditopt_backend.last.rewritten
-    per_call, active = [], []
-
-    def enter(module, args):
-        active[:] = [sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False)]
-        for mode in active:
-            mode.__enter__()
-
-    def leave(module, args, out):
-        for mode in reversed(active):
-            mode.__exit__(None, None, None)
-        per_call.append(active[1].get_total_flops())
-
-    hooks = [gm.register_forward_pre_hook(enter), gm.register_forward_hook(leave)]
-    try:
+    with flops_per_call(opt._ditopt_backend.last.rewritten) as per_call:
         ditopt.reset(opt)
         run_generation(opt, kwargs, steps, branches)
-    finally:
-        for h in hooks:
-            h.remove()
     return per_call
 
 

@@ -20,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import ditopt
+from flop_counting import flops_per_call
 from ditopt import PlanError
 from ditopt.small_models import build, timesteps
 from synthetic import eager, latents, make_stack
@@ -228,28 +229,11 @@ def test_cross_attention_is_token_wise():
 
 # -- FLOPs --------------------------------------------------------------------------------------------
 
-def flops_per_call(fast, kwargs, ts) -> list[int]:
+def executed_flops(fast, kwargs, ts) -> list[int]:
     """FLOPs the rewritten graph module executes at each call (FlopCounterMode around it)."""
-    gm = fast._ditopt_backend.last.rewritten
-    per_call, active = [], []
-
-    def enter(module, args):
-        active[:] = [sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False)]
-        for mode in active:
-            mode.__enter__()
-
-    def leave(module, args, out):
-        for mode in reversed(active):
-            mode.__exit__(None, None, None)
-        per_call.append(active[1].get_total_flops())
-
-    hooks = [gm.register_forward_pre_hook(enter), gm.register_forward_hook(leave)]
-    try:
+    with flops_per_call(fast._ditopt_backend.last.rewritten) as per_call:
         ditopt.reset(fast)
         run_model(fast, kwargs, ts)
-    finally:
-        for h in hooks:
-            h.remove()
     return per_call
 
 
@@ -270,7 +254,7 @@ def partial_share(name, kind, ratio):
     ts = timesteps(STEPS, kwargs["timestep"])
     fast = ditopt.optimize(copy.deepcopy(model), partial_plan("*", ratio, kind=kind))
     run_model(fast, kwargs, ts)
-    calls = flops_per_call(fast, kwargs, ts)
+    calls = executed_flops(fast, kwargs, ts)
     full, partial = calls[0], calls[1]
     assert full == ref["Global"]  # the full step executes what the model does
     assert calls[1:] == [partial] * (STEPS - 1)

@@ -18,6 +18,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.flop_counter import FlopCounterMode
 
 import ditopt
+from flop_counting import flops_per_call
 from ditopt import PlanError
 from ditopt.small_models import build, timesteps as model_timesteps
 
@@ -237,28 +238,11 @@ def test_a_batch_of_one_under_batched_cfg_is_refused():
 
 def executed_flops_per_call(opt, kwargs) -> list[int]:
     """FLOPs the rewritten graph module executes at each call of a generation (as test_cost does)."""
-    gm = ditopt.compiled_graph(opt).rewritten
-    per_call, active = [], []
-
-    def enter(module, args):
-        active[:] = [sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False)]
-        for mode in active:
-            mode.__enter__()
-
-    def leave(module, args, out):
-        for mode in reversed(active):
-            mode.__exit__(None, None, None)
-        per_call.append(active[1].get_total_flops())
-
-    hooks = [gm.register_forward_pre_hook(enter), gm.register_forward_hook(leave)]
-    try:
+    with flops_per_call(ditopt.compiled_graph(opt).rewritten) as per_call:
         ditopt.reset(opt)
         with torch.no_grad():
             for t in model_timesteps(STEPS, kwargs["timestep"]):
                 opt(**{**kwargs, "timestep": t})
-    finally:
-        for h in hooks:
-            h.remove()
     return per_call
 
 
