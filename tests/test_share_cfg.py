@@ -260,6 +260,7 @@ def test_a_shared_step_executes_half_the_sites_flops_as_predicted(kind):
     sites = list(site_modules(model, ditopt.sites(model, **kwargs), kind))
     whole, shared = flops["Global"], sum(flops[s] for s in sites)
     assert shared > 0 and shared % 2 == 0
+    print(f"dit share_cfg at {kind} sites: FLOPs per call {calls}")  # docs/BENCHMARKS.md quotes these
     assert calls == [whole, whole - shared // 2, whole - shared // 2, whole]
     blocks = sum(flops[s] for s in site_modules(model, ditopt.sites(model, **kwargs), "block"))
     predicted = ditopt.cost_model(model, **kwargs).predict(share_plan(kind))  # DecisionTable.static_decisions
