@@ -10,7 +10,8 @@ whose sizes may be ints or sympy expressions, so one formula prices a concrete c
   (``2 * numel(out) * K``; the bias add is not counted);
 - ``scaled_dot_product_attention``: ``2*B*H*Sq*Sk*(Dqk + Dv)`` (QK and AV; causal masks not
   discounted); window attention (:func:`window_attention_flops`, the ``window`` action's kernel):
-  ``2*B*H*ceil(S/block)*block*window*(Dqk + Dv)``, what its one batched SDPA call executes;
+  ``2*B*H*ceil(S/block)*block*window*(Dqk + Dv)``, what its one batched SDPA call executes (per
+  axis: ``2*B*H*(T*(volume + E) + E*S)*(Dqk + Dv)``, ``T`` grid tokens, ``E`` others);
 - convolution: ``2 * B * prod(out spatial) * C_out * C_in/groups * prod(kernel)`` (transposed:
   input spatial instead of output).
 
@@ -68,21 +69,43 @@ def attention_flops(q: Shape, k: Shape, v: Shape):
     return 2 * math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
 
 
-def window_attention_flops(q: Sequence[int], v: Sequence[int], window: int, block: int | None = None) -> int:
+def window_attention_flops(q: Sequence[int], v: Sequence[int], window: int, block: int | None = None, *,
+                           grid: Sequence[int] | None = None) -> int:
     """:func:`ditopt.runtime.window_attention.window_attention` on q ``[..., S, Dqk]`` and v
     ``[..., S, Dv]`` (ints): each query block of ``block`` tokens (the kernel's default for the
     window) against ``window`` keys, padded queries included; full attention where the window
     covers the sequence.
+
+    A per-axis window (:class:`~ditopt.runtime.window_attention.GridWindow`) counts
+    :func:`~ditopt.runtime.window_attention.grid_window_attention`: with the token ``grid`` (wherever
+    it sits in the sequence), its ``T`` tokens against the window box (clamped to the grid) and the ``E`` tokens
+    outside it, the ``E`` others against all ``S``; without ``grid`` (the cost model, which does not
+    look for it) the sequence is taken for the grid, ``S x min(volume, S)``.
 
     >>> q = (1, 2, 1024, 64)
     >>> window_attention_flops(q, q, 128) / attention_flops(q, q, q)
     0.125
     >>> window_attention_flops((1, 2, 1000, 64), (1, 2, 1000, 64), 128)   # 1000 queries padded to 63 blocks of 16
     66060288
+    >>> from ditopt.runtime.window_attention import GridWindow
+    >>> q = (1, 2, 16 * 32 * 32, 64)
+    >>> attention_flops(q, q, q) / window_attention_flops(q, q, GridWindow((4, 8, 8)), grid=(16, 32, 32))
+    64.0
+    >>> window_attention_flops((1, 1, 10 + 48, 8), (1, 1, 58, 8), GridWindow((2, 2, 2)), grid=(3, 4, 4))
+    46208
     """
-    from ditopt.runtime.window_attention import window_block
+    from ditopt.runtime.window_attention import GridWindow, grid_tiles, window_block
 
     tokens = int(q[-2])
+    if isinstance(window, GridWindow):
+        if grid is None:
+            return 2 * math.prod(q[:-1]) * min(int(window), tokens) * (q[-1] + v[-1])
+        box, _ = grid_tiles(grid, window.sizes)
+        if tuple(box) == tuple(grid):
+            return attention_flops(q, q, v)
+        count = math.prod(grid)
+        extra = tokens - count
+        return 2 * math.prod(q[:-2]) * (count * (math.prod(box) + extra) + extra * tokens) * (q[-1] + v[-1])
     if window >= tokens:
         return attention_flops(q, q, v)
     block = block or window_block(window)

@@ -50,7 +50,7 @@ from ditopt.runtime.decisions import PLAN_ACTIONS, Action, DecisionTable
 from ditopt.runtime.forecast import METHODS
 
 from .errors import PlanError, check_number, check_steps, short
-from .plan_fields import MAX_NAME, cfg_field, ratio_field, sites_field, steps_field, window_field
+from .plan_fields import MAX_NAME, cfg_field, ratio_field, sites_field, steps_field, window_field, window_yaml
 from .sites import SITE_KINDS, SiteTable, is_positional, parse_position, parse_slice
 from .validate import load_yaml, read_text
 
@@ -110,7 +110,7 @@ class Rule:
     order: int | None = None  # predict: forecast order (default 1)
     attention: str | None = None  # only attention sites of this kind: self | cross | joint
     method: str | None = None  # predict: taylor (default) | hermite | foca | freq (ditopt.runtime.forecast)
-    window: int | None = None  # window: tokens of the attention window (required there, nowhere else)
+    window: int | None = None  # window: tokens of the attention window, or a GridWindow per axis (window only)
     cfg: CfgLayout | None = None  # share_cfg: how the caller runs CFG (None: batched, uncond first)
     ratio: float | None = None  # partial: share of the site's tokens recomputed, in (0, 1] (required there only)
     line: int | None = field(default=None, compare=False)
@@ -142,7 +142,7 @@ class Rule:
         if self.method is not None:
             d["method"] = self.method
         if self.window is not None:
-            d["window"] = self.window
+            d["window"] = window_yaml(self.window)
         if self.cfg is not None:
             d["cfg"] = self.cfg.to_dict()
         if self.ratio is not None:

@@ -12,10 +12,12 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ditopt.runtime.cfg_sharing import CfgLayout
 from ditopt.runtime.decisions import Action
+from ditopt.runtime.window_attention import AXES, GridWindow
 
 from .errors import MAX_STEPS, PlanError, short
 from .sites import parse_position, parse_slice
@@ -54,19 +56,53 @@ def ratio_field(ratio: Any, action: str, when: Any, where: dict[str, Any]) -> fl
 
 
 def window_field(window: Any, action: str, where: dict[str, Any]) -> int | None:
-    """``window: <tokens>``: required by action window, refused by every other action."""
+    """``window:`` required by action window, refused by every other action: tokens along the
+    attention's sequence (``256``), or per axis of the token grid (a :class:`GridWindow`):
+    ``[frames, height, width]``, ``[height, width]``, or a mapping of those names
+    (``{frames: 4, height: 8, width: 8}``; ``frames`` may be left out for an image grid).
+
+    >>> window_field([4, 8, 8], "window", {}), window_field({"height": 8, "width": 16}, "window", {})
+    (GridWindow((4, 8, 8)), GridWindow((8, 16)))
+    >>> window_field([4, 8], "reuse", {})
+    Traceback (most recent call last):
+    ditopt.errors.PlanError: 'window' applies to action window, not 'reuse'
+    """
     if action != WINDOW:
         if window is not None:
             raise PlanError(f"'window' applies to action window, not {action!r}", **where)
         return None
     if window is None:
-        raise PlanError("action window needs 'window: <tokens>', the window along the attention's sequence", **where)
+        raise PlanError("action window needs 'window: <tokens>' (along the attention's sequence) or a window per "
+                        "axis of the token grid, 'window: [frames, height, width]' or '[height, width]'", **where)
     if isinstance(window, (list, dict)):
-        raise PlanError(f"per-axis windows (frames x height x width) are not supported yet; give 'window' in tokens "
-                        f"of the attention's sequence, got {short(window)}", **where)
+        return GridWindow(_window_sizes(window, where))
     if not isinstance(window, int) or isinstance(window, bool) or not 0 < window <= MAX_WINDOW:
-        raise PlanError(f"'window' must be a number of tokens in 1..{MAX_WINDOW}, got {short(window)}", **where)
+        raise PlanError(f"'window' must be a number of tokens in 1..{MAX_WINDOW}, or a list or mapping per axis "
+                        f"({', '.join(AXES)}), got {short(window)}", **where)
     return window
+
+
+def _window_sizes(window: list | dict, where: dict[str, Any]) -> list[int]:
+    """The sizes of a per-axis window, outermost axis first, each in 1..MAX_WINDOW, volume too."""
+    if isinstance(window, dict):
+        names = list(window)
+        if not set(names) <= set(AXES) or not {"height", "width"} <= set(names):
+            raise PlanError(f"a per-axis 'window' mapping names height and width, and frames for video (axes "
+                            f"{', '.join(AXES)}), got keys {short(names)}", **where)
+        window = [window[a] for a in AXES if a in window]
+    elif not 2 <= len(window) <= len(AXES):
+        raise PlanError(f"a per-axis 'window' list is [frames, height, width] or [height, width], got "
+                        f"{len(window)} sizes: {short(window)}", **where)
+    if not all(isinstance(w, int) and not isinstance(w, bool) and 0 < w <= MAX_WINDOW for w in window) or (
+            math.prod(window) > MAX_WINDOW):
+        raise PlanError(f"a per-axis 'window' takes sizes of at least 1 token whose product is at most "
+                        f"{MAX_WINDOW}, got {short(window)}", **where)
+    return window
+
+
+def window_yaml(window: int) -> int | list[int]:
+    """A rule's window as YAML writes it: tokens, or the list of sizes of a per-axis window."""
+    return list(window.sizes) if isinstance(window, GridWindow) else window
 
 
 def sites_field(sites: Any, where: dict[str, Any]) -> tuple[str, ...]:

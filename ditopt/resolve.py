@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from ditopt.runtime.cfg_sharing import CfgLayout
 from ditopt.runtime.decisions import SLOTS, Action, DecisionTable, Indicator
+from ditopt.runtime.window_attention import GridWindow
 
 from .errors import PlanError
 from .sites import STACK, SiteTable, is_positional
@@ -104,10 +105,11 @@ def _indicator(rule: "Rule", i: int, sites: SiteTable) -> Indicator:
 def _check_can_take(rule: "Rule", i: int, site) -> None:
     where = dict(rule=i, line=rule.line, site=site.name)
     if rule.action == Action.WINDOW:  # the site still runs: only its self-attention kernel changes
-        if site.kind != "attention" or site.attention != "self":
+        per_axis = isinstance(rule.window, GridWindow)  # joint attention: the grid's tokens windowed, the rest full
+        if site.kind != "attention" or site.attention not in (("self", "joint") if per_axis else ("self",)):
             what = f"{site.attention} attention" if site.kind == "attention" else f"a {site.kind}"
             raise PlanError(f"window applies to self-attention sites only; {site.name!r} is {what} (narrow the rule "
-                            f"with kind: attention, attention: self)", **where)
+                            f"with kind: attention, attention: self; joint attention takes a per-axis window)", **where)
         return
     if rule.action == Action.STALE_KV:  # the site still runs: only its K/V exchange is skipped (runtime/stale_kv.py)
         if site.kind != "attention" or site.attention != "self":

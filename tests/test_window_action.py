@@ -93,7 +93,7 @@ rules:
     ({"action": "window"}, "action window needs 'window: <tokens>'"),
     ({"action": "window", "window": 0}, "'window' must be a number of tokens"),
     ({"action": "window", "window": True}, "'window' must be a number of tokens"),
-    ({"action": "window", "window": [2, 4, 4]}, "per-axis windows"),
+    ({"action": "window", "window": [2, 4, 4, 4]}, "per-axis 'window' list is .frames, height, width."),
     ({"action": "reuse", "window": 8}, "'window' applies to action window, not 'reuse'"),
     ({"action": "window", "window": 8, "when": {"of": "blocks.0", "below": 0.1}}, "'window' cannot be adaptive"),
 ])
