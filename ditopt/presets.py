@@ -275,8 +275,8 @@ def pab(steps: int = 50, self_range: int | None = 2, cross_range: int | None = 6
     return plan
 
 
-def ditfastattn(steps: int = 50, *, window: int = 256, interval: int = 4, warmup: int = 2,
-                share_cross: bool = True, threshold: float | None = None) -> Plan:
+def ditfastattn(steps: int = 50, *, window: int | None = None, interval: int = 4, warmup: int = 2,
+                share_cross: bool = True, threshold: float | None = None, rmap=None, cfg=None) -> Plan:
     """DiTFastAttn as a static schedule: window attention with residual sharing on self-attention,
     full attention at a refresh interval, cross-attention outputs shared across steps.
 
@@ -289,10 +289,20 @@ def ditfastattn(steps: int = 50, *, window: int = 256, interval: int = 4, warmup
     most stable across steps. The first ``warmup`` steps compute everything; after them, every
     ``interval``-th step refreshes (full attention everywhere).
 
-    Not built yet: the paper's greedy per-(step, layer) calibration, which picks WA-RS, AST or full
-    attention for each layer and step from the model's output error under a ``threshold`` (it would
-    use ``ditopt.profile``); passing ``threshold`` raises ``NotImplementedError``. Nor the per-axis
-    windows of video models (frames x height x width): ``window`` counts tokens of the sequence.
+    ``window`` defaults to 256 tokens. Not built: the per-axis windows of video models (frames x
+    height x width): ``window`` counts tokens of the sequence.
+
+    With ``threshold`` (and ``rmap``, a map from ``ditopt.profile(..., attention_window=W)`` at
+    ``steps`` steps) the schedule is the paper's greedy per-(step, layer) calibration instead
+    (:func:`ditopt.attention_plan.greedy_calibration`): after ``warmup`` steps, each attention
+    layer at each step takes the first of AST (``reuse``), WA-RS (``window``) and ASC
+    (``share_cfg``, with ``cfg`` the caller's CFG layout), most compressive first, whose error is
+    below ``threshold``, else full attention. The paper measures the error on the model's output
+    with the earlier choices applied, one forward per candidate; here it is the replayed relative
+    error of that layer's attention output (its SDPA output, on the map's samples, against the
+    cache of the layer's last full step, so earlier choices age the cache): no forward per
+    candidate, but blind to how an error at one layer moves the next. One kind per layer (a plan
+    gives a site one kind of reuse), and no WA-RS + ASC at one (layer, step).
 
     Example:
         >>> import torch, ditopt
@@ -310,14 +320,16 @@ def ditfastattn(steps: int = 50, *, window: int = 256, interval: int = 4, warmup
         ['compute', 'compute', 'compute', 'window', 'window', 'window']
     """
     check_steps(steps)
-    check_count(window, "window", minimum=1)
+    check_count(window if window is not None else 1, "window", minimum=1)
     check_count(interval, "interval", minimum=1)
     check_count(warmup, "warmup", minimum=1)
     if warmup >= steps:
         raise ValueError(f"warmup must be less than steps ({steps}), got {warmup}")
-    if threshold is not None:
-        raise NotImplementedError("ditfastattn(threshold=...): the greedy per-(step, layer) calibration is not built "
-                                  "yet; the preset is a static schedule (window, interval, warmup)")
+    if threshold is not None or rmap is not None:
+        from .attention_plan import calibrated_plan
+
+        return calibrated_plan(rmap, steps, threshold, window=window, warmup=warmup, cfg=cfg)
+    window = 256 if window is None else window
     shared = tuple(s for s in range(warmup, steps) if (s - warmup) % interval != 0)
     rules = [Rule(sites=("*",), kind="attention", attention="self", steps=shared, action="window", window=window)]
     if share_cross:

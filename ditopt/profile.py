@@ -39,6 +39,7 @@ import yaml
 from .errors import DitoptError, check_count, check_number, check_steps, short
 from .passes.insert_observers import OBSERVED_KINDS
 from .flops import ModuleCost
+from .profile_attention import AttentionSamples, record_attention
 from .sites import OUTPUT, STACK
 from .validate import load_yaml, read_text
 
@@ -85,6 +86,7 @@ class RedundancyMap:
     samples: dict[str, torch.Tensor] = field(repr=False)
     stack: list[str] = field(default_factory=list)  # the blocks of the block stack, in order
     profile_seconds: float = 0.0
+    attention: Any = field(default=None, repr=False)  # profile_attention.AttentionSamples (attention_window=)
 
     # -- reading --------------------------------------------------------------------------------
     def metric(self, name: str) -> torch.Tensor:
@@ -134,6 +136,7 @@ class RedundancyMap:
             path = path.with_suffix(".yaml")
         tensors = {f"metric/{k}": v.contiguous() for k, v in self.metrics.items()}
         tensors.update({f"samples/{k}": v.contiguous() for k, v in self.samples.items()})
+        tensors.update(self.attention.tensors() if self.attention is not None else {})
         try:
             save_file(tensors, str(path.with_suffix(".safetensors")))
         except Exception as exc:  # OSError, or safetensors' own error wrapping one
@@ -147,6 +150,8 @@ class RedundancyMap:
                            "flops_per_call": float(self.flops.get(s, 0.0)),
                            "seconds_per_call": float(self.seconds.get(s, 0.0))}
                           for s, k in zip(self.sites, self.kinds)]}
+        if self.attention is not None:
+            meta["attention"] = self.attention.meta()
         try:
             path.write_text(yaml.safe_dump(meta, sort_keys=False))
         except OSError as exc:
@@ -184,6 +189,7 @@ class RedundancyMap:
                    samples={k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("samples/")},
                    profile_seconds=float(meta.get("profile_seconds") or 0.0))
         _check_tensors(rmap, list(tensors), tensor_path)
+        rmap.attention = AttentionSamples.from_saved(meta.get("attention"), tensors, tensor_path, rmap.steps)
         return rmap
 
     # -- pictures -------------------------------------------------------------------------------
@@ -282,7 +288,7 @@ def _check_tensors(rmap: RedundancyMap, names: list[str], where: Path) -> None:
 
     for name in names:
         kind, _, key = name.partition("/")
-        if kind not in ("metric", "samples") or (kind == "metric" and key not in METRICS) or (
+        if kind != "attention" and kind not in ("metric", "samples") or (kind == "metric" and key not in METRICS) or (
                 kind == "samples" and key not in rmap.sites):
             raise ProfileError(f"{where}: tensor {short(name)} names no metric or site of the map")
     want = (rmap.steps, len(rmap.sites), rmap.branches)
@@ -396,7 +402,8 @@ def _check_profile_args(run: Any, steps: Any, keep: Any, timestep_arg: Any, cfg:
 
 
 def profile(model: torch.nn.Module, run: Callable[[Any], Any], *, steps: int, progress: bool = True,
-            keep: int = 4096, timestep_arg: str = "timestep", cfg: str | None = None) -> RedundancyMap:
+            keep: int = 4096, timestep_arg: str = "timestep", cfg: str | None = None,
+            attention_window: int | None = None) -> RedundancyMap:
     """Run one calibration sampling loop and measure every site; see the module docstring.
 
     ``run(transformer)`` must run one generation of ``steps`` denoising steps calling
@@ -404,7 +411,8 @@ def profile(model: torch.nn.Module, run: Callable[[Any], Any], *, steps: int, pr
     understood). ``keep`` is the number of residual elements sampled per site and step.
     ``cfg="batched"`` says each call carries ``[cond, uncond]`` as the two halves of its batch,
     so ``cfg_diff`` compares them; two calls per step are recognised as CFG branches by
-    themselves (``cfg_diff`` compares the calls).
+    themselves (``cfg_diff`` compares the calls). ``attention_window=W`` also samples every
+    attention site's output and self-attention's window residual (``ditopt/profile_attention.py``).
     """
     from . import presets
     from .api import compiled_graph, wrap
@@ -482,4 +490,8 @@ def profile(model: torch.nn.Module, run: Callable[[Any], Any], *, steps: int, pr
                          timesteps=timesteps, metrics=metrics, samples=samples,
                          stack=[s.name for s in table if s.kind == "block" and s.parent == "stack"],
                          profile_seconds=time.perf_counter() - start)
+    if attention_window is not None:
+        rmap.attention = record_attention(model, run, steps=steps, window=attention_window, keep=keep,
+                                          batched=cfg == "batched", timestep_arg=timestep_arg,
+                                          kinds={s.name: s.attention for s in observed if s.kind == "attention"})
     return rmap
