@@ -192,7 +192,7 @@ def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kw
     return attention_flops(query_shape, key_shape, value_shape)
 
 
-_CPU_KERNELS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+CPU_KERNELS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
 
 
 class ModuleCost:
@@ -227,9 +227,10 @@ class ModuleCost:
     def counting(self):
         """Count FLOPs (matmul-like ops, attention, convolution: FlopCounterMode's set, plus
         SDPA's CPU flash kernel, which FlopCounterMode leaves out)."""
-        counter = FlopCounterMode(display=False, custom_mapping=_CPU_KERNELS)
+        counter = FlopCounterMode(display=False, custom_mapping=CPU_KERNELS)
         with counter, self._hooked(counter.get_total_flops, self.flops):
             yield self
+        self.total_flops = counter.get_total_flops()  # everything counted, inside the modules or not
 
     @contextlib.contextmanager
     def timing(self):
@@ -242,3 +243,4 @@ class ModuleCost:
 
     def total(self) -> int:
         return sum(self.flops.values())
+_CPU_KERNELS = CPU_KERNELS  # the older name

@@ -117,3 +117,22 @@ def test_the_speed_benchmark_runs_every_variant_on_the_cpu_at_a_tiny_size():
     assert fora.cache_bytes == rows["ditopt FORA-2"].cache_bytes == 2 * tokens * hidden * 4  # one per CFG branch
     assert rows["ditopt all-compute"].block_fraction == 1.0 and rows["ditopt all-compute"].cache_bytes == 0
     assert "| ditopt compiled TaylorSeer-2 |" in gpu.markdown(list(rows.values()))
+
+
+def test_actions_that_run_part_of_a_site_are_counted_not_derived():
+    """share_cfg, partial and window do part of a site's work: the harness counts their FLOPs with
+    FlopCounterMode (less what full compute spends outside the blocks) instead of deriving them
+    from decisions, which would count such a block as not run at all."""
+    from ditopt.bench.measure import _counted_actions
+
+    assert _counted_actions({"b": ["compute", "partial", "reuse"], "b.a": ["window", "skipped", "compute"]}) == \
+        {"partial", "window"}
+    result = run_bench("dit-digits", seeds=1, steps=4, progress=False, methods=["ditopt:duca", "ditopt:ditfastattn"])
+    rows = {(r.method, r.setting): r for r in result.rows}
+    # duca at 4 steps, interval 3, ratio 0.25: step 0 full, 1 partial, 2 reuse, 3 full -> between 0.5 and 0.75
+    duca = rows[("ditopt DuCa", "interval=3, ratio=0.25")]
+    assert 0.5 < duca.compute < 0.75
+    # ditfastattn at 4 steps (warm-up 2): step 2 computes full attention and the window (the
+    # residual it keeps), step 3 the window only (16 of 64 tokens at interval 2): a little under full
+    fast = rows[("ditopt DiTFastAttn (static)", "window=16, interval=2")]
+    assert 0.8 < fast.compute < 1.0

@@ -22,6 +22,8 @@
    the budget (``ditopt.tune.candidate_plans``), its PSNR on the calibration seed and on each
    scored seed, and the worst single sample's PSNR on each: whether one sample decides a
    seed's figure, and whether the calibration seed can see it.
+6. Stand-ins (``--only stand-ins``): the planner at 35% and 50% of block compute with the
+   stand-ins it may choose at a skipped step widened (``orders`` up to 2, ``methods``).
 """
 
 from __future__ import annotations
@@ -118,13 +120,35 @@ def per_sample_spread(rows, labels, seeds, budget: float) -> None:
     print()
 
 
+STAND_INS = [("reuse, order 1 (default)", {}),
+             ("reuse, taylor order 1-2", {"orders": (0, 1, 2)}),
+             ("reuse, order 1, order 2 by taylor/hermite/foca", {"orders": (0, 1, 2),
+                                                                  "methods": ("taylor", "hermite", "foca")}),
+             ("order 1, order 2 by taylor/hermite/foca (no reuse)", {"orders": (1, 2),
+                                                                     "methods": ("taylor", "hermite", "foca")})]
+
+
+def stand_ins(rows, labels, seeds) -> None:
+    """6. The stand-ins the planner may choose at a skipped step (``orders``, ``methods``)."""
+    print("| model | budget | stand-ins allowed | block compute | PSNR vs full (dB) |")
+    print("|---|---|---|---|---|")
+    for name, zm in rows:
+        rmap = profile_of(zm, labels, zm.steps)
+        for budget in (0.35, 0.5):
+            for label, knobs in STAND_INS:
+                plan = ditopt.plan_from_profile(rmap, budget=budget, **knobs)
+                value, frac = mean_psnr(zm, plan, labels, zm.steps, seeds, rmap.stack)
+                print(f"| {name} | {budget} | {label} | {frac:.3f} | {value:.2f} |", flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", action="append", choices=zoo.list())
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--budget", type=float, default=0.5)
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--only", choices=("profile", "resample", "variants", "tune", "samples"), default=None,
+    parser.add_argument("--only", choices=("profile", "resample", "variants", "tune", "samples", "stand-ins"),
+                        default=None,
                         help="run one part only")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -175,6 +199,8 @@ def main(argv=None) -> int:
         print()
     if args.only == "samples":
         per_sample_spread(rows, labels, seeds, args.budget)
+    if args.only == "stand-ins":
+        stand_ins(rows, labels, seeds)
     if args.only not in (None, "resample"):
         return 0
     print(f"| model | plan at 30 steps (budget {args.budget}) | block compute | PSNR vs full (dB) |")

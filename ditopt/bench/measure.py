@@ -5,6 +5,7 @@ What each column of a :class:`Row` means is in the package docstring (:mod:`dito
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import math
 import time
@@ -12,11 +13,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from ditopt import sites, zoo
+from ditopt import compiled_graph, sites, zoo
 from ditopt.errors import DitoptError
-from ditopt.flops import ModuleCost
+from ditopt.flops import CPU_KERNELS, ModuleCost
 from ditopt.metrics import psnr, ssim
 
 from .method import Context
@@ -47,6 +49,38 @@ class BenchResult:
     failed: dict[str, str] = field(default_factory=dict)  # method -> one-line reason
     date: str = ""
     command: str = ""
+
+
+@contextlib.contextmanager
+def graph_flops(gm: torch.nn.Module):
+    """Yields a list that gets the FLOPs of each call of ``gm`` (a rewritten graph module), counted
+    by FlopCounterMode entered around the call itself: dynamo's frame (outside) must not see it."""
+    per_call, active = [], []
+
+    def enter(module, args):
+        active[:] = [FlopCounterMode(display=False, custom_mapping=CPU_KERNELS)]
+        active[0].__enter__()
+
+    def leave(module, args, out):
+        active[0].__exit__(None, None, None)
+        per_call.append(active[0].get_total_flops())
+
+    hooks = [gm.register_forward_pre_hook(enter), gm.register_forward_hook(leave)]
+    try:
+        yield per_call
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+_DERIVED = {"compute", "reuse", "reuse_residual", "predict", "skipped"}
+
+
+def _counted_actions(decisions: dict[str, list[str]]) -> set[str]:
+    """Actions whose work is not whole sites run or skipped (share_cfg runs half a batch, partial a
+    share of the tokens, window a window of attention): such runs are counted with FlopCounterMode
+    around the whole generation, less what full compute spends outside the blocks."""
+    return {a for row in decisions.values() for a in row} - _DERIVED
 
 
 def _executed_block_flops(decisions: dict[str, list[str]], blocks: list[str], per_call: dict[str, float]) -> float:
@@ -100,6 +134,7 @@ def run_bench(model: str = "dit-digits", *, seeds: int = 4, steps: int | None = 
         references.append(ref_zoo.sample(labels, seed=0, steps=n_steps))
     per_call = counter.per_call(counter.flops)
     full_block_flops = sum(counter.flops[b] for b in blocks)
+    per_call["(outside the blocks)"] = counter.total_flops - full_block_flops  # of one generation
     for seed in range(1, seeds):
         references.append(ref_zoo.sample(labels, seed=seed, steps=n_steps))
     acc_full = sum(ref_zoo.accuracy(r, labels) for r in references) / seeds
@@ -170,8 +205,15 @@ def _run_setting(model_name, ctx, method, setting, labels, references, full_bloc
         t0 = time.perf_counter()
         out = fresh.sample(labels, seed=seed, steps=ctx.steps, transformer=applied.transformer)
         t_method += time.perf_counter() - t0
-        if applied.decisions is not None:
+        if applied.decisions is not None and not _counted_actions(applied.decisions()):
             executed += _executed_block_flops(applied.decisions(), blocks, per_call)
+        elif applied.decisions is not None:  # share_cfg, partial, window: measured, as the peers are
+            applied.before_generation()
+            with graph_flops(compiled_graph(applied.transformer).rewritten) as counted:
+                counted_out = fresh.sample(labels, seed=seed, steps=ctx.steps, transformer=applied.transformer)
+            executed += sum(counted) - per_call["(outside the blocks)"]
+            if not torch.equal(counted_out, out):
+                raise RuntimeError("the method's output changed between two runs of the same seed")
         else:
             counter = ModuleCost(fresh.model, blocks)
             applied.before_generation()

@@ -71,6 +71,10 @@ GRIDS = [
          [(f"self={k}, cross={k + 2}, steps 20%-90%", dict(self_range=k, cross_range=k + 2, joint_range=k))
           for k in (2, 3)]
          + [("self=2, cross=4, all steps", lambda n: dict(self_range=2, cross_range=4, joint_range=2, window=(0, n)))]),
+    Grid("ditfastattn", "DiTFastAttn (static)", "ditfastattn",
+         [(f"window={w}, interval={k}", dict(window=w, interval=k)) for w, k in ((16, 2), (16, 4), (32, 4))]),
+    Grid("duca", "DuCa", "duca",
+         [(f"interval={k}, ratio={r}", dict(interval=k, ratio=r)) for k, r in ((3, 0.25), (4, 0.1), (5, 0.2))]),
 ]
 
 
