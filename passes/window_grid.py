@@ -70,6 +70,10 @@ def find_token_grids(graph: fx.Graph, sites: SiteTable, calls: dict[str, list[fx
     if not convs:
         raise PlanError("a per-axis window needs the token grid, read from the patch embedding: no conv2d/conv3d "
                         "before the block stack (patchified some other way); give the window in tokens", site=first)
+    for site, cs in calls.items():
+        if any(c.name not in stack for c in cs):
+            raise PlanError("a per-axis window needs the token grid, which the patch embedding makes for the block "
+                            "stack; this attention is outside the stack (text or other tokens)", site=site)
     last = max(order[c] for cs in calls.values() for c in cs)
     region = {n for n in graph.nodes if n.name in stack and order[n] <= last}
     found: dict[fx.Node, TokenGrid] = {}
@@ -198,10 +202,27 @@ def _follow(graph: fx.Graph, region: set[fx.Node], start: fx.Node, dim: int) -> 
         if node not in region or node.op in ("placeholder", "output", "get_attr") or role_of(node) is not None:
             continue
         if any(a in flow.tok for a in node.all_input_nodes):
-            out = walk.visit(node)
+            out = _block_call(node, flow) if node.target is torch.ops.higher_order.invoke_subgraph else walk.visit(node)
             if out is not None:
                 flow.tok[node] = out
     return flow
+
+
+def _block_call(node: fx.Node, flow: TokenFlow) -> tuple:
+    """The tokens of a kept block call's outputs (``invoke_subgraph``, :mod:`ditopt.regional`): a
+    block adds to its residual streams, so each output holds the tokens of the one input shaped
+    like it (what ``sites`` takes a residual input to be); TokenMixing where that is ambiguous."""
+    held = {a: flow.tok[a] for a in node.args[2:] if isinstance(flow.tok.get(a), Tok)}
+    outs = node.meta.get("example_value", node.meta.get("val"))
+    toks = []
+    for out in outs if isinstance(outs, (tuple, list)) else ():
+        like = {t for a, t in held.items() if isinstance(out, torch.Tensor) and _shape(a) == tuple(out.shape)}
+        if len(like) > 1:
+            raise TokenMixing(node, "a block call with two token inputs shaped like one of its outputs")
+        toks.append(like.pop() if like else None)
+    if not toks:
+        raise TokenMixing(node, "a block call whose outputs have no traced shapes")
+    return tuple(toks)
 
 
 def _grid_of(q_segs, k_segs, sizes) -> tuple[int, int] | None:
