@@ -278,3 +278,27 @@ def test_cross_attention_refuses_a_per_axis_window():
     cross = next(s for s in sites if s.kind == "attention" and s.attention == "cross")
     with pytest.raises(PlanError, match="enter the stack at .*, but this attention's queries and keys are not them"):
         find_token_grids(graph, sites, {cross.name: sdpa_calls(graph, cross.nodes)})
+
+
+def test_the_cost_model_counts_a_per_axis_window_as_executed():
+    """Wan at 5 x 8 x 6 tokens, window 2 x 4 x 4 (32 of 240 tokens): the compute fraction the cost
+    model predicts equals the FLOPs the rewritten graph executes (FlopCounterMode), a window step's
+    attention counted as tokens x window volume (the grid is the whole sequence here)."""
+    from test_cost import STEPS as COST_STEPS, executed_flops_per_call, module_flops, resized, run_generation
+
+    model, kwargs = build("wan")
+    cost = ditopt.cost_model(model, **kwargs)
+    size = resized(kwargs, batch=1, frames=5, height=16, width=12)
+    plan = ditopt.Plan.from_dict({"version": 1, "steps": COST_STEPS, "rules": [
+        {"sites": "*", "kind": "attention", "attention": "self", "steps": [1, 2, 4], "action": "window",
+         "window": [2, 4, 4]}]})
+    torch._dynamo.reset()
+    fast = ditopt.optimize(model, plan)
+    run_generation(fast, size)
+    calls = executed_flops_per_call(fast, size)
+    ref = module_flops(model, size)
+    blocks = sum(ref[b] for b in cost.block_sites())
+    measured = (sum(calls) - len(calls) * (ref["Global"] - blocks)) / (len(calls) * blocks)
+    assert ditopt.stats(fast).decisions["blocks.0.attn1"][:3] == ["compute", "window", "window"]
+    predicted = cost.predict(plan, **cost.dims_for(**size)).compute_fraction
+    assert predicted == pytest.approx(measured, rel=1e-9) and measured < 1
