@@ -140,6 +140,10 @@ class _Lanes:
         self.index: dict[str, torch.Tensor] = {}
 
     def take(self, site: str, t: torch.Tensor) -> torch.Tensor:
+        if self.batched and t.shape[0] % 2:
+            from .profile import ProfileError
+
+            raise ProfileError(f"cfg='batched', but {site.split('#')[0]}'s attention ran on a batch of {t.shape[0]}")
         rows = t.detach().reshape(2 if self.batched else 1, -1)
         if site not in self.index:
             g = torch.Generator().manual_seed(self.seed)

@@ -190,23 +190,45 @@ def test_plans_from_small_models_run_as_planned(name):
             assert decisions.get(site, ["compute"] * 2 * STEPS) == expected_decisions(row, 2), site
 
 
-def test_zoo_dit_batched_cfg_plan_runs_and_costs_what_was_planned():
+@pytest.fixture(scope="module")
+def dit_digits():
     m = zoo.load("dit-digits")
-    labels = [1, 7]
-    rmap = ditopt.profile(m.model, lambda tr: m.sample(labels, seed=0, steps=STEPS, transformer=tr), steps=STEPS,
+    rmap = ditopt.profile(m.model, lambda tr: m.sample([1, 7], seed=0, steps=STEPS, transformer=tr), steps=STEPS,
                           progress=False, cfg="batched", attention_window=16)
-    cfg = CfgLayout("batched", "second")  # dit-digits batches [cond, uncond]
-    sch = schedule_attention(rmap, 0.85, warmup=2, cfg=cfg)
-    assert sch.compute_fraction <= 0.85
-    plan = sch.to_plan(rmap.model, "b")
-    fast = ditopt.optimize(m.model, plan)
-    out = m.sample(labels, seed=0, steps=STEPS, transformer=fast)
-    assert torch.isfinite(out).all()
-    decisions = ditopt.stats(fast).decisions
-    for site, row in sch.actions.items():
-        assert decisions.get(site, ["compute"] * STEPS) == row, site
     example = dict(hidden_states=torch.zeros(m.sample_shape(1)), timestep=torch.ones(1) * 500,
                    **m.make_conditioning(torch.tensor([0])))
-    predicted = ditopt.cost_model(m.model, **example).predict(plan, decisions=decisions).compute_fraction
+    return m, rmap, ditopt.cost_model(m.model, **example)
+
+
+def run_plan(m, plan):
+    fast = ditopt.optimize(m.model, plan)
+    out = m.sample([1, 7], seed=0, steps=STEPS, transformer=fast)
+    assert torch.isfinite(out).all()
+    return ditopt.stats(fast).decisions
+
+
+def test_zoo_dit_batched_cfg_plan_runs_and_costs_what_was_planned(dit_digits):
+    m, rmap, cost = dit_digits
+    cfg = CfgLayout("batched", "second")  # dit-digits batches [cond, uncond]
+    sch = schedule_attention(rmap, 0.85, warmup=2, cfg=cfg)
+    assert sch.compute_fraction <= 0.85 and not math.isnan(sch.predicted_error)
+    plan = sch.to_plan(rmap.model, "b")
+    decisions = run_plan(m, plan)
+    for site, row in sch.actions.items():
+        assert decisions.get(site, ["compute"] * STEPS) == row, site
+    predicted = cost.predict(plan, decisions=decisions).compute_fraction
     assert predicted == pytest.approx(sch.compute_fraction, rel=1e-6)
-    assert not math.isnan(sch.predicted_error)
+
+
+def test_zoo_dit_block_schedule_with_attention_actions_runs_as_one_plan(dit_digits):
+    m, rmap, cost = dit_digits
+    block = ditopt.planner.schedule_from_profile(rmap, budget=0.7)
+    att = attention_for_schedule(rmap, block, budget=0.6, warmup=2, cfg=CfgLayout("batched", "second"))
+    plan = block.to_plan(rmap.model, "blocks")
+    plan = ditopt.Plan(steps=plan.steps, rules=plan.rules + att.rules(), model=plan.model, name="blocks+attention")
+    decisions = run_plan(m, plan)
+    for site, row in att.actions.items():
+        assert decisions[site] == row, site  # "skipped" where the enclosing block reuses or forecasts
+    assert any(a not in ("compute", "skipped") for row in att.actions.values() for a in row)
+    predicted = cost.predict(plan, decisions=decisions).compute_fraction
+    assert predicted == pytest.approx(att.compute_fraction, rel=1e-6) and predicted <= 0.6 + 1e-9
