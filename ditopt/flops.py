@@ -70,7 +70,7 @@ def attention_flops(q: Shape, k: Shape, v: Shape):
 
 
 def window_attention_flops(q: Sequence[int], v: Sequence[int], window: int, block: int | None = None, *,
-                           grid: Sequence[int] | None = None) -> int:
+                           grid: Sequence[int] | None = None, tile: Sequence[int] | None = None) -> int:
     """:func:`ditopt.runtime.window_attention.window_attention` on q ``[..., S, Dqk]`` and v
     ``[..., S, Dv]`` (ints): each query block of ``block`` tokens (the kernel's default for the
     window) against ``window`` keys, padded queries included; full attention where the window
@@ -100,7 +100,7 @@ def window_attention_flops(q: Sequence[int], v: Sequence[int], window: int, bloc
     if isinstance(window, GridWindow):
         if grid is None:
             return 2 * math.prod(q[:-1]) * min(int(window), tokens) * (q[-1] + v[-1])
-        box, _ = grid_tiles(grid, window.sizes)
+        box, _ = grid_tiles(grid, window.sizes, tile)  # the tile changes no FLOPs; it is checked
         if tuple(box) == tuple(grid):
             return attention_flops(q, q, v)
         count = math.prod(grid)

@@ -148,9 +148,12 @@ def window_attention_flops(batch: int, heads: int, tokens: int, dim: int, window
 
 # -- per-axis windows in a token grid -----------------------------------------------------------------
 
-def grid_tiles(grid, window) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """``(window, tile)`` per axis: the window clamped to the grid, and the query tile, the largest
-    divisor of the axis at most half the window (at least 1).
+def grid_tiles(grid, window, tile=None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(window, tile)`` per axis: the window clamped to the grid, and the query tile, by default
+    the largest divisor of the axis at most half the window (at least 1), so that every query sees
+    at least a quarter of the window on either side (away from the borders). A ``tile`` given must
+    divide the grid and fit in the window; larger tiles run faster (fewer, larger matmuls) and see
+    less around the queries at their edges (a tile equal to the window is a block window).
 
     >>> grid_tiles((16, 32, 32), (4, 8, 8)), grid_tiles((3, 4, 4), (8, 2, 3))
     (((4, 8, 8), (2, 4, 4)), ((3, 2, 3), (1, 1, 1)))
@@ -158,7 +161,12 @@ def grid_tiles(grid, window) -> tuple[tuple[int, ...], tuple[int, ...]]:
     if len(grid) != len(window):
         raise ValueError(f"the window has {len(window)} axes, the grid {len(grid)}: {tuple(window)} vs {tuple(grid)}")
     window = tuple(min(int(w), int(g)) for w, g in zip(window, grid))
-    tile = tuple(max(d for d in range(1, max(1, w // 2) + 1) if g % d == 0) for w, g in zip(window, grid))
+    if tile is None:
+        return window, tuple(max(d for d in range(1, max(1, w // 2) + 1) if g % d == 0) for w, g in zip(window, grid))
+    tile = tuple(int(t) for t in tile)
+    if len(tile) != len(grid) or any(t < 1 or g % t or t > w for t, g, w in zip(tile, grid, window)):
+        raise ValueError(f"a query tile divides the grid and fits in the window per axis; got tile {tile}, grid "
+                         f"{tuple(grid)}, window {window}")
     return window, tile
 
 
@@ -193,7 +201,7 @@ def _from_tiles(x: torch.Tensor, grid, tile) -> torch.Tensor:
     return x.permute(order).reshape(*lead, math.prod(grid), x.shape[-1])
 
 
-def grid_window_mask(tokens: int, window, grid, offset: int = 0, device=None) -> torch.Tensor:
+def grid_window_mask(tokens: int, window, grid, offset: int = 0, device=None, *, tile=None) -> torch.Tensor:
     """The dense boolean mask (True = attend) :func:`grid_window_attention` equals: grid token rows
     see their tile's key box and every token outside the grid; other rows see everything.
 
@@ -204,7 +212,7 @@ def grid_window_mask(tokens: int, window, grid, offset: int = 0, device=None) ->
     count = math.prod(grid)
     if not 0 <= offset <= tokens - count:
         raise ValueError(f"a grid of {count} tokens at offset {offset} does not fit a sequence of {tokens}")
-    window, tile = grid_tiles(grid, window)
+    window, tile = grid_tiles(grid, window, tile)
     mask = torch.ones(tokens, tokens, dtype=torch.bool, device=device)
     keys = _box_keys(grid, window, tile, device)  # [tiles, volume]
     tile_of = _to_tiles(torch.arange(count, device=device)[:, None], grid, tile)[..., 0]  # [tiles, tile volume]
@@ -216,10 +224,11 @@ def grid_window_mask(tokens: int, window, grid, offset: int = 0, device=None) ->
 
 
 def grid_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window, grid, offset: int = 0, *,
-                          attn_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+                          attn_mask: torch.Tensor | None = None, scale: float | None = None,
+                          tile=None) -> torch.Tensor:
     """Attention with a per-axis window in the token grid at ``offset`` (see the module): SDPA with
     :func:`grid_window_mask` (and ``attn_mask``, a key mask ``[..., 1, tokens]``) to rounding;
-    exactly SDPA where the window covers the grid.
+    exactly SDPA where the window covers the grid. ``tile``: the query tile (:func:`grid_tiles`).
 
     Example:
         >>> q, k, v = (torch.randn(1, 2, 3 + 4 * 6 * 6, 8) for _ in range(3))
@@ -233,7 +242,7 @@ def grid_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win
                          f"{tokens} and {k.shape[-2]} tokens")
     if attn_mask is not None and (attn_mask.ndim < 2 or attn_mask.shape[-2] != 1):
         raise ValueError(f"grid window attention keeps a key mask [..., 1, tokens] only, got {tuple(attn_mask.shape)}")
-    window, tile = grid_tiles(grid, window)
+    window, tile = grid_tiles(grid, window, tile)
     if tuple(window) == tuple(grid):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     end = offset + count

@@ -94,6 +94,18 @@ def test_equals_sdpa_with_its_dense_mask(grid, window, before, after):
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("tile", [(2, 4, 4), (1, 2, 8), (4, 8, 8)])
+def test_a_query_tile_given_equals_its_dense_mask(tile):
+    grid, window = (4, 8, 16), (4, 8, 8)
+    q, k, v = (torch.randn(1, 2, 3 + math.prod(grid), 8) for _ in range(3))
+    dense = grid_window_mask(q.shape[-2], window, grid, 3, tile=tile)
+    assert (dense[3:, 3:].sum(1) == math.prod(window)).all()
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+    torch.testing.assert_close(grid_window_attention(q, k, v, window, grid, 3, tile=tile), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="a query tile divides the grid and fits in the window"):
+        grid_window_attention(q, k, v, window, grid, 3, tile=(3, 8, 8))
+
+
 def test_the_mask_is_a_box_around_each_query_inside_the_grid():
     grid, window = (6, 8, 10), (3, 4, 5)
     mask = grid_window_mask(math.prod(grid), window, grid)
