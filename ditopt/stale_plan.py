@@ -61,10 +61,17 @@ class KVChangeMap:
         plt.close(fig)
 
 
-def profile_kv(model: torch.nn.Module, run, steps: int, parallel) -> KVChangeMap:
+def profile_kv(model: torch.nn.Module, run, steps: int, parallel, signal: str = "kv") -> KVChangeMap:
     """Optimise ``model`` with an all-compute plan under ``parallel`` (a SequenceParallel; an
     initialised process group), call ``run(optimised)`` (one generation of ``steps`` steps) and
-    return the K/V change of every self-attention site that became distributed attention."""
+    return the K/V change of every self-attention site that became distributed attention.
+
+    ``signal="attention"``: instead of the K/V change, the relative L1 change the K/V of the step
+    before cause in the attention output, ``attn(q_t, kv_{t-1})`` against ``attn(q_t, kv_t)``, each
+    rank over its own tokens (what a stale step does to the remote part, measured where all is
+    local; one more attention per call at profile time, nothing sent)."""
+    if signal not in ("kv", "attention"):
+        raise PlanError(f"profile_kv: signal {signal!r}: use 'kv' or 'attention'")
     import ditopt
     import torch.distributed as dist
 
@@ -75,7 +82,7 @@ def profile_kv(model: torch.nn.Module, run, steps: int, parallel) -> KVChangeMap
     nbytes: dict[str, int] = {}
     world = dist.get_world_size(parallel.group) if dist.is_initialized() else 1
 
-    def record(site: str, call: str, k: torch.Tensor, v: torch.Tensor) -> None:
+    def record(site: str, call: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         kv = torch.stack([k, v]).detach().float()
         step, key = rt.state.step, (site, call, rt.state.branch)
         if key not in last:  # K and V of every rank's tokens, once per call of the site
@@ -83,7 +90,12 @@ def profile_kv(model: torch.nn.Module, run, steps: int, parallel) -> KVChangeMap
         prev = last.get(key)
         last[key] = kv
         if prev is not None and prev.shape == kv.shape:
-            part = torch.stack([(kv - prev).abs().sum(), prev.abs().sum()])
+            if signal == "attention":
+                sdpa, qf = torch.nn.functional.scaled_dot_product_attention, q.detach().float()
+                fresh, stale = sdpa(qf, kv[0], kv[1]), sdpa(qf, prev[0], prev[1])
+                part = torch.stack([(stale - fresh).abs().sum(), fresh.abs().sum()])
+            else:
+                part = torch.stack([(kv - prev).abs().sum(), prev.abs().sum()])
             sums[(step, site)] = sums.get((step, site), 0) + part
 
     stale_kv.RECORDERS[rt.id] = record

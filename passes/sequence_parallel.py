@@ -128,8 +128,9 @@ def sequence_parallel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         # the innermost attention site holding the call: a plan's stale_kv steps are looked up by it
         site = next((s.name for s in reversed(attention_sites) if node.name in s.nodes), "")
         node.target = distributed.sp_attention
+        refresh = -1.0 if spec.ring_refresh is None else float(spec.ring_refresh)
         node.args = (q, k, v, mask, scale, q_segs, kv_segs, spec.mode, group, rank, world, ctx.runtime_id,
-                     ctx.graph_id, site, node.name)
+                     ctx.graph_id, site, node.name, refresh, spec.stale_forecast)
         node.kwargs = {}
         changed.add(node)
     start = flow.start
@@ -173,8 +174,8 @@ def check_stale_kv(gm: fx.GraphModule, table, ctx: PassContext) -> set[str]:
         return stale
     name = sorted(stale)[0]
     if ctx.parallel is None:
-        raise PlanError(f"stale_kv needs sequence parallelism (it skips the K/V exchange between ranks): "
-                        f"optimize(model, plan, parallel=ditopt.SequenceParallel(...)), or drop the stale_kv rule",
+        raise PlanError("stale_kv needs sequence parallelism (it skips the K/V exchange between ranks): "
+                        "optimize(model, plan, parallel=ditopt.SequenceParallel(...)), or drop the stale_kv rule",
                         site=name)
     if ctx.inductor:
         raise PlanError("stale_kv runs on the eager path only (ditopt.optimize, or the backend with inductor=False): "

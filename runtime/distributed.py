@@ -26,7 +26,6 @@ or did not answer within the group's timeout: :func:`timed_group`) raises naming
 
 from __future__ import annotations
 
-import math
 import zlib
 from datetime import timedelta
 from typing import Callable
@@ -34,6 +33,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from .attention_lse import attention_with_lse, merge_partials
 from .decisions import Action
 from .session import _RUNTIMES, get_runtime
 
@@ -144,48 +144,6 @@ def gather(x: torch.Tensor, dim: int, segs: Segs, group: str, rank: int, world: 
 
 
 # -- attention -------------------------------------------------------------------------------
-
-def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                       scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``softmax(q k^T scale + mask) v`` and the log-sum-exp of each query row (fp32, ``[..., Lq]``).
-
-    CPU: the flash kernel behind SDPA (``_scaled_dot_product_flash_attention_for_cpu``); CUDA:
-    flash without a mask in half precision, else the memory-efficient kernel; the plain formula
-    where neither applies."""
-    if mask is not None and mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
-    try:
-        if q.device.type == "cpu":
-            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
-                                                                               scale=scale)
-        if q.device.type == "cuda" and mask is None and q.dtype in (torch.float16, torch.bfloat16):
-            out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
-            return out[0], out[1]
-        if q.device.type == "cuda":
-            bias = None if mask is None else mask.expand(*q.shape[:-1], k.shape[-2])
-            out = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, scale=scale)
-            return out[0], out[1][..., : q.shape[-2]]
-    except RuntimeError:
-        pass
-    s = (q.float() @ k.float().transpose(-2, -1)) * (scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
-    if mask is not None:
-        s = s + mask.float()
-    lse = torch.logsumexp(s, dim=-1)
-    return (torch.softmax(s, dim=-1) @ v.float()).to(q.dtype), lse
-
-
-def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Attention over the union of key sets from the attention over each set and its
-    log-sum-exp: ``sum_i exp(lse_i - lse) out_i`` with ``lse = logsumexp_i lse_i``. A row that
-    sees no key of a set (lse -inf) takes nothing from it."""
-    if len(parts) == 1:
-        return parts[0][0]
-    lses = torch.stack([lse.float() for _, lse in parts])
-    total = torch.logsumexp(lses, dim=0)
-    weights = torch.where(torch.isfinite(lses), torch.exp(lses - total), torch.zeros_like(lses))
-    out = sum(w.unsqueeze(-1) * torch.nan_to_num(o.float()) for w, (o, _) in zip(weights.unbind(0), parts))
-    return out.to(parts[0][0].dtype)
-
 
 def _heads_to_tokens(x: torch.Tensor, group: str, world: int, rid: int) -> torch.Tensor:
     """``[B, H, n, d]`` (this rank's n tokens, all heads) -> ``[B, H/world, world n, d]`` (all
@@ -311,15 +269,18 @@ def ring_attention(q, k, v, mask, scale, q_segs: Segs, kv_segs: Segs, group: str
 
 
 def sp_attention(q, k, v, mask, scale, q_segs: Segs, kv_segs: Segs, mode: str, group: str, rank: int, world: int,
-                 rid: int, graph: int = -1, site: str = "", call: str = "") -> torch.Tensor:
+                 rid: int, graph: int = -1, site: str = "", call: str = "", refresh: float = -1.0,
+                 forecast: str = "hold") -> torch.Tensor:
     """The distributed self-attention a sequence-parallel graph calls in place of SDPA. ``site``
     (the attention site holding this ``call``) and ``graph`` let a plan's ``stale_kv`` steps skip
-    the exchange (:mod:`.stale_kv`: decided on the host from the static table, eager path only)."""
+    the exchange (:mod:`.stale_kv`: decided on the host from the static table, eager path only);
+    ``refresh`` >= 0: ring stale steps refresh that share of the hops instead (DiTango);
+    ``forecast="linear"``: stale steps extrapolate the remote K/V from the last two exchanges."""
     if site and not _traced(q):
         from . import stale_kv
 
         out = stale_kv.planned_attention(q, k, v, mask, scale, q_segs, kv_segs, mode, group, rank, world, rid, graph,
-                                         site, call)
+                                         site, call, refresh, forecast)
         if out is not None:
             return out
     run = ulysses_attention if mode == "ulysses" else ring_attention

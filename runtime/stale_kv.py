@@ -46,7 +46,7 @@ from .decisions import Action, DecisionTable
 from .session import _RUNTIMES
 
 SLOT = "stale_kv"  # SLOTS[Action.STALE_KV]
-# runtime id -> a callable (site, call, k, v) that sp_attention feeds this rank's K/V at every call
+# runtime id -> a callable (site, call, q, k, v) that sp_attention feeds this rank's q, K, V at every call
 # (ditopt.stale_plan.profile_kv: the K/V change map)
 RECORDERS: dict = {}
 
@@ -85,15 +85,26 @@ def plan_at(rid: int, graph: int, site: str, call: str) -> tuple[str, object | N
 
 
 def planned_attention(q, k, v, mask, scale, q_segs: Segs, kv_segs: Segs, mode: str, group: str, rank: int,
-                      world: int, rid: int, graph: int, site: str, call: str) -> torch.Tensor | None:
+                      world: int, rid: int, graph: int, site: str, call: str,
+                      refresh: float = -1.0, forecast: str = "hold") -> torch.Tensor | None:
     """What ``sp_attention`` runs for a call of ``site``: the stale attention, or a keeping exchange
-    (ring: the blocks received are kept; Ulysses: K/V all-gathered); None for a plain exchange."""
+    (ring: the blocks received are kept; Ulysses: K/V all-gathered); None for a plain exchange.
+    ``refresh`` >= 0 (ring, ``SequenceParallel(ring_refresh=)``): DiTango's selective refresh
+    (:func:`refreshed_attention`) in place of stale K/V. ``forecast="linear"``: a stale step
+    extrapolates the remote K/V from the last two exchanges (:func:`forecast_remote`)."""
     from .distributed import ring_attention
 
     if rid in RECORDERS:
-        RECORDERS[rid](site, call, k, v)
+        RECORDERS[rid](site, call, q, k, v)
     what, remote = plan_at(rid, graph, site, call)
+    if what == "exchange" and forecast == "linear" and _stale_after(rid, graph, site):
+        what = "keep"  # every exchange before a stale step is kept: the forecast reads the last two
+    if refresh >= 0 and mode == "ring" and what != "exchange":
+        return refreshed_attention(q, k, v, mask, scale, q_segs, kv_segs, group, rank, world, rid, graph, site, call,
+                                   refresh, remote if what == "stale" else None)
     if what == "stale":
+        if forecast == "linear":
+            remote = forecast_remote(rid, graph, site, call)
         return stale_attention(q, k, v, mask, scale, q_segs, kv_segs, rank, world, remote)
     if what == "keep" and mode == "ulysses":
         out, remote = gathered_attention(q, k, v, mask, scale, q_segs, kv_segs, group, rank, world, rid)
@@ -103,14 +114,48 @@ def planned_attention(q, k, v, mask, scale, q_segs: Segs, kv_segs: Segs, mode: s
         remote = remote_from_ring(blocks, kv_segs, rank, world) if blocks else torch.stack([k, v])[..., :0, :]
     else:
         return None
-    keep(rid, graph, site, call, remote)
+    keep(rid, graph, site, call, remote, previous=forecast == "linear")
     return out
 
 
-def keep(rid: int, graph: int, site: str, call: str, remote: torch.Tensor) -> None:
-    """Keep ``remote`` (``[2, B, H, remote tokens, d]``) as this step's remote K/V of ``site``."""
+def _stale_after(rid: int, graph: int, site: str) -> bool:
+    rt = _RUNTIMES.get(rid)
+    table = rt.graphs.get(graph) if rt is not None else None
+    return table is not None and site in table.actions and any(
+        table.action(site, s) == Action.STALE_KV for s in range(rt.state.step + 1, table.steps))
+
+
+def keep(rid: int, graph: int, site: str, call: str, remote: torch.Tensor, previous: bool = False) -> None:
+    """Keep ``remote`` (``[2, B, H, remote tokens, d]``) as this step's remote K/V of ``site``;
+    ``previous``: the K/V kept before move to a second key (``<call>:prev``, one more copy)."""
     rt = _RUNTIMES[rid]
-    rt.store.put(rt.key(graph, site, f"{SLOT}:{call}"), rt.state.step, remote.detach())
+    key = rt.key(graph, site, f"{SLOT}:{call}")
+    last = rt.store.latest(key)
+    if previous and last is not None and last.step != rt.state.step:
+        rt.store.put(rt.key(graph, site, f"{SLOT}:{call}:prev"), last.step, last.value)
+    rt.store.put(key, rt.state.step, remote.detach())
+
+
+def forecast_remote(rid: int, graph: int, site: str, call: str) -> torch.Tensor:
+    """The remote K/V at this step extrapolated linearly (in steps) from the last two exchanges
+    ``a`` (step ``s_a``) and ``b`` (step ``s_b > s_a``): ``b + (step - s_b) / (s_b - s_a) (b - a)``;
+    the last one as kept while there is only one (nothing is sent either way).
+
+    >>> from ditopt.runtime.session import Runtime
+    >>> rt = Runtime()
+    >>> for step, value in ((2, 1.0), (4, 2.0)):
+    ...     rt.state.step = step
+    ...     keep(rt.id, 0, "a", "c", torch.full((1,), value), previous=True)
+    >>> rt.state.step = 5
+    >>> forecast_remote(rt.id, 0, "a", "c").tolist()
+    [2.5]
+    """
+    rt = _RUNTIMES[rid]
+    last = rt.store.latest(rt.key(graph, site, f"{SLOT}:{call}"))
+    prev = rt.store.latest(rt.key(graph, site, f"{SLOT}:{call}:prev"))
+    if prev is None or prev.value.shape != last.value.shape or prev.step >= last.step:
+        return last.value
+    return last.value + (rt.state.step - last.step) / (last.step - prev.step) * (last.value - prev.value)
 
 
 def remote_of(full: torch.Tensor, segs: Segs, rank: int, world: int) -> torch.Tensor:
@@ -182,5 +227,87 @@ def gathered_attention(q, k, v, mask, scale, q_segs: Segs, kv_segs: Segs, group:
     return out, remote_of(full, kv_segs, rank, world)
 
 
-__all__ = ["RECORDERS", "SLOT", "assemble", "gathered_attention", "keep", "needed_later", "plan_at", "planned_attention", "remote_from_ring",
+# -- DiTango's selective refresh of ring hops ---------------------------------------------------
+
+def refresh_hops(share: float, step: int, world: int) -> list[int]:
+    """The ring hops a stale step refreshes (hop ``h`` brings rank ``r - h``'s K/V to rank ``r``):
+    ``round(share (world - 1))`` of the ``world - 1``, taken in turn as the steps go (the same on
+    every rank: from the step alone).
+
+    >>> [refresh_hops(0.5, step, 5) for step in (1, 2, 3)]
+    [[3, 4], [1, 2], [3, 4]]
+    >>> refresh_hops(0.0, 3, 4), refresh_hops(1.0, 3, 4)
+    ([], [1, 2, 3])
+    """
+    n = world - 1
+    m = min(n, int(share * n + 0.5))
+    start = (step * m) % n if n else 0
+    return sorted({(start + i) % n + 1 for i in range(m)})
+
+
+def _hop_exchange(kv: torch.Tensor, hops: list[int], group: str, rank: int, world: int, rid: int) -> dict:
+    """``{h: rank r - h's kv}`` for each hop in ``hops``: each rank sends its block straight to the
+    ranks ``r + h`` (one all-to-all; the bytes of ``len(hops)`` ring hops, counted as ``ring``)."""
+    from . import distributed as d
+
+    flat = kv.contiguous().reshape(-1)
+    n, send, recv = flat.numel(), [0] * world, [0] * world
+    for h in hops:
+        send[(rank + h) % world], recv[(rank - h) % world] = n, n
+    got = d._collective("selective ring refresh", group, world, rid,
+                        lambda: d.funcol.all_to_all_single(flat.repeat(len(hops)), recv, send, group))
+    if not d._traced(kv):
+        d.record(rid, "ring", n * flat.element_size() * len(hops))
+    sources = sorted((rank - h) % world for h in hops)
+    blocks = dict(zip(sources, got.split(n)))
+    return {h: blocks[(rank - h) % world].reshape(kv.shape) for h in hops}
+
+
+def refreshed_attention(q, k, v, mask, scale, q_segs: Segs, kv_segs: Segs, group: str, rank: int, world: int,
+                        rid: int, graph: int, site: str, call: str, share: float, cached) -> torch.Tensor:
+    """Ring attention that refreshes some hops: the local block and the replicated tokens are fresh;
+    the hops :func:`refresh_hops` picks at a stale step (``cached``: the partials kept) are received
+    and attended; the others reuse the partial ``(output, lse)`` kept from the step they were last
+    refreshed (sending nothing). ``cached`` None (a keeping step): every hop is refreshed (a ring
+    step's bytes and result). The partials are kept in the runtime's store (``stats().cache_bytes``)."""
+    from . import distributed as d
+
+    rt = _RUNTIMES[rid]
+    if mask is not None and mask.shape[-2] > 1:
+        mask = d.shard(mask, mask.dim() - 2, q_segs, rank, world)
+
+    def cols(source):
+        if mask is None or mask.shape[-1] == 1:
+            return mask
+        return mask.index_select(-1, torch.tensor(d._columns(kv_segs, world, source), device=mask.device))
+
+    kinds = [kind for kind, _ in kv_segs]
+    k_pieces, v_pieces = (d._pieces(t, 2, kv_segs, world, local=True) for t in (k, v))
+    parts = []
+    if "r" in kinds:
+        rep = [torch.cat([p for p, kind in zip(pieces, kinds) if kind == "r"], dim=2) for pieces in (k_pieces, v_pieces)]
+        parts.append(d.attention_with_lse(q, rep[0], rep[1], cols(None), scale))
+    kv = torch.stack([torch.cat([p for p, kind in zip(pieces, kinds) if kind == "s"], dim=2)
+                      for pieces in (k_pieces, v_pieces)])
+    parts.append(d.attention_with_lse(q, kv[0], kv[1], cols(rank), scale))
+    hops = list(range(1, world)) if cached is None else refresh_hops(share, rt.state.step, world)
+    got = _hop_exchange(kv, hops, group, rank, world, rid) if hops else {}
+    outs = list(cached.unbind(0)) if cached is not None else [None] * (world - 1)
+    lses = list(_latest(rid, graph, site, f"{call}:lse").unbind(0)) if cached is not None else [None] * (world - 1)
+    for h in range(1, world):
+        if h in got:
+            outs[h - 1], lses[h - 1] = d.attention_with_lse(q, got[h][0], got[h][1], cols((rank - h) % world), scale)
+        parts.append((outs[h - 1], lses[h - 1]))
+    if got:
+        keep(rid, graph, site, call, torch.stack(outs))
+        keep(rid, graph, site, f"{call}:lse", torch.stack(lses))
+    return d.merge_partials(parts)
+
+
+def _latest(rid: int, graph: int, site: str, call: str) -> torch.Tensor:
+    rt = _RUNTIMES[rid]
+    return rt.store.latest(rt.key(graph, site, f"{SLOT}:{call}")).value
+
+
+__all__ = ["RECORDERS", "SLOT", "forecast_remote", "refresh_hops", "refreshed_attention", "assemble", "gathered_attention", "keep", "needed_later", "plan_at", "planned_attention", "remote_from_ring",
            "remote_of", "stale_attention"]

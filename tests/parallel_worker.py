@@ -23,9 +23,19 @@ import torch
 import torch.distributed as dist
 
 
-def build(name: str):
+def build(name: str, heads: int | None = None):
+    """``(model, kwargs)``; ``heads``: the same config with that many attention heads (same head
+    dimension; fresh weights of seed 0), e.g. 4 so that Ulysses divides 4 ranks."""
     from ditopt.small_models import build as build_small
 
+    if heads is not None:
+        model, kwargs = build(name)
+        c = model.config
+        width = {"num_attention_heads": heads}
+        if c.get("cross_attention_dim") == c["num_attention_heads"] * c["attention_head_dim"]:  # PixArt: the width
+            width["cross_attention_dim"] = heads * c["attention_head_dim"]
+        torch.manual_seed(0)
+        return type(model).from_config({**c, **width}).eval(), kwargs
     if name in ("dit3", "dit4"):  # 3 heads: not divisible among 2 ranks; 4: Ulysses on 4 ranks
         from diffusers import DiTTransformer2DModel
 
@@ -61,8 +71,10 @@ def run_job(job: dict) -> dict:
 
     if job.get("stale"):  # tests/test_stale_kv.py
         return stale_job(job)
+    if job["model"].endswith("-digits"):
+        return zoo_job(job)
     steps = job.get("steps", 1)
-    model, kwargs = build(job["model"])
+    model, kwargs = build(job["model"], job.get("heads"))
     single = ditopt.optimize(model, plan_for(job.get("plan", "all"), steps))
     reference = _outputs(single, kwargs, steps)
     result = {**job, "reference_decisions": ditopt.stats(single).decisions}
@@ -82,6 +94,54 @@ def run_job(job: dict) -> dict:
     return {**result, "max_diff": max(float((a - b).abs().max()) for a, b in zip(outs, reference)),
             "comm_bytes": stats.comm_bytes, "decisions": stats.decisions, "attention_shapes": shapes,
             "itemsize": reference[0].element_size(), "out_shape": list(reference[0].shape)}
+
+
+def zoo_job(job: dict) -> dict:
+    """A zoo model (``ditopt.zoo``) sampled for ``steps`` steps with CFG (labels 3 and 7, seed 0),
+    all-compute under sequence parallelism, against the plain model in this process: the largest
+    difference of any transformer call's output (``max_diff``) and of the final samples. ``dtype``
+    "float64": both run in float64 (inputs cast at each call). ``floor``: the plain fp32 model's own
+    rounding error, the largest difference of its calls' outputs from the float64 model's on the
+    same inputs (what any reordering of fp32 sums may move the output by)."""
+    import copy
+
+    import ditopt
+    from ditopt import zoo
+
+    m, steps = zoo.load(job["model"]), job.get("steps", 2)
+    dtype = getattr(torch, job.get("dtype", "float32"))
+    net = m.model if dtype == torch.float32 else copy.deepcopy(m.model).to(dtype)
+
+    def recorded(fn, outs: list, inputs: list | None = None):
+        def call(**kw):
+            kw = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kw.items()}
+            if inputs is not None:
+                inputs.append(kw)
+            out = fn(**kw)
+            outs.append(out[0].clone())
+            return (out[0].float(), *out[1:])
+        return call
+
+    reference: list = []
+    inputs: list = []
+    with torch.no_grad():
+        single = m.sample([3, 7], seed=0, steps=steps, transformer=recorded(net, reference, inputs))
+        wide = copy.deepcopy(m.model).double()
+        floor = max(float((wide(**{k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+                                    for k, v in kw.items()})[0] - out).abs().max()) for kw, out in zip(inputs, reference))
+    result = {**job, "calls": len(reference), "floor": floor}
+    try:
+        parallel = ditopt.optimize(net, ditopt.presets.all_compute(steps=steps),
+                                   parallel=ditopt.SequenceParallel(mode=job["mode"]), regional=False)
+        with torch.no_grad():  # the single run's calls, on the same inputs
+            outs = [parallel(**kw)[0] for kw in inputs]
+            sent = dict(ditopt.stats(parallel).comm_bytes)
+            x = m.sample([3, 7], seed=0, steps=steps, transformer=recorded(parallel, []))
+    except Exception as exc:
+        return {**result, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
+    # the samples differ by more than the calls: each step's input carries the difference of the steps before
+    return {**result, "max_diff": max(float((a - b).abs().max()) for a, b in zip(outs, reference)),
+            "sample_diff": float((x - single).abs().max()), "comm_bytes": sent}
 
 
 def _worker(rank: int, world: int, init_file: str, jobs: list[dict], out_path: str) -> None:
@@ -289,10 +349,12 @@ def build_dit(layers: int):
                           class_labels=torch.tensor([1, 2]))
 
 
-def hand_reference(model, kwargs: dict, ts: list, stale: set, world: int) -> tuple[list[torch.Tensor], int]:
+def hand_reference(model, kwargs: dict, ts: list, stale: set, world: int,
+                   linear: bool = False) -> tuple[list[torch.Tensor], int]:
     """The model's outputs, in one process, where each self-attention call of a ``stale`` step
     attends, for the queries of rank r's tokens, with this step's K/V of rank r's tokens and the K/V
-    of the other tokens from the step the call last ran fresh. Also the number of patched calls."""
+    of the other tokens from the step the call last ran fresh (``linear``: extrapolated in steps
+    from the last two steps it ran fresh). Also the number of patched calls."""
     import torch.nn.functional as F
 
     real = F.scaled_dot_product_attention
@@ -307,9 +369,14 @@ def hand_reference(model, kwargs: dict, ts: list, stale: set, world: int) -> tup
         assert attn_mask is None and not is_causal
         state["patched"] += 1
         if state["step"] not in stale:
-            kept[index] = (k.clone(), v.clone())
+            kept[index] = [*kept.get(index, [])[-1:], (state["step"], k.clone(), v.clone())]
             return real(q, k, v, scale=scale, **kw)
-        k0, v0 = kept[index]
+        (s1, k1, v1), (s0, k0, v0) = kept[index][-1], kept[index][0]
+        if linear and s0 < s1:
+            f = (state["step"] - s1) / (s1 - s0)
+            k0, v0 = k1 + f * (k1 - k0), v1 + f * (v1 - v0)
+        else:
+            k0, v0 = k1, v1
         m, rows = n // world, []
         for r in range(world):
             own = slice(r * m, (r + 1) * m)
@@ -330,6 +397,51 @@ def hand_reference(model, kwargs: dict, ts: list, stale: set, world: int) -> tup
     return outs, state["patched"]
 
 
+def hand_refresh_reference(model, kwargs: dict, ts: list, stale: set, world: int, hops_at) -> list[torch.Tensor]:
+    """DiTango's selective refresh in one process, by the formula (float64): at a ``stale`` step
+    each self-attention call gives rank r's query rows the merge, by log-sum-exp, of their fresh
+    attention over rank r's K/V, over the K/V of rank ``r - h`` for each hop ``h`` in
+    ``hops_at(step)``, and the partial (output, lse) kept from the step each other hop was last
+    refreshed (every hop at the other steps)."""
+    import torch.nn.functional as F
+
+    real, kept, state = F.scaled_dot_product_attention, {}, {"step": 0, "call": 0}
+
+    def partial(q, k, v, scale):
+        s = (q.double() @ k.double().transpose(-2, -1)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+        return torch.softmax(s, -1) @ v.double(), torch.logsumexp(s, -1)
+
+    def patched(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        index, state["call"] = state["call"], state["call"] + 1
+        n = q.shape[-2]
+        if k.shape[-2] != n:  # cross-attention: local
+            return real(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
+        m, rows = n // world, []
+        fresh = range(1, world) if state["step"] not in stale else hops_at(state["step"])
+        for r in range(world):
+            block = lambda t, src: t[..., src * m:(src + 1) * m, :]  # noqa: E731
+            parts = [partial(block(q, r), block(k, r), block(v, r), scale)]
+            for h in range(1, world):
+                if h in fresh:
+                    kept[(index, r, h)] = partial(block(q, r), block(k, (r - h) % world), block(v, (r - h) % world), scale)
+                parts.append(kept[(index, r, h)])
+            lses = torch.stack([lse for _, lse in parts])
+            weights = torch.exp(lses - torch.logsumexp(lses, 0))
+            rows.append(sum(w.unsqueeze(-1) * o for w, (o, _) in zip(weights, parts)).to(q.dtype))
+        return torch.cat(rows, dim=-2)
+
+    outs = []
+    F.scaled_dot_product_attention = patched
+    try:
+        with torch.no_grad():
+            for step, t in enumerate(ts):
+                state["step"], state["call"] = step, 0
+                outs.append(model(**{**kwargs, "timestep": t}).sample.clone())
+    finally:
+        F.scaled_dot_product_attention = real
+    return outs
+
+
 def stale_job(job: dict) -> dict:
     """DistriFusion's stale-every-other-step plan (``presets.distrifusion``) on the small DiT with
     ``layers`` blocks, against the hand reference and the un-elided parallel run: per step the
@@ -343,8 +455,14 @@ def stale_job(job: dict) -> dict:
     plan = job.get("plan_yaml")
     plan = ditopt.Plan.from_yaml(plan) if plan else ditopt.presets.distrifusion(steps=steps)
     stale = {s for r in plan.rules if r.action == "stale_kv" for s in r.step_list(steps)}
-    reference, patched = hand_reference(model, kwargs, ts, stale, world)
-    spec = ditopt.SequenceParallel(mode=job["mode"])
+    reference, patched = hand_reference(model, kwargs, ts, stale, world, linear=job.get("forecast") == "linear")
+    spec = ditopt.SequenceParallel(mode=job["mode"], ring_refresh=job.get("refresh"),
+                                   stale_forecast=job.get("forecast", "hold"))
+    if job.get("refresh") is not None:  # DiTango: the hand reference reuses partial attentions
+        from ditopt.runtime.stale_kv import refresh_hops
+
+        reference = hand_refresh_reference(model, kwargs, ts, stale, world,
+                                           lambda step: refresh_hops(job["refresh"], step, world))
     result = {**job, "stale_steps": sorted(stale), "patched_calls": patched}
     try:
         runs = {}

@@ -127,20 +127,41 @@ def test_one_rank_rewrite_runs_and_equals_the_model(one_rank, mode):
 # -- spawned ranks (slow) ---------------------------------------------------------------------
 
 MODELS = ["dit", "pixart", "cogvideox", "wan", "hunyuan"]
+ZOO = ["dit-digits", "wan-digits"]  # trained: 2 CFG steps of sampling, each call compared on the same inputs
 JOBS = [*({"model": m, "mode": mode} for m in MODELS for mode in ("ulysses", "ring")),
         {"model": "dit3", "mode": "ring"}, {"model": "dit3", "mode": "ulysses"},
         {"model": "dit", "mode": "ulysses", "plan": "fora2", "steps": 4},
         {"model": "wan", "mode": "ring", "plan": "fora2", "steps": 4},
-        {"model": "dit", "mode": "ring", "plan": "fora2", "steps": 2, "compile": True}]
+        {"model": "dit", "mode": "ring", "plan": "fora2", "steps": 2, "compile": True},
+        *({"model": z, "mode": mode} for z in ZOO for mode in ("ulysses", "ring"))]
+# 4 ranks: the small configs have 2 heads (ring: heads that do not divide the world; Ulysses on a
+# 4-head build of each config, and refused on 2 heads), the zoo models have 4.
+JOBS4 = [*({"model": m, "mode": "ring"} for m in MODELS), *({"model": m, "mode": "ulysses", "heads": 4} for m in MODELS),
+         {"model": "dit3", "mode": "ring"}, {"model": "dit", "mode": "ulysses"},
+         *({"model": z, "mode": mode} for z in ZOO for mode in ("ulysses", "ring")),
+         # DiTango's selective refresh (tests/test_stale_kv.py has the 2-rank cases): 2 of 3 hops a stale step
+         {"stale": True, "mode": "ring", "steps": 4, "layers": 2, "refresh": 0.5, "name": "refresh-half"}]
+
+
+def _key(r: dict) -> tuple:
+    if r.get("stale"):
+        return ("stale", r["name"])
+    return (r["model"], r["mode"], r.get("plan", "all"), *(["compiled"] if r.get("compile") else []),
+            *([f"heads{r['heads']}"] if r.get("heads") else []))
 
 
 @pytest.fixture(scope="module")
 def spawned():
     from parallel_worker import spawn
 
-    results = spawn(JOBS, world=2)
-    return {(r["model"], r["mode"], r.get("plan", "all"), *(["compiled"] if r.get("compile") else [])): r
-            for r in results}
+    return {_key(r): r for r in spawn(JOBS, world=2)}
+
+
+@pytest.fixture(scope="module")
+def spawned4():
+    from parallel_worker import spawn
+
+    return {_key(r): r for r in spawn(JOBS4, world=4)}
 
 
 def _ok(result: dict) -> dict:
@@ -155,6 +176,30 @@ def test_all_compute_parallel_output_equals_single_process(spawned):
             result = _ok(spawned[(model, mode, "all")])
             assert result["max_diff"] <= 1e-5, (model, mode, result["max_diff"])
             assert result["comm_bytes"]["total"] > 0
+
+
+@pytest.mark.slow
+def test_zoo_models_parallel_output_equals_single_process(spawned):
+    for model in ZOO:
+        for mode in ("ulysses", "ring"):
+            result = _ok(spawned[(model, mode, "all")])
+            assert result["calls"] >= 2 and result["max_diff"] <= 1e-5, (model, mode, result["max_diff"])
+            assert result["comm_bytes"]["total"] > 0
+
+
+@pytest.mark.slow
+def test_four_ranks_equal_single_process_on_every_class_and_the_zoo(spawned4):
+    for model in [*MODELS, "dit3", *ZOO]:  # ring: 2 or 3 heads (or 4) over 4 ranks
+        result = _ok(spawned4[(model, "ring", "all")])
+        assert result["max_diff"] <= 1e-5, (model, "ring", result["max_diff"])
+        assert result["comm_bytes"]["ring"] > 0
+    for key in [*((m, "ulysses", "all", "heads4") for m in MODELS), *((z, "ulysses", "all") for z in ZOO)]:
+        result = _ok(spawned4[key])
+        assert result["max_diff"] <= 1e-5 and result["comm_bytes"]["all_to_all"] > 0, (key, result["max_diff"])
+    dit = _ok(spawned4[("dit", "ring", "all")])
+    assert dit["comm_bytes"] == {**_dit_bytes("ring", world=4), "total": sum(_dit_bytes("ring", world=4).values())}
+    refused = spawned4[("dit", "ulysses", "all")]
+    assert "PlanError" in refused["error"] and "2 heads" in refused["error"] and "4 ranks" in refused["error"]
 
 
 @pytest.mark.slow
@@ -203,3 +248,16 @@ def test_the_backend_option_under_inductor_equals_single_process_fora2(spawned):
     compiled = _ok(spawned[("dit", "ring", "fora2", "compiled")])
     assert compiled["max_diff"] <= 1e-5 and compiled["decisions"] == compiled["reference_decisions"]
     assert compiled["comm_bytes"] == {}  # counted on the eager path only
+
+
+@pytest.mark.slow
+def test_four_ranks_ring_refresh_sends_only_the_refreshed_hops_and_equals_its_hand_reference(spawned4):
+    from ditopt.runtime.stale_kv import refresh_hops
+
+    r = _ok(spawned4[("stale", "refresh-half")])
+    assert r["stale_steps"] == [1, 3] and max(r["diff_hand"]) <= 1e-5, r["diff_hand"]
+    assert [refresh_hops(0.5, s, 4) for s in (1, 3)] == [[1, 3], [1, 2]]  # in turn: hop 2, then hop 3 reused
+    layers, kv = 2, 2 * (2 * 2 * 4 * 8 * 4)  # K and V of one rank: batch 2, 2 heads, 4 of 16 tokens, dim 8, fp32
+    for step, sent in enumerate(r["bytes"]):  # a reused hop sends nothing: 2 of the 3 hops' bytes
+        assert sent["ring"] == layers * (2 if step in r["stale_steps"] else 3) * kv, (step, sent)
+    assert min(r["diff_full"][s] for s in r["stale_steps"]) > 1e-5  # kept partials were used

@@ -133,14 +133,19 @@ COMPOSED = ditopt.Plan.from_dict({"version": 1, "steps": 6, "rules": [
     {"sites": "*", "kind": "attention", "attention": "self", "steps": [1, 3, 5], "action": "stale_kv"},
     {"sites": "stack[1:]", "kind": "block", "steps": [2, 4], "action": "reuse_residual"}]}).to_yaml()
 JOBS = [{"stale": True, "mode": m, "steps": STEPS, "layers": LAYERS} for m in ("ulysses", "ring")] + [
-    {"stale": True, "mode": "ring", "steps": 6, "layers": 3, "plan_yaml": COMPOSED}]
+    {"stale": True, "mode": "ring", "steps": 6, "layers": 3, "plan_yaml": COMPOSED, "name": "composed"},
+    # DiTango at 2 ranks: the one remote hop reused (its kept partial attention) or refreshed
+    {"stale": True, "mode": "ring", "steps": 4, "layers": 3, "refresh": 0.0, "name": "reuse"},
+    {"stale": True, "mode": "ring", "steps": 4, "layers": 3, "refresh": 1.0, "name": "refresh"},
+    *({"stale": True, "mode": m, "steps": 6, "layers": 3, "forecast": "linear", "name": "linear"}
+      for m in ("ulysses", "ring"))]
 
 
 @pytest.fixture(scope="module")
 def spawned():
     from parallel_worker import spawn
 
-    return {(r["mode"], "composed" if r.get("plan_yaml") else "preset"): r for r in spawn(JOBS, world=2)}
+    return {(r["mode"], r.get("name", "preset")): r for r in spawn(JOBS, world=2)}
 
 
 def _ok(result: dict) -> dict:
@@ -192,6 +197,47 @@ def test_stale_kv_composes_with_block_reuse_and_reused_blocks_send_nothing(spawn
     assert all(b["all_gather"] == output for b in r["bytes"])
     # step 3 of block 1 reads the K/V kept at step 0 (step 2 did not run it); step 5 those of step 0 too
     assert r["diff_full"][0] == 0 and max(r["diff_full"]) > 1e-4
+
+
+@pytest.mark.slow
+def test_ring_refresh_reusing_every_hop_equals_its_hand_reference_and_sends_nothing_for_attention(spawned):
+    r = _ok(spawned[("ring", "reuse")])
+    local, output = _shapes()
+    assert r["stale_steps"] == [1, 3] and max(r["diff_hand"]) <= 1e-5, r["diff_hand"]
+    assert min(r["diff_full"][s] for s in r["stale_steps"]) > 1e-4  # the kept partials were used
+    for step, sent in enumerate(r["bytes"]):  # a reused hop sends nothing; an exchange is a ring step
+        assert sent.get("ring", 0) == (0 if step in r["stale_steps"] else 3 * 2 * local), (step, sent)
+        assert sent["all_gather"] == output
+    # kept per call: the remote hop's partial output [B, H, n, d] (fp32) and its lse [B, H, n] (fp64)
+    kept = 3 * (local + local // 8 * 2)
+    assert r["cache_bytes"] == [kept] * 4
+
+
+@pytest.mark.slow
+def test_ring_refresh_of_every_hop_equals_the_un_elided_run(spawned):
+    r = _ok(spawned[("ring", "refresh")])
+    assert r["stale_steps"] == [1, 3] and max(r["diff_full"]) <= 1e-6, r["diff_full"]
+    assert r["bytes"] == r["full_bytes"] and r["total"] == r["full_total"]
+    assert r["decisions"]["transformer_blocks.0.attn1"] == ["compute", "stale_kv"] * 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ulysses", "ring"])
+def test_linear_forecast_of_the_remote_kv_equals_its_hand_reference_and_sends_the_same(spawned, mode):
+    r = _ok(spawned[(mode, "linear")])
+    assert r["stale_steps"] == [1, 3, 5] and max(r["diff_hand"]) <= 1e-5, r["diff_hand"]
+    local, output = _shapes()
+    kv = 3 * 2 * local  # 3 blocks' remote K and V
+    for step, sent in enumerate(r["bytes"]):  # what the held K/V send: nothing more
+        sent = {kind: n for kind, n in sent.items() if n}
+        if step in r["stale_steps"]:
+            assert sent == {"all_gather": output, "total": output}, (step, sent)
+        elif mode == "ulysses":
+            assert sent == {"all_gather": kv + output, "total": kv + output}, (step, sent)
+        else:
+            assert sent == {"ring": kv, "all_gather": output, "total": kv + output}, (step, sent)
+    assert r["cache_bytes"] == [kv, kv] + [2 * kv] * 4  # from step 2 on, the last two exchanges are kept
+    assert max(r["diff_full"]) > 1e-4
 
 
 # -- planned from a profile (ditopt/stale_plan.py) ---------------------------------------------

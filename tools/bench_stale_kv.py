@@ -1,13 +1,22 @@
-"""Collective elision on a zoo model: bytes per generation and PSNR of stale-K/V plans against the
+"""Collective elision on a zoo model: bytes per generation and fidelity of stale-K/V plans against the
 un-elided sequence-parallel run (issue 14 item 3), on 2 gloo ranks spawned here (CPU).
 
-For each mode (Ulysses, ring) it samples ``dit-digits`` (20 steps, CFG batched) with
-    full       all-compute under sequence parallelism (the reference)
-    fixed      presets.distrifusion(steps): stale every other step after step 0
-    profiled   plan_from_profile(profile_kv(...), comm_budget=B): K/V change map profiled on a
-               calibration generation (other labels, other seed), then the least-change pairs elided
-and prints, per plan, the bytes one rank sent per generation (``ditopt.stats().comm_bytes``), the
-attention bytes alone, their ratio to ``full``'s, and the PSNR against ``full``'s samples.
+For each mode (Ulysses, ring) it samples ``dit-digits`` (20 steps, CFG batched, labels 0-7, seed 1) with
+    full            all-compute under sequence parallelism (the reference; equals one process)
+    fixed           presets.distrifusion(steps): stale every other step after step 0 (remote K/V held)
+    fixed-linear    the same, the remote K/V extrapolated from the last two exchanges
+                    (SequenceParallel(stale_forecast="linear"): one more kept copy, no bytes)
+    profiled        plan_from_profile(profile_kv(...), comm_budget=B): K/V change map profiled on a
+                    calibration generation (other labels, other seed), the least-change pairs elided
+    profiled-linear the profiled plan with the linear forecast
+    profiled-attn   planned from profile_kv(signal="attention"): the change the K/V of the step before
+                    cause in each site's attention output (-lin: with the linear forecast)
+    fixed-reuse     ring only: the fixed plan with SequenceParallel(ring_refresh=0): a stale step
+                    reuses the kept partial (output, lse) of every remote hop (DiTango, no hop refreshed)
+and prints, per plan, the bytes one rank sent per generation (``ditopt.stats().comm_bytes``), their
+ratio to ``full``'s, the PSNR against ``full``'s samples, the digit classifier's accuracy, and the
+PSNR against a finer reference (one process, full compute, 2x the steps) beside ``full``'s own:
+the difference is the PSNR a plan loses against the un-elided run on a finite scale.
 
     python tools/bench_stale_kv.py [--budget 0.5] [--model dit-digits] [--heatmap map.png]
 """
@@ -36,29 +45,37 @@ def _rank(rank: int, world: int, init: str, args: dict, out: str) -> None:
         m = zoo.load(args["model"])
         steps, labels, cal = m.steps, [0, 1, 2, 3, 4, 5, 6, 7], [9, 8, 7, 6, 5, 4, 3, 2]
         single = m.sample(labels, seed=1)
+        fine = m.sample(labels, seed=1, steps=2 * steps)
         rows = []
         for mode in args["modes"]:
             spec = ditopt.SequenceParallel(mode=mode)
             kv_map = profile_kv(m.model, lambda f: m.sample(cal, seed=0, transformer=f), steps, spec)
             if rank == 0 and args.get("heatmap"):
                 kv_map.heatmap(args["heatmap"].replace(".png", f"-{mode}.png"))
-            plans = {"full": ditopt.presets.all_compute(steps=steps), "fixed": ditopt.presets.distrifusion(steps=steps),
-                     "profiled": ditopt.plan_from_profile(kv_map, comm_budget=args["budget"], max_run=args["max_run"])}
+            fixed = ditopt.presets.distrifusion(steps=steps)
+            profiled = ditopt.plan_from_profile(kv_map, comm_budget=args["budget"], max_run=args["max_run"])
+            linear = ditopt.SequenceParallel(mode=mode, stale_forecast="linear")
+            attn_map = profile_kv(m.model, lambda f: m.sample(cal, seed=0, transformer=f), steps, spec,
+                                  signal="attention")
+            by_attention = ditopt.plan_from_profile(attn_map, comm_budget=args["budget"], max_run=args["max_run"])
+            plans = {"full": (ditopt.presets.all_compute(steps=steps), spec), "fixed": (fixed, spec),
+                     "fixed-linear": (fixed, linear), "profiled": (profiled, spec), "profiled-linear": (profiled, linear),
+                     "profiled-attn": (by_attention, spec), "profiled-attn-lin": (by_attention, linear)}
+            if mode == "ring":
+                plans["fixed-reuse"] = (fixed, ditopt.SequenceParallel(mode=mode, ring_refresh=0.0))
             res = {}
-            for name, plan in plans.items():
-                fast = ditopt.optimize(m.model, plan, parallel=spec, regional=False)
+            for name, (plan, sp) in plans.items():
+                fast = ditopt.optimize(m.model, plan, parallel=sp, regional=False)
                 x = m.sample(labels, seed=1, transformer=fast)
-                sent = dict(ditopt.stats(fast).comm_bytes)
-                attention = sent.get("total", 0) - (sent.get("all_gather", 0) if mode == "ring" else 0)
                 stale = sum(row.count("stale_kv") for row in ditopt.stats(fast).decisions.values())
-                res[name] = dict(x=x, sent=sent, attention=attention, stale=stale)
+                res[name] = dict(x=x, sent=dict(ditopt.stats(fast).comm_bytes), stale=stale)
             full = res["full"]
             for name, r in res.items():
                 rows.append(dict(mode=mode, plan=name, total=r["sent"].get("total", 0), by_kind=r["sent"],
                                  ratio=r["sent"].get("total", 0) / full["sent"]["total"],
-                                 psnr_vs_full=psnr(r["x"], full["x"]),
-                                 full_vs_single=float((full["x"] - single).abs().max()),
-                                 stale_pairs=r["stale"]))
+                                 psnr_vs_full=psnr(r["x"], full["x"]), psnr_vs_fine=psnr(r["x"], fine),
+                                 accuracy=m.accuracy(r["x"], labels),
+                                 full_vs_single=float((full["x"] - single).abs().max()), stale_pairs=r["stale"]))
             rows[-1]["kv_change_mean"] = float(torch.nan_to_num(kv_map.change[1:]).mean())
         if rank == 0:
             with open(out, "w") as f:
@@ -82,10 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         args = dict(budget=a.budget, max_run=a.max_run, model=a.model, modes=a.modes.split(","), heatmap=a.heatmap)
         mp.spawn(_rank, args=(2, os.path.join(tmp, "init"), args, out), nprocs=2, join=True)
         rows = json.load(open(out))
-    print(f"{'mode':8} {'plan':9} {'stale pairs':>11} {'bytes/gen':>10} {'vs full':>8} {'PSNR vs full (dB)':>18}")
+    print(f"{'mode':8} {'plan':16} {'stale pairs':>11} {'bytes/gen':>10} {'vs full':>8} {'PSNR vs full':>13} "
+          f"{'PSNR vs 2x steps':>17} {'accuracy':>9}")
     for r in rows:
-        print(f"{r['mode']:8} {r['plan']:9} {r['stale_pairs']:>11} {r['total']:>10} {r['ratio']:>8.3f} "
-              f"{r['psnr_vs_full']:>18.2f}   {r['by_kind']}")
+        print(f"{r['mode']:8} {r['plan']:16} {r['stale_pairs']:>11} {r['total']:>10} {r['ratio']:>8.3f} "
+              f"{r['psnr_vs_full']:>13.2f} {r['psnr_vs_fine']:>17.2f} {r['accuracy']:>9.3f}   {r['by_kind']}")
     print("full vs single process (max abs):", {r["mode"]: r["full_vs_single"] for r in rows if r["plan"] == "full"})
     return 0
 
