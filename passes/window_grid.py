@@ -19,9 +19,6 @@ Two walks, each over the part of the graph it can follow:
 
 Nothing is read from a per-model table; sizes come from the traced shapes. A site whose grid
 cannot be found raises a ``PlanError`` naming the site and what is missing.
-
-Example (DiT: conv2d ``[2, 32, 4, 4]`` -> flatten -> transpose -> + pos_embed -> stack):
-    TokenGrid(sizes=(4, 4), offset=0, tokens=16, source='latent')
 """
 
 from __future__ import annotations
@@ -59,7 +56,22 @@ class TokenGrid:
 
 def find_token_grids(graph: fx.Graph, sites: SiteTable, calls: dict[str, list[fx.Node]]) -> dict[fx.Node, TokenGrid]:
     """The :class:`TokenGrid` of every SDPA call in ``calls`` (``{site: its calls}``); PlanError
-    naming the first site whose grid is missing, and what is."""
+    naming the first site whose grid is missing, and what is.
+
+    Example (Wan: conv3d ``[1, 32, 3, 4, 4]`` -> flatten -> transpose -> stack; CogVideoX joins
+    its 6 text tokens in front of the 3 x 4 x 4 video tokens):
+        >>> import ditopt
+        >>> from ditopt.capture import capture
+        >>> from ditopt.small_models import build
+        >>> from ditopt.passes.insert_window_branches import sdpa_calls
+        >>> for name, site in [("wan", "blocks.0.attn1"), ("cogvideox", "transformer_blocks.0.attn1")]:
+        ...     graph = capture(*build(name)[:1], **build(name)[1]).gm.graph
+        ...     sites = ditopt.find_sites(graph)
+        ...     grids = find_token_grids(graph, sites, {site: sdpa_calls(graph, sites[site].nodes)})
+        ...     print([(g.sizes, g.offset, g.tokens) for g in grids.values()])
+        [((3, 4, 4), 0, 48)]
+        [((3, 4, 4), 6, 54)]
+    """
     first = next(iter(calls))
     if "stack" not in sites:
         raise PlanError("a per-axis window needs the token grid, which starts at the patch embedding before the "
@@ -139,9 +151,10 @@ def _replay(node: fx.Node, index: dict):
     """The conv positions ``node``'s value holds (-1: none), or None where it cannot tell."""
     name = target_name(node)
     paths = [a for a in node.all_input_nodes if a in index]
-    out = _shape(node)
-    x = paths[0]
-    if len(paths) != 1 or not isinstance(index[x], torch.Tensor) and name != "getitem":
+    if len(paths) != 1:
+        return None
+    x, out = paths[0], _shape(node)
+    if not isinstance(index[x], torch.Tensor) and name != "getitem":  # a tuple (split) is only indexed
         return None
     if name in _SAME:
         return index[x] if out == tuple(index[x].shape) else None

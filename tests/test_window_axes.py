@@ -314,3 +314,34 @@ def test_the_cost_model_counts_a_per_axis_window_as_executed():
     assert ditopt.stats(fast).decisions["blocks.0.attn1"][:3] == ["compute", "window", "window"]
     predicted = cost.predict(plan, **cost.dims_for(**size)).compute_fraction
     assert predicted == pytest.approx(measured, rel=1e-9) and measured < 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dit", "hunyuan"])
+def test_a_per_axis_window_compiles_under_inductor_like_eager(name):
+    model, kwargs = build(name)
+    grid, _, _ = expected_grid(name, model, kwargs)
+    plan = plan_of([max(1, g // 2) for g in grid], WINDOWED[name])
+    compiled = torch.compile(model, backend="ditopt", options={"plan": plan}, fullgraph=True, dynamic=False)
+    fast = ditopt.optimize(model, plan)
+    with torch.no_grad():
+        for t in model_timesteps(STEPS, kwargs["timestep"]):
+            inputs = {**kwargs, "timestep": t}
+            torch.testing.assert_close(compiled(**inputs, return_dict=False)[0], fast(**inputs, return_dict=False)[0],
+                                       atol=1e-4, rtol=1e-4)
+    assert ditopt.stats(compiled).decisions == ditopt.stats(fast).decisions
+    windowed = [s for s, row in ditopt.stats(compiled).decisions.items() if row == ["compute", "window", "window",
+                                                                                 "compute"]]
+    assert len(windowed) >= 2
+
+
+def test_the_docstring_examples_run():
+    import doctest
+
+    import ditopt.passes.window_grid as window_grid
+    import ditopt.plan_fields as plan_fields
+    import ditopt.runtime.window_attention as window_attention
+
+    for module in (window_attention, window_grid, plan_fields):
+        result = doctest.testmod(module)
+        assert result.attempted and not result.failed, module.__name__
