@@ -10,7 +10,10 @@ the predicted error of a stale step is the change accumulated since the site's l
 staleness of the K/V it reads, steps before included), until the exchanges left send at most
 ``comm_budget`` of the un-elided attention bytes. Step 0 and the first ``warmup`` steps exchange.
 
-Simple by design: the prediction is the K/V change, not the output error it causes, and every
+``profile_kv(..., signal="attention")`` records instead the change the K/V of the step before cause
+in each site's attention output (each rank over its own tokens), the same planner then reads it.
+
+Simple by design: the prediction is a per-site change, not the output error it causes, and every
 exchange of a site is taken to cost the same bytes (ring; at 2 ranks Ulysses too: its keeping
 steps all-gather K/V, which costs ``world / 2`` times its all-to-alls, see ``runtime/stale_kv.py``).
 

@@ -108,6 +108,27 @@ def test_one_rank_stale_steps_equal_the_model_and_refuse_inductor(one_rank, mode
         compiled(**kwargs)
 
 
+@pytest.mark.parametrize("spec", [dict(mode="ring", ring_refresh=0.0), dict(mode="ring", ring_refresh=1.0),
+                                  dict(mode="ulysses", stale_forecast="linear")])
+def test_one_rank_refresh_and_forecast_equal_the_model(one_rank, spec):
+    model, kwargs = build("dit")
+    fast = ditopt.optimize(model, stale_plan(steps=(1, 3, 4), total=5), parallel=ditopt.SequenceParallel(**spec))
+    with torch.no_grad():
+        for t in (900, 700, 500, 300, 100):  # one rank: nothing is remote
+            args = {**kwargs, "timestep": torch.tensor([t, t])}
+            assert (fast(**args).sample - model(**args).sample).abs().max() < 1e-5
+    assert ditopt.stats(fast).comm_bytes.get("total", 0) == 0
+
+
+def test_refresh_and_forecast_options_are_checked():
+    with pytest.raises(PlanError, match="ring_refresh applies to mode='ring'"):
+        ditopt.SequenceParallel(mode="ulysses", ring_refresh=0.5)
+    with pytest.raises(PlanError, match="ring_refresh"):
+        ditopt.SequenceParallel(mode="ring", ring_refresh=1.5)
+    with pytest.raises(PlanError, match="stale_forecast 'cubic': use one of hold, linear"):
+        ditopt.SequenceParallel(stale_forecast="cubic")
+
+
 def test_a_plan_whose_stale_sites_all_stay_local_is_refused(one_rank):
     model, kwargs = build("hunyuan")  # self-attention only in the text refiner (local); the blocks are joint
     fast = ditopt.optimize(model, ditopt.presets.distrifusion(steps=4), parallel=ditopt.SequenceParallel(mode="ring"))
@@ -275,6 +296,39 @@ def test_profile_kv_records_the_relative_kv_change_of_each_self_attention_site(o
             assert abs(float(kv_map.change[step, i]) - expected) < 1e-5 * max(1.0, expected)
     assert torch.isnan(kv_map.change[0]).all()
     assert set(kv_map.nbytes.values()) == {seen[0].numel() * 4}
+
+
+def test_profile_kv_attention_signal_is_the_change_stale_kv_cause_in_the_attention_output(one_rank):
+    import torch.nn.functional as F
+
+    from ditopt.small_models import timesteps
+    from ditopt.stale_plan import profile_kv
+
+    model, kwargs = build("dit")
+    ts = timesteps(3, kwargs["timestep"])
+
+    def run(fast):
+        with torch.no_grad():
+            for t in ts:
+                fast(**{**kwargs, "timestep": t})
+
+    kv_map = profile_kv(model, run, 3, ditopt.SequenceParallel(mode="ring"), signal="attention")
+    real, seen = F.scaled_dot_product_attention, []
+    F.scaled_dot_product_attention = lambda q, k, v, *a, **kw: seen.append((q, k, v)) or real(q, k, v, *a, **kw)
+    try:
+        run(model)
+    finally:
+        F.scaled_dot_product_attention = real
+    seen = [c for c in seen if c[0].shape == c[1].shape]  # self-attention
+    n = len(kv_map.sites)
+    for step in (1, 2):
+        for i in range(n):
+            (q, k, v), (_, k0, v0) = seen[step * n + i], seen[(step - 1) * n + i]
+            fresh = real(q, k, v)
+            expected = float((real(q, k0, v0) - fresh).abs().sum() / fresh.abs().sum())
+            assert abs(float(kv_map.change[step, i]) - expected) < 1e-5 * max(1.0, expected)
+    with pytest.raises(PlanError, match="signal 'output'"):
+        profile_kv(model, run, 3, ditopt.SequenceParallel(mode="ring"), signal="output")
 
 
 @pytest.mark.parametrize("budget", [1.0, 0.75, 0.5, 0.3])
