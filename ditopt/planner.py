@@ -81,6 +81,8 @@ class PlannerConfig:
     compute_last: bool = False  # force the last step to compute
     accumulation: float = 1.0  # a skipped step's replayed error grows by (1 + this) per step since a compute
     warmup: int | None = None  # steps 0..warmup-1 compute; step warmup is the first that does not
+    block_budget: float | None = None  # with attention actions: the blocks' own budget (>= budget), see plan_from_profile
+    cfg: object = None  # attention share_cfg: the caller's CFG layout (runtime.cfg_sharing.CfgLayout; None: the map's)
 
     def __post_init__(self):
         if self.sites is not None and not isinstance(self.sites, tuple):
@@ -91,6 +93,7 @@ class PlannerConfig:
         if self.granularity not in ("stack", "site"):
             raise ProfileError(f"granularity must be 'stack' or 'site', got {self.granularity!r}")
         check_budget(self.budget)
+        check_budget(self.block_budget)
         if self.max_error is not None:
             check_number(self.max_error, "max_error", minimum=0, error=ProfileError)
         check_count(self.max_consecutive, "max_consecutive", minimum=0, maximum=MAX_STEPS, error=ProfileError)
@@ -324,6 +327,13 @@ def plan_from_profile(rmap: RedundancyMap, budget: float | None = None, config: 
     48.00 vs 47.93 dB; planning on the resampled map alone, 48.49 and 45.29.
     ``warmup=w`` makes steps ``0..w-1`` compute and step ``w`` the first that does not.
 
+    ``block_budget`` (with a map profiled with ``attention_window=W``) plans the blocks at that
+    budget and lets attention actions (DiTFastAttn's AST = reuse, WA-RS = window, ASC = share_cfg
+    at attention sites, at the steps where the blocks compute) bring the plan down to ``budget``,
+    least replayed error per FLOP saved first (:mod:`ditopt.attention_plan`). The two replays
+    measure different things (a block stack's residual, one attention output), so the split is a
+    knob that :func:`ditopt.tune` searches on the calibration run rather than a planner choice.
+
     ``granularity="stack"`` (default) makes all planned sites compute at the same steps and lets
     each choose reuse or forecast at the others; ``"site"`` plans each site's steps on its own.
     Measured on the zoo models, per-site schedules predict less error but do worse: a site that
@@ -342,12 +352,36 @@ def plan_from_profile(rmap: RedundancyMap, budget: float | None = None, config: 
         from .stale_plan import plan_stale
 
         return plan_stale(rmap, **knobs)
-    sch = schedule_from_profile(rmap, budget, config, **knobs)
     config = _config(config, budget, knobs)
+    if config.block_budget is not None:
+        return _with_attention(rmap, config)
+    sch = schedule_from_profile(rmap, config=config)
     label = f"budget={config.budget}" if config.budget is not None else f"max_error={config.max_error}"
     if sch.steps != rmap.steps:
         label += f", from a map of {rmap.steps} steps"
     return sch.to_plan(rmap.model, f"profiled {label}")
+
+
+def _with_attention(rmap: RedundancyMap, config: PlannerConfig) -> Plan:
+    """Blocks planned at ``block_budget``; attention actions (reuse, window, share_cfg at the steps
+    where the blocks compute; :func:`ditopt.attention_plan.attention_for_schedule`) bring the plan
+    to ``budget``."""
+    from .attention_plan import attention_for_schedule
+
+    if config.budget is None or config.block_budget < config.budget - 1e-12:
+        raise ProfileError(f"block_budget ({config.block_budget}) needs a budget at most that large, "
+                           f"got budget={config.budget}")
+    if getattr(rmap, "attention", None) is None or config.steps not in (None, rmap.steps):
+        raise ProfileError("block_budget plans attention actions, which need a map profiled with "
+                           "ditopt.profile(..., attention_window=W) at the plan's step count")
+    sch = schedule_from_profile(rmap, config=config.with_(budget=config.block_budget))
+    att = attention_for_schedule(rmap, sch, config.budget, warmup=config.warmup or 1, cfg=config.cfg)
+    name = f"profiled budget={config.budget} (blocks {config.block_budget}, attention the rest)"
+    blocks = sch.to_plan(rmap.model, name)
+    rules = [r for r in blocks.rules if r.action != COMPUTE] + att.rules()
+    plan = Plan(steps=blocks.steps, rules=rules or blocks.rules, model=rmap.model, name=name)
+    plan.check()
+    return plan
 
 
 def smoothcache(rmap: RedundancyMap, alpha: float, *, metric: str = "rel_l1_residual", max_consecutive: int = 3,

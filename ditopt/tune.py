@@ -52,7 +52,7 @@ from ditopt.runtime.decisions import Action
 from .api import optimize, reset, runtime_of, set_plan
 from .errors import PlanError, check_count, check_steps
 from .plan import Plan, Rule
-from .planner import PlannerConfig, check_budget, schedule_from_profile
+from .planner import PlannerConfig, check_budget, plan_from_profile, schedule_from_profile
 from .profile import ProfileError, RedundancyMap, call_with
 from .sites import OUTPUT
 
@@ -165,6 +165,13 @@ def candidate_plans(rmap: RedundancyMap, budget: float, config: PlannerConfig | 
             schedules.setdefault(key, "profiled output schedule")
         except ProfileError:
             pass
+    if getattr(rmap, "attention", None) is not None:  # blocks at a higher budget, attention actions the rest
+        for extra in (0.1, 0.2, 0.3):
+            try:
+                plan = plan_from_profile(rmap, config=config.with_(block_budget=min(1.0, budget + extra)))
+            except ProfileError:
+                continue
+            out.append(Candidate(f"tuned: {plan.name}", plan, budget))
     for s in spread_schedules(n, computed):
         schedules.setdefault(s, "spread " + ",".join(map(str, s)))
     for label_where, sites in where:

@@ -232,3 +232,22 @@ def test_zoo_dit_block_schedule_with_attention_actions_runs_as_one_plan(dit_digi
     assert any(a not in ("compute", "skipped") for row in att.actions.values() for a in row)
     predicted = cost.predict(plan, decisions=decisions).compute_fraction
     assert predicted == pytest.approx(att.compute_fraction, rel=1e-6) and predicted <= 0.6 + 1e-9
+
+
+def test_plan_from_profile_splits_the_budget_between_blocks_and_attention(dit_digits):
+    m, rmap, cost = dit_digits
+    cfg = CfgLayout("batched", "second")
+    plan = ditopt.plan_from_profile(rmap, budget=0.6, block_budget=0.7, warmup=2, cfg=cfg)
+    block = ditopt.planner.schedule_from_profile(rmap, budget=0.7, warmup=2)
+    att = attention_for_schedule(rmap, block, budget=0.6, warmup=2, cfg=cfg)
+    assert [r for r in plan.rules if r.kind == "attention"] == att.rules()
+    assert ditopt.Plan.from_yaml(plan.to_yaml()) == plan
+    decisions = run_plan(m, plan)
+    assert cost.predict(plan, decisions=decisions).compute_fraction <= 0.6 + 1e-9
+    assert any(a in ("window", "reuse", "share_cfg") for site, row in decisions.items() if "attn" in site for a in row)
+    with pytest.raises(ProfileError, match="block_budget"):
+        ditopt.plan_from_profile(rmap, budget=0.8, block_budget=0.7)
+    plain = ditopt.profile(m.model, lambda tr: m.sample([1], seed=0, steps=STEPS, transformer=tr), steps=STEPS,
+                           progress=False, cfg="batched")
+    with pytest.raises(ProfileError, match="attention_window"):
+        ditopt.plan_from_profile(plain, budget=0.6, block_budget=0.7)

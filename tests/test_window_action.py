@@ -322,7 +322,7 @@ def test_ditfastattn_preset_runs_on_pixart():
     assert decisions["transformer_blocks.0.attn1"] == ["compute", "compute", "compute", "window", "window",
                                                        "compute", "window", "window"]
     assert decisions["transformer_blocks.0.attn2"][3:5] == ["reuse", "reuse"]
-    with pytest.raises(NotImplementedError, match="calibration"):
+    with pytest.raises(ditopt.ProfileError, match="threshold= and rmap="):  # the greedy calibration reads a map
         ditopt.presets.ditfastattn(steps=8, threshold=0.05)
 
 
