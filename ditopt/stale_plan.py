@@ -64,6 +64,9 @@ class KVChangeMap:
         plt.close(fig)
 
 
+SIGNALS = ("kv", "attention", "linear")  # what profile_kv records per (step, site)
+
+
 def profile_kv(model: torch.nn.Module, run, steps: int, parallel, signal: str = "kv") -> KVChangeMap:
     """Optimise ``model`` with an all-compute plan under ``parallel`` (a SequenceParallel; an
     initialised process group), call ``run(optimised)`` (one generation of ``steps`` steps) and
@@ -72,9 +75,11 @@ def profile_kv(model: torch.nn.Module, run, steps: int, parallel, signal: str = 
     ``signal="attention"``: instead of the K/V change, the relative L1 change the K/V of the step
     before cause in the attention output, ``attn(q_t, kv_{t-1})`` against ``attn(q_t, kv_t)``, each
     rank over its own tokens (what a stale step does to the remote part, measured where all is
-    local; one more attention per call at profile time, nothing sent)."""
-    if signal not in ("kv", "attention"):
-        raise PlanError(f"profile_kv: signal {signal!r}: use 'kv' or 'attention'")
+    local; one more attention per call at profile time, nothing sent). ``signal="linear"``: the
+    error of the linear forecast (``SequenceParallel(stale_forecast="linear")``) one step ahead,
+    ``sum |kv_t - (2 kv_{t-1} - kv_{t-2})| / sum |kv_{t-1}|`` (the K/V change at step 1)."""
+    if signal not in SIGNALS:
+        raise PlanError(f"profile_kv: signal {signal!r}: use one of {', '.join(map(repr, SIGNALS))}")
     import ditopt
     import torch.distributed as dist
 
@@ -90,10 +95,14 @@ def profile_kv(model: torch.nn.Module, run, steps: int, parallel, signal: str = 
         step, key = rt.state.step, (site, call, rt.state.branch)
         if key not in last:  # K and V of every rank's tokens, once per call of the site
             nbytes[site] = nbytes.get(site, 0) + kv.numel() * k.element_size() * world
-        prev = last.get(key)
+        prev, before = last.get(key), last.get(("before", *key))
         last[key] = kv
+        if prev is not None:
+            last[("before", *key)] = prev
         if prev is not None and prev.shape == kv.shape:
-            if signal == "attention":
+            if signal == "linear" and before is not None and before.shape == kv.shape:
+                part = torch.stack([(kv - 2 * prev + before).abs().sum(), prev.abs().sum()])
+            elif signal == "attention":
                 sdpa, qf = torch.nn.functional.scaled_dot_product_attention, q.detach().float()
                 fresh, stale = sdpa(qf, kv[0], kv[1]), sdpa(qf, prev[0], prev[1])
                 part = torch.stack([(stale - fresh).abs().sum(), fresh.abs().sum()])
@@ -180,4 +189,4 @@ def _run_error(change, i: int, start: int, end: int, t: int) -> float:
     return run_cost(range(start, end)) - before
 
 
-__all__ = ["KVChangeMap", "plan_stale", "profile_kv"]
+__all__ = ["KVChangeMap", "SIGNALS", "plan_stale", "profile_kv"]

@@ -329,6 +329,12 @@ def test_profile_kv_attention_signal_is_the_change_stale_kv_cause_in_the_attenti
             assert abs(float(kv_map.change[step, i]) - expected) < 1e-5 * max(1.0, expected)
     with pytest.raises(PlanError, match="signal 'output'"):
         profile_kv(model, run, 3, ditopt.SequenceParallel(mode="ring"), signal="output")
+    # the linear forecast's error one step ahead (step 2: from steps 0 and 1)
+    lin_map = profile_kv(model, run, 3, ditopt.SequenceParallel(mode="ring"), signal="linear")
+    for i in range(n):
+        kv0, kv1, kv2 = (torch.stack(seen[s * n + i][1:]) for s in range(3))
+        expected = float((kv2 - 2 * kv1 + kv0).abs().sum() / kv1.abs().sum())
+        assert abs(float(lin_map.change[2, i]) - expected) < 1e-5 * max(1.0, expected)
 
 
 @pytest.mark.parametrize("budget", [1.0, 0.75, 0.5, 0.3])

@@ -11,6 +11,8 @@ For each mode (Ulysses, ring) it samples ``dit-digits`` (20 steps, CFG batched, 
     profiled-linear the profiled plan with the linear forecast
     profiled-attn   planned from profile_kv(signal="attention"): the change the K/V of the step before
                     cause in each site's attention output (-lin: with the linear forecast)
+    profiled-fcst-lin planned from profile_kv(signal="linear"): the linear forecast's own error, run
+                    with the linear forecast
     fixed-reuse     ring only: the fixed plan with SequenceParallel(ring_refresh=0): a stale step
                     reuses the kept partial (output, lse) of every remote hop (DiTango, no hop refreshed)
 and prints, per plan, the bytes one rank sent per generation (``ditopt.stats().comm_bytes``), their
@@ -58,9 +60,12 @@ def _rank(rank: int, world: int, init: str, args: dict, out: str) -> None:
             attn_map = profile_kv(m.model, lambda f: m.sample(cal, seed=0, transformer=f), steps, spec,
                                   signal="attention")
             by_attention = ditopt.plan_from_profile(attn_map, comm_budget=args["budget"], max_run=args["max_run"])
+            lin_map = profile_kv(m.model, lambda f: m.sample(cal, seed=0, transformer=f), steps, spec, signal="linear")
+            by_forecast = ditopt.plan_from_profile(lin_map, comm_budget=args["budget"], max_run=args["max_run"])
             plans = {"full": (ditopt.presets.all_compute(steps=steps), spec), "fixed": (fixed, spec),
                      "fixed-linear": (fixed, linear), "profiled": (profiled, spec), "profiled-linear": (profiled, linear),
-                     "profiled-attn": (by_attention, spec), "profiled-attn-lin": (by_attention, linear)}
+                     "profiled-attn": (by_attention, spec), "profiled-attn-lin": (by_attention, linear),
+                     "profiled-fcst-lin": (by_forecast, linear)}
             if mode == "ring":
                 plans["fixed-reuse"] = (fixed, ditopt.SequenceParallel(mode=mode, ring_refresh=0.0))
             res = {}
