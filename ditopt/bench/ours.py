@@ -7,6 +7,7 @@ which knobs the benchmark tries and what its tables call each method.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -95,19 +96,56 @@ def _calibration_run(ctx: Context):
 
 
 def _redundancy_map(ctx: Context):
-    """One calibration run per zoo model and step count."""
+    """One calibration run per zoo model and step count, with the attention samples that the
+    attention actions are planned from (a window of :func:`attention_window` tokens)."""
     from ditopt import profile
 
     key = (ctx.zoo.name, ctx.steps)
     if key not in _MAPS:
         calib, run = _calibration_run(ctx)
         _MAPS[key] = profile(calib.model, run, steps=ctx.steps, progress=False,
-                             cfg="batched" if calib.cfg_mode == "batched" else None)
+                             cfg="batched" if calib.cfg_mode == "batched" else None,
+                             attention_window=attention_window(calib))
     return _MAPS[key]
+
+
+def attention_window(zm) -> int:
+    """The benchmark's attention window: an eighth of the model's tokens (latent elements per
+    channel over the patch volume), at least 16."""
+    shape = zm.sample_shape(1)[2:]
+    patch = zm.config["model_config"]["patch_size"]
+    patch = [patch] * len(shape) if isinstance(patch, int) else list(patch)[-len(shape):]
+    tokens = math.prod(n // p for n, p in zip(shape, patch))
+    return max(16, tokens // 8)
+
+
+def cfg_layout(zm):
+    """How the zoo's sampling loop runs CFG: the conditional half (or call) first."""
+    from ditopt.runtime.cfg_sharing import CfgLayout
+
+    return CfgLayout("batched", "second") if zm.cfg_mode == "batched" else CfgLayout("calls", "second")
+
+
+def _greedy_settings(steps: int) -> list[Setting]:
+    """DiTFastAttn's greedy calibration (:func:`ditopt.presets.ditfastattn` with ``threshold``)."""
+    return [_profiled_setting(f"threshold={t}", lambda m, t=t: presets.ditfastattn(
+        m.steps, threshold=t, rmap=m, cfg=_CFG.get(m.model))) for t in (0.05, 0.1)]
+
+
+def _split_settings(steps: int) -> list[Setting]:
+    """Blocks at a higher budget, attention actions the rest (``plan_from_profile(block_budget=)``)."""
+    from ditopt import plan_from_profile
+
+    return [_profiled_setting(f"budget={b}, blocks {bb}", lambda m, b=b, bb=bb: plan_from_profile(
+        m, budget=b, block_budget=bb, warmup=2, cfg=_CFG.get(m.model))) for b, bb in ((0.5, 0.6), (0.35, 0.45))]
+
+
+_CFG: dict[str, Any] = {}  # model class -> the zoo's CFG layout, filled when a map is made
 
 
 def _profiled_setting(label: str, make_plan: Callable[[Any], Any]) -> Setting:
     def apply(model, ctx: Context) -> Applied:
+        _CFG[type(model).__name__] = cfg_layout(ctx.zoo)
         return _optimized(model, make_plan(_redundancy_map(ctx)))
 
     return Setting(label, apply)
@@ -121,12 +159,13 @@ def _profiled_settings(steps: int) -> list[Setting]:
 
 def _tuned_settings(steps: int) -> list[Setting]:
     """Closed-loop plans (:func:`ditopt.tune`) on the same calibration seed as the profile."""
-    from ditopt import tune
+    from ditopt import PlannerConfig, tune
 
     def setting(budget: float) -> Setting:
         def apply(model, ctx: Context) -> Applied:
             calib, run = _calibration_run(ctx)
-            tuned = tune(calib.model, run, _redundancy_map(ctx), budget=budget, progress=False)
+            config = PlannerConfig(cfg=cfg_layout(calib))  # attention share_cfg: the zoo's CFG order
+            tuned = tune(calib.model, run, _redundancy_map(ctx), budget=budget, progress=False, config=config)
             return _optimized(model, tuned.plan)
 
         return Setting(f"budget={budget}", apply)
@@ -144,4 +183,6 @@ OURS: list[Method] = [grid.method() for grid in GRIDS] + [
     Method("ditopt:profiled", "ditopt", "profiled plan", _profiled_settings),
     Method("ditopt:smoothcache", "ditopt", "SmoothCache (profiled)", _smoothcache_settings),
     Method("ditopt:tuned", "ditopt", "tuned plan (closed loop)", _tuned_settings),
+    Method("ditopt:ditfastattn-greedy", "ditopt", "DiTFastAttn (greedy calibration)", _greedy_settings),
+    Method("ditopt:profiled-attention", "ditopt", "profiled plan, blocks + attention", _split_settings),
 ]
