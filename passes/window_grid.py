@@ -9,10 +9,10 @@ Two walks, each over the part of the graph it can follow:
    that index is replayed through the nodes between the convolution and the stack: layout ops
    (flatten, transpose, view, cat with the text, slices, ...) run on the index itself, ops that
    act on each token alone (linear, norms, elementwise with a positional table) keep it. The
-   :class:`~ditopt.parallel.TokenFlow` walker cannot do this part: it follows one dimension and
+   :class:`~ditopt.token_flow.TokenFlow` walker cannot do this part: it follows one dimension and
    refuses the flatten that merges the spatial ones into the tokens.
 2. **Stack to the attention.** From the stack input that carries the whole grid in row-major
-   order along one dimension, :class:`~ditopt.parallel.TokenFlow` (the rules sequence parallelism
+   order along one dimension, :class:`~ditopt.token_flow.TokenFlow` (the rules sequence parallelism
    shards by) follows the token dimension to each SDPA call of the site: its query and key layout
    gives the grid's offset in the attention's sequence, after text tokens joined in front (joint
    attention) or before the text joined behind.
@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 
 from ditopt.errors import PlanError
-from ditopt.parallel import Tok, TokenFlow, TokenMixing, walker
+from ditopt.token_flow import Tok, TokenFlow, TokenMixing, walker
 from ditopt.regions import target_name, tensor_meta
 from ditopt.sites import SiteTable
 
