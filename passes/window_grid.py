@@ -215,7 +215,11 @@ def _follow(graph: fx.Graph, region: set[fx.Node], start: fx.Node, dim: int) -> 
         if node not in region or node.op in ("placeholder", "output", "get_attr") or role_of(node) is not None:
             continue
         if any(a in flow.tok for a in node.all_input_nodes):
-            out = _block_call(node, flow) if node.target is torch.ops.higher_order.invoke_subgraph else walk.visit(node)
+            try:
+                block = node.target is torch.ops.higher_order.invoke_subgraph
+                out = _block_call(node, flow) if block else walk.visit(node)
+            except (TypeError, KeyError, IndexError) as e:  # a rule that met a node it has no metadata for
+                raise TokenMixing(node, f"the token-flow rules cannot follow it ({type(e).__name__}: {e})") from e
             if out is not None:
                 flow.tok[node] = out
     return flow

@@ -207,3 +207,26 @@ def test_a_window_covering_the_grid_equals_the_model():
     model, xs, ts, outs, _ = run(axes_plan(list(GRID)))
     for out, x, t in zip(outs, xs, ts):
         assert torch.equal(out, eager(model, x, t)[0])
+
+
+class ChunkAttention(HeadsAttention):
+    """Queries, keys and values cut from one projection: under ShapeProp the cut (a tuple) has no
+    traced value, so the token flow cannot follow it."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, -1)
+        q, k, v = (t.unflatten(-1, (2, -1)).transpose(1, 2) for t in (q, k, v))
+        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+
+def test_a_node_the_token_flow_cannot_follow_is_a_plan_error_naming_it():
+    model, xs, ts = model_and_inputs()
+    model.blocks[0].attn = ChunkAttention(DIM)
+    p = prepare(model, axes_plan([2, 4], sites="blocks.0.attn"), [xs[0], ts[0]])
+    with pytest.raises(PlanError, match=r"cannot be followed past node chunk.*cannot follow it \(TypeError") as err:
+        p.run_up_to(insert_window_branches)
+    assert err.value.site == "blocks.0.attn"
