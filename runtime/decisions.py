@@ -232,8 +232,14 @@ class DecisionTable:
         included: what ``ditopt.stats(model).decisions`` reports after such a run."""
         names = self.site_order if sites is None else sites
         rows: dict[str, list[str]] = {s: [] for s in names}
+        calls_layout = self.cfg is not None and self.cfg.layout == "calls"
+        branch, previous = 0, None
         for step in step_of_call:
+            branch = branch + 1 if step == previous else 0  # the call's place in its step
+            previous = step
             call = {s: str(self.action(s, step)) for s in {*names, *(p for s in names for p in self.parents.get(s, ()))}}
+            if calls_layout and branch == self.cfg.cond_half:  # CFG as calls: the conditional call computes
+                call = {s: Action.COMPUTE.value if a == Action.SHARE_CFG else a for s, a in call.items()}
             resolved = self.with_nested_skips(call)
             for s in names:
                 rows[s].append(resolved[s])

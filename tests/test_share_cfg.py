@@ -183,7 +183,9 @@ def test_the_table_reports_the_layout_and_the_shared_sites(dit_sites):
     assert table.static_decisions([0, 1], ["transformer_blocks.0", "transformer_blocks.0.attn1"]) == {
         "transformer_blocks.0": ["compute", "share_cfg"], "transformer_blocks.0.attn1": ["compute", "compute"]}
     calls = share_plan("block", cfg="calls").compile(dit_sites)
-    assert calls.static_decisions([1], ["transformer_blocks.0.attn1"]) == {"transformer_blocks.0.attn1": ["skipped"]}
+    # CFG as two calls: the conditional call (first) computes, the unconditional one skips the block
+    assert calls.static_decisions([1, 1], ["transformer_blocks.0", "transformer_blocks.0.attn1"]) == {
+        "transformer_blocks.0": ["compute", "share_cfg"], "transformer_blocks.0.attn1": ["compute", "skipped"]}
 
 
 # -- batched CFG on the small models ----------------------------------------------------------------------
