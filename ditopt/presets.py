@@ -289,8 +289,9 @@ def ditfastattn(steps: int = 50, *, window: int | None = None, interval: int = 4
     most stable across steps. The first ``warmup`` steps compute everything; after them, every
     ``interval``-th step refreshes (full attention everywhere).
 
-    ``window`` defaults to 256 tokens. Not built: the per-axis windows of video models (frames x
-    height x width): ``window`` counts tokens of the sequence.
+    ``window`` defaults to 256 tokens of the sequence; a list (``[frames, height, width]`` or
+    ``[height, width]``) or mapping is a window per axis of the token grid, which the pass reads
+    from the graph (joint attention takes per-axis windows too, through a plan's own rule).
 
     With ``threshold`` (and ``rmap``, a map from ``ditopt.profile(..., attention_window=W)`` at
     ``steps`` steps) the schedule is the paper's greedy per-(step, layer) calibration instead
@@ -320,7 +321,12 @@ def ditfastattn(steps: int = 50, *, window: int | None = None, interval: int = 4
         ['compute', 'compute', 'compute', 'window', 'window', 'window']
     """
     check_steps(steps)
-    check_count(window if window is not None else 1, "window", minimum=1)
+    if isinstance(window, (list, tuple, dict)):  # per axis: checked as a plan's window field is
+        from .plan_fields import window_field
+
+        window = window_field(list(window) if isinstance(window, tuple) else window, "window", {})
+    else:
+        check_count(window if window is not None else 1, "window", minimum=1)
     check_count(interval, "interval", minimum=1)
     check_count(warmup, "warmup", minimum=1)
     if warmup >= steps:
@@ -336,7 +342,8 @@ def ditfastattn(steps: int = 50, *, window: int | None = None, interval: int = 4
         rules.append(Rule(sites=("*",), kind="attention", attention="cross", steps=shared, action="reuse"))
     if not shared:
         rules = [Rule(sites=("*",), kind="block", action="compute")]
-    plan = Plan(steps=steps, rules=rules, name=f"ditfastattn-{window}")
+    label = "x".join(map(str, window.sizes)) if hasattr(window, "sizes") else window
+    plan = Plan(steps=steps, rules=rules, name=f"ditfastattn-{label}")
     plan.check()
     return plan
 

@@ -408,3 +408,11 @@ def test_teacache_under_inductor_decides_in_the_graph_like_eager():
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert ditopt.stats(eager).decisions == decisions
     assert "reuse_residual" in decisions["transformer_blocks.2"]
+
+
+def test_ditfastattn_takes_a_window_per_axis_and_checks_it():
+    plan = ditopt.presets.ditfastattn(steps=10, window=[2, 4, 4])
+    assert plan.name == "ditfastattn-2x4x4" and ditopt.Plan.from_yaml(plan.to_yaml()) == plan
+    assert [int(r.window) for r in plan.rules if r.action == "window"] == [32]
+    with pytest.raises(ditopt.PlanError, match="window"):
+        ditopt.presets.ditfastattn(steps=10, window=[2, 0, 4])
