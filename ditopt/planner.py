@@ -313,8 +313,8 @@ def plan_from_profile(rmap: RedundancyMap, budget: float | None = None, config: 
     forecasts (``predict``), 2 order-2 ones by each forecaster in ``methods`` (taylor, hermite,
     foca); at a skipped step each site takes the stand-in whose replayed miss is least
     (:mod:`ditopt.replay` calls the runtime's own forecasters on the map's subsamples). Measured
-    (``tools/bench_planner.py --only stand-ins``), the wider choice moves PSNR by less than 0.6 dB
-    either way at 35% and 50% of block compute on the zoo models, so the default stays (0, 1). ``sites`` defaults to the blocks of the stack. The result is an
+    (``tools/bench_planner.py --only stand-ins --seeds 4``), the wider choice moves PSNR by at most
+    0.7 dB either way at 35% and 50% of block compute on the zoo models, so the default stays (0, 1). ``sites`` defaults to the blocks of the stack. The result is an
     ordinary plan for the profiled model (``plan.model``); edit its YAML as any other.
 
     ``steps`` plans for another step count than the profiled one, without profiling again: the
