@@ -20,7 +20,7 @@ from .token_flow import Tok, TokenFlow, TokenMixing, walker
 distributed.ERRORS.update(divergence=DivergenceError, failure=RankFailureError)  # what the runtime raises
 
 MODES = ("ulysses", "ring")
-FORECASTS = ("hold", "linear")  # stale_kv: the remote K/V as kept, or extrapolated
+FORECASTS = ("hold", "linear", "quadratic")  # stale_kv: the remote K/V as kept, or extrapolated
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,8 @@ class SequenceParallel:
     refresh that share of the ring hops (in turn) and reuse the kept partial attention of the
     others (DiTango's selective fresh K/V; ``runtime.stale_kv.refreshed_attention``).
     ``stale_forecast``: what a ``stale_kv`` step attends with for the remote K/V: ``"hold"`` (as
-    last exchanged) or ``"linear"`` (extrapolated from the last two exchanges; one more kept copy).
+    last exchanged), ``"linear"`` or ``"quadratic"`` (extrapolated from the last two or three
+    exchanges; one or two more kept copies).
 
     Example:
         >>> SequenceParallel(mode="ring")  # doctest: +NORMALIZE_WHITESPACE

@@ -275,7 +275,8 @@ def sp_attention(q, k, v, mask, scale, q_segs: Segs, kv_segs: Segs, mode: str, g
     (the attention site holding this ``call``) and ``graph`` let a plan's ``stale_kv`` steps skip
     the exchange (:mod:`.stale_kv`: decided on the host from the static table, eager path only);
     ``refresh`` >= 0: ring stale steps refresh that share of the hops instead (DiTango);
-    ``forecast="linear"``: stale steps extrapolate the remote K/V from the last two exchanges."""
+    ``forecast="linear"`` / ``"quadratic"``: stale steps extrapolate the remote K/V from the last
+    exchanges (``stale_kv.forecast_remote``)."""
     if site and not _traced(q):
         from . import stale_kv
 

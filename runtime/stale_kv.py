@@ -91,20 +91,21 @@ def planned_attention(q, k, v, mask, scale, q_segs: Segs, kv_segs: Segs, mode: s
     (ring: the blocks received are kept; Ulysses: K/V all-gathered); None for a plain exchange.
     ``refresh`` >= 0 (ring, ``SequenceParallel(ring_refresh=)``): DiTango's selective refresh
     (:func:`refreshed_attention`) in place of stale K/V. ``forecast="linear"``: a stale step
-    extrapolates the remote K/V from the last two exchanges (:func:`forecast_remote`)."""
+    extrapolates the remote K/V from the last two exchanges (``"quadratic"``: three;
+    :func:`forecast_remote`)."""
     from .distributed import ring_attention
 
     if rid in RECORDERS:
         RECORDERS[rid](site, call, q, k, v)
     what, remote = plan_at(rid, graph, site, call)
-    if what == "exchange" and forecast == "linear" and _stale_after(rid, graph, site):
-        what = "keep"  # every exchange before a stale step is kept: the forecast reads the last two
+    if what == "exchange" and ORDERS.get(forecast, 0) and _stale_after(rid, graph, site):
+        what = "keep"  # every exchange before a stale step is kept: the forecast reads the last ones
     if refresh >= 0 and mode == "ring" and what != "exchange":
         return refreshed_attention(q, k, v, mask, scale, q_segs, kv_segs, group, rank, world, rid, graph, site, call,
                                    refresh, remote if what == "stale" else None)
     if what == "stale":
-        if forecast == "linear":
-            remote = forecast_remote(rid, graph, site, call)
+        if ORDERS.get(forecast, 0):
+            remote = forecast_remote(rid, graph, site, call, ORDERS[forecast])
         return stale_attention(q, k, v, mask, scale, q_segs, kv_segs, rank, world, remote)
     if what == "keep" and mode == "ulysses":
         out, remote = gathered_attention(q, k, v, mask, scale, q_segs, kv_segs, group, rank, world, rid)
@@ -114,7 +115,7 @@ def planned_attention(q, k, v, mask, scale, q_segs: Segs, kv_segs: Segs, mode: s
         remote = remote_from_ring(blocks, kv_segs, rank, world) if blocks else torch.stack([k, v])[..., :0, :]
     else:
         return None
-    keep(rid, graph, site, call, remote, previous=forecast == "linear")
+    keep(rid, graph, site, call, remote, previous=ORDERS.get(forecast, 0))
     return out
 
 
@@ -125,37 +126,53 @@ def _stale_after(rid: int, graph: int, site: str) -> bool:
         table.action(site, s) == Action.STALE_KV for s in range(rt.state.step + 1, table.steps))
 
 
-def keep(rid: int, graph: int, site: str, call: str, remote: torch.Tensor, previous: bool = False) -> None:
+ORDERS = {"hold": 0, "linear": 1, "quadratic": 2}  # stale_forecast -> polynomial order (earlier exchanges kept)
+
+
+def keep(rid: int, graph: int, site: str, call: str, remote: torch.Tensor, previous: int = 0) -> None:
     """Keep ``remote`` (``[2, B, H, remote tokens, d]``) as this step's remote K/V of ``site``;
-    ``previous``: the K/V kept before move to a second key (``<call>:prev``, one more copy)."""
+    ``previous``: that many earlier exchanges are kept too (keys ``<call>:prev1``, ...; one more
+    copy each), the older ones shifted down."""
     rt = _RUNTIMES[rid]
-    key = rt.key(graph, site, f"{SLOT}:{call}")
-    last = rt.store.latest(key)
+    keys = [rt.key(graph, site, f"{SLOT}:{call}" + (f":prev{i}" if i else "")) for i in range(previous + 1)]
+    last = rt.store.latest(keys[0])
     if previous and last is not None and last.step != rt.state.step:
-        rt.store.put(rt.key(graph, site, f"{SLOT}:{call}:prev"), last.step, last.value)
-    rt.store.put(key, rt.state.step, remote.detach())
+        for i in range(previous, 0, -1):
+            entry = rt.store.latest(keys[i - 1])
+            if entry is not None:
+                rt.store.put(keys[i], entry.step, entry.value)
+    rt.store.put(keys[0], rt.state.step, remote.detach())
 
 
-def forecast_remote(rid: int, graph: int, site: str, call: str) -> torch.Tensor:
-    """The remote K/V at this step extrapolated linearly (in steps) from the last two exchanges
-    ``a`` (step ``s_a``) and ``b`` (step ``s_b > s_a``): ``b + (step - s_b) / (s_b - s_a) (b - a)``;
-    the last one as kept while there is only one (nothing is sent either way).
+def forecast_remote(rid: int, graph: int, site: str, call: str, order: int = 1) -> torch.Tensor:
+    """The remote K/V at this step extrapolated (in steps) by the polynomial of degree ``order``
+    through the last ``order + 1`` exchanges (Lagrange; linear: ``b + (step - s_b) / (s_b - s_a)
+    (b - a)``); through fewer while fewer are kept (the last one as is). Nothing is sent.
 
     >>> from ditopt.runtime.session import Runtime
     >>> rt = Runtime()
-    >>> for step, value in ((2, 1.0), (4, 2.0)):
+    >>> for step, value in ((1, 1.0), (2, 4.0), (3, 9.0)):
     ...     rt.state.step = step
-    ...     keep(rt.id, 0, "a", "c", torch.full((1,), value), previous=True)
-    >>> rt.state.step = 5
-    >>> forecast_remote(rt.id, 0, "a", "c").tolist()
-    [2.5]
+    ...     keep(rt.id, 0, "a", "c", torch.full((1,), value), previous=2)
+    >>> rt.state.step = 4
+    >>> forecast_remote(rt.id, 0, "a", "c", order=1).tolist(), forecast_remote(rt.id, 0, "a", "c", order=2).tolist()
+    ([14.0], [16.0])
     """
     rt = _RUNTIMES[rid]
-    last = rt.store.latest(rt.key(graph, site, f"{SLOT}:{call}"))
-    prev = rt.store.latest(rt.key(graph, site, f"{SLOT}:{call}:prev"))
-    if prev is None or prev.value.shape != last.value.shape or prev.step >= last.step:
-        return last.value
-    return last.value + (rt.state.step - last.step) / (last.step - prev.step) * (last.value - prev.value)
+    points = []
+    for i in range(order + 1):
+        entry = rt.store.latest(rt.key(graph, site, f"{SLOT}:{call}" + (f":prev{i}" if i else "")))
+        if entry is None or (points and (entry.value.shape != points[0].value.shape or entry.step >= points[-1].step)):
+            break
+        points.append(entry)
+    t, out = rt.state.step, 0
+    for i, p in enumerate(points):
+        w = 1.0
+        for j, other in enumerate(points):
+            if j != i:
+                w *= (t - other.step) / (p.step - other.step)
+        out = out + w * p.value
+    return out
 
 
 def remote_of(full: torch.Tensor, segs: Segs, rank: int, world: int) -> torch.Tensor:
@@ -309,5 +326,5 @@ def _latest(rid: int, graph: int, site: str, call: str) -> torch.Tensor:
     return rt.store.latest(rt.key(graph, site, f"{SLOT}:{call}")).value
 
 
-__all__ = ["RECORDERS", "SLOT", "forecast_remote", "refresh_hops", "refreshed_attention", "assemble", "gathered_attention", "keep", "needed_later", "plan_at", "planned_attention", "remote_from_ring",
+__all__ = ["ORDERS", "RECORDERS", "SLOT", "forecast_remote", "refresh_hops", "refreshed_attention", "assemble", "gathered_attention", "keep", "needed_later", "plan_at", "planned_attention", "remote_from_ring",
            "remote_of", "stale_attention"]

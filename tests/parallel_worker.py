@@ -350,11 +350,12 @@ def build_dit(layers: int):
 
 
 def hand_reference(model, kwargs: dict, ts: list, stale: set, world: int,
-                   linear: bool = False) -> tuple[list[torch.Tensor], int]:
+                   order: int = 0) -> tuple[list[torch.Tensor], int]:
     """The model's outputs, in one process, where each self-attention call of a ``stale`` step
     attends, for the queries of rank r's tokens, with this step's K/V of rank r's tokens and the K/V
-    of the other tokens from the step the call last ran fresh (``linear``: extrapolated in steps
-    from the last two steps it ran fresh). Also the number of patched calls."""
+    of the other tokens from the step the call last ran fresh (``order`` 1 / 2: extrapolated in
+    steps through the last two / three steps it ran fresh, as a line / parabola). Also the number
+    of patched calls."""
     import torch.nn.functional as F
 
     real = F.scaled_dot_product_attention
@@ -369,14 +370,15 @@ def hand_reference(model, kwargs: dict, ts: list, stale: set, world: int,
         assert attn_mask is None and not is_causal
         state["patched"] += 1
         if state["step"] not in stale:
-            kept[index] = [*kept.get(index, [])[-1:], (state["step"], k.clone(), v.clone())]
+            kept[index] = [*kept.get(index, [])[len(kept.get(index, [])) - order:], (state["step"], k.clone(), v.clone())]
             return real(q, k, v, scale=scale, **kw)
-        (s1, k1, v1), (s0, k0, v0) = kept[index][-1], kept[index][0]
-        if linear and s0 < s1:
-            f = (state["step"] - s1) / (s1 - s0)
-            k0, v0 = k1 + f * (k1 - k0), v1 + f * (v1 - v0)
-        else:
-            k0, v0 = k1, v1
+        points, t = kept[index][-(order + 1):], state["step"]
+        k0 = v0 = 0
+        for i, (si, ki, vi) in enumerate(points):  # Lagrange: sum_i prod_{j != i} (t - s_j) / (s_i - s_j) kv_i
+            w = 1.0
+            for j, (sj, _, _) in enumerate(points):
+                w = w * (t - sj) / (si - sj) if j != i else w
+            k0, v0 = k0 + w * ki, v0 + w * vi
         m, rows = n // world, []
         for r in range(world):
             own = slice(r * m, (r + 1) * m)
@@ -455,7 +457,8 @@ def stale_job(job: dict) -> dict:
     plan = job.get("plan_yaml")
     plan = ditopt.Plan.from_yaml(plan) if plan else ditopt.presets.distrifusion(steps=steps)
     stale = {s for r in plan.rules if r.action == "stale_kv" for s in r.step_list(steps)}
-    reference, patched = hand_reference(model, kwargs, ts, stale, world, linear=job.get("forecast") == "linear")
+    order = {"linear": 1, "quadratic": 2}.get(job.get("forecast"), 0)
+    reference, patched = hand_reference(model, kwargs, ts, stale, world, order=order)
     spec = ditopt.SequenceParallel(mode=job["mode"], ring_refresh=job.get("refresh"),
                                    stale_forecast=job.get("forecast", "hold"))
     if job.get("refresh") is not None:  # DiTango: the hand reference reuses partial attentions

@@ -159,7 +159,8 @@ JOBS = [{"stale": True, "mode": m, "steps": STEPS, "layers": LAYERS} for m in ("
     {"stale": True, "mode": "ring", "steps": 4, "layers": 3, "refresh": 0.0, "name": "reuse"},
     {"stale": True, "mode": "ring", "steps": 4, "layers": 3, "refresh": 1.0, "name": "refresh"},
     *({"stale": True, "mode": m, "steps": 6, "layers": 3, "forecast": "linear", "name": "linear"}
-      for m in ("ulysses", "ring"))]
+      for m in ("ulysses", "ring")),
+    {"stale": True, "mode": "ring", "steps": 6, "layers": 3, "forecast": "quadratic", "name": "quadratic"}]
 
 
 @pytest.fixture(scope="module")
@@ -259,6 +260,17 @@ def test_linear_forecast_of_the_remote_kv_equals_its_hand_reference_and_sends_th
             assert sent == {"ring": kv, "all_gather": output, "total": kv + output}, (step, sent)
     assert r["cache_bytes"] == [kv, kv] + [2 * kv] * 4  # from step 2 on, the last two exchanges are kept
     assert max(r["diff_full"]) > 1e-4
+
+
+@pytest.mark.slow
+def test_quadratic_forecast_equals_its_hand_reference_and_keeps_three_exchanges(spawned):
+    r = _ok(spawned[("ring", "quadratic")])
+    assert r["stale_steps"] == [1, 3, 5] and max(r["diff_hand"]) <= 1e-5, r["diff_hand"]
+    assert r["bytes"] == _ok(spawned[("ring", "linear")])["bytes"]  # no more sent
+    kv = 3 * 2 * _shapes()[0]
+    assert r["cache_bytes"] == [kv, kv, 2 * kv, 2 * kv, 3 * kv, 3 * kv]
+    linear = _ok(spawned[("ring", "linear")])["diff_full"]
+    assert r["diff_full"][:5] == linear[:5] and r["diff_full"][5] != linear[5]  # step 5: a parabola through 0, 2, 4
 
 
 # -- planned from a profile (ditopt/stale_plan.py) ---------------------------------------------

@@ -6,6 +6,7 @@ For each mode (Ulysses, ring) it samples ``dit-digits`` (20 steps, CFG batched, 
     fixed           presets.distrifusion(steps): stale every other step after step 0 (remote K/V held)
     fixed-linear    the same, the remote K/V extrapolated from the last two exchanges
                     (SequenceParallel(stale_forecast="linear"): one more kept copy, no bytes)
+    fixed-quadratic the same through the last three exchanges (stale_forecast="quadratic": two more copies)
     profiled        plan_from_profile(profile_kv(...), comm_budget=B): K/V change map profiled on a
                     calibration generation (other labels, other seed), the least-change pairs elided
     profiled-linear the profiled plan with the linear forecast
@@ -63,7 +64,8 @@ def _rank(rank: int, world: int, init: str, args: dict, out: str) -> None:
             lin_map = profile_kv(m.model, lambda f: m.sample(cal, seed=0, transformer=f), steps, spec, signal="linear")
             by_forecast = ditopt.plan_from_profile(lin_map, comm_budget=args["budget"], max_run=args["max_run"])
             plans = {"full": (ditopt.presets.all_compute(steps=steps), spec), "fixed": (fixed, spec),
-                     "fixed-linear": (fixed, linear), "profiled": (profiled, spec), "profiled-linear": (profiled, linear),
+                     "fixed-linear": (fixed, linear),
+                     "fixed-quadratic": (fixed, ditopt.SequenceParallel(mode=mode, stale_forecast="quadratic")), "profiled": (profiled, spec), "profiled-linear": (profiled, linear),
                      "profiled-attn": (by_attention, spec), "profiled-attn-lin": (by_attention, linear),
                      "profiled-fcst-lin": (by_forecast, linear)}
             if mode == "ring":
