@@ -168,7 +168,8 @@ def candidate_plans(rmap: RedundancyMap, budget: float, config: PlannerConfig | 
     if getattr(rmap, "attention", None) is not None:  # blocks at a higher budget, attention actions the rest
         for extra in (0.1, 0.2, 0.3):
             try:
-                plan = plan_from_profile(rmap, config=config.with_(block_budget=min(1.0, budget + extra)))
+                blocks = round(min(1.0, budget + extra), 6)
+                plan = plan_from_profile(rmap, config=config.with_(block_budget=blocks))
             except ProfileError:
                 continue
             out.append(Candidate(f"tuned: {plan.name}", plan, budget))
