@@ -24,6 +24,9 @@
    seed's figure, and whether the calibration seed can see it.
 6. Stand-ins (``--only stand-ins``): the planner at 35% and 50% of block compute with the
    stand-ins it may choose at a skipped step widened (``orders`` up to 2, ``methods``).
+7. Tuning with attention actions (``--only tune-attention``): ``ditopt.tune`` on a map profiled
+   with attention samples, which adds candidates that split the budget between the blocks and
+   attention actions; the plan it keeps against the best such candidate.
 """
 
 from __future__ import annotations
@@ -141,13 +144,34 @@ def stand_ins(rows, labels, seeds) -> None:
                 print(f"| {name} | {budget} | {label} | {frac:.3f} | {value:.2f} |", flush=True)
 
 
+def tune_attention(rows, labels) -> None:
+    """7. ``tune`` on a map with attention samples: the plan it keeps, against the best of the
+    candidates that split the budget between blocks and attention actions (calibration seed)."""
+    from ditopt.bench.ours import attention_window, cfg_layout
+
+    print("| model | budget | chosen (PSNR, calibration seed) | best blocks + attention candidate (PSNR) |")
+    print("|---|---|---|---|")
+    for name, zm in rows:
+        run = lambda tr, zm=zm: zm.sample(labels, seed=CALIBRATION_SEED, steps=zm.steps, transformer=tr)  # noqa: E731
+        rmap = ditopt.profile(zm.model, run, steps=zm.steps, progress=False, attention_window=attention_window(zm),
+                              cfg="batched" if zm.cfg_mode == "batched" else None)
+        for budget in (0.5, 0.35):
+            tuned = ditopt.tune(zm.model, run, rmap, budget=budget, progress=False,
+                                config=ditopt.PlannerConfig(cfg=cfg_layout(zm)))
+            split = max((c for c in tuned.candidates if "attention" in c.label), key=lambda c: c.psnr, default=None)
+            other = f"{split.label.removeprefix('tuned: ')} ({split.psnr:.2f})" if split else "none fits"
+            print(f"| {name} | {budget} | {tuned.best.label.removeprefix('tuned: ')} ({tuned.best.psnr:.2f}) | "
+                  f"{other} |", flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", action="append", choices=zoo.list())
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--budget", type=float, default=0.5)
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--only", choices=("profile", "resample", "variants", "tune", "samples", "stand-ins"),
+    parser.add_argument("--only", choices=("profile", "resample", "variants", "tune", "samples", "stand-ins",
+                                                   "tune-attention"),
                         default=None,
                         help="run one part only")
     args = parser.parse_args(argv)
@@ -201,6 +225,8 @@ def main(argv=None) -> int:
         per_sample_spread(rows, labels, seeds, args.budget)
     if args.only == "stand-ins":
         stand_ins(rows, labels, seeds)
+    if args.only == "tune-attention":
+        tune_attention(rows, labels)
     if args.only not in (None, "resample"):
         return 0
     print(f"| model | plan at 30 steps (budget {args.budget}) | block compute | PSNR vs full (dB) |")
