@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterable, Sequence
 import sympy
 import torch
 import torch.fx as fx
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["ModuleCost", "attention_flops", "conv_flops", "attention_calls", "linear_flops", "matmul_flops",
@@ -243,4 +244,29 @@ class ModuleCost:
 
     def total(self) -> int:
         return sum(self.flops.values())
-_CPU_KERNELS = CPU_KERNELS  # the older name
+
+
+@contextlib.contextmanager
+def graph_flops(gm: torch.nn.Module, *, math_sdpa: bool = False):
+    """Yields a list that gets the FLOPs of each call of ``gm`` (a rewritten graph module), counted
+    by FlopCounterMode entered around the call itself, so that dynamo's frame outside never sees a
+    dispatch mode. ``math_sdpa`` runs SDPA's math kernel, which the counter sees through."""
+    per_call, active = [], []
+
+    def enter(module, args):
+        active[:] = ([sdpa_kernel(SDPBackend.MATH)] if math_sdpa else []) + [
+            FlopCounterMode(display=False, custom_mapping=CPU_KERNELS)]
+        for mode in active:
+            mode.__enter__()
+
+    def leave(module, args, out):
+        for mode in reversed(active):
+            mode.__exit__(None, None, None)
+        per_call.append(active[-1].get_total_flops())
+
+    hooks = [gm.register_forward_pre_hook(enter), gm.register_forward_hook(leave)]
+    try:
+        yield per_call
+    finally:
+        for h in hooks:
+            h.remove()

@@ -39,7 +39,7 @@ import yaml
 from .errors import DitoptError, check_count, check_number, check_steps, short
 from .passes.insert_observers import OBSERVED_KINDS
 from .flops import ModuleCost
-from .profile_attention import AttentionSamples, record_attention
+from .profile_attention import AttentionSamples, ModelProxy, record_attention
 from .sites import OUTPUT, STACK
 from .validate import load_yaml, read_text
 
@@ -340,21 +340,6 @@ class _FirstCall:
         return getattr(self.inner, name)
 
 
-class _Tracked:
-    """Calls ``call``; every other attribute is the optimised model's (a pipeline reads
-    ``transformer.config``, ``dtype`` and so on)."""
-
-    def __init__(self, model, call):
-        object.__setattr__(self, "_model", model)
-        object.__setattr__(self, "_call", call)
-
-    def __call__(self, *args, **kwargs):
-        return self._call(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-
 def profile_pipeline(pipe, *, steps: int, progress: bool = True, cfg: str | None = None, keep: int = 4096,
                      **call_kwargs) -> RedundancyMap:
     """Profile ``pipe.transformer`` over one real call of a diffusers pipeline:
@@ -443,7 +428,7 @@ def profile(model: torch.nn.Module, run: Callable[[Any], Any], *, steps: int, pr
             bar.refresh()
         return out
 
-    tracked = _Tracked(fast, call)  # looks like the model to a pipeline (config, dtype, ...)
+    tracked = ModelProxy(fast, call)  # looks like the model to a pipeline (config, dtype, ...)
     try:
         with torch.no_grad():
             run(tracked)

@@ -229,7 +229,7 @@ def record_attention(model: torch.nn.Module, run: Callable[[Any], Any], *, steps
 
     try:
         with torch.no_grad():
-            run(_Proxy(model, call))
+            run(ModelProxy(model, call))
     finally:
         for h in hooks:
             h.remove()
@@ -265,8 +265,9 @@ def _assemble(got, calls, kinds, windowed, steps, window, batched) -> AttentionS
     return AttentionSamples(window, layout, dict(kinds), {s: calls[s] for s in kinds}, outputs, residuals)
 
 
-class _Proxy:
-    """Calls ``call``; every other attribute is the model's (a pipeline reads ``config``...)."""
+class ModelProxy:
+    """Calls ``call``; every other attribute is the model's (a pipeline reads ``transformer.config``,
+    ``dtype`` and so on): what a profiling run hands the user's ``run``."""
 
     def __init__(self, model, call):
         object.__setattr__(self, "_model", model)

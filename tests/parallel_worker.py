@@ -387,7 +387,15 @@ def hand_reference(model, kwargs: dict, ts: list, stale: set, world: int,
             rows.append(real(q[..., own, :], kr, vr, scale=scale, **kw))
         return torch.cat(rows, dim=-2)
 
-    outs = []
+    return _sampled_with(patched, model, kwargs, ts, state), state["patched"]
+
+
+def _sampled_with(patched, model, kwargs: dict, ts: list, state: dict) -> list[torch.Tensor]:
+    """The model's output at each timestep with ``F.scaled_dot_product_attention`` replaced by
+    ``patched`` (``state`` gets the step and resets the call count at each)."""
+    import torch.nn.functional as F
+
+    real, outs = F.scaled_dot_product_attention, []
     F.scaled_dot_product_attention = patched
     try:
         with torch.no_grad():
@@ -396,7 +404,7 @@ def hand_reference(model, kwargs: dict, ts: list, stale: set, world: int,
                 outs.append(model(**{**kwargs, "timestep": t}).sample.clone())
     finally:
         F.scaled_dot_product_attention = real
-    return outs, state["patched"]
+    return outs
 
 
 def hand_refresh_reference(model, kwargs: dict, ts: list, stale: set, world: int, hops_at) -> list[torch.Tensor]:
@@ -432,16 +440,7 @@ def hand_refresh_reference(model, kwargs: dict, ts: list, stale: set, world: int
             rows.append(sum(w.unsqueeze(-1) * o for w, (o, _) in zip(weights, parts)).to(q.dtype))
         return torch.cat(rows, dim=-2)
 
-    outs = []
-    F.scaled_dot_product_attention = patched
-    try:
-        with torch.no_grad():
-            for step, t in enumerate(ts):
-                state["step"], state["call"] = step, 0
-                outs.append(model(**{**kwargs, "timestep": t}).sample.clone())
-    finally:
-        F.scaled_dot_product_attention = real
-    return outs
+    return _sampled_with(patched, model, kwargs, ts, state)
 
 
 def stale_job(job: dict) -> dict:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from ditopt.flops import _CPU_KERNELS
+from ditopt.flops import CPU_KERNELS as _CPU_KERNELS
 from ditopt.runtime.window_attention import window_attention, window_attention_flops, window_mask
 
 

@@ -5,7 +5,6 @@ What each column of a :class:`Row` means is in the package docstring (:mod:`dito
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import math
 import time
@@ -13,12 +12,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from ditopt import compiled_graph, sites, zoo
 from ditopt.errors import DitoptError
-from ditopt.flops import CPU_KERNELS, ModuleCost
+from ditopt.flops import ModuleCost, graph_flops
 from ditopt.metrics import psnr, ssim
 
 from .method import Context
@@ -49,28 +47,6 @@ class BenchResult:
     failed: dict[str, str] = field(default_factory=dict)  # method -> one-line reason
     date: str = ""
     command: str = ""
-
-
-@contextlib.contextmanager
-def graph_flops(gm: torch.nn.Module):
-    """Yields a list that gets the FLOPs of each call of ``gm`` (a rewritten graph module), counted
-    by FlopCounterMode entered around the call itself: dynamo's frame (outside) must not see it."""
-    per_call, active = [], []
-
-    def enter(module, args):
-        active[:] = [FlopCounterMode(display=False, custom_mapping=CPU_KERNELS)]
-        active[0].__enter__()
-
-    def leave(module, args, out):
-        active[0].__exit__(None, None, None)
-        per_call.append(active[0].get_total_flops())
-
-    hooks = [gm.register_forward_pre_hook(enter), gm.register_forward_hook(leave)]
-    try:
-        yield per_call
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 _DERIVED = {"compute", "reuse", "reuse_residual", "predict", "skipped"}
