@@ -21,6 +21,7 @@ distributed.ERRORS.update(divergence=DivergenceError, failure=RankFailureError) 
 
 MODES = ("ulysses", "ring")
 FORECASTS = ("hold", "linear", "quadratic")  # stale_kv: the remote K/V as kept, or extrapolated
+RESIDUALS = ("none", "fp16", "int8")  # stale_kv: what a stale step sends of the K/V's miss of that forecast
 
 
 @dataclass(frozen=True)
@@ -37,12 +38,16 @@ class SequenceParallel:
     others (DiTango's selective fresh K/V; ``runtime.stale_kv.refreshed_attention``).
     ``stale_forecast``: what a ``stale_kv`` step attends with for the remote K/V: ``"hold"`` (as
     last exchanged), ``"linear"`` or ``"quadratic"`` (extrapolated from the last two or three
-    exchanges; one or two more kept copies).
+    exchanges; one or two more kept copies). ``stale_residual``: what a ``stale_kv`` step sends:
+    ``"none"`` (nothing: DistriFusion), or each rank's K/V minus the forecast every rank makes of
+    them, in ``"fp16"`` (half the bytes of an fp32 exchange) or ``"int8"`` with a scale per token
+    and head (about a quarter): the residual compression of CompactFusion; the others add it to
+    their forecast (``runtime.stale_kv.residual_attention``).
 
     Example:
         >>> SequenceParallel(mode="ring")  # doctest: +NORMALIZE_WHITESPACE
         SequenceParallel(mode='ring', group=None, timeout=300.0, check=False, ring_refresh=None,
-        stale_forecast='hold')
+        stale_forecast='hold', stale_residual='none')
         >>> SequenceParallel(mode="tensor")
         Traceback (most recent call last):
         ditopt.errors.PlanError: SequenceParallel mode 'tensor': use one of ulysses, ring
@@ -54,6 +59,7 @@ class SequenceParallel:
     check: bool = False
     ring_refresh: float | None = None
     stale_forecast: str = "hold"
+    stale_residual: str = "none"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -65,6 +71,11 @@ class SequenceParallel:
                 raise PlanError(f"SequenceParallel ring_refresh applies to mode='ring', not {self.mode!r}")
         if self.stale_forecast not in FORECASTS:
             raise PlanError(f"SequenceParallel stale_forecast {self.stale_forecast!r}: use one of {', '.join(FORECASTS)}")
+        if self.stale_residual not in RESIDUALS:
+            raise PlanError(f"SequenceParallel stale_residual {self.stale_residual!r}: use one of {', '.join(RESIDUALS)}")
+        if self.stale_residual != "none" and self.ring_refresh is not None:
+            raise PlanError("SequenceParallel: stale_residual and ring_refresh are two answers to one stale step; "
+                            "set one of them")
         if self.timeout is not None:
             check_number(self.timeout, "SequenceParallel timeout (seconds)", positive=True, error=PlanError)
 
@@ -77,4 +88,4 @@ class SequenceParallel:
                                                                                                      self.timeout))
 
 
-__all__ = ["MODES", "SequenceParallel", "Tok", "TokenFlow", "TokenMixing", "walker"]
+__all__ = ["FORECASTS", "MODES", "RESIDUALS", "SequenceParallel", "Tok", "TokenFlow", "TokenMixing", "walker"]

@@ -7,8 +7,10 @@ all-reduced at the end, so every rank holds the same map and plans the same sche
 :func:`plan_stale` (also ``ditopt.plan_from_profile(kv_map, comm_budget=...)``) then picks the
 (step, site) pairs that take ``stale_kv``: greedily, the pair whose predicted error is least, where
 the predicted error of a stale step is the change accumulated since the site's last exchange (the
-staleness of the K/V it reads, steps before included), until the exchanges left send at most
-``comm_budget`` of the un-elided attention bytes. Step 0 and the first ``warmup`` steps exchange.
+staleness of the K/V it reads, steps before included), until a generation sends at most
+``comm_budget`` of the bytes the un-elided one sends: its exchanges, the collectives no plan elides
+(the output gather) and what stale steps still send (``SequenceParallel(stale_residual=)``), as
+the profile run counted them. Step 0 and the first ``warmup`` steps exchange.
 
 ``profile_kv(..., signal="attention")`` records instead the change the K/V of the step before cause
 in each site's attention output (each rank over its own tokens), the same planner then reads it.
@@ -27,25 +29,32 @@ Example (a made-up map of 2 sites over 4 steps):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .errors import PlanError, check_number
 from .plan import Plan, Rule
-from .runtime import stale_kv
+from .runtime import distributed, stale_kv
 
 
 @dataclass
 class KVChangeMap:
     """``change[step, i]``: relative L1 change of site ``sites[i]``'s K/V since the step before
-    (NaN at step 0); ``nbytes[site]``: bytes of its K and V over all tokens (one call)."""
+    (NaN at step 0); ``nbytes[site]``: bytes of its K and V over all tokens (one call).
+    What one rank sends per generation, as the profile run measured it: ``sent[site]`` per
+    exchanging step of the site, ``stale_sent[site]`` per stale step (``stale_residual``: the
+    encoded residual; 0 without), ``other_sent`` the collectives no plan elides (the output
+    gather). Without them (one rank, a map made by hand) the planner weighs sites by ``nbytes``."""
 
     model: str
     steps: int
     sites: list[str]
     change: torch.Tensor
     nbytes: dict[str, int]
+    sent: dict[str, int] = field(default_factory=dict)
+    stale_sent: dict[str, int] = field(default_factory=dict)
+    other_sent: int = 0
 
     def heatmap(self, path: str) -> None:
         """Save the map as a heatmap image (steps across, sites down)."""
@@ -86,6 +95,8 @@ def profile_kv(model: torch.nn.Module, run, steps: int, parallel, signal: str = 
     fast = ditopt.optimize(model, ditopt.presets.all_compute(steps=steps), parallel=parallel, regional=False)
     rt = ditopt.api.runtime_of(fast)
     sums: dict[tuple[int, str], torch.Tensor] = {}  # (step, site) -> [sum |change|, sum |previous|]
+    sent: dict[str, int] = {}
+    stale_sent: dict[str, int] = {}
     last: dict[str, torch.Tensor] = {}
     nbytes: dict[str, int] = {}
     world = dist.get_world_size(parallel.group) if dist.is_initialized() else 1
@@ -95,6 +106,8 @@ def profile_kv(model: torch.nn.Module, run, steps: int, parallel, signal: str = 
         step, key = rt.state.step, (site, call, rt.state.branch)
         if key not in last:  # K and V of every rank's tokens, once per call of the site
             nbytes[site] = nbytes.get(site, 0) + kv.numel() * k.element_size() * world
+            exchange, stale = distributed.attention_bytes(parallel.mode, k, world, parallel.stale_residual)
+            sent[site], stale_sent[site] = sent.get(site, 0) + exchange, stale_sent.get(site, 0) + stale
         prev, before = last.get(key), last.get(("before", *key))
         last[key] = kv
         if prev is not None:
@@ -124,7 +137,8 @@ def profile_kv(model: torch.nn.Module, run, steps: int, parallel, signal: str = 
         dist.all_reduce(table, group=parallel.group)
     change = table[..., 0] / table[..., 1].clamp_min(1e-12)
     change[0] = float("nan")
-    return KVChangeMap(type(model).__name__, steps, sites, change, nbytes)
+    other = ditopt.stats(fast).comm_bytes.get("total", 0) - sum(sent.values()) * steps
+    return KVChangeMap(type(model).__name__, steps, sites, change, nbytes, sent, stale_sent, max(0, other))
 
 
 def plan_stale(rmap: KVChangeMap, comm_budget: float = 0.5, *, warmup: int = 1, max_run: int | None = None) -> Plan:
@@ -135,7 +149,10 @@ def plan_stale(rmap: KVChangeMap, comm_budget: float = 0.5, *, warmup: int = 1, 
     if warmup < 1 or warmup > rmap.steps:
         raise PlanError(f"plan_stale: warmup must be in 1..{rmap.steps} (step 0 always exchanges), got {warmup}")
     change = torch.nan_to_num(rmap.change, nan=0.0).tolist()
-    total = sum(rmap.nbytes.values()) * rmap.steps
+    measured = bool(rmap.sent) and sum(rmap.sent.values()) > 0
+    cost = rmap.sent if measured else rmap.nbytes
+    saved = {site: cost[site] - (rmap.stale_sent.get(site, 0) if measured else 0) for site in rmap.sites}
+    total = sum(cost.values()) * rmap.steps + (rmap.other_sent if measured else 0)
     stale = [[False] * len(rmap.sites) for _ in range(rmap.steps)]
     sent = total
 
@@ -155,7 +172,7 @@ def plan_stale(rmap: KVChangeMap, comm_budget: float = 0.5, *, warmup: int = 1, 
             break
         _, t, i = min(candidates)
         stale[t][i] = True
-        sent -= rmap.nbytes[rmap.sites[i]]
+        sent -= saved[rmap.sites[i]]
     rules = [Rule(sites=(site,), kind="attention", steps=tuple(t for t in range(rmap.steps) if stale[t][i]),
                   action="stale_kv") for i, site in enumerate(rmap.sites) if any(stale[t][i] for t in range(rmap.steps))]
     if not rules:

@@ -63,7 +63,8 @@ class TokenFlow:
     shards: list[tuple[fx.Node, fx.Node, int, Segs]] = field(default_factory=list)  # consumer, operand, dim, segs
     new_args: dict[fx.Node, tuple[tuple, dict]] = field(default_factory=dict)  # node -> rewritten (args, kwargs)
     attention: list[tuple[fx.Node, tuple, Segs, Segs]] = field(default_factory=list)  # node, (q,k,v,mask,scale), segs
-    gathers: list[fx.Node] = field(default_factory=list)  # stack values read outside the stack
+    gathers: list[fx.Node] = field(default_factory=list)  # token values read outside the stack (and tail)
+    tail: set[fx.Node] = field(default_factory=set)  # per-token nodes after the stack that run sharded too
 
 
 def _shape(a) -> tuple[int, ...] | None:

@@ -21,6 +21,7 @@ token count does not divide the world size, or for Ulysses when the head count d
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -40,9 +41,11 @@ def _shape(node: fx.Node) -> tuple[int, ...] | None:
     return tuple(meta[0]) if meta is not None else None
 
 
-def token_flow(graph: fx.Graph, region: set[fx.Node], start: fx.Node, dim: int, world: int) -> TokenFlow:
+def token_flow(graph: fx.Graph, region: set[fx.Node], start: fx.Node, dim: int, world: int,
+               tail: bool = False) -> TokenFlow:
     """Follow dimension ``dim`` of ``start`` through the nodes of ``region`` (the stack);
-    :class:`TokenMixing` at the first node that mixes tokens or that the rules cannot follow."""
+    :class:`TokenMixing` at the first node that mixes tokens or that the rules cannot follow.
+    ``tail``: also run sharded the per-token nodes after the stack (:func:`_extend_tail`)."""
     flow = TokenFlow(start, dim, world)
     flow.tok[start] = Tok(dim, (("s", _shape(start)[dim]),))
     walk = walker(flow)
@@ -53,12 +56,59 @@ def token_flow(graph: fx.Graph, region: set[fx.Node], start: fx.Node, dim: int, 
             out = walk.visit(node)
             if out is not None:
                 flow.tok[node] = out
-    for node, t in flow.tok.items():
-        if node is not start and any(u not in region for u in node.users):
-            if not isinstance(t, Tok):
-                walk.refuse(node, "a list of token values read after the block stack")
-            flow.gathers.append(node)
+    flow.gathers = _cut(flow, region)
+    if tail and flow.gathers:
+        _extend_tail(graph, region, flow, walk)
     return flow
+
+
+def _cut(flow: TokenFlow, region: set[fx.Node]) -> list[fx.Node]:
+    """The token values read outside ``region``: what is gathered."""
+    cut = []
+    for node, t in flow.tok.items():
+        if node is not flow.start and any(u not in region for u in node.users):
+            if not isinstance(t, Tok):
+                raise TokenMixing(node, "a list of token values read after the block stack")
+            cut.append(node)
+    return cut
+
+
+def _extend_tail(graph: fx.Graph, region: set[fx.Node], flow: TokenFlow, walk) -> None:
+    """Follow the tokens past the stack through the nodes that keep each token on its rank
+    without sharding anything else or rewriting a shape (the output head's norm, modulation
+    and projection), and gather where they stop when that moves fewer elements (a head that
+    projects the hidden size down to patch channels: the gather shrinks by that ratio)."""
+    before = dict(flow.tok)
+    tail: set[fx.Node] = set()
+    nodes = list(graph.nodes)
+    last = max(i for i, n in enumerate(nodes) if n in region)
+    for node in nodes[last + 1:]:  # after the stack: nothing sharded here flows back into it
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        inputs = [a for a in node.all_input_nodes if a in flow.tok]
+        if not inputs or not all(isinstance(flow.tok[a], Tok) for a in inputs):
+            continue
+        sizes = len(flow.shards), len(flow.new_args), len(flow.attention)
+        try:
+            out = walk.visit(node)
+        except TokenMixing:
+            out = None
+        if (len(flow.shards), len(flow.new_args), len(flow.attention)) != sizes or not isinstance(out, Tok):
+            del flow.shards[sizes[0]:], flow.attention[sizes[2]:]
+            for extra in list(flow.new_args)[sizes[1]:]:
+                del flow.new_args[extra]
+            continue
+        flow.tok[node] = out
+        tail.add(node)
+    cut = _cut(flow, region | tail)
+
+    def moved(values):
+        return sum(math.prod(_shape(v) or (0,)) for v in values)
+
+    if tail and cut and moved(cut) < moved(flow.gathers):
+        flow.gathers, flow.tail = cut, tail
+    else:
+        flow.tok = before
 
 
 def find_token_flow(graph: fx.Graph, sites: SiteTable, world: int) -> TokenFlow:
@@ -79,7 +129,7 @@ def find_token_flow(graph: fx.Graph, sites: SiteTable, world: int) -> TokenFlow:
             if size < 2:
                 continue
             try:
-                flow = token_flow(graph, region, start, d, world)
+                flow = token_flow(graph, region, start, d, world, tail=True)
             except TokenMixing as e:
                 failures.append(e)
                 continue
@@ -104,7 +154,7 @@ def sequence_parallel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     flow = find_token_flow(graph, ctx.sites, world)
     _check(flow, spec.mode, world)
     by_name = {n.name: n for n in graph.nodes}
-    region = {by_name[n] for n in ctx.sites["stack"].nodes}
+    region = {by_name[n] for n in ctx.sites["stack"].nodes} | flow.tail  # what runs on this rank's tokens
     added: list[tuple[fx.Node, fx.Node]] = []  # (new node, the node it stands next to)
     renames: dict[str, str] = {}
     changed: set[fx.Node] = set()
@@ -130,7 +180,7 @@ def sequence_parallel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         node.target = distributed.sp_attention
         refresh = -1.0 if spec.ring_refresh is None else float(spec.ring_refresh)
         node.args = (q, k, v, mask, scale, q_segs, kv_segs, spec.mode, group, rank, world, ctx.runtime_id,
-                     ctx.graph_id, site, node.name, refresh, spec.stale_forecast)
+                     ctx.graph_id, site, node.name, refresh, spec.stale_forecast, spec.stale_residual)
         node.kwargs = {}
         changed.add(node)
     start = flow.start

@@ -270,22 +270,40 @@ def ring_attention(q, k, v, mask, scale, q_segs: Segs, kv_segs: Segs, group: str
 
 def sp_attention(q, k, v, mask, scale, q_segs: Segs, kv_segs: Segs, mode: str, group: str, rank: int, world: int,
                  rid: int, graph: int = -1, site: str = "", call: str = "", refresh: float = -1.0,
-                 forecast: str = "hold") -> torch.Tensor:
+                 forecast: str = "hold", residual: str = "none") -> torch.Tensor:
     """The distributed self-attention a sequence-parallel graph calls in place of SDPA. ``site``
     (the attention site holding this ``call``) and ``graph`` let a plan's ``stale_kv`` steps skip
     the exchange (:mod:`.stale_kv`: decided on the host from the static table, eager path only);
     ``refresh`` >= 0: ring stale steps refresh that share of the hops instead (DiTango);
     ``forecast="linear"`` / ``"quadratic"``: stale steps extrapolate the remote K/V from the last
-    exchanges (``stale_kv.forecast_remote``)."""
+    exchanges (``stale_kv.forecast_remote``); ``residual="fp16"`` / ``"int8"``: stale steps send
+    each rank's K/V residual against that forecast at that precision (``stale_kv.residual_attention``)."""
     if site and not _traced(q):
         from . import stale_kv
 
         out = stale_kv.planned_attention(q, k, v, mask, scale, q_segs, kv_segs, mode, group, rank, world, rid, graph,
-                                         site, call, refresh, forecast)
+                                         site, call, refresh, forecast, residual)
         if out is not None:
             return out
     run = ulysses_attention if mode == "ulysses" else ring_attention
     return run(q, k, v, mask, scale, q_segs, kv_segs, group, rank, world, rid)
+
+
+def attention_bytes(mode: str, k: torch.Tensor, world: int, residual: str = "none") -> tuple[int, int]:
+    """``(exchange, stale)``: the bytes one rank sends for one call of distributed attention whose
+    local keys are ``k`` (values alike): an exchange (ring: ``world - 1`` hops of K and V;
+    Ulysses: the all-to-alls of q, K, V and of the output), and a ``stale_kv`` step (nothing, or
+    the residual at ``residual``'s precision all-gathered: ``runtime.stale_kv.encode``).
+
+    >>> attention_bytes("ring", torch.zeros(1, 2, 8, 32), 2, "int8")
+    (4096, 1088)
+    """
+    b = k.numel() * k.element_size()
+    exchange = 2 * b * (world - 1) if mode == "ring" else 4 * b * (world - 1) // world
+    if residual == "none":
+        return exchange, 0
+    per = 2 if residual == "fp16" else 1 + 2 / k.shape[-1]  # int8 entries and a 2-byte scale per row
+    return exchange, int(2 * k.numel() * per * (world - 1))
 
 
 # Output shapes for shape propagation on fake tensors (the pass runs these instead: no collective).

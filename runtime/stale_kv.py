@@ -86,25 +86,30 @@ def plan_at(rid: int, graph: int, site: str, call: str) -> tuple[str, object | N
 
 def planned_attention(q, k, v, mask, scale, q_segs: Segs, kv_segs: Segs, mode: str, group: str, rank: int,
                       world: int, rid: int, graph: int, site: str, call: str,
-                      refresh: float = -1.0, forecast: str = "hold") -> torch.Tensor | None:
+                      refresh: float = -1.0, forecast: str = "hold", residual: str = "none") -> torch.Tensor | None:
     """What ``sp_attention`` runs for a call of ``site``: the stale attention, or a keeping exchange
     (ring: the blocks received are kept; Ulysses: K/V all-gathered); None for a plain exchange.
     ``refresh`` >= 0 (ring, ``SequenceParallel(ring_refresh=)``): DiTango's selective refresh
     (:func:`refreshed_attention`) in place of stale K/V. ``forecast="linear"``: a stale step
     extrapolates the remote K/V from the last two exchanges (``"quadratic"``: three;
-    :func:`forecast_remote`)."""
+    :func:`forecast_remote`). ``residual`` not ``"none"``: a stale step sends the residual against
+    that forecast (:func:`residual_attention`); every exchange before one keeps this rank's own K/V."""
     from .distributed import ring_attention
 
     if rid in RECORDERS:
         RECORDERS[rid](site, call, q, k, v)
     what, remote = plan_at(rid, graph, site, call)
-    if what == "exchange" and ORDERS.get(forecast, 0) and _stale_after(rid, graph, site):
+    order = ORDERS.get(forecast, 0)
+    if what == "exchange" and (order or residual != "none") and _stale_after(rid, graph, site):
         what = "keep"  # every exchange before a stale step is kept: the forecast reads the last ones
     if refresh >= 0 and mode == "ring" and what != "exchange":
         return refreshed_attention(q, k, v, mask, scale, q_segs, kv_segs, group, rank, world, rid, graph, site, call,
                                    refresh, remote if what == "stale" else None)
+    if what == "stale" and residual != "none":
+        return residual_attention(q, k, v, mask, scale, q_segs, kv_segs, group, rank, world, rid, graph, site, call,
+                                  order, residual)
     if what == "stale":
-        if ORDERS.get(forecast, 0):
+        if order:
             remote = forecast_remote(rid, graph, site, call, ORDERS[forecast])
         return stale_attention(q, k, v, mask, scale, q_segs, kv_segs, rank, world, remote)
     if what == "keep" and mode == "ulysses":
@@ -115,7 +120,9 @@ def planned_attention(q, k, v, mask, scale, q_segs: Segs, kv_segs: Segs, mode: s
         remote = remote_from_ring(blocks, kv_segs, rank, world) if blocks else torch.stack([k, v])[..., :0, :]
     else:
         return None
-    keep(rid, graph, site, call, remote, previous=ORDERS.get(forecast, 0))
+    keep(rid, graph, site, call, remote, previous=order)
+    if residual != "none":
+        keep(rid, graph, site, f"{call}:mine", _own(k, v, kv_segs, world), previous=order)
     return out
 
 
@@ -244,6 +251,63 @@ def gathered_attention(q, k, v, mask, scale, q_segs: Segs, kv_segs: Segs, group:
     return out, remote_of(full, kv_segs, rank, world)
 
 
+# -- CompactFusion's residual compression: a stale step sends the forecast's miss, compressed --
+
+def _own(k: torch.Tensor, v: torch.Tensor, segs: Segs, world: int) -> torch.Tensor:
+    """This rank's tokens of every sharded segment of its local K and V: ``[2, B, H, m, d]`` (the
+    block a ring hop carries; the replicated runs are computed alike on every rank)."""
+    from . import distributed as d
+
+    kinds = [kind for kind, _ in segs]
+    return torch.stack([torch.cat([p for p, kind in zip(d._pieces(t, 2, segs, world, local=True), kinds) if kind == "s"],
+                                  dim=2) for t in (k, v)])
+
+
+def encode(r: torch.Tensor, kind: str) -> torch.Tensor:
+    """``r`` at the precision ``kind`` names, as one tensor to send: fp16 as is; int8 with each
+    row's scale (``amax / 127``, bf16: no row too small for it) appended as two more int8 entries
+    of the row. Inverse: :func:`decode` (an int8 entry is within half its row's scale).
+
+    >>> r = torch.tensor([[0.5, -1.0, 0.25]])
+    >>> decode(encode(r, "int8"), "int8", torch.float32).tolist()
+    [[0.5019685029983521, -1.0, 0.2519685220718384]]
+    """
+    if kind == "fp16":
+        return r.half()
+    scale = (r.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-30).bfloat16()
+    q = torch.round(r / scale.float()).clamp(-127, 127).to(torch.int8)
+    return torch.cat([q, scale.view(torch.int8)], dim=-1)
+
+
+def decode(payload: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """What :func:`encode` sent, back at ``dtype``."""
+    if kind == "fp16":
+        return payload.to(dtype)
+    scale = payload[..., -2:].flatten().clone().view(torch.bfloat16).view(*payload.shape[:-1], 1)
+    return (payload[..., :-2].float() * scale.float()).to(dtype)
+
+
+def residual_attention(q, k, v, mask, scale, q_segs: Segs, kv_segs: Segs, group: str, rank: int, world: int,
+                       rid: int, graph: int, site: str, call: str, order: int, kind: str) -> torch.Tensor:
+    """A stale step that sends, instead of nothing, each rank's K/V minus the forecast every rank
+    makes of them from the same kept history (:func:`forecast_remote`: the remote ranks' under
+    ``call``, this rank's own under ``<call>:mine``), encoded at ``kind`` (one all-gather). Each
+    rank adds the decoded residuals to its forecast and keeps the result as that step's K/V, so
+    every rank's history of a rank's K/V is the same tensor and the next forecast agrees; the
+    local K/V attended are this step's own (fresh)."""
+    from .distributed import _all_gather
+
+    own = _own(k, v, kv_segs, world)
+    mine = forecast_remote(rid, graph, site, f"{call}:mine", order)
+    remote = forecast_remote(rid, graph, site, call, order)
+    got = _all_gather(encode(own - mine, kind), 3, group, world, rid)
+    blocks = dict(enumerate(decode(got, kind, own.dtype).chunk(world, dim=3)))
+    keep(rid, graph, site, f"{call}:mine", mine + blocks[rank], previous=order)
+    remote = remote + remote_from_ring(blocks, kv_segs, rank, world)
+    keep(rid, graph, site, call, remote, previous=order)
+    return stale_attention(q, k, v, mask, scale, q_segs, kv_segs, rank, world, remote)
+
+
 # -- DiTango's selective refresh of ring hops ---------------------------------------------------
 
 def refresh_hops(share: float, step: int, world: int) -> list[int]:
@@ -326,5 +390,5 @@ def _latest(rid: int, graph: int, site: str, call: str) -> torch.Tensor:
     return rt.store.latest(rt.key(graph, site, f"{SLOT}:{call}")).value
 
 
-__all__ = ["ORDERS", "RECORDERS", "SLOT", "forecast_remote", "refresh_hops", "refreshed_attention", "assemble", "gathered_attention", "keep", "needed_later", "plan_at", "planned_attention", "remote_from_ring",
+__all__ = ["ORDERS", "RECORDERS", "SLOT", "decode", "encode", "forecast_remote", "residual_attention", "refresh_hops", "refreshed_attention", "assemble", "gathered_attention", "keep", "needed_later", "plan_at", "planned_attention", "remote_from_ring",
            "remote_of", "stale_attention"]

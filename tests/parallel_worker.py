@@ -350,12 +350,14 @@ def build_dit(layers: int):
 
 
 def hand_reference(model, kwargs: dict, ts: list, stale: set, world: int,
-                   order: int = 0) -> tuple[list[torch.Tensor], int]:
+                   order: int = 0, residual: str | None = None) -> tuple[list[torch.Tensor], int]:
     """The model's outputs, in one process, where each self-attention call of a ``stale`` step
     attends, for the queries of rank r's tokens, with this step's K/V of rank r's tokens and the K/V
     of the other tokens from the step the call last ran fresh (``order`` 1 / 2: extrapolated in
-    steps through the last two / three steps it ran fresh, as a line / parabola). Also the number
-    of patched calls."""
+    steps through the last two / three steps it ran fresh, as a line / parabola). ``residual``
+    (``"fp16"`` / ``"int8"``): the other tokens' K/V are that forecast plus this step's miss of it
+    rounded to fp16, or to int8 steps of ``amax / 127`` per row (the scale rounded to bf16); the
+    result is what the next forecast extrapolates from. Also the number of patched calls."""
     import torch.nn.functional as F
 
     real = F.scaled_dot_product_attention
@@ -379,6 +381,9 @@ def hand_reference(model, kwargs: dict, ts: list, stale: set, world: int,
             for j, (sj, _, _) in enumerate(points):
                 w = w * (t - sj) / (si - sj) if j != i else w
             k0, v0 = k0 + w * ki, v0 + w * vi
+        if residual:
+            k0, v0 = k0 + _rounded(k - k0, residual), v0 + _rounded(v - v0, residual)
+            kept[index] = [*kept[index][len(kept[index]) - order:], (state["step"], k0, v0)]
         m, rows = n // world, []
         for r in range(world):
             own = slice(r * m, (r + 1) * m)
@@ -388,6 +393,13 @@ def hand_reference(model, kwargs: dict, ts: list, stale: set, world: int,
         return torch.cat(rows, dim=-2)
 
     return _sampled_with(patched, model, kwargs, ts, state), state["patched"]
+
+
+def _rounded(r: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "fp16":
+        return r.half().float()
+    step = (r.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-30).bfloat16().float()
+    return torch.round(r / step).clamp(-127, 127) * step
 
 
 def _sampled_with(patched, model, kwargs: dict, ts: list, state: dict) -> list[torch.Tensor]:
@@ -457,9 +469,10 @@ def stale_job(job: dict) -> dict:
     plan = ditopt.Plan.from_yaml(plan) if plan else ditopt.presets.distrifusion(steps=steps)
     stale = {s for r in plan.rules if r.action == "stale_kv" for s in r.step_list(steps)}
     order = {"linear": 1, "quadratic": 2}.get(job.get("forecast"), 0)
-    reference, patched = hand_reference(model, kwargs, ts, stale, world, order=order)
+    reference, patched = hand_reference(model, kwargs, ts, stale, world, order=order, residual=job.get("residual"))
     spec = ditopt.SequenceParallel(mode=job["mode"], ring_refresh=job.get("refresh"),
-                                   stale_forecast=job.get("forecast", "hold"))
+                                   stale_forecast=job.get("forecast", "hold"),
+                                   stale_residual=job.get("residual", "none"))
     if job.get("refresh") is not None:  # DiTango: the hand reference reuses partial attentions
         from ditopt.runtime.stale_kv import refresh_hops
 

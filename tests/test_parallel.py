@@ -45,12 +45,12 @@ class Block(nn.Module):
 
 
 class Net(nn.Module):
-    def __init__(self, mix: str | None = None, dim: int = 16, heads: int = 2, tokens: int = 8):
+    def __init__(self, mix: str | None = None, dim: int = 16, heads: int = 2, tokens: int = 8, out: int = 4):
         super().__init__()
         self.embed = nn.Linear(4, dim)
         self.rope = nn.Parameter(torch.randn(tokens, dim // heads))
         self.blocks = nn.ModuleList(Block(dim, heads, mix) for _ in range(2))
-        self.head = nn.Linear(dim, 4)
+        self.head = nn.Linear(dim, out)
 
     def forward(self, x, timestep):
         h = self.embed(x)
@@ -69,9 +69,16 @@ def test_token_flow_finds_the_token_dim_the_per_token_table_and_the_gather():
     flow, _ = _flow(Net())
     assert flow.dim == 1 and len(flow.attention) == 2
     assert {operand.name for _, operand, _, _ in flow.shards} == {"rope"}  # the table, sharded once per use
-    assert [u.target for g in flow.gathers for u in g.users] == [torch._C._nn.linear]  # the head, after the stack
+    # the head projects 16 channels to 4 per token: it runs sharded and its output is gathered
+    assert [g.target for g in flow.gathers] == [torch._C._nn.linear] and len(flow.tail) == 1
+    assert [u.op for g in flow.gathers for u in g.users] == ["output"]
     sizes = [args[1:] for node, (args, _) in flow.new_args.items() if node.target == "view"]
     assert sizes and all(s[1] == 4 for s in sizes)  # view(b, 8, heads, d) -> view(b, 4, heads, d)
+
+
+def test_a_head_that_widens_the_tokens_reads_the_gathered_stack_output():
+    flow, _ = _flow(Net(out=64))  # gathering after the head would move 4x the elements
+    assert [u.target for g in flow.gathers for u in g.users] == [torch._C._nn.linear] and not flow.tail
 
 
 @pytest.mark.parametrize("mix, node", [("mean", "mean"), ("conv", "conv1d")])
@@ -213,12 +220,13 @@ def _dit_bytes(mode: str, world: int = 2, batch: int = 2, heads: int = 2, head_d
                tokens: int = 16, itemsize: int = 4) -> dict[str, int]:
     """Bytes one rank sends per all-compute call of the small DiT, from its shapes."""
     local = batch * heads * (tokens // world) * head_dim * itemsize  # q, k, v or out of one rank
-    hidden = batch * (tokens // world) * heads * head_dim * itemsize  # the stack's output, this rank's part
+    # the output head runs on each rank's tokens; gathered after its projection to 2x2 patches of 4 channels
+    projected = batch * (tokens // world) * 2 * 2 * 4 * itemsize
     if mode == "ulysses":  # q, k, v in, out back: four all-to-alls keeping 1/world at home
         attention = {"all_to_all": layers * 4 * local * (world - 1) // world}
     else:  # K and V around the ring: world - 1 hops
         attention = {"ring": layers * 2 * local * (world - 1)}
-    return {**attention, "all_gather": hidden * (world - 1)}
+    return {**attention, "all_gather": projected * (world - 1)}
 
 
 @pytest.mark.slow
