@@ -154,7 +154,8 @@ def _profiled_setting(label: str, make_plan: Callable[[Any], Any]) -> Setting:
 def _profiled_settings(steps: int) -> list[Setting]:
     from ditopt import plan_from_profile
 
-    return [_profiled_setting(f"budget={b}", lambda m, b=b: plan_from_profile(m, budget=b)) for b in (0.5, 0.4, 0.35)]
+    return [_profiled_setting(f"budget={b}", lambda m, b=b: plan_from_profile(m, budget=b))
+            for b in (0.5, 0.4, 0.35, 0.25)]
 
 
 def _tuned_settings(steps: int) -> list[Setting]:
@@ -170,7 +171,7 @@ def _tuned_settings(steps: int) -> list[Setting]:
 
         return Setting(f"budget={budget}", apply)
 
-    return [setting(b) for b in (0.5, 0.4, 0.35)]
+    return [setting(b) for b in (0.5, 0.4, 0.35, 0.25)]
 
 
 def _smoothcache_settings(steps: int) -> list[Setting]:
