@@ -19,6 +19,9 @@ per element (bf16):
                     + the local hop's attention
     elision e     = a fraction e of the calls attends to stale remote K/V (DistriFusion): ring sends
                     nothing at those calls; Ulysses still moves q and the output (2 of 4 all-to-alls)
+    residual r    = a stale call also all-gathers each rank's K/V residual at r of an exchange's
+                    bytes (SequenceParallel(stale_residual=); int8 against bf16 K/V: r = (d+2)/(2d)),
+                    not overlapped: alpha + r 2 (S/N) D 2 (N-1) / beta
 
     generation    = steps * calls_per_step * (blocks * block time + rest(S) / N)
 
@@ -60,7 +63,8 @@ def collective(alpha: float, beta: float, nbytes: float) -> float:
     return alpha + nbytes / beta
 
 
-def block_time(s: Shape, n: int, mode: str, rate: float, alpha: float, beta: float, elide: float) -> dict[str, float]:
+def block_time(s: Shape, n: int, mode: str, rate: float, alpha: float, beta: float, elide: float,
+               residual: float = 0.0) -> dict[str, float]:
     """Seconds of one block call on each of ``n`` ranks: compute, communication, total."""
     parts = block_flops(s)
     attn = parts["self-attn"] / n / rate
@@ -68,16 +72,17 @@ def block_time(s: Shape, n: int, mode: str, rate: float, alpha: float, beta: flo
     if n == 1:
         return {"compute": attn + other, "comm": 0.0, "total": attn + other}
     shard = s.tokens / n * s.width * 2  # bytes of one rank's slice of a (tokens, width) bf16 tensor
+    sent = collective(alpha, beta, residual * 2 * shard * (n - 1)) if residual else 0.0  # a stale call's residual
     if mode == "ulysses":
         a2a = collective(alpha, beta, shard * (n - 1) / n)
-        comm = (1 - elide) * 4 * a2a + elide * 2 * a2a
+        comm = (1 - elide) * 4 * a2a + elide * (2 * a2a + sent)
         return {"compute": attn + other, "comm": comm, "total": attn + other + comm}
     hop = collective(alpha, beta, 2 * shard)  # K and V of one slice to the next rank
     hop_attn = attn / n
     fresh = other + hop_attn + (n - 1) * max(hop_attn, hop)
-    stale = other + attn  # remote K/V from the cache: no hop
+    stale = other + attn + sent  # remote K/V from the cache (and the residual): no hop
     total = (1 - elide) * fresh + elide * stale
-    return {"compute": attn + other, "comm": (1 - elide) * (n - 1) * hop, "total": total}
+    return {"compute": attn + other, "comm": (1 - elide) * (n - 1) * hop + elide * sent, "total": total}
 
 
 def main(argv=None) -> None:
@@ -90,6 +95,10 @@ def main(argv=None) -> None:
     p.add_argument("--alpha", type=float, default=15e-6, help="seconds of latency per collective (NCCL, one node)")
     p.add_argument("--beta", type=float, default=350e9, help="bytes/s a rank sends (NVLink 4: 450 GB/s a direction)")
     p.add_argument("--elide", type=float, default=0.5, help="fraction of calls on stale remote K/V")
+    p.add_argument("--residual", type=float, default=None,
+                   help="also: stale calls sending residuals at this fraction of an exchange's bytes, "
+                        "at --residual-elide of the calls")
+    p.add_argument("--residual-elide", type=float, default=0.7)
     args = p.parse_args(argv)
     if args.gpus < 1 or args.tokens < 1 or not 0 <= args.elide <= 1:
         p.error("--gpus and --tokens must be >= 1 and --elide in [0, 1]")
@@ -105,10 +114,12 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|")
     print(f"| 1 GPU | {one / calls / s.blocks * 1e3:.2f} | 0 | {one / calls / s.blocks * 1e3:.2f} | {one:.2f} | 1.00 |")
     for mode in ("ulysses", "ring") if args.gpus > 1 else ():
-        for elide in (0.0, args.elide):
-            t = block_time(s, args.gpus, mode, rate, args.alpha, args.beta, elide)
+        variants = [(0.0, 0.0), (args.elide, 0.0)] + ([(args.residual_elide, args.residual)] if args.residual else [])
+        for elide, residual in variants:
+            t = block_time(s, args.gpus, mode, rate, args.alpha, args.beta, elide, residual)
             gen = t["total"] * s.blocks * calls + rest / args.gpus
-            name = f"SP {mode}" + (f" + elision {elide:.0%}" if elide else "")
+            name = f"SP {mode}" + (f" + elision {elide:.0%}" if elide else "") + (
+                f", residuals at {residual:.2f} of an exchange" if residual else "")
             print(f"| {name} | {t['compute'] * 1e3:.2f} | {t['comm'] * 1e3:.2f} | {t['total'] * 1e3:.2f} | "
                   f"{gen:.2f} | {one / gen:.2f} |")
 
