@@ -104,7 +104,7 @@ def run_bench(model: str = "dit-digits", *, seeds: int = 4, steps: int | None = 
     ctx = Context(ref_zoo, n_steps, table)
 
     # full compute: references, times, and the FLOPs of every site per call
-    references, full_times = [], []
+    references = []
     counter = ModuleCost(ref_zoo.model, counted)
     with counter.counting():
         references.append(ref_zoo.sample(labels, seed=0, steps=n_steps))

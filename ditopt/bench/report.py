@@ -12,7 +12,7 @@ from .measure import BenchResult
 
 def format_table(result: BenchResult) -> str:
     """A markdown table of the rows (overhead rows marked), then the peers that could not run."""
-    lines = [f"| method | setting | block compute | speedup (time) | PSNR (dB) | SSIM | accuracy |",
+    lines = ["| method | setting | block compute | speedup (time) | PSNR (dB) | SSIM | accuracy |",
              "|---|---|---|---|---|---|---|"]
     for r in result.rows:
         p = "inf" if math.isinf(r.psnr) else f"{r.psnr:.2f}"
