@@ -381,8 +381,8 @@ def duca(steps: int = 50, interval: int = 4, ratio: float = 0.2, *, warmup: int 
 
 
 def distrifusion(steps: int = 50, *, warmup: int = 1, interval: int = 2) -> Plan:
-    """DistriFusion as a static schedule (sequence parallelism only): self-attention reuses the
-    remote K/V of its last exchange (``stale_kv``) at the steps between exchanges.
+    """DistriFusion as a static schedule (sequence parallelism only): self- and joint attention
+    reuse the remote K/V of their last exchange (``stale_kv``) at the steps between exchanges.
 
     Follows Li et al., "DistriFusion: Distributed Parallel Inference for High-Resolution Diffusion
     Models" (CVPR 2024): each rank attends with its fresh local K/V and the other ranks' stale K/V,
@@ -395,13 +395,16 @@ def distrifusion(steps: int = 50, *, warmup: int = 1, interval: int = 2) -> Plan
     Example:
         >>> plan = distrifusion(steps=8)
         >>> [(r.attention, r.action, r.step_list(8)) for r in plan.rules]
-        [('self', 'stale_kv', [1, 3, 5, 7])]
+        [('self', 'stale_kv', [1, 3, 5, 7]), ('joint', 'stale_kv', [1, 3, 5, 7])]
     """
     check_steps(steps)
     check_count(warmup, "warmup", minimum=1)
     check_count(interval, "interval", minimum=2)
     stale = tuple(s for s in range(warmup, steps) if (s - warmup) % interval != interval - 1)
-    rules = [Rule(sites=("*",), kind="attention", attention="self", steps=stale, action="stale_kv")]
+    # joint attention (image and text tokens in one attention: SD3, Flux, HunyuanVideo) exchanges its
+    # image K/V across ranks as self-attention does; its text K/V are on every rank and stay fresh
+    rules = [Rule(sites=("*",), kind="attention", attention=kind, steps=stale, action="stale_kv")
+             for kind in ("self", "joint")]
     if not stale:
         rules = [Rule(sites=("*",), kind="block", action="compute")]
     plan = Plan(steps=steps, rules=rules, name=f"distrifusion-{interval}")

@@ -112,10 +112,10 @@ def _check_can_take(rule: "Rule", i: int, site) -> None:
                             f"with kind: attention, attention: self; joint attention takes a per-axis window)", **where)
         return
     if rule.action == Action.STALE_KV:  # the site still runs: only its K/V exchange is skipped (runtime/stale_kv.py)
-        if site.kind != "attention" or site.attention != "self":
+        if site.kind != "attention" or site.attention not in ("self", "joint"):  # joint: its text K/V stay fresh
             what = f"{site.attention} attention" if site.kind == "attention" else f"a {site.kind}"
-            raise PlanError(f"stale_kv applies to self-attention sites only; {site.name!r} is {what} (narrow the "
-                            f"rule with kind: attention, attention: self)", **where)
+            raise PlanError(f"stale_kv applies to self- and joint attention sites only; {site.name!r} is {what} "
+                            f"(narrow the rule with kind: attention, attention: self)", **where)
         return
     if rule.action == Action.SHARE_CFG and site.kind not in ("attention", "block"):
         raise PlanError(f"share_cfg applies to attention and block sites; {site.name!r} is a {site.kind}", **where)

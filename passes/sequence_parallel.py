@@ -233,7 +233,7 @@ def check_stale_kv(gm: fx.GraphModule, table, ctx: PassContext) -> set[str]:
     held = {n.args[13] for n in gm.graph.nodes if n.target is distributed.sp_attention and len(n.args) > 13}
     if not stale & held:  # a local self-attention (a text refiner) sends nothing: it computes, as a pattern allows
         raise PlanError("stale_kv: no site the plan gives it holds distributed attention (their keys and values do "
-                        "not carry the sharded tokens; joint attention does not take stale_kv yet)", site=name)
+                        "not carry the sharded tokens: nothing to elide)", site=name)
     return stale
 
 

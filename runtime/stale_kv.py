@@ -1,7 +1,7 @@
 """``action: stale_kv``: self-attention under sequence parallelism that skips its K/V exchange
 (DistriFusion's stale activations).
 
-A ``stale_kv`` step of a self-attention site attends with this step's **local** K/V (fresh: this
+A ``stale_kv`` step of a self- (or joint) attention site attends with this step's **local** K/V (fresh: this
 rank computed them) and the **remote** K/V kept from the last step the site exchanged them, and
 sends nothing. ``runtime.distributed.sp_attention`` asks :func:`plan_at` what to do at each call
 (the table is static, so every rank decides alike, from the step alone):

@@ -70,7 +70,7 @@ def run_job(job: dict) -> dict:
     import ditopt
 
     if job.get("stale"):  # tests/test_stale_kv.py
-        return stale_job(job)
+        return joint_stale_job(job) if job.get("joint") else stale_job(job)
     if job["model"].endswith("-digits"):
         return zoo_job(job)
     steps = job.get("steps", 1)
@@ -347,6 +347,43 @@ def build_dit(layers: int):
                               num_layers=layers, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
     return m.eval(), dict(hidden_states=torch.randn(2, 4, 8, 8), timestep=torch.tensor([500, 500]),
                           class_labels=torch.tensor([1, 2]))
+
+
+def joint_stale_job(job: dict) -> dict:
+    """``presets.distrifusion`` on a small config whose blocks use joint attention (image and text
+    tokens in one attention): the un-elided run, held K/V, and int8 residuals against the linear
+    forecast; per step the output difference to the un-elided run and the bytes sent by kind."""
+    import ditopt
+    from ditopt.small_models import timesteps
+
+    steps = 4
+    model, kwargs = build(job["model"])
+    ts = timesteps(steps, kwargs["timestep"])
+    sp = lambda **kw: ditopt.SequenceParallel(mode=job["mode"], **kw)  # noqa: E731
+    variants = (("full", ditopt.presets.all_compute(steps=steps), sp()),
+                ("held", ditopt.presets.distrifusion(steps=steps), sp()),
+                ("int8", ditopt.presets.distrifusion(steps=steps), sp(stale_forecast="linear", stale_residual="int8")))
+    runs = {}
+    try:
+        for name, plan, spec in variants:
+            fast = ditopt.optimize(model, plan, parallel=spec)
+            outs, sent = [], []
+            with torch.no_grad():
+                for t in ts:
+                    before = dict(ditopt.stats(fast).comm_bytes)
+                    out = fast(**{**kwargs, "timestep": t})
+                    outs.append((out[0] if isinstance(out, (tuple, list)) else out.sample).clone())
+                    after = ditopt.stats(fast).comm_bytes
+                    sent.append({k: after[k] - before.get(k, 0) for k in after if after[k] - before.get(k, 0)})
+            runs[name] = dict(outs=outs, bytes=sent, stale=sorted(s for s, d in ditopt.stats(fast).decisions.items()
+                                                                 if "stale_kv" in d))
+    except Exception as exc:
+        return {**job, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
+    full = runs["full"]["outs"]
+    return {**job, **{f"diff_{n}": [float((a - b).abs().max()) for a, b in zip(runs[n]["outs"], full)]
+                      for n in ("held", "int8")},
+            **{f"bytes_{n}": runs[n]["bytes"] for n in runs}, "stale_sites": runs["held"]["stale"],
+            "stale_sites_int8": runs["int8"]["stale"]}
 
 
 def hand_reference(model, kwargs: dict, ts: list, stale: set, world: int,

@@ -67,8 +67,8 @@ def test_stale_kv_is_refused_without_sequence_parallelism():
     (lambda: stale_plan(steps=(0, 1)), "stale_kv at step 0: nothing has been computed yet"),
     (lambda: stale_plan(when={"of": "stack[0]", "below": 0.1}), "'stale_kv' cannot be adaptive"),
     (lambda: ditopt.Plan.from_dict({"version": 1, "steps": 4, "rules": [
-        {"sites": "*", "kind": "block", "steps": [1], "action": "stale_kv"}]}), "stale_kv applies to self-attention "
-     "sites only; 'transformer_blocks.0' is a block"),
+        {"sites": "*", "kind": "block", "steps": [1], "action": "stale_kv"}]}), "stale_kv applies to self- and joint "
+     "attention sites only; 'transformer_blocks.0' is a block"),
     (lambda: ditopt.Plan.from_dict({"version": 1, "steps": 4, "rules": [
         {"sites": "*", "kind": "attention", "attention": "cross", "steps": [1], "action": "stale_kv"}]}),
      "'transformer_blocks.0.attn2' is cross attention"),
@@ -85,7 +85,8 @@ def test_misused_stale_kv_is_a_plan_error(plan, message):
 
 def test_the_preset_is_stale_every_other_step_after_the_warmup():
     plan = ditopt.presets.distrifusion(steps=8)
-    assert [(r.attention, r.action, r.step_list(8)) for r in plan.rules] == [("self", "stale_kv", [1, 3, 5, 7])]
+    assert [(r.attention, r.action, r.step_list(8)) for r in plan.rules] == [("self", "stale_kv", [1, 3, 5, 7]),
+                                                                             ("joint", "stale_kv", [1, 3, 5, 7])]
     assert ditopt.presets.distrifusion(steps=9, warmup=2, interval=3).rules[0].step_list(9) == [2, 3, 5, 6, 8]
     assert ditopt.presets.lookup("distrifusion-3")[1] == {"interval": 3}
     assert ditopt.Plan.from_yaml(plan.to_yaml()).to_yaml() == plan.to_yaml()
@@ -131,7 +132,9 @@ def test_refresh_and_forecast_options_are_checked():
 
 def test_a_plan_whose_stale_sites_all_stay_local_is_refused(one_rank):
     model, kwargs = build("hunyuan")  # self-attention only in the text refiner (local); the blocks are joint
-    fast = ditopt.optimize(model, ditopt.presets.distrifusion(steps=4), parallel=ditopt.SequenceParallel(mode="ring"))
+    refiner = ditopt.Plan.from_dict({"version": 1, "steps": 4, "rules": [
+        {"sites": "*", "kind": "attention", "attention": "self", "steps": [1, 3], "action": "stale_kv"}]})
+    fast = ditopt.optimize(model, refiner, parallel=ditopt.SequenceParallel(mode="ring"))
     with pytest.raises(PlanError, match=r"refiner_blocks\.0\.attn'.*no site the plan gives it holds distributed"):
         with torch.no_grad():
             fast(**kwargs)
@@ -164,7 +167,9 @@ JOBS = [{"stale": True, "mode": m, "steps": STEPS, "layers": LAYERS} for m in ("
     # CompactFusion: a stale step sends the residual against the forecast, compressed
     *({"stale": True, "mode": m, "steps": 6, "layers": 3, "forecast": "linear", "residual": "int8", "name": "int8"}
       for m in ("ulysses", "ring")),
-    {"stale": True, "mode": "ring", "steps": 6, "layers": 3, "residual": "fp16", "name": "fp16"}]
+    {"stale": True, "mode": "ring", "steps": 6, "layers": 3, "residual": "fp16", "name": "fp16"},
+    # joint attention (HunyuanVideo's blocks: image and text tokens in one attention)
+    *({"stale": True, "joint": True, "model": "hunyuan", "mode": m, "name": "joint"} for m in ("ulysses", "ring"))]
 
 
 @pytest.fixture(scope="module")
@@ -299,6 +304,22 @@ def test_a_residual_stale_step_equals_its_hand_reference_and_sends_the_encoded_r
     # each rank keeps its own K/V's history beside the remote one: as many bytes again (2 ranks)
     linear_cache = _ok(spawned[(mode, "linear")])["cache_bytes"]
     assert r["cache_bytes"][-1] == (2 * linear_cache[-1] if name == "int8" else 2 * 3 * 2 * local)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ulysses", "ring"])
+def test_joint_attention_takes_stale_kv_its_text_kv_fresh(spawned, mode):
+    r = _ok(spawned[(mode, "joint")])
+    assert r["stale_sites"] and all(not s.startswith("refiner") for s in r["stale_sites"])
+    assert r["stale_sites_int8"] == r["stale_sites"]
+    for step in (1, 3):  # held: nothing sent for attention, and the stale K/V change the output
+        assert not {"ring", "all_to_all"} & set(r["bytes_held"][step]), r["bytes_held"][step]
+        assert r["bytes_held"][step]["total"] < r["bytes_full"][step]["total"]
+        assert r["diff_held"][step] > 1e-6
+        # int8 residuals: more bytes than nothing, fewer than an exchange, far closer to the un-elided run
+        assert r["bytes_held"][step]["total"] < r["bytes_int8"][step]["total"] < r["bytes_full"][step]["total"]
+        assert r["diff_int8"][step] < 0.2 * r["diff_held"][step]
+    assert r["diff_held"][0] == r["diff_int8"][0] == 0.0
 
 
 def test_residual_options_are_checked():
