@@ -298,6 +298,8 @@ def residual_attention(q, k, v, mask, scale, q_segs: Segs, kv_segs: Segs, group:
     from .distributed import _all_gather
 
     own = _own(k, v, kv_segs, world)
+    if world == 1:  # nothing is remote: the local K/V are all there is
+        return stale_attention(q, k, v, mask, scale, q_segs, kv_segs, rank, world, own[..., :0, :])
     mine = forecast_remote(rid, graph, site, f"{call}:mine", order)
     remote = forecast_remote(rid, graph, site, call, order)
     got = _all_gather(encode(own - mine, kind), 3, group, world, rid)

@@ -110,7 +110,9 @@ def test_one_rank_stale_steps_equal_the_model_and_refuse_inductor(one_rank, mode
 
 
 @pytest.mark.parametrize("spec", [dict(mode="ring", ring_refresh=0.0), dict(mode="ring", ring_refresh=1.0),
-                                  dict(mode="ulysses", stale_forecast="linear")])
+                                  dict(mode="ulysses", stale_forecast="linear"),
+                                  dict(mode="ring", stale_forecast="quadratic", stale_residual="int8"),
+                                  dict(mode="ulysses", stale_residual="fp16")])
 def test_one_rank_refresh_and_forecast_equal_the_model(one_rank, spec):
     model, kwargs = build("dit")
     fast = ditopt.optimize(model, stale_plan(steps=(1, 3, 4), total=5), parallel=ditopt.SequenceParallel(**spec))
