@@ -10,7 +10,7 @@ pass context's :class:`~ditopt.sites.SiteTable`: the one source of site informat
 Example:
     >>> import torch.fx as fx
     >>> g = fx.Graph(); x = g.placeholder("x")
-    >>> annotate(x, role=Role.TOKEN); role_of(x), token_of(g) is x
+    >>> _ = annotate(x, role=Role.TOKEN); role_of(x), token_of(g) is x
     (<Role.TOKEN: 'token'>, True)
     >>> annotate(x, regions=("blocks.1", "blocks.0")).regions
     ('blocks.0', 'blocks.1')
