@@ -123,7 +123,7 @@ def find_token_flow(graph: fx.Graph, sites: SiteTable, world: int) -> TokenFlow:
     first = sites[sites.stack_blocks()[0]]
     names = dict.fromkeys([*(r for r in first.residual_inputs if r), *first.inputs])
     candidates = [by_name[n] for n in names if not is_param(by_name[n]) and len(_shape(by_name[n]) or ()) >= 3]
-    failures: list[TokenMixing] = []
+    failures: list[tuple[TokenMixing, str, bool]] = []  # why, what was followed, whether the residual stream
     for start in candidates:
         for d, size in enumerate(_shape(start)[:-1]):
             if size < 2:
@@ -131,17 +131,20 @@ def find_token_flow(graph: fx.Graph, sites: SiteTable, world: int) -> TokenFlow:
             try:
                 flow = token_flow(graph, region, start, d, world, tail=True)
             except TokenMixing as e:
-                failures.append(e)
+                failures.append((e, f"dimension {d} of {start.name} ({size} entries)", start.name in first.residual_inputs))
                 continue
             if flow.attention and flow.gathers:
                 return flow
     order = {n: i for i, n in enumerate(graph.nodes)}
     # a wrong dimension (batch, channels) fails where it reaches attention's other dimensions
-    telling = [e for e in failures if "sequence dimension" not in e.why] or failures
+    telling = [f for f in failures if "sequence dimension" not in f[0].why] or failures
     if telling:
-        worst = max(telling, key=lambda e: order.get(e.node, -1))
-        raise CaptureError(f"sequence parallelism cannot shard the tokens: node {worst}; only self-attention may "
-                           f"mix tokens across ranks")
+        # the residual stream's failure first (the hidden states the blocks carry), the farthest first
+        telling.sort(key=lambda f: (not f[2], -order.get(f[0].node, -1)))
+        others = "; ".join(f"{where}: stops at {e}" for e, where, _ in telling[1:3])
+        raise CaptureError(f"sequence parallelism cannot shard the tokens: node {telling[0][0]} (following "
+                           f"{telling[0][1]}); only self-attention may mix tokens across ranks"
+                           + (f". Other dimensions tried: {others}" if others else ""))
     raise CaptureError("sequence parallelism: no self-attention over the tokens entering the block stack")
 
 

@@ -76,6 +76,20 @@ def test_token_flow_finds_the_token_dim_the_per_token_table_and_the_gather():
     assert sizes and all(s[1] == 4 for s in sizes)  # view(b, 8, heads, d) -> view(b, 4, heads, d)
 
 
+def test_linear_attention_is_refused_naming_its_matmul_over_the_tokens():
+    from diffusers import SanaTransformer2DModel  # ReLU linear attention: K^T V sums over the tokens
+
+    torch.manual_seed(0)
+    model = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                   num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                                   cross_attention_dim=16, caption_channels=16, sample_size=8, patch_size=1).eval()
+    cap = capture(model, hidden_states=torch.randn(1, 4, 8, 8), encoder_hidden_states=torch.randn(1, 5, 16),
+                  timestep=torch.tensor([500]))
+    with pytest.raises(ditopt.CaptureError, match=r"node \S*scores \(matmul\): a matmul that contracts over the "
+                                                  r"tokens \(following dimension 1 of hidden_states \(64 entries\)\)"):
+        find_token_flow(cap.gm.graph, ditopt.find_sites(cap.gm.graph), 2)
+
+
 def test_a_head_that_widens_the_tokens_reads_the_gathered_stack_output():
     flow, _ = _flow(Net(out=64))  # gathering after the head would move 4x the elements
     assert [u.target for g in flow.gathers for u in g.users] == [torch._C._nn.linear] and not flow.tail
