@@ -149,7 +149,7 @@ def plan_stale(rmap: KVChangeMap, comm_budget: float = 0.5, *, warmup: int = 1, 
     if warmup < 1 or warmup > rmap.steps:
         raise PlanError(f"plan_stale: warmup must be in 1..{rmap.steps} (step 0 always exchanges), got {warmup}")
     change = torch.nan_to_num(rmap.change, nan=0.0).tolist()
-    measured = bool(rmap.sent) and sum(rmap.sent.values()) > 0
+    measured = sum(rmap.sent.values()) > 0
     cost = rmap.sent if measured else rmap.nbytes
     saved = {site: cost[site] - (rmap.stale_sent.get(site, 0) if measured else 0) for site in rmap.sites}
     total = sum(cost.values()) * rmap.steps + (rmap.other_sent if measured else 0)

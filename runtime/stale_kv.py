@@ -370,8 +370,7 @@ def refreshed_attention(q, k, v, mask, scale, q_segs: Segs, kv_segs: Segs, group
     if "r" in kinds:
         rep = [torch.cat([p for p, kind in zip(pieces, kinds) if kind == "r"], dim=2) for pieces in (k_pieces, v_pieces)]
         parts.append(d.attention_with_lse(q, rep[0], rep[1], cols(None), scale))
-    kv = torch.stack([torch.cat([p for p, kind in zip(pieces, kinds) if kind == "s"], dim=2)
-                      for pieces in (k_pieces, v_pieces)])
+    kv = _own(k, v, kv_segs, world)
     parts.append(d.attention_with_lse(q, kv[0], kv[1], cols(rank), scale))
     hops = list(range(1, world)) if cached is None else refresh_hops(share, rt.state.step, world)
     got = _hop_exchange(kv, hops, group, rank, world, rid) if hops else {}
