@@ -409,6 +409,7 @@ def profile(model: torch.nn.Module, run: Callable[[Any], Any], *, steps: int, pr
     recorder = Recorder(keep=keep, batched_cfg=cfg == "batched")
     rt = Runtime()
     rt.recorder = recorder  # the observer nodes feed it
+    rt.state.one_generation = True  # every new timestep is the next step, whichever way a sampler counts
     fast = wrap(model, presets.all_compute(steps=steps), timestep_arg=timestep_arg, observe=True, runtime=rt)
     probe = _FirstCall(fast)
     bar = None

@@ -170,7 +170,7 @@ def _assign_slots(plan: "Plan", table: DecisionTable, sites: SiteTable, origin) 
         if kinds:
             table.slots[name] = SLOTS[kinds.pop()]
         else:  # predict alone forecasts the residual where the site has one, else its output
-            residual = sites[name].residual_inputs and all(r is not None for r in sites[name].residual_inputs)
+            residual = sites[name].residual_form and all(r is not None for r in sites[name].residual_inputs)
             table.slots[name] = "residual" if residual else "output"
         static = [s for s, a in enumerate(row) if a != Action.COMPUTE and table.adaptive[name][s] is None]
         first = static[0] if static else None  # adaptive steps compute by themselves while nothing is cached

@@ -276,9 +276,14 @@ def tune(model: torch.nn.Module, run: Callable[[Any], Any], rmap: RedundancyMap,
     def measure(cand: Candidate) -> float:
         fast = running(model, cand.plan, compiled)
         reset(fast)
-        with torch.no_grad():
-            out = run(fast)
-        made = runtime_of(fast).state.step + 1
+        state = runtime_of(fast).state
+        state.one_generation = True  # one run is one generation, whichever way its sampler counts
+        try:
+            with torch.no_grad():
+                out = run(fast)
+        finally:
+            state.one_generation = False
+        made = state.step + 1
         try:
             rmap.check_fits(steps=made)
         except ProfileError as exc:

@@ -6,7 +6,8 @@ Rewrite to (a site with live-out ``h1`` and residual input ``h0``):
     before                          after
     h1 = <region>(h0)               h1 = <region>(h0)
                                     ditopt.observe(token, h1, h0, rid, graph, "blocks.3")
-A site without residual form passes its output twice. The runtime's recorder measures, per
+A site without residual form (no add chain from an input to each output: an attention or
+feed-forward inside a block) passes its output twice: its output is what is replayed and forecast. The runtime's recorder measures, per
 step and CFG branch, the change of the output and residual against the previous step.
 """
 
@@ -36,7 +37,7 @@ def insert_observers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if site.kind not in OBSERVED_KINDS or site.name in done or not site.live_outs:
             continue
         out = by_name[site.live_outs[0]]
-        inp = site.residual_inputs[0] if site.residual_inputs else None
+        inp = site.residual_inputs[0] if site.residual_form and site.residual_inputs else None
         inp = by_name[inp] if inp else out
         anchor = max((out, inp), key=order.__getitem__)
         with graph.inserting_after(anchor):

@@ -2,19 +2,28 @@
 
 The step index is found from the timestep input alone, so that a caller's sampling loop needs
 no change: a timestep different from the previous call's is the next step, the same timestep
-again is the next classifier-free-guidance branch of the same step, and a timestep that goes
-back up (diffusion samplers count down) starts a new generation. The timestep a call is read
+again is the next classifier-free-guidance branch of the same step, and a timestep that moves
+against the samplers' direction starts a new generation. Samplers count down (diffusers'
+schedulers hand the model 999 ... 0 or 1.0 ... 0.0) unless shown otherwise: three one-step
+generations in a row, each begun by a rise (what a sampler that counts up, as Z-Image's
+pipeline does with ``t`` from 0 to 1, looks like to a counting-down reader), are taken for one
+generation that counts up; the third call is its step 2, with the caches of the first two
+dropped (what they stored was labelled as another generation's step 0, so the next steps
+compute rather than read it), and from then on a fall starts a generation. Three one-step
+generations begun by falls turn it back. The timestep a call is read
 by is the maximum of its timestep tensor (per-sample and per-token timesteps: Wan2.2's
 image-to-video gives its first frame timestep 0). Once a generation has run, its schedule is
-known: a later generation that has followed it for two steps and then goes down to a timestep
-the schedule does not have next (a new generation started lower, e.g. image-to-image after an
-interrupted run) starts a new generation instead of continuing. A restart exactly at the
-timestep the old schedule had next cannot be told from a continuation: say so explicitly.
+known: a later generation that has followed it for two steps and then moves on to a timestep
+the schedule does not have next (a new generation started further along, e.g. image-to-image
+after an interrupted run) starts a new generation instead of continuing. A restart exactly at
+the timestep the old schedule had next cannot be told from a continuation: say so explicitly.
 
 Callers that know better can start a generation (:meth:`StepState.start`, what
 ``ditopt.generation`` and ``ditopt.reset`` do), override one call with :meth:`StepState.set`,
 or tell it every step with :meth:`StepState.tell` (a pipeline's step callback does): the calls
 until the next tell are that step's CFG branches, and the timestep is then never read on the host.
+``one_generation`` (the profiler's calibration run) makes every new timestep the next step,
+whichever way it moves.
 """
 
 from __future__ import annotations
@@ -32,6 +41,9 @@ class StepState:
         >>> s = StepState()
         >>> [s.observe(t) for t in (999.0, 999.0, 500.0, 500.0, 999.0)]
         [(0, 0, True), (0, 1, False), (1, 0, False), (1, 1, False), (0, 0, True)]
+        >>> up = StepState()   # a sampler that counts up: seen for what it is at its third step
+        >>> [up.observe(t) for t in (0.0, 0.25, 0.5, 0.75, 0.0)], up.rising
+        ([(0, 0, True), (0, 0, True), (2, 0, True), (3, 0, False), (0, 0, True)], True)
     """
 
     step: int = -1
@@ -45,6 +57,9 @@ class StepState:
     _schedule: list[float] = field(default_factory=list, repr=False)  # a recent generation's timesteps
     _current: list[float] = field(default_factory=list, repr=False)  # this generation's, one per step
     _offset: int | None = field(default=None, repr=False)  # where _current starts in _schedule
+    rising: bool = False  # the direction samplers are taken to count (see the module docstring)
+    one_generation: bool = False  # every new timestep is the next step (a calibration run)
+    _streak: list[float] = field(default_factory=list, repr=False)  # one-step generations begun against it
 
     def observe(self, t: float | Callable[[], float]) -> tuple[int, int, bool]:
         """Advance on a call whose timestep is ``t`` (or ``t()``: read only when the step is not
@@ -67,20 +82,38 @@ class StepState:
             self.step, self.branch = step, branch
             if not new_generation and branch == 0:
                 self._current.append(t)
-        elif self._last_t is None or t > self._last_t or self._leaves_schedule(t):
+        elif self._last_t is None:
             self.step, self.branch, new_generation = 0, 0, True
         elif t == self._last_t:
             self.branch += 1
-        else:
+        elif self.one_generation or ((t > self._last_t) == self.rising and not self._leaves_schedule(t)):
             self.step, self.branch = self.step + 1, 0
             self._current.append(t)
-        if new_generation:
+            self._streak = []
+        elif self._turns(t):  # the last two one-step generations and this call are one generation
+            self.step, self.branch, new_generation = 2, 0, True  # new: the runtime drops the caches
+            self.rising, self.calls, self.generation = not self.rising, 2, self.generation - 1
+            self._current, self._streak, self._offset = self._streak, [], None
+        else:
+            self.step, self.branch, new_generation = 0, 0, True
+        if new_generation and self.step == 0:
             self.generation += 1
             self.calls = 0
             self._remember([t])
         self.calls += 1
         self._last_t = t
         return self.step, self.branch, new_generation
+
+    def _turns(self, t: float) -> bool:
+        """Whether this move ends a third one-step generation in a row begun against the direction
+        (the direction turns); keeps that streak up to date otherwise."""
+        if (t > self._last_t) == self.rising or self.step != 0:  # along it, or a longer generation ended
+            self._streak = []
+            return False
+        if not self._streak or self._streak[-1] != self._last_t:
+            self._streak = [self._last_t]
+        self._streak.append(t)
+        return len(self._streak) >= 3
 
     def _leaves_schedule(self, t: float) -> bool:
         """Whether a lower timestep ``t`` cannot be this generation's next step: it has followed
@@ -94,7 +127,8 @@ class StepState:
         """Start tracking a new generation's timesteps; keep the last one's as the known schedule
         unless it followed a part of it or started lower (image-to-image runs a schedule's tail)."""
         done = self._current
-        if done and not self._follows(done) and (not self._schedule or done[0] >= self._schedule[0]):
+        further = (operator.le if self.rising else operator.ge)
+        if done and not self._follows(done) and (not self._schedule or further(done[0], self._schedule[0])):
             self._schedule = done
         self._current = current
         self._offset = self._schedule.index(current[0]) if current and current[0] in self._schedule else None

@@ -70,6 +70,53 @@ def test_a_restart_below_the_known_schedule_is_a_new_generation(model):
     assert ditopt.stats(fast).generation == 2
 
 
+def test_a_sampler_that_counts_up_is_seen_at_its_third_step(model):
+    """Z-Image's pipeline hands its model t rising from 0 to 1. Read as one generation from its
+    third step (the first two computed, their caches dropped): FORA reuses from then on, each
+    output from step 2 on is the one steps told explicitly give, and the next generation (a
+    fall back to 0) counts up from its first step."""
+    rising = [0.0, 0.25, 0.5, 0.75]
+    fast = ditopt.optimize(model, fora())
+    told = ditopt.optimize(model, fora())
+    first, second = [call(fast, t) for t in rising], [call(fast, t) for t in rising]
+    ref = []
+    for step, t in enumerate(rising):
+        runtime_of(told).state.tell(step)
+        ref.append(call(told, t))
+    own = [call(model, t) for t in rising]
+    assert torch.equal(first[0], own[0]) and torch.equal(first[1], own[1])  # computed, not reused
+    assert torch.equal(first[2], ref[2]) and torch.equal(first[3], ref[3])
+    assert not torch.equal(first[3], own[3])  # step 3 reused step 2
+    assert all(torch.equal(a, b) for a, b in zip(second, ref))
+    state = runtime_of(fast).state
+    assert state.rising and ditopt.stats(fast).generation == 1 and state.step == 3
+
+
+def test_the_direction_turns_only_on_three_one_step_generations():
+    s = StepState()  # a stray call, then a generation counting down: nothing turns
+    assert [s.observe(t) for t in (500.0, 999.0, 949.0, 899.0)] == [(0, 0, True), (0, 0, True), (1, 0, False),
+                                                                     (2, 0, False)]
+    assert not s.rising
+    s = StepState()  # counting up with two CFG calls a step
+    seen = [s.observe(t) for t in (0.0, 0.0, 0.5, 0.5, 1.0, 1.0, 1.5, 1.5)]
+    assert seen[4:] == [(2, 0, True), (2, 1, False), (3, 0, False), (3, 1, False)] and s.rising
+    assert [s.observe(t) for t in (1.0, 0.5, 0.0, -0.5)] == [(0, 0, True), (0, 0, True), (2, 0, True), (3, 0, False)]
+    assert not s.rising  # and back: three one-step generations begun by falls
+
+
+def test_profile_and_tune_read_a_sampler_that_counts_up(model):
+    def run(tr):
+        x = X
+        for t in (0.0, 0.25, 0.5, 0.75):
+            x = x - 0.1 * call(tr, t, x=x)
+        return x
+
+    rmap = ditopt.profile(model, run, steps=4, progress=False)
+    assert rmap.steps == 4 and not torch.isnan(rmap.metric("rel_l1")[1:]).all()
+    tuned = ditopt.tune(model, run, rmap, budget=0.75, progress=False)
+    assert tuned.best.compute_fraction <= 0.75 and tuned.best.psnr > 0
+
+
 def test_generation_block_starts_fresh_where_inference_cannot_tell(model):
     """A restart exactly at the timestep the interrupted run had next looks like its next step:
     inside ``ditopt.generation`` it is a new generation all the same."""
