@@ -13,6 +13,7 @@ import copy
 import inspect
 import weakref
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import torch
 from torch._dynamo.eval_frame import OptimizedModule
@@ -35,6 +36,7 @@ class DitoptModule(OptimizedModule):
 
     def __call__(self, *args, **kwargs):
         _make_room_for_another_model()  # dynamo's config is per thread: a worker thread has its own
+        args, kwargs = self._timestep_by_keyword(args, kwargs)
         try:
             if self._ditopt_runtime.graphs:
                 return super().__call__(*args, **kwargs)
@@ -59,10 +61,30 @@ class DitoptModule(OptimizedModule):
                 object.__setattr__(self, "_ditopt_regional_failure", f"{type(exc).__name__}: {exc}")
                 return self(*args, **kwargs)
             self._raise_for_timestep(args, kwargs)
+            if not self._ditopt_runtime.graphs and not self.__dict__.get("_ditopt_warmed"):
+                # state some models build lazily on their first call (Z-Image's rotary table, under a
+                # torch.device context dynamo cannot trace): one eager call builds it, then capture again
+                object.__setattr__(self, "_ditopt_warmed", True)
+                self._orig_mod(*args, **kwargs)
+                return self(*args, **kwargs)
             name = type(self._orig_mod).__name__
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CaptureError(f"could not capture {name} as one graph: dynamo raised {type(exc).__name__}: "
                                f"{first}") from exc
+
+    def _timestep_by_keyword(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """A timestep given by position goes by keyword (with the arguments after it), so that the
+        graph names it also where ``forward`` is wrapped in a ``(*args, **kwargs)`` decorator
+        (Z-Image's pipeline calls ``transformer(x, t, cap_feats)``)."""
+        names = self.__dict__.get("_ditopt_after_timestep", False)
+        if names is False:
+            names = _names_from(self._orig_mod.forward, self._ditopt_backend.timestep_arg)
+            object.__setattr__(self, "_ditopt_after_timestep", names)
+        if names is None or not names[0] < len(args) <= names[0] + len(names[1]) \
+                or set(names[1][:len(args) - names[0]]) & set(kwargs):
+            return args, kwargs
+        moved = dict(zip(names[1], args[names[0]:]))
+        return args[:names[0]], {**moved, **kwargs}
 
     def _raise_for_timestep(self, args, kwargs) -> None:
         """A timestep that is not a tensor: the model's own error if it refuses it, else ours."""
@@ -100,6 +122,24 @@ class DitoptModule(OptimizedModule):
         backend = self._ditopt_backend
         return _rebuild, (self._orig_mod, backend.plan.to_yaml(), backend.timestep_arg, backend.coalesce,
                           backend.parallel, backend.attention_backend, self._ditopt_regional)
+
+
+def _names_from(forward: Callable, name: str) -> tuple[int, list[str]] | None:
+    """The position of argument ``name`` of ``forward`` and the names from there on, when each of
+    them may be given by keyword (else None)."""
+    try:
+        params = list(inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    at = next((i for i, p in enumerate(params) if p.name == name), None)
+    if at is None:
+        return None
+    rest = []
+    for p in params[at:]:
+        if p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD:
+            break
+        rest.append(p.name)
+    return at, rest
 
 
 def _rebuild(model: torch.nn.Module, plan_text: str, timestep_arg: str, coalesce: bool,

@@ -26,6 +26,8 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import math
 import time
@@ -35,6 +37,9 @@ from typing import Any, Callable
 
 import torch
 import yaml
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import DitoptError, check_count, check_number, check_steps, short
 from .passes.insert_observers import OBSERVED_KINDS
@@ -317,10 +322,19 @@ def _site_costs(model: torch.nn.Module, graph: torch.fx.Graph, table, names: lis
 
     modules = [n for n in names if n not in (STACK, OUTPUT)]
     nodes = {n.name: n for n in graph.nodes}  # the graph the sites were found on, names kept
-    flops = {name: float(sum(int(node_flops(nodes[x], int)) for x in table[name].nodes)) for name in modules}
+    flops, counted = {}, contextlib.nullcontext()
+    for name in modules:
+        try:
+            flops[name] = float(sum(int(node_flops(nodes[x], int)) for x in table[name].nodes))
+        except GuardOnDataDependentSymNode:  # a size known only at run time (Mochi's text mask)
+            counted = FlopCounterMode(display=False)
     cost = ModuleCost(model, modules)
-    with torch.no_grad(), cost.timing():
+    with torch.no_grad(), cost.timing(), counted, sdpa_kernel(SDPBackend.MATH) if counted else contextlib.nullcontext():
         model(*call_args, **call_kwargs)
+    if isinstance(counted, FlopCounterMode):  # those sites: as FlopCounterMode counts the timed forward
+        per_module = counted.get_flop_counts()
+        for name in set(modules) - set(flops):
+            flops[name] = float(sum(per_module.get(f"{type(model).__name__}.{name}", {}).values()))
     return flops, dict(cost.seconds)
 
 
@@ -408,8 +422,8 @@ def profile(model: torch.nn.Module, run: Callable[[Any], Any], *, steps: int, pr
     start = time.perf_counter()
     recorder = Recorder(keep=keep, batched_cfg=cfg == "batched")
     rt = Runtime()
-    rt.recorder = recorder  # the observer nodes feed it
-    rt.state.one_generation = True  # every new timestep is the next step, whichever way a sampler counts
+    # the observer nodes feed the recorder; every new timestep is the next step, whichever way a sampler counts
+    rt.recorder, rt.state.one_generation = recorder, True
     fast = wrap(model, presets.all_compute(steps=steps), timestep_arg=timestep_arg, observe=True, runtime=rt)
     probe = _FirstCall(fast)
     bar = None
