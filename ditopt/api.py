@@ -13,14 +13,14 @@ import copy
 import inspect
 import weakref
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 import torch
 from torch._dynamo.eval_frame import OptimizedModule
 
 from ditopt.runtime import Runtime
 
-from .backend import CompiledGraph, DitoptBackend, PlanLike, as_plan, backend_of, compile_wrapper_of, runtime_of_compile_call
+from .backend import (CompiledGraph, DitoptBackend, PlanLike, arguments_from, as_plan, backend_of, compile_wrapper_of,
+                      runtime_of_compile_call)
 from .capture import lean_tracing
 from .regional import RegionalError, hold_marks, refuse_marks, release_marks
 from .errors import CaptureError, DitoptError, PlanError
@@ -78,7 +78,7 @@ class DitoptModule(OptimizedModule):
         (Z-Image's pipeline calls ``transformer(x, t, cap_feats)``)."""
         names = self.__dict__.get("_ditopt_after_timestep", False)
         if names is False:
-            names = _names_from(self._orig_mod.forward, self._ditopt_backend.timestep_arg)
+            names = arguments_from(self._orig_mod.forward, self._ditopt_backend.timestep_arg)
             object.__setattr__(self, "_ditopt_after_timestep", names)
         if names is None or not names[0] < len(args) <= names[0] + len(names[1]) \
                 or set(names[1][:len(args) - names[0]]) & set(kwargs):
@@ -122,24 +122,6 @@ class DitoptModule(OptimizedModule):
         backend = self._ditopt_backend
         return _rebuild, (self._orig_mod, backend.plan.to_yaml(), backend.timestep_arg, backend.coalesce,
                           backend.parallel, backend.attention_backend, self._ditopt_regional)
-
-
-def _names_from(forward: Callable, name: str) -> tuple[int, list[str]] | None:
-    """The position of argument ``name`` of ``forward`` and the names from there on, when each of
-    them may be given by keyword (else None)."""
-    try:
-        params = list(inspect.signature(forward).parameters.values())
-    except (TypeError, ValueError):
-        return None
-    at = next((i for i, p in enumerate(params) if p.name == name), None)
-    if at is None:
-        return None
-    rest = []
-    for p in params[at:]:
-        if p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD:
-            break
-        rest.append(p.name)
-    return at, rest
 
 
 def _rebuild(model: torch.nn.Module, plan_text: str, timestep_arg: str, coalesce: bool,

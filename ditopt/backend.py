@@ -17,12 +17,13 @@ and hand the table straight to :meth:`Runtime.set_graph`. What was compiled is k
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 import sys
 import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -100,6 +101,7 @@ class DitoptBackend:
         self._runtime = None if runtime is None else weakref.ref(runtime)
         self.inductor = inductor
         self.timestep_arg = timestep_arg
+        self.timestep_position: int | None = None  # its position in forward's arguments, where known
         self.last: CompiledGraph | None = None
 
     @property
@@ -142,7 +144,8 @@ class DitoptBackend:
         graph_id = len(runtime.graphs)
         device = _model_device(example_inputs)
         ctx = PassContext(sites=sites, runtime_id=runtime.id, graph_id=graph_id, inductor=self.inductor,
-                          timestep=self.timestep_arg, observe=self.observe, device=device,
+                          timestep=self.timestep_arg, timestep_position=self.timestep_position,
+                          observe=self.observe, device=device,
                           coalesce=self.coalesce, parallel=self.parallel,
                           attention_backend=self.attention_backend)
         report = run_pipeline(gm, ctx, table, inductor=self.inductor)
@@ -241,6 +244,9 @@ def ditopt_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict 
                             timestep_arg=options.pop("timestep_arg", "timestep"),
                             coalesce=options.pop("coalesce", True), parallel=options.pop("parallel", None),
                             attention_backend=options.pop("attention_backend", "sdpa"))
+    module = _compiled_module_on_stack(_calling_wrapper())
+    if module is not None:  # a timestep given by position to a (*args, **kwargs) forward is found by it
+        backend.timestep_position = (arguments_from(module._orig_mod.forward, backend.timestep_arg) or (None,))[0]
     if options:
         raise PlanError(f"unknown ditopt backend option(s): {sorted(options)}")
     return backend(gm, example_inputs)
@@ -305,6 +311,24 @@ def _compiled_module_on_stack(wrapper: Any) -> torch.nn.Module | None:
             return candidate
         frame = frame.f_back
     return None
+
+
+def arguments_from(forward: Callable, name: str) -> tuple[int, list[str]] | None:
+    """The position of argument ``name`` of ``forward`` and the names from there on, when each of
+    them may be given by keyword (else None)."""
+    try:
+        params = list(inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    at = next((i for i, p in enumerate(params) if p.name == name), None)
+    if at is None:
+        return None
+    rest = []
+    for p in params[at:]:
+        if p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD:
+            break
+        rest.append(p.name)
+    return at, rest
 
 
 def _register_backend() -> None:

@@ -24,15 +24,16 @@ from .pass_base import PassContext, PassResult
 TOKEN = "ditopt_token"
 
 
-def find_timestep(graph: fx.Graph, name: str) -> fx.Node | None:
-    """The placeholder of forward argument ``name`` (also when it arrives through ``**kwargs``)."""
+def find_timestep(graph: fx.Graph, name: str, position: int | None = None) -> fx.Node | None:
+    """The placeholder of forward argument ``name`` (also when it arrives through ``**kwargs``, or
+    as positional argument ``position`` of a forward wrapped in a ``(*args, **kwargs)`` decorator)."""
     spellings = {name, f"l_{name}_", f"l_kwargs_{name}_"}
+    sources = {f"L['{name}']", f"L['kwargs']['{name}']"} | ({f"L['args'][{position}]"} if position is not None else set())
     for node in graph.find_nodes(op="placeholder"):
         grapharg = node.meta.get("grapharg")
         source = getattr(grapharg, "source", None)
         source_name = source.name() if callable(getattr(source, "name", None)) else getattr(source, "name", "")
-        if node.name in spellings or node.target in spellings or source_name in (f"L['{name}']",
-                                                                                 f"L['kwargs']['{name}']"):
+        if node.name in spellings or node.target in spellings or source_name in sources:
             return node
     return None
 
@@ -41,7 +42,7 @@ def insert_step_tracking(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if not graph_annotation(gm).annotated or token_of(gm.graph) is not None:
         return PassResult(gm, False)
     graph = gm.graph
-    timestep = find_timestep(graph, ctx.timestep)
+    timestep = find_timestep(graph, ctx.timestep, ctx.timestep_position)
     if timestep is None:
         raise CaptureError(f"no '{ctx.timestep}' tensor input found: ditopt needs the timestep as a tensor to track "
                            f"steps (a Python number is not one: pass torch.tensor([t]); another name: timestep_arg=)")

@@ -38,6 +38,7 @@ class PassContext:
     graph_id: int
     inductor: bool = False
     timestep: str = "timestep"
+    timestep_position: int | None = None  # its position among forward's arguments (a (*args, **kwargs) forward)
     observe: bool = False
     device: torch.device = torch.device("cpu")
     coalesce: bool = True  # coalesce_regions: one region for each run of sites that decide alike

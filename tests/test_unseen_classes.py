@@ -133,3 +133,20 @@ def test_a_sampler_counting_up_reuses_and_profiles():
 
     rmap = ditopt.profile(model, run, steps=4, progress=False, timestep_arg="t")
     assert rmap.steps == 4 and rmap.stack
+
+
+def test_compiled_with_the_timestep_by_position_to_a_wrapped_forward():
+    """Under ``torch.compile(backend="ditopt")`` the pipeline's positional ``t`` is found by its
+    position in the wrapped ``forward``'s signature; the outputs equal ``ditopt.optimize``'s."""
+    model = _zimage()
+    x, caps = [torch.randn(4, 1, 8, 8)], [torch.randn(6, 16)]
+    plan = ditopt.presets.fora(interval=2, steps=4)
+    with torch.no_grad():
+        model(x, torch.tensor([0.0]), caps, return_dict=False)  # dynamo cannot trace its first call
+        compiled = torch.compile(model, backend="ditopt", options={"plan": plan, "timestep_arg": "t",
+                                                                    "inductor": False}, fullgraph=True)
+        eager = ditopt.optimize(model, plan, timestep_arg="t")
+        for i in range(4):
+            t = torch.tensor([i / 4])
+            assert torch.equal(compiled(x, t, caps, return_dict=False)[0][0], eager(x, t, caps, return_dict=False)[0][0])
+    assert ditopt.stats(compiled).decisions == ditopt.stats(eager).decisions

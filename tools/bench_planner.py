@@ -1,6 +1,6 @@
 """Profiling cost and plan resampling on the zoo models.
 
-    python tools/bench_planner.py --threads 1            # or --only profile|variants|resample
+    python tools/bench_planner.py --threads 1            # or --only profile|variants|resample|sites|...
 
 1. Profiling time against one full-compute generation of the same sampling call (10 digits),
    in the same process: ``ditopt.profile`` (capture, observer pass, calibration run, site costs)
@@ -24,6 +24,10 @@
    seed's figure, and whether the calibration seed can see it.
 6. Stand-ins (``--only stand-ins``): the planner at 35% and 50% of block compute with the
    stand-ins it may choose at a skipped step widened (``orders`` up to 2, ``methods``).
+8. Planned sites (``--only sites``): the planner over the blocks against the planner over the
+   attention and feed-forward sites inside them (the blocks' norms, modulation, gates and
+   residual adds then run at every step on a forecast of what the sites return), at 35% and 50%;
+   block compute counted from the profile's FLOPs per site.
 7. Tuning with attention actions (``--only tune-attention``): ``ditopt.tune`` on a map profiled
    with attention samples, which adds candidates that split the budget between the blocks and
    attention actions; the plan it keeps against the best such candidate.
@@ -144,6 +148,34 @@ def stand_ins(rows, labels, seeds) -> None:
                 print(f"| {name} | {budget} | {label} | {frac:.3f} | {value:.2f} |", flush=True)
 
 
+def planned_sites(rows, labels, seeds) -> None:
+    """8. The blocks or the attention and feed-forward sites inside them, planned."""
+    print("| model | budget | planned sites | block compute (FLOPs) | PSNR vs full (dB) |")
+    print("|---|---|---|---|---|")
+    for name, zm in rows:
+        rmap = profile_of(zm, labels, zm.steps)
+        inner = [s for s, k in zip(rmap.sites, rmap.kinds)
+                 if k in ("attention", "feedforward") and rmap.parents.get(s) in rmap.stack]
+        block_flops = sum(rmap.flops[b] for b in rmap.stack)
+        always = block_flops - sum(rmap.flops[s] for s in inner)  # what the blocks run around them
+        for budget in (0.35, 0.5):
+            for label, sites in (("blocks", list(rmap.stack)), ("attention + feed-forward", inner)):
+                plan = ditopt.plan_from_profile(rmap, budget=budget, sites=sites)
+                fast = ditopt.optimize(zm.model, plan)
+                values, spent = [], 0.0
+                for seed in seeds:
+                    ref = zm.sample(labels, seed=seed, steps=zm.steps)
+                    ditopt.reset(fast)
+                    values.append(psnr(zm.sample(labels, seed=seed, steps=zm.steps, transformer=fast), ref,
+                                       data_range=2.0))
+                    decisions = ditopt.stats(fast).decisions
+                    spent += zm.steps * sum(rmap.flops[s] * sum(a == "compute" for a in decisions[s])
+                                            / len(decisions[s]) for s in sites)  # per call: CFG calls alike
+                    spent += (always if sites is inner else 0.0) * zm.steps
+                frac = spent / (block_flops * zm.steps * len(seeds))
+                print(f"| {name} | {budget} | {label} | {frac:.3f} | {sum(values) / len(values):.2f} |", flush=True)
+
+
 def tune_attention(rows, labels) -> None:
     """7. ``tune`` on a map with attention samples: the plan it keeps, against the best of the
     candidates that split the budget between blocks and attention actions (calibration seed)."""
@@ -171,7 +203,7 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=0.5)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--only", choices=("profile", "resample", "variants", "tune", "samples", "stand-ins",
-                                                   "tune-attention"),
+                                                   "tune-attention", "sites"),
                         default=None,
                         help="run one part only")
     args = parser.parse_args(argv)
@@ -227,6 +259,8 @@ def main(argv=None) -> int:
         stand_ins(rows, labels, seeds)
     if args.only == "tune-attention":
         tune_attention(rows, labels)
+    if args.only == "sites":
+        planned_sites(rows, labels, seeds)
     if args.only not in (None, "resample"):
         return 0
     print(f"| model | plan at 30 steps (budget {args.budget}) | block compute | PSNR vs full (dB) |")
