@@ -61,6 +61,8 @@ class Runtime:
         self.recorder: Recorder | None = None  # profiling: what ditopt::observe feeds
         self._accumulated: dict[tuple[int, int, int], torch.Tensor] = {}
         self._reuse_ok: dict[tuple[int, int, int], torch.Tensor] = {}
+        # (site, branch) -> the last step it computed in any graph: another graph's cache older than that is not read
+        self._computed_at: dict[tuple[str, int], int] = {}
         self._in_flight = threading.Lock()
         self._overran = False  # this generation has run past the plan's steps (warned once)
         self._flags: dict[tuple[bool, torch.device], torch.Tensor] = {}  # decision constants per device
@@ -93,6 +95,7 @@ class Runtime:
         self.store.clear()
         self._accumulated.clear()
         self._reuse_ok.clear()
+        self._computed_at.clear()
 
     def guarded(self, run: Callable[..., Any]) -> Callable[..., Any]:
         """``run`` (a compiled graph) made safe to call: one call at a time (a call from another
@@ -134,6 +137,7 @@ class Runtime:
             self.comm_bytes.clear()
             self._accumulated.clear()
             self._reuse_ok.clear()
+            self._computed_at.clear()
             self._overran = False
         self.records.append(CallRecord(step, branch, graph))
         table = self.graphs.get(graph)
@@ -157,12 +161,22 @@ class Runtime:
             return decision
         decision: bool | None = True
         if table.action(site, step) != Action.COMPUTE:
-            if self.store.has(self.key(graph, site, table.slots[site] + "0"), shape):
+            key = self.key(graph, site, table.slots[site] + "0")
+            if self.store.has(key, shape) and self._current(key, table.members(site)):
                 decision = None if table.adaptive[site][step] is not None else False
         if decision is not None:  # an adaptive decision is recorded by decide_adaptive
             for member in table.members(site):
                 self._record(member, Action.COMPUTE if decision else table.action(site, step))
+                if decision:
+                    self._computed_at[(member, self.state.branch)] = step
         return decision
+
+    def _current(self, key: tuple, sites) -> bool:
+        """Whether the newest cached step of ``key`` is at least the last step any of ``sites``
+        computed in any graph: after a call of another shape (a batch of another size) computed
+        them, this graph's older cache is not what the plan's reuse means, and they compute."""
+        newest = self.store.latest(key).step
+        return all(newest >= self._computed_at.get((s, self.state.branch), -1) for s in sites)
 
     def decide_adaptive(self, graph: int, site: str, device: torch.device) -> torch.Tensor:
         """The compute predicate of an adaptive (site, step): a device tensor, never read here."""

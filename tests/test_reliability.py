@@ -70,6 +70,24 @@ def test_a_restart_below_the_known_schedule_is_a_new_generation(model):
     assert ditopt.stats(fast).generation == 2
 
 
+def test_a_cache_older_than_another_graphs_compute_is_not_reused(model):
+    """FORA-2: batch 1 at steps 0-1, a batch of two at step 2 (another graph; it computes), batch 1
+    again at step 3, a reuse step: the batch-1 graph's newest cache is step 0's, older than step
+    2's compute, so step 3 computes instead of reusing features three steps old. Step 5 (after
+    step 4 computed at batch 1) reuses again."""
+    plan = ditopt.presets.fora(interval=2, steps=6, level="block")
+    fast = ditopt.optimize(model, plan)
+    for t in (999, 833):
+        call(fast, t)
+    with torch.no_grad():
+        fast(torch.cat([X, X]), timestep=torch.tensor([666, 666]), class_labels=torch.tensor([3, 3]))
+    assert torch.equal(call(fast, 499), call(model, 499))
+    call(fast, 333)
+    assert not torch.equal(call(fast, 166), call(model, 166))
+    rows = ditopt.stats(fast).decisions["transformer_blocks.0"]
+    assert rows == ["compute", "reuse_residual", "compute", "compute", "compute", "reuse_residual"]
+
+
 def test_a_sampler_that_counts_up_is_seen_at_its_third_step(model):
     """Z-Image's pipeline hands its model t rising from 0 to 1. Read as one generation from its
     third step (the first two computed, their caches dropped): FORA reuses from then on, each
