@@ -53,6 +53,16 @@ def module_path(raw: str) -> str:
     return path.strip(".")
 
 
+def is_size_arithmetic(node: fx.Node) -> bool:
+    """A node computing an integer from sizes only (``x.size(1)``, its negation, a sum of sizes):
+    pure and cheap. A region does not hold one that reads only sizes of what enters the region
+    (dynamo computes it once where a module first needs it, and every later block reads it)."""
+    if node.op != "call_function" or isinstance(node.meta.get("example_value"), bool) \
+            or not isinstance(node.meta.get("example_value"), (int, torch.SymInt)):
+        return False
+    return node.target is torch.ops.aten.sym_size.int or all(is_size_arithmetic(a) for a in node.all_input_nodes)
+
+
 def module_stack(node: fx.Node) -> list[tuple[str, str, type | str]]:
     """The modules active when ``node`` ran, outermost first, as ``(path, call key, type)``."""
     stack = node.meta.get("nn_module_stack") or {}

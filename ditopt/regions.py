@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, statically_known_true
 
-from .capture import module_stack
+from .capture import is_size_arithmetic, module_stack
 
 # Ops a residual stream passes through unchanged in value (up to dtype).
 _PASS_THROUGH = {"float", "to", "type_as", "contiguous", "type", "half", "bfloat16", "clone"}
@@ -101,6 +102,19 @@ def tensor_meta(node: fx.Node):
     return None
 
 
+def same_shape(a, b) -> bool:
+    """Whether two shapes are known equal without a guard: a size known only at run time (a
+    mask's count, HunyuanVideo-Framepack's text tokens) equals only itself."""
+    if a is None or b is None or len(a) != len(b):
+        return False
+    return all(statically_known_true(x == y) for x, y in zip(a, b))
+
+
+def same_meta(a, b) -> bool:
+    """Whether two :func:`tensor_meta` results are known equal (shape, dtype) without a guard."""
+    return a is not None and b is not None and a[1] == b[1] and same_shape(a[0], b[0])
+
+
 # -- region analysis -------------------------------------------------------------------------
 
 @dataclass
@@ -111,8 +125,16 @@ class Region:
 
 
 def region_of(nodes: list[fx.Node]) -> Region:
-    """Inputs (nodes outside used inside) and live-outs (nodes inside used outside)."""
+    """Inputs (nodes outside used inside) and live-outs (nodes inside used outside). Size
+    arithmetic that reads only sizes of what enters (:func:`ditopt.capture.is_size_arithmetic`)
+    is left outside: the region takes it as an input and does not hand it on."""
     members = set(nodes)
+    free: set[fx.Node] = set()
+    for n in nodes:
+        if is_size_arithmetic(n) and all(a not in members or a in free for a in n.all_input_nodes):
+            free.add(n)
+    nodes = [n for n in nodes if n not in free]
+    members -= free
     inputs: dict[fx.Node, None] = {}
     live_outs: dict[fx.Node, None] = {}
     for n in nodes:
@@ -158,7 +180,7 @@ def residual_inputs(region: Region) -> tuple[list[fx.Node | None], bool]:
     taken: set[fx.Node] = set()
     for out in region.live_outs:
         meta = tensor_meta(out)
-        candidates = [i for i in data_inputs if meta is not None and tensor_meta(i) == meta and i not in taken]
+        candidates = [i for i in data_inputs if same_meta(tensor_meta(i), meta) and i not in taken]
         on_chain = [c for c in candidates if _on_residual_chain(out, c, members)]
         if on_chain:
             pick = on_chain[0]
@@ -177,10 +199,13 @@ def extractable(region: Region, order: dict[fx.Node, int]) -> tuple[bool, str]:
     for out in region.live_outs:
         if tensor_meta(out) is None:
             return False, f"live-out {out.name} is not a tensor"
+        unknown = [d for d in tensor_meta(out)[0] if free_unbacked_symbols(d)]
+        if unknown:  # its cache could not be sized (a count read from a mask: HunyuanVideo-Framepack's text)
+            return False, f"live-out {out.name} has a size known only at run time ({unknown[0]})"
         for user in out.users:
             if user not in region.nodes and order[user] < last:
                 return False, f"live-out {out.name} is used by {user.name} before the region ends"
     for i in region.inputs:
-        if not is_param(i) and tensor_meta(i) is None and i.op != "placeholder":
+        if not is_param(i) and tensor_meta(i) is None and i.op != "placeholder" and not is_size_arithmetic(i):
             return False, f"input {i.name} is not a tensor"
     return True, ""

@@ -80,6 +80,8 @@ def _matched_sites(rule: "Rule", i: int, sites: SiteTable) -> list:
             raise PlanError(f"pattern {pattern!r} matches no site; sites are e.g. {sites.names()[:6]}",
                             site=pattern, **where)
     matched = sites.match(list(rule.sites), kind=rule.kind)
+    if not matched and rule.kind is not None and all(p == "*" for p in rule.sites):
+        return []  # a kind this model lacks (PRX's blocks hold their MLP inline): as for `attention`, no effect
     if not matched:
         raise PlanError(f"no site of kind {rule.kind!r} matches {list(rule.sites)}", site=",".join(rule.sites),
                         **where)

@@ -40,8 +40,8 @@ from fnmatch import fnmatchcase
 import torch.fx as fx
 
 from .capture import module_stack
-from .regions import (Region, extractable, is_attention_op, is_matmul, is_param, region_of,
-                      residual_inputs, tensor_meta)
+from .regions import (Region, extractable, is_attention_op, is_matmul, is_param, region_of, residual_inputs,
+                      same_meta, same_shape, tensor_meta)
 
 SITE_KINDS = ("block", "attention", "feedforward", "stack", "output")
 STACK = "stack"
@@ -287,7 +287,7 @@ def find_sites(graph: fx.Graph) -> SiteTable:
             outs = [o for o in region.live_outs if tensor_meta(o) is not None]
             if len(outs) != 1 or len(tensor_meta(outs[0])[0]) < 3:
                 continue
-            if not any(tensor_meta(i) == tensor_meta(outs[0]) for i in region.inputs if not is_param(i)):
+            if not any(same_meta(tensor_meta(i), tensor_meta(outs[0])) for i in region.inputs if not is_param(i)):
                 continue
             feedforwards.append(p)
     feedforwards = [p for p in feedforwards if not any(p != q and p.startswith(q + ".") for q in feedforwards)]
@@ -375,7 +375,7 @@ def _with_modulated_inputs(sites: list[Site], graph: fx.Graph) -> list[Site]:
 
     def pick(region: Site, like: str, inside: Site | None) -> str | None:
         want = shape(like)
-        found = [i for i in region.inputs if not is_param(by_name[i]) and want is not None and shape(i) == want]
+        found = [i for i in region.inputs if not is_param(by_name[i]) and same_shape(shape(i), want)]
         inner = [i for i in found if inside is not None and i in set(inside.nodes)]
         return (inner or found or [None])[0]
 

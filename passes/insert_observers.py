@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from ditopt.regions import tensor_meta
+
 from .annotations import Role, annotate, node_annotation, token_of
 from .pass_base import PassContext, PassResult
 
@@ -36,8 +38,11 @@ def insert_observers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for site in ctx.sites:
         if site.kind not in OBSERVED_KINDS or site.name in done or not site.live_outs:
             continue
-        out = by_name[site.live_outs[0]]
-        inp = site.residual_inputs[0] if site.residual_form and site.residual_inputs else None
+        first = next((i for i, o in enumerate(site.live_outs) if tensor_meta(by_name[o]) is not None), None)
+        if first is None:  # only sizes leave it (shape arithmetic dynamo placed in the module)
+            continue
+        out = by_name[site.live_outs[first]]
+        inp = site.residual_inputs[first] if site.residual_form and len(site.residual_inputs) > first else None
         inp = by_name[inp] if inp else out
         anchor = max((out, inp), key=order.__getitem__)
         with graph.inserting_after(anchor):

@@ -150,3 +150,56 @@ def test_compiled_with_the_timestep_by_position_to_a_wrapped_forward():
             t = torch.tensor([i / 4])
             assert torch.equal(compiled(x, t, caps, return_dict=False)[0][0], eager(x, t, caps, return_dict=False)[0][0])
     assert ditopt.stats(compiled).decisions == ditopt.stats(eager).decisions
+
+
+def test_a_text_length_read_from_a_mask_captures_and_refuses_caching_by_name():
+    """HunyuanVideo-Framepack cuts its text to the mask's count (a size known only at run time,
+    read inside every block): captured as one graph, all-compute bit-identical, and a plan that
+    would skip its blocks refused naming the live-out whose cache could not be sized."""
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
+
+    torch.manual_seed(0)
+    model = HunyuanVideoFramepackTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=2, num_single_layers=2,
+        num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True, text_embed_dim=16,
+        pooled_projection_dim=8, rope_axes_dim=(2, 4, 4), image_condition_type=None, has_image_proj=True,
+        image_proj_dim=16, has_clean_x_embedder=True).eval()
+    f, h, w = 3, 4, 4
+    r = lambda *shape: torch.randn(*shape)  # noqa: E731
+    kwargs = dict(hidden_states=r(1, 4, f, h, w), encoder_hidden_states=r(1, 6, 16), pooled_projections=r(1, 8),
+                  encoder_attention_mask=torch.ones(1, 6), guidance=torch.tensor([6000.0]), image_embeds=r(1, 6, 16),
+                  indices_latents=torch.arange(f), latents_clean=r(1, 4, f - 1, h, w),
+                  indices_latents_clean=torch.arange(f - 1), latents_history_2x=r(1, 4, f - 1, h, w),
+                  indices_latents_history_2x=torch.arange(f - 1), latents_history_4x=r(1, 4, (f - 1) * 4, h, w),
+                  indices_latents_history_4x=torch.arange((f - 1) * 4))
+    fast = ditopt.optimize(model, ditopt.presets.all_compute(steps=2))
+    with torch.no_grad():
+        for t in (999.0, 500.0):
+            out = fast(timestep=torch.tensor([t]), **kwargs, return_dict=False)[0]
+            assert torch.equal(out, model(timestep=torch.tensor([t]), **kwargs, return_dict=False)[0])
+    fora = ditopt.optimize(model, ditopt.presets.fora(interval=2, steps=2, level="block"))
+    with pytest.raises(ditopt.PlanError, match="has a size known only at run time"), torch.no_grad():
+        fora(timestep=torch.tensor([999.0]), **kwargs, return_dict=False)
+
+
+def test_fora_on_blocks_that_hold_their_mlp_inline():
+    """PRX's blocks hold their MLP layers directly (no feed-forward module, so no feed-forward
+    site): FORA's layer-level plan reuses the attention sites and its feed-forward rule has no
+    effect, as a plan's rule for an attention kind the model lacks has none."""
+    from diffusers import PRXTransformer2DModel
+
+    torch.manual_seed(0)
+    model = PRXTransformer2DModel(in_channels=4, patch_size=2, context_in_dim=16, hidden_size=32, mlp_ratio=2.0,
+                                  num_heads=2, depth=2, axes_dim=[8, 8]).eval()
+    with torch.no_grad():  # its modulation starts at zero (every block an identity): give it weights
+        for p in model.parameters():
+            if p.numel() and not p.any():
+                p.copy_(torch.randn(p.shape) * 0.1)
+    kwargs = dict(hidden_states=torch.randn(1, 4, 8, 8), encoder_hidden_states=torch.randn(1, 6, 16))
+    fast = ditopt.optimize(model, ditopt.presets.fora(interval=2, steps=2))
+    with torch.no_grad():
+        outs = [fast(timestep=torch.tensor([t]), **kwargs, return_dict=False)[0] for t in (1.0, 0.5)]
+        own = [model(timestep=torch.tensor([t]), **kwargs, return_dict=False)[0] for t in (1.0, 0.5)]
+    assert torch.equal(outs[0], own[0]) and not torch.equal(outs[1], own[1])
+    decisions = ditopt.stats(fast).decisions
+    assert {k for k, row in decisions.items() if row[1] == "reuse"} and not any(".mlp" in k for k in decisions)
