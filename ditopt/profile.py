@@ -26,7 +26,6 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 
 import hashlib
 import math
@@ -38,8 +37,6 @@ from typing import Any, Callable
 import torch
 import yaml
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import DitoptError, check_count, check_number, check_steps, short
 from .passes.insert_observers import OBSERVED_KINDS
@@ -316,25 +313,28 @@ def _site_costs(model: torch.nn.Module, graph: torch.fx.Graph, table, names: lis
     """FLOPs and seconds per call of each site module. FLOPs come from the captured graph's
     shapes, node by node with FlopCounterMode's formulas (:func:`ditopt.cost.node_flops`; equal
     to FlopCounterMode's count with attention on SDPA's math kernel, ``tests/test_cost.py``; on
-    the CPU flash kernel FlopCounterMode counts attention as 0), so no forward is spent on them;
-    seconds from one timed eager forward (noisy on small models)."""
+    the CPU flash kernel FlopCounterMode counts attention as 0), so no forward is spent on them,
+    except on sites whose sizes are known only at run time (:meth:`ModuleCost.counting`, one more
+    forward); seconds from one timed eager forward (noisy on small models)."""
     from .cost import node_flops
 
     modules = [n for n in names if n not in (STACK, OUTPUT)]
     nodes = {n.name: n for n in graph.nodes}  # the graph the sites were found on, names kept
-    flops, counted = {}, contextlib.nullcontext()
+    flops = {}
     for name in modules:
         try:
             flops[name] = float(sum(int(node_flops(nodes[x], int)) for x in table[name].nodes))
         except GuardOnDataDependentSymNode:  # a size known only at run time (Mochi's text mask)
-            counted = FlopCounterMode(display=False)
+            pass
     cost = ModuleCost(model, modules)
-    with torch.no_grad(), cost.timing(), counted, sdpa_kernel(SDPBackend.MATH) if counted else contextlib.nullcontext():
+    with torch.no_grad(), cost.timing():
         model(*call_args, **call_kwargs)
-    if isinstance(counted, FlopCounterMode):  # those sites: as FlopCounterMode counts the timed forward
-        per_module = counted.get_flop_counts()
-        for name in set(modules) - set(flops):
-            flops[name] = float(sum(per_module.get(f"{type(model).__name__}.{name}", {}).values()))
+    unknown = [n for n in modules if n not in flops]
+    if unknown:  # those sites: counted in one more forward
+        counted = ModuleCost(model, unknown)
+        with torch.no_grad(), counted.counting():
+            model(*call_args, **call_kwargs)
+        flops.update({n: float(counted.flops[n]) for n in unknown})
     return flops, dict(cost.seconds)
 
 

@@ -91,17 +91,20 @@ def tune_of(zm, labels, steps: int, budget: float, rmap=None):
     return ditopt.tune(zm.model, run, rmap, budget=budget, progress=False)
 
 
-def mean_psnr(zm, plan, labels, steps: int, seeds, blocks: list[str]) -> tuple[float, float]:
+def mean_psnr(zm, plan, labels, steps: int, seeds, blocks: list[str], weights: dict | None = None
+              ) -> tuple[float, float]:
+    """Mean PSNR over ``seeds`` and the share of ``blocks``' calls that computed (each block
+    weighted by ``weights``, e.g. its FLOPs; equally by default)."""
     fast = ditopt.optimize(zm.model, plan)
-    values, executed, total = [], 0, 0
+    weights = weights or dict.fromkeys(blocks, 1.0)
+    values, executed = [], 0.0
     for seed in seeds:
         ref = zm.sample(labels, seed=seed, steps=steps)
         ditopt.reset(fast)
         values.append(psnr(zm.sample(labels, seed=seed, steps=steps, transformer=fast), ref, data_range=2.0))
         decisions = ditopt.stats(fast).decisions
-        executed += sum(a == "compute" for b in blocks for a in decisions[b])
-        total += sum(len(decisions[b]) for b in blocks)
-    return sum(values) / len(values), executed / total
+        executed += sum(weights[b] * sum(a == "compute" for a in decisions[b]) / len(decisions[b]) for b in blocks)
+    return sum(values) / len(values), executed / (len(seeds) * sum(weights[b] for b in blocks))
 
 
 def per_sample_spread(rows, labels, seeds, budget: float) -> None:
@@ -161,19 +164,10 @@ def planned_sites(rows, labels, seeds) -> None:
         for budget in (0.35, 0.5):
             for label, sites in (("blocks", list(rmap.stack)), ("attention + feed-forward", inner)):
                 plan = ditopt.plan_from_profile(rmap, budget=budget, sites=sites)
-                fast = ditopt.optimize(zm.model, plan)
-                values, spent = [], 0.0
-                for seed in seeds:
-                    ref = zm.sample(labels, seed=seed, steps=zm.steps)
-                    ditopt.reset(fast)
-                    values.append(psnr(zm.sample(labels, seed=seed, steps=zm.steps, transformer=fast), ref,
-                                       data_range=2.0))
-                    decisions = ditopt.stats(fast).decisions
-                    spent += zm.steps * sum(rmap.flops[s] * sum(a == "compute" for a in decisions[s])
-                                            / len(decisions[s]) for s in sites)  # per call: CFG calls alike
-                    spent += (always if sites is inner else 0.0) * zm.steps
-                frac = spent / (block_flops * zm.steps * len(seeds))
-                print(f"| {name} | {budget} | {label} | {frac:.3f} | {sum(values) / len(values):.2f} |", flush=True)
+                value, share = mean_psnr(zm, plan, labels, zm.steps, seeds, sites, weights=rmap.flops)
+                planned = sum(rmap.flops[s] for s in sites)
+                frac = (share * planned + (always if sites is inner else 0.0)) / block_flops
+                print(f"| {name} | {budget} | {label} | {frac:.3f} | {value:.2f} |", flush=True)
 
 
 def tune_attention(rows, labels) -> None:
