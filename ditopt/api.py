@@ -184,6 +184,9 @@ def wrap(model: torch.nn.Module, plan: PlanLike, *, timestep_arg: str = "timeste
     """What :func:`optimize` does; ``observe`` and ``runtime`` are for the profiler's entry point."""
     if isinstance(model, OptimizedModule):
         raise DitoptError("optimize() takes the original model, not a torch.compile'd one")
+    if not isinstance(model, torch.nn.Module):
+        hint = " (for a pipeline, pass pipe.transformer)" if hasattr(model, "components") else ""
+        raise DitoptError(f"optimize() takes a torch.nn.Module, got {type(model).__name__}{hint}")
     plan = as_plan(plan)
     if plan.model and plan.model != type(model).__name__:
         raise PlanError(f"plan was made for {plan.model}, not {type(model).__name__}")
@@ -199,9 +202,19 @@ def wrap(model: torch.nn.Module, plan: PlanLike, *, timestep_arg: str = "timeste
     held = hold_marks(model) if regional else []
     object.__setattr__(wrapped, "_ditopt_marks", held)
     object.__setattr__(wrapped, "_ditopt_regional", regional)
+    # torch.compile(wrapped) unwraps this to find what to trace: make it refuse, not trace the bare model
+    object.__setattr__(wrapped, "_torchdynamo_orig_callable", _refuse_compiling_again)
     if held:
         weakref.finalize(wrapped, release_marks, held)
     return wrapped
+
+
+def _refuse_compiling_again(*args, **kwargs):
+    """What ``torch.compile(fast)`` of an optimised model traces: dynamo would otherwise trace the
+    bare model's ``forward`` under its own backend and silently drop the plan."""
+    raise DitoptError("this model was returned by ditopt.optimize() and runs its own rewritten graph; torch.compile "
+                      "cannot compile it again: compile the original model with torch.compile(model, "
+                      "backend='ditopt', options={'plan': plan}) for inductor, or call the optimised model as it is")
 
 
 def _make_room_for_another_model(limit: int = 256) -> None:

@@ -274,7 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"] and any(a == "--device" or a.startswith("--device=") for a in argv):
         from .bench.gpu import main as speed_main  # speed on one device: ditopt/bench/gpu.py
 
-        speed_main(argv[1:])
+        try:
+            speed_main(argv[1:])
+        except DitoptError as exc:  # e.g. an unknown --variants name
+            print(f"ditopt: error: {exc}", file=sys.stderr)
+            return 2
         return 0
     parser = _Parser(prog="ditopt", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -41,7 +41,7 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from .errors import DitoptError, check_count, check_number, check_steps, short
 from .passes.insert_observers import OBSERVED_KINDS
 from .flops import ModuleCost
-from .profile_attention import AttentionSamples, ModelProxy, record_attention
+from .profile_attention import AttentionSamples, FirstCall, ModelProxy, record_attention
 from .sites import OUTPUT, STACK
 from .validate import load_yaml, read_text
 
@@ -338,22 +338,6 @@ def _site_costs(model: torch.nn.Module, graph: torch.fx.Graph, table, names: lis
     return flops, dict(cost.seconds)
 
 
-class _FirstCall:
-    """Wraps the compiled model to keep the arguments of its first call (to price the sites)."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.args = None
-
-    def __call__(self, *args, **kwargs):
-        if self.args is None:
-            self.args = (args, kwargs)
-        return self.inner(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
 def profile_pipeline(pipe, *, steps: int, progress: bool = True, cfg: str | None = None, keep: int = 4096,
                      **call_kwargs) -> RedundancyMap:
     """Profile ``pipe.transformer`` over one real call of a diffusers pipeline:
@@ -425,7 +409,7 @@ def profile(model: torch.nn.Module, run: Callable[[Any], Any], *, steps: int, pr
     # the observer nodes feed the recorder; every new timestep is the next step, whichever way a sampler counts
     rt.recorder, rt.state.one_generation = recorder, True
     fast = wrap(model, presets.all_compute(steps=steps), timestep_arg=timestep_arg, observe=True, runtime=rt)
-    probe = _FirstCall(fast)
+    probe = FirstCall(fast)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -451,6 +435,7 @@ def profile(model: torch.nn.Module, run: Callable[[Any], Any], *, steps: int, pr
         if bar is not None:
             bar.close()
     rt.recorder = None
+    args, kwargs = probe.args  # a ProfileError if run() never called the transformer
     captured = compiled_graph(fast)
     table = captured.sites
     observed = [s for s in table if s.kind in OBSERVED_KINDS]
@@ -480,7 +465,6 @@ def profile(model: torch.nn.Module, run: Callable[[Any], Any], *, steps: int, pr
                 if v is not None:
                     t[step, branch] = v
         samples[site] = t
-    args, kwargs = probe.args
     flops, seconds = _site_costs(model, captured.original.graph, table, names, args, kwargs)
     timesteps = [timesteps.get(i, math.nan) for i in range(steps)]
     model_class = type(model).__name__

@@ -49,6 +49,7 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import check_count
 from .flops import attention_flops, window_attention_flops
+from .runtime.observe import ShapeChangeError
 from .runtime.window_attention import window_attention
 
 __all__ = ["AttentionSamples", "record_attention"]
@@ -263,6 +264,33 @@ def _assemble(got, calls, kinds, windowed, steps, window, batched) -> AttentionS
             if windowed[site]:
                 residuals[site][step, rows] = torch.cat(entry["res"], dim=1)
     return AttentionSamples(window, layout, dict(kinds), {s: calls[s] for s in kinds}, outputs, residuals)
+
+
+class FirstCall:
+    """Wraps the compiled model to keep the arguments of its first call (to price the sites). A call
+    of another input shape than the first (the recorder subsamples each site at fixed positions) and
+    a run that never calls the model are ProfileErrors."""
+
+    def __init__(self, inner):
+        self.inner, self._args = inner, None
+
+    def __call__(self, *args, **kwargs):
+        if self._args is None:
+            self._args = (args, kwargs)
+        try:
+            return self.inner(*args, **kwargs)
+        except ShapeChangeError as exc:
+            from .profile import ProfileError
+
+            raise ProfileError(str(exc)) from None
+
+    @property
+    def args(self) -> tuple[tuple, dict]:
+        if self._args is None:
+            from .profile import ProfileError
+
+            raise ProfileError("the calibration run never called the transformer: run(transformer) must call it")
+        return self._args
 
 
 class ModelProxy:

@@ -27,6 +27,11 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.reshape(1, -1), b.reshape(1, -1)))
 
 
+class ShapeChangeError(ValueError):
+    """A site observed at another output shape than at its first call (the profiler raises it as a
+    ProfileError)."""
+
+
 class Recorder:
     """Collects observations of one calibration run (see the module docstring).
 
@@ -47,6 +52,7 @@ class Recorder:
         self.samples: dict[tuple[str, int, int], torch.Tensor] = {}
         self.residual_form: dict[str, bool] = {}
         self._index: dict[str, torch.Tensor] = {}
+        self._shape: dict[str, tuple[int, ...]] = {}
         self._prev: dict[tuple[str, int], tuple[int, torch.Tensor, torch.Tensor]] = {}
         self._branch0: dict[tuple[str, int], torch.Tensor] = {}
         self.max_step = -1
@@ -59,6 +65,11 @@ class Recorder:
             g = torch.Generator().manual_seed(self.seed)
             n = flat_out.numel()
             self._index[site] = torch.randperm(n, generator=g)[: min(self.keep, n)].sort().values
+            self._shape[site] = tuple(out.shape)
+        if tuple(out.shape) != self._shape[site]:  # the subsample indexes the first call's elements
+            raise ShapeChangeError(f"site {site} gave an output of shape {tuple(out.shape)} at step {step}, "
+                                   f"{self._shape[site]} at its first call: a calibration run must keep one "
+                                   f"input shape (batch, resolution, frames, text length) throughout")
         index = self._index[site]
         o = flat_out[index].float()  # the metrics are estimated on the same fixed subsample
         r = o - inp.detach().reshape(-1)[index].float() if has_residual else o
@@ -103,4 +114,4 @@ def _(token, out, inp, rid, graph, site):
     return None
 
 
-__all__ = ["METRICS", "Recorder", "observe"]
+__all__ = ["METRICS", "Recorder", "ShapeChangeError", "observe"]

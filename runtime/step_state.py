@@ -10,7 +10,8 @@ pipeline does with ``t`` from 0 to 1, looks like to a counting-down reader), are
 generation that counts up; the third call is its step 2, with the caches of the first two
 dropped (what they stored was labelled as another generation's step 0, so the next steps
 compute rather than read it), and from then on a fall starts a generation. Three one-step
-generations begun by falls turn it back. The timestep a call is read
+generations begun by falls turn it back. A reset, an explicit step or a call that raised
+ends such a streak: the generation after it was not begun by a move. The timestep a call is read
 by is the maximum of its timestep tensor (per-sample and per-token timesteps: Wan2.2's
 image-to-video gives its first frame timestep 0). Once a generation has run, its schedule is
 known: a later generation that has followed it for two steps and then moves on to a timestep
@@ -79,7 +80,7 @@ class StepState:
             step, branch = self._override
             self._override = None
             new_generation = step == 0 and branch == 0
-            self.step, self.branch = step, branch
+            self.step, self.branch, self._streak = step, branch, []  # told, not begun by a move
             if not new_generation and branch == 0:
                 self._current.append(t)
         elif self._last_t is None:
@@ -156,7 +157,7 @@ class StepState:
     def reset(self) -> None:
         """Forget everything: the next call starts a new generation at step 0."""
         self.step, self.branch, self._last_t, self._override, self.calls = -1, 0, None, None, 0
-        self._told, self._told_calls = None, 0
+        self._told, self._told_calls, self._streak = None, 0, []  # the next call is not begun by a move
         self._remember([])  # what ran is still a known schedule
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import os
 import pickle
 import threading
 
@@ -407,26 +408,33 @@ def test_a_float_timestep_gives_the_models_own_error(model):
 # -- random call sequences against a reference of the semantics -------------------------------------
 class Reference:
     """The semantics, written independently of the runtime: which calls form the generation each
-    call belongs to. A generation starts at the first call, after ``reset``, after a call that
-    raised, at ``set_step(0)``, when the timestep goes up, and when a lower timestep leaves the
-    schedule of the last full-top generation after following it for two steps or more."""
+    call belongs to. Samplers are taken to count down until shown otherwise. A generation starts at
+    the first call, after ``reset``, after a call that raised, at ``set_step(0)``, when the timestep
+    moves against the direction, and when a move along it leaves the schedule of the last full
+    generation after following it for two steps or more. The third one-step generation in a row
+    begun by a move against the direction (no reset, raise or ``set_step`` between) turns it: the
+    three are one generation, and the model must give what a fresh one fed those calls gives."""
 
     def __init__(self):
         self.calls: list[tuple] = []  # this generation's (t, label, shape, override)
         self.ts: list[float] = []  # one timestep per step of this generation
         self.schedule: list[float] = []
         self.override = None
+        self.rising = False  # the direction now
+        self.began_rising = False  # the direction a fresh model replaying this generation starts with
+        self.step = -1
+        self.streak: list[list[tuple]] = []  # the calls of the one-step generations begun against it
 
-    def _new(self):
+    def _new(self, t=None):
         done = self.ts
-        follows = bool(done) and _segment(self.schedule, done)
-        if done and not follows and (not self.schedule or done[0] >= self.schedule[0]):
+        further = (lambda a, b: a <= b) if self.rising else (lambda a, b: a >= b)
+        if done and not _segment(self.schedule, done) and (not self.schedule or further(done[0], self.schedule[0])):
             self.schedule = done
-        self.calls, self.ts = [], []
+        self.calls, self.ts, self.step, self.began_rising = [], [], 0, self.rising
 
     def reset(self):
         self._new()
-        self.override = None
+        self.override, self.step, self.streak = None, -1, []
 
     def set_step(self, step):
         self.override = step
@@ -434,14 +442,40 @@ class Reference:
     def call(self, t, label, shape):
         last = self.calls[-1][0] if self.calls else None
         override, self.override = self.override, None
+        entry = (t, label, shape, override)
         if override is not None:
+            self.streak = []
             if override == 0 or not self.calls:
                 self._new()
-        elif last is None or t > last or self._leaves(t):
-            self._new()
-        if override is not None or last is None or t != last or not self.calls:
+            self.step = override
             self.ts.append(t)
-        self.calls.append((t, label, shape, override))
+            self.calls.append(entry)
+            return list(self.calls)
+        if last is not None and t == last:  # the next CFG branch
+            self.calls.append(entry)
+            if self.streak:
+                self.streak[-1].append(entry)
+            return list(self.calls)
+        along = last is not None and (t > last) == self.rising
+        if last is not None and along and not self._leaves(t):
+            self.step, self.streak = self.step + 1, []
+            self.ts.append(t)
+            self.calls.append(entry)
+            return list(self.calls)
+        if last is not None and not along and self.step == 0:  # a one-step generation ends against it
+            if not self.streak:
+                self.streak = [list(self.calls)]
+            self.streak.append([entry])
+            if len(self.streak) == 3:  # the direction turns: the three are one generation
+                self.calls = [c for gen in self.streak for c in gen]
+                self.ts = [gen[0][0] for gen in self.streak]
+                self.began_rising, self.rising, self.step, self.streak = self.rising, not self.rising, 2, []
+                return list(self.calls)
+        else:
+            self.streak = []
+        self._new()
+        self.ts.append(t)
+        self.calls.append(entry)
         return list(self.calls)
 
     def _leaves(self, t):
@@ -508,11 +542,16 @@ def _run(fast, t, label, shape):
         return fast(x, timestep=torch.tensor([t] * len(x)), class_labels=torch.tensor([label] * len(x))).sample
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=int(os.environ.get("DITOPT_HYPOTHESIS_EXAMPLES", 40)), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(segments=st.lists(segments, min_size=1, max_size=4))
 @example(segments=[[("loop", 0, 6, True, "small", None)], [("loop", 0, 3, True, "small", None)],
                    [("loop", 4, 2, True, "small", None)]])  # interrupted, restarted off the schedule
 @example(segments=[[("loop", 0, 4, True, "small", 2)]])  # a step that raises and is retried
+@example(segments=[[("loop", 5, 2, False, "small", None)], [("call", 333, 3, "small")],
+                   [("loop", 3, 3, True, "small", None)]])  # three rises in a row: a sampler counting up
+@example(segments=[[("loop", 5, 2, False, "small", None)], [("call", 333, 50, "small")],
+                   [("call", 333, 3, "small")], [("loop", 0, 6, False, "small", None)]])  # a raise ends the streak
 def test_random_call_sequences_match_a_fresh_run(pair, segments):
     model, plan, fast, fresh = pair
     ditopt.reset(fast)
@@ -535,7 +574,7 @@ def test_random_call_sequences_match_a_fresh_run(pair, segments):
             out = _run(fast, t, label, shape)
             # a fresh model fed this generation's calls
             ditopt.reset(fresh)
-            runtime_of(fresh).state = StepState()
+            runtime_of(fresh).state = StepState(rising=ref.began_rising)
             for t_, label_, shape_, override in generation:
                 if override is not None:
                     ditopt.set_step(fresh, override)

@@ -15,13 +15,18 @@ def add_arguments(parser) -> None:
     """The options of ``ditopt bench`` and ``tools/bench_fidelity.py``."""
     parser.add_argument("--model", action="append", choices=zoo.list(),
                         help="zoo model (repeatable; default: all zoo models)")
-    parser.add_argument("--seeds", type=int, default=4, help="fixed seeds, 10 digits each (default 4)")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    from ditopt.cli import count, output_path
+    from ditopt.errors import MAX_STEPS
+
+    parser.add_argument("--seeds", type=count(1, 1000), default=4, help="fixed seeds, 10 digits each (default 4)")
+    parser.add_argument("--steps", type=count(1, MAX_STEPS), default=None, help="sampling steps (default: the model's)")
     parser.add_argument("--methods", default=None,
                         help=f"comma-separated method keys (default all): {', '.join(METHODS)}")
-    parser.add_argument("--markdown", default=None, help="write the table into this markdown file")
-    parser.add_argument("--png", default=None, help="write the Pareto plot (block compute vs PSNR) here")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: stabler ratios)")
+    parser.add_argument("--markdown", type=output_path, default=None,
+                        help="write the table into this markdown file")
+    parser.add_argument("--png", type=output_path, default=None,
+                        help="write the Pareto plot (block compute vs PSNR) here")
+    parser.add_argument("--threads", type=count(1, 1024), default=1, help="torch threads (default 1: stabler ratios)")
 
 
 def run_from_args(args, command: str) -> list[BenchResult]:

@@ -274,17 +274,37 @@ def markdown(rows: list[GpuRow]) -> str:
     return "\n".join(lines)
 
 
+def device_name(text: str) -> str:
+    """An argparse ``type``: a torch device this machine has (``cpu``, ``cuda``, ``cuda:1``, ...)."""
+    import argparse
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (e.g. cpu, cuda, cuda:1)") from None
+    backend = getattr(torch, dev.type, None)
+    if not getattr(backend, "is_available", lambda: True)():
+        raise argparse.ArgumentTypeError(f"{text!r}: this torch ({torch.__version__}) has no {dev.type} device here")
+    if dev.index is not None and dev.index >= getattr(backend, "device_count", lambda: dev.index + 1)():
+        raise argparse.ArgumentTypeError(f"{text!r}: there is no {dev.type} device {dev.index} on this machine")
+    return text
+
+
 def main(argv=None) -> None:
     import argparse
 
+    from ditopt.cli import count, output_path
+    from ditopt.errors import MAX_STEPS
+
     parser = argparse.ArgumentParser(description="ditopt speed on one device (see ditopt/bench/gpu.py)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shape", default="wan-1.3b", choices=sorted(SHAPES))
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--steps", type=count(1, MAX_STEPS), default=20)
+    parser.add_argument("--repeats", type=count(1, 1000), default=2)
     parser.add_argument("--variants", nargs="+", default=None)
-    parser.add_argument("--deadline", type=float, default=None, help="skip variants started after this many seconds")
-    parser.add_argument("--json", default=None, help="write the rows here")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="skip variants started after this many seconds")
+    parser.add_argument("--json", type=output_path, default=None, help="write the rows here")
     args = parser.parse_args(argv)
     rows = run(args.shape, device=args.device, steps=args.steps, repeats=args.repeats, variants=args.variants,
                deadline_s=args.deadline)

@@ -1,0 +1,135 @@
+"""Call sequences and bad inputs a new user tries: each gives the right result or a clear error that
+names the offending thing, and leaves the user's model untouched.
+
+Found by a sweep over call sequences (torch.compile of an optimised model, a non-module given to
+optimize, calibration runs that never call the model or change its input shape, bench arguments
+that fail only after the work).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ditopt
+from ditopt.errors import DitoptError
+from ditopt.profile import ProfileError
+
+STEPS = 4
+TIMESTEPS = (999, 749, 499, 249)
+
+
+def dit():
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                 num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+
+
+def call(model, t, batch=1):
+    x = torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model(x, timestep=torch.tensor([t] * batch), class_labels=torch.tensor([3] * batch)).sample
+
+
+@pytest.fixture(scope="module")
+def model():
+    return dit()
+
+
+def fora():
+    return ditopt.presets.fora(interval=2, steps=STEPS, level="block")
+
+
+# -- torch.compile of what optimize returned ---------------------------------------------------------
+@pytest.mark.parametrize("options", [dict(backend="eager"), dict(), dict(backend="eager", fullgraph=True)])
+def test_torch_compile_of_an_optimized_model_refuses_instead_of_dropping_the_plan(model, options):
+    """torch.compile(fast) used to trace the bare model's forward under its own backend: the plan was
+    silently gone (every step computed, stats empty). Now it says what to do instead (under
+    fullgraph=True dynamo reports our error inside its own)."""
+    fast = ditopt.optimize(model, fora())
+    compiled = torch.compile(fast, **options)
+    error = Exception if options.get("fullgraph") else DitoptError
+    with pytest.raises(error, match=r"ditopt.optimize\(\).*backend='ditopt'"):
+        call(compiled, TIMESTEPS[0])
+    # the optimised model itself is unharmed and still follows its plan
+    ditopt.reset(fast)
+    outs = [call(fast, t) for t in TIMESTEPS]
+    assert ditopt.stats(fast).decisions["transformer_blocks.0"] == ["compute", "reuse_residual"] * 2
+    fresh = ditopt.optimize(model, fora())
+    for out, t in zip(outs, TIMESTEPS):
+        assert torch.equal(out, call(fresh, t))
+
+
+def test_optimize_refuses_what_is_not_a_module(model):
+    class Pipeline:  # what a diffusers pipeline looks like here: not a module, has components
+        components = {"transformer": model}
+
+    with pytest.raises(DitoptError, match="torch.nn.Module, got NoneType"):
+        ditopt.optimize(None, fora())
+    with pytest.raises(DitoptError, match=r"got Pipeline \(for a pipeline, pass pipe.transformer\)"):
+        ditopt.optimize(Pipeline(), fora())
+    with pytest.raises(DitoptError, match="got function"):
+        ditopt.optimize(lambda x: x, fora())
+
+
+# -- profile: calibration runs that cannot give a map -------------------------------------------------
+def test_profile_of_a_run_that_never_calls_the_model_says_so(model):
+    with pytest.raises(ProfileError, match="never called the transformer"):
+        ditopt.profile(model, lambda transformer: None, steps=STEPS, progress=False)
+
+
+@pytest.mark.parametrize("batches", [(2, 1), (1, 2)], ids=["shrinks", "grows"])
+def test_profile_of_a_run_that_changes_the_input_shape_is_a_profile_error(model, batches):
+    """The recorder subsamples each site's output at fixed positions chosen at its first call: a
+    smaller output raised a raw IndexError, a larger one silently compared other elements."""
+    def run(transformer):
+        for i, t in enumerate(TIMESTEPS):
+            call(transformer, t, batch=batches[i % 2])
+
+    with pytest.raises(ProfileError, match=r"shape .* at step 1.*one input shape"):
+        ditopt.profile(model, run, steps=STEPS, progress=False)
+    # the same run at one shape profiles
+    rmap = ditopt.profile(model, lambda tr: [call(tr, t, batch=2) for t in TIMESTEPS], steps=STEPS, progress=False)
+    assert rmap.steps == STEPS
+
+
+# -- the bench command line: arguments checked before the work ----------------------------------------
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--device", "nosuchdevice"], "not a torch device: 'nosuchdevice'"),
+    (["bench", "--device", "cpu:x"], "not a torch device: 'cpu:x'"),
+    (["bench", "--device", "cpu", "--steps", "0"], "--steps"),
+    (["bench", "--device", "cpu", "--json", "/nonexistent-dir/rows.json"], "/nonexistent-dir does not exist"),
+    (["bench", "--markdown", "/nonexistent-dir/bench.md"], "/nonexistent-dir does not exist"),
+    (["bench", "--seeds", "0"], "--seeds"),
+    (["bench", "--device", "cpu", "--shape", "tiny", "--variants", "nosuch"], "unknown variant(s) ['nosuch']"),
+])
+def test_bench_arguments_are_checked_before_any_work(argv, message, monkeypatch, capsys):
+    import ditopt.bench.cli
+    import ditopt.bench.gpu
+    from ditopt.cli import main
+
+    def started(*args, **kwargs):
+        raise AssertionError("the benchmark started before its arguments were checked")
+
+    monkeypatch.setattr(ditopt.bench.cli, "run_bench", started)
+    if "--variants" not in argv:  # that one is checked by gpu.run itself, before any work
+        monkeypatch.setattr(ditopt.bench.gpu, "run", started)
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_bench_on_a_device_this_machine_lacks_is_a_usage_error(monkeypatch, capsys):
+    import ditopt.bench.gpu
+    from ditopt.cli import main
+
+    monkeypatch.setattr(ditopt.bench.gpu, "run", lambda *a, **k: pytest.fail("the benchmark started"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--device", "cuda"])
+    assert exit_.value.code == 2 and "no cuda device" in capsys.readouterr().err
