@@ -21,7 +21,7 @@ from ditopt.runtime import Runtime
 
 from .backend import (CompiledGraph, DitoptBackend, PlanLike, arguments_from, as_plan, backend_of, compile_wrapper_of,
                       runtime_of_compile_call)
-from .capture import lean_tracing
+from .capture import lean_tracing, where_in_model
 from .regional import RegionalError, hold_marks, refuse_marks, release_marks
 from .errors import CaptureError, DitoptError, PlanError
 from .sites import OUTPUT, STACK, SiteTable, find_sites
@@ -70,7 +70,7 @@ class DitoptModule(OptimizedModule):
             name = type(self._orig_mod).__name__
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CaptureError(f"could not capture {name} as one graph: dynamo raised {type(exc).__name__}: "
-                               f"{first}") from exc
+                               f"{first}{where_in_model(exc)}") from exc
 
     def _timestep_by_keyword(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """A timestep given by position goes by keyword (with the arguments after it), so that the

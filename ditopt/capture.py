@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import os
 import re
 import threading
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ import torch.fx as fx
 import torch.fx.experimental._config as fx_config
 
 from .errors import CaptureError
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 
 _PATH_RULES = [  # applied in order; each strips one spelling of attribute access
     (re.compile(r"^L\['self'\]\.?"), ""),
@@ -157,6 +160,17 @@ def lean_tracing():
         yield
 
 
+def where_in_model(exc: BaseException) -> str:
+    """Where in the model's own code dynamo stopped: ``" (at file.py:391 in moe_infer: `line`)"``,
+    the innermost frame of the exception's user stack outside torch (dynamo's polyfills and
+    decorators are not what a user can change), or "" when dynamo gave no stack."""
+    frames = [f for f in getattr(exc, "real_stack", None) or () if not f.filename.startswith(_TORCH_DIR)]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" (at {os.path.basename(f.filename)}:{f.lineno} in {f.name}: `{(f.line or '').strip()}`)"
+
+
 @dataclass
 class Captured:
     gm: fx.GraphModule
@@ -194,7 +208,7 @@ def capture(model: torch.nn.Module, *args, symbolic_shapes: bool = False, **kwar
             compiled(*args, **kwargs)
     except Exception as exc:  # dynamo raises many types; the cause is what matters to a user
         how = "with symbolic shapes" if symbolic_shapes else "as one graph"
-        raise CaptureError(f"could not capture {type(model).__name__} {how}: {exc}") from exc
+        raise CaptureError(f"could not capture {type(model).__name__} {how}: {exc}{where_in_model(exc)}") from exc
     if len(graphs) != 1:
         raise CaptureError(f"{type(model).__name__} was captured as {len(graphs)} graphs, expected 1")
     from .regional import has_calls, inline_calls

@@ -167,11 +167,15 @@ def _on_residual_chain(out: fx.Node, candidate: fx.Node, members: set[fx.Node], 
     return False
 
 
-def residual_inputs(region: Region) -> tuple[list[fx.Node | None], bool]:
+def residual_inputs(region: Region, order: dict[fx.Node, int] | None = None) -> tuple[list[fx.Node | None], bool]:
     """For each live-out, the region input it is a residual update of (or None).
 
     Candidates are the data inputs with the live-out's shape and dtype; one on an add chain
-    to the live-out wins. Returns the inputs and whether every live-out is in residual form.
+    to the live-out wins. A region with one live-out, none on a chain and several candidates
+    takes, given the graph's ``order``, the one produced last: the stream the previous block
+    handed on, not a long skip from an earlier block (HunyuanDiT's later blocks mix both through
+    a linear before their adds). Several live-outs alike stay unpaired: order cannot pair them.
+    Returns the inputs and whether every live-out is in residual form.
     """
     members = set(region.nodes)
     data_inputs = [i for i in region.inputs if not is_param(i) and tensor_meta(i) is not None]
@@ -187,6 +191,8 @@ def residual_inputs(region: Region) -> tuple[list[fx.Node | None], bool]:
         else:
             all_residual = False
             pick = candidates[0] if len(candidates) == 1 else None
+            if len(candidates) > 1 and len(region.live_outs) == 1 and order is not None:
+                pick = max(candidates, key=order.__getitem__)
         if pick is not None:
             taken.add(pick)
         chosen.append(pick)

@@ -311,7 +311,7 @@ def find_sites(graph: fx.Graph) -> SiteTable:
     for name, kind, nodes, attn in candidates:
         nodes = sorted(nodes, key=order.__getitem__)
         region = region_of(nodes)
-        res, residual = residual_inputs(region)
+        res, residual = residual_inputs(region, order)
         ok, why = extractable(region, order)
         sites.append(Site(
             name=name, kind=kind, attention=attn, module_type=types.get(name, "") if kind not in ("stack", "output") else kind,

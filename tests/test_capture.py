@@ -1,11 +1,14 @@
 """What ditopt turns off while dynamo captures changes nothing that reaches the graph."""
 
 import gc
+import inspect
 
+import pytest
 import torch
 from torch._dynamo import symbolic_convert
 
-from ditopt.capture import lean_tracing, source_names_skipped
+import ditopt
+from ditopt.capture import capture, lean_tracing, source_names_skipped
 from real_models import build
 
 
@@ -45,3 +48,21 @@ def test_source_names_are_looked_up_when_dynamo_logs_them():
     with source_names_skipped():
         assert symbolic_convert.get_funcname is not lookup
     assert symbolic_convert.get_funcname is lookup
+
+
+class _HostBranch(torch.nn.Module):
+    """A Python branch on a value read on the host: no single graph."""
+
+    def forward(self, x):
+        return x * 2 if x.sum().item() > 0 else x
+
+
+def test_a_capture_error_names_the_line_of_the_model_where_dynamo_stopped():
+    """The message ends with the innermost frame of the model's own code (not torch's)."""
+    line = inspect.getsourcelines(_HostBranch.forward)[1] + 1
+    where = rf"\(at test_capture\.py:{line} in forward: `return x \* 2 if x\.sum\(\)\.item\(\) > 0 else x`"
+    with pytest.raises(ditopt.CaptureError, match=rf"(?s)could not capture _HostBranch as one graph: .*{where}"):
+        capture(_HostBranch(), torch.randn(3))
+    fast = ditopt.optimize(_HostBranch(), ditopt.presets.all_compute(steps=2), timestep_arg="x")
+    with pytest.raises(ditopt.CaptureError, match=rf"could not capture _HostBranch as one graph: dynamo raised .*{where}"):
+        fast(torch.randn(3))

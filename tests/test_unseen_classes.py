@@ -1,7 +1,9 @@
 """The whole workflow on diffusers classes that no issue names and nothing in ditopt was written
 for: SD3 (joint attention over image and text tokens), Flux (a joint stack followed by a
 single-stream stack, timesteps in [0, 1]), Mochi (its text mask selects tokens: a size known
-only at run time) and Z-Image (lists of images in, ``t`` counting up from 0 to 1). Built tiny
+only at run time), Z-Image (lists of images in, ``t`` counting up from 0 to 1), and LTX-Video,
+CogView4, AuraFlow, Chroma, Qwen-Image, SkyReels-V2, Wan-VACE, HunyuanDiT (long skips), Allegro,
+Cosmos and EasyAnimate; HiDream (experts routed on the host) cannot be one graph. Built tiny
 from their configs, random weights.
 
 Sites, plans and caches must come from the graph alone: all-compute is bit-identical to the
@@ -33,13 +35,16 @@ def _flux():
     model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
                                    attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                                    pooled_projection_dim=16, guidance_embeds=False, axes_dims_rope=(4, 6, 6)).eval()
-    h = w = 4
+    return model, dict(_flux_inputs(), pooled_projections=torch.randn(1, 16)), 1.0, \
+        ("transformer_blocks", "single_transformer_blocks")
+
+
+def _flux_inputs(h: int = 4, w: int = 4) -> dict:
     img_ids = torch.zeros(h, w, 3)
     img_ids[..., 1] = torch.arange(h)[:, None]
     img_ids[..., 2] = torch.arange(w)[None, :]
-    kwargs = dict(hidden_states=torch.randn(1, h * w, 16), encoder_hidden_states=torch.randn(1, 6, 32),
-                  pooled_projections=torch.randn(1, 16), img_ids=img_ids.reshape(h * w, 3), txt_ids=torch.zeros(6, 3))
-    return model, kwargs, 1.0, ("transformer_blocks", "single_transformer_blocks")
+    return dict(hidden_states=torch.randn(1, h * w, 16), encoder_hidden_states=torch.randn(1, 6, 32),
+                img_ids=img_ids.reshape(h * w, 3), txt_ids=torch.zeros(6, 3))
 
 
 def _mochi():
@@ -54,7 +59,133 @@ def _mochi():
     return model, kwargs, 1000.0, ("transformer_blocks",)
 
 
-CLASSES = {"sd3": _sd3, "flux": _flux, "mochi": _mochi}
+def _r(*shape):
+    return torch.randn(*shape)
+
+
+def _ltx():  # tokens in flat, the video grid given as ints
+    from diffusers import LTXVideoTransformer3DModel
+
+    model = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=12,
+                                       cross_attention_dim=24, num_layers=2, caption_channels=16)
+    return model, dict(hidden_states=_r(1, 32, 8), encoder_hidden_states=_r(1, 6, 16),
+                       encoder_attention_mask=torch.ones(1, 6), num_frames=2, height=4, width=4), 1000.0, ("transformer_blocks",)
+
+
+def _cogview4():
+    from diffusers import CogView4Transformer2DModel
+
+    model = CogView4Transformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+                                       num_attention_heads=2, text_embed_dim=16, time_embed_dim=8, condition_dim=4,
+                                       pos_embed_max_size=16, sample_size=8, rope_axes_dim=(4, 4))
+    size = torch.tensor([[64.0, 64.0]])
+    return model, dict(hidden_states=_r(1, 4, 8, 8), encoder_hidden_states=_r(1, 6, 16), original_size=size,
+                       target_size=size, crop_coords=torch.zeros(1, 2)), 1000.0, ("transformer_blocks",)
+
+
+def _auraflow():  # a joint stack, then a single-stream one
+    from diffusers import AuraFlowTransformer2DModel
+
+    model = AuraFlowTransformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=2,
+                                       num_single_dit_layers=2, attention_head_dim=8, num_attention_heads=2,
+                                       joint_attention_dim=16, caption_projection_dim=16, out_channels=4,
+                                       pos_embed_max_size=64)
+    return (model, dict(hidden_states=_r(1, 4, 8, 8), encoder_hidden_states=_r(1, 6, 16)), 1000.0,
+            ("joint_transformer_blocks", "single_transformer_blocks"))
+
+
+def _chroma():  # Flux's layout, the modulation from an approximator network
+    from diffusers import ChromaTransformer2DModel
+
+    model = ChromaTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                     attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                     axes_dims_rope=(4, 6, 6), approximator_num_channels=8, approximator_hidden_dim=16,
+                                     approximator_layers=1)
+    return model, _flux_inputs(), 1.0, ("transformer_blocks", "single_transformer_blocks")
+
+
+def _qwen():  # the image grid given as a list of shapes
+    from diffusers import QwenImageTransformer2DModel
+
+    model = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                                        num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(4, 6, 6))
+    return model, dict(hidden_states=_r(1, 16, 16), encoder_hidden_states=_r(1, 6, 16),
+                       encoder_hidden_states_mask=torch.ones(1, 6), img_shapes=[(1, 4, 4)]), 1.0, ("transformer_blocks",)
+
+
+def _wan_like(cls, **extra):
+    return cls(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+               text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32, **extra)
+
+
+def _skyreels():
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    return (_wan_like(SkyReelsV2Transformer3DModel), dict(hidden_states=_r(1, 4, 2, 8, 8), encoder_hidden_states=_r(1, 6, 16)),
+            1000.0, ("blocks",))
+
+
+def _wan_vace():  # control blocks whose hints are added into the main blocks
+    from diffusers import WanVACETransformer3DModel
+
+    model = _wan_like(WanVACETransformer3DModel, vace_layers=[0, 1], vace_in_channels=8)
+    return model, dict(hidden_states=_r(1, 4, 2, 8, 8), encoder_hidden_states=_r(1, 6, 16),
+                       control_hidden_states=_r(1, 8, 2, 8, 8), control_hidden_states_scale=torch.ones(2)), 1000.0, \
+        ("vace_blocks", "blocks")
+
+
+def _hunyuan_dit():  # long skips: block 3 takes block 0's output besides block 2's
+    from diffusers import HunyuanDiT2DModel
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed
+
+    model = HunyuanDiT2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, patch_size=2, sample_size=8,
+                              hidden_size=16, num_layers=4, learn_sigma=False, cross_attention_dim=16,
+                              cross_attention_dim_t5=16, pooled_projection_dim=8, text_len=6, text_len_t5=6,
+                              use_style_cond_and_image_meta_size=False)
+    return model, dict(hidden_states=_r(1, 4, 8, 8), encoder_hidden_states=_r(1, 6, 16), text_embedding_mask=torch.ones(1, 6),
+                       encoder_hidden_states_t5=_r(1, 6, 16), text_embedding_mask_t5=torch.ones(1, 6),
+                       image_rotary_emb=get_2d_rotary_pos_embed(8, ((0, 0), (4, 4)), (4, 4))), 1000.0, ("blocks",)
+
+
+def _allegro():
+    from diffusers import AllegroTransformer3DModel
+
+    model = AllegroTransformer3DModel(patch_size=2, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+                                      in_channels=4, out_channels=4, num_layers=2, cross_attention_dim=16, sample_height=8,
+                                      sample_width=8, sample_frames=2, caption_channels=16)
+    return model, dict(hidden_states=_r(1, 4, 2, 8, 8), encoder_hidden_states=_r(1, 6, 16)), 1000.0, ("transformer_blocks",)
+
+
+def _cosmos():  # concat_padding_mask needs torchvision, which the model imports only if installed
+    from diffusers import CosmosTransformer3DModel
+
+    model = CosmosTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12,
+                                     num_layers=2, mlp_ratio=2, text_embed_dim=16, adaln_lora_dim=4, max_size=(4, 32, 32),
+                                     patch_size=(1, 2, 2), concat_padding_mask=False)
+    return model, dict(hidden_states=_r(1, 4, 2, 8, 8), encoder_hidden_states=_r(1, 6, 16), attention_mask=torch.ones(1, 6),
+                       fps=30), 1.0, ("transformer_blocks",)
+
+
+def _easyanimate():
+    from diffusers import EasyAnimateTransformer3DModel
+
+    model = EasyAnimateTransformer3DModel(attention_head_dim=16, num_attention_heads=2, in_channels=4, mmdit_layers=2,
+                                          num_layers=2, out_channels=4, patch_size=2, text_embed_dim=16, time_embed_dim=8)
+    return model, dict(hidden_states=_r(1, 4, 2, 8, 8), encoder_hidden_states=_r(1, 6, 16)), 1000.0, ("transformer_blocks",)
+
+
+def _seeded(build):
+    def seeded():
+        torch.manual_seed(0)
+        model, kwargs, scale, stacks = build()
+        return model.eval(), kwargs, scale, stacks
+    return seeded
+
+
+CLASSES = {"sd3": _sd3, "flux": _flux, "mochi": _mochi, **{name: _seeded(build) for name, build in {
+    "ltx": _ltx, "cogview4": _cogview4, "auraflow": _auraflow, "chroma": _chroma, "qwen": _qwen, "skyreels": _skyreels,
+    "wan_vace": _wan_vace, "hunyuan_dit": _hunyuan_dit, "allegro": _allegro, "cosmos": _cosmos,
+    "easyanimate": _easyanimate}.items()}}
 
 
 def _timesteps(n: int, scale: float) -> list[torch.Tensor]:
@@ -98,6 +229,64 @@ def test_profile_plan_and_tune_on_a_sampling_loop(name):
     assert computed <= 3 and torch.isfinite(out).all()
     tuned = ditopt.tune(model, run, rmap, budget=0.5, progress=False)
     assert tuned.best.compute_fraction <= 0.5 and tuned.best.psnr >= max(c.psnr for c in tuned.candidates)
+
+
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_fora_reuses_and_taylorseer_forecasts_at_their_steps_in_one_graph(name):
+    """At the steps a plan computes the model's output is exact; at the others the planned sites
+    reuse or forecast (so the output differs); one graph serves every step, without a break."""
+    model, kwargs, scale, stacks = CLASSES[name]()
+    for plan, action, computed in ((ditopt.presets.fora(interval=2, steps=4), "reuse", {0, 2}),
+                                   (ditopt.presets.taylorseer(steps=6, interval=2, order=1), "predict", {0, 1, 2, 4})):
+        torch._dynamo.utils.counters.clear()
+        fast = ditopt.optimize(model, plan)
+        with torch.no_grad():
+            for i, t in enumerate(_timesteps(plan.steps, scale)):
+                ref = model(timestep=t, **kwargs, return_dict=False)[0]
+                assert torch.equal(fast(timestep=t, **kwargs, return_dict=False)[0], ref) == (i in computed), (plan.name, i)
+        decisions = ditopt.stats(fast).decisions
+        planned = {i for row in decisions.values() for i, a in enumerate(row) if a == action}
+        assert planned == set(range(plan.steps)) - computed, plan.name
+        assert any(s.startswith(f"{stacks[-1]}.") and action in row for s, row in decisions.items())
+        assert ditopt.stats(fast).graphs == 1 and not sum(torch._dynamo.utils.counters["graph_break"].values())
+
+
+def test_blocks_with_a_long_skip_reuse_the_residual_of_the_stream_they_carry():
+    """HunyuanDiT's later blocks take an earlier block's output (a long skip) besides the previous
+    block's, and mix both through a linear before their residual adds: neither input is on an add
+    chain to the output, so the block's residual is taken against the stream the previous block
+    handed on (it used to be refused: "reuse_residual needs an input shaped like each output")."""
+    model, kwargs, scale, _ = CLASSES["hunyuan_dit"]()
+    sites = ditopt.sites(model, timestep=torch.tensor([scale]), **kwargs)
+    assert sites["blocks.3"].residual_inputs == sites["blocks.2"].live_outs
+    assert sites["blocks.0"].live_outs[0] in sites["blocks.3"].inputs  # the long skip
+    fast = ditopt.optimize(model, ditopt.presets.fora(interval=2, steps=4, level="block"))
+    with torch.no_grad():
+        outs = [fast(timestep=t, **kwargs, return_dict=False)[0] for t in _timesteps(4, scale)]
+        own = [model(timestep=t, **kwargs, return_dict=False)[0] for t in _timesteps(4, scale)]
+    assert [torch.equal(a, b) for a, b in zip(outs, own)] == [True, False, True, False]
+    assert ditopt.stats(fast).decisions["blocks.3"] == ["compute", "reuse_residual"] * 2
+
+
+def test_experts_routed_by_a_count_read_on_the_host_refuse_capture_naming_the_line():
+    """HiDream's mixture-of-experts loops over per-expert token counts read from the router's
+    output (a size known only at run time, in Python): no single graph exists. The first call
+    raises CaptureError naming the class, dynamo's reason and the model's line, not a traceback."""
+    from diffusers import HiDreamImageTransformer2DModel
+
+    torch.manual_seed(0)
+    model = HiDreamImageTransformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1,
+                                           attention_head_dim=8, num_attention_heads=2, caption_channels=[8, 4],
+                                           text_emb_dim=8, num_routed_experts=2, num_activated_experts=2,
+                                           axes_dims_rope=(4, 2, 2), max_resolution=(32, 32), llama_layers=[0, 1]).eval()
+    kwargs = dict(hidden_states=_r(1, 4, 8, 8), encoder_hidden_states_t5=_r(1, 6, 8),
+                  encoder_hidden_states_llama3=_r(2, 1, 6, 4), pooled_embeds=_r(1, 8))
+    fast = ditopt.optimize(model, ditopt.presets.fora(interval=2, steps=4), timestep_arg="timesteps")
+    with torch.no_grad(), pytest.raises(ditopt.CaptureError, match=r"could not capture HiDreamImageTransformer2DModel "
+                                        r"as one graph: .* \(at transformer_hidream_image\.py:\d+ in moe_infer: `"):
+        fast(timesteps=torch.tensor([999.0]), **kwargs, return_dict=False)
+    with torch.no_grad():  # the model itself is untouched
+        assert model(timesteps=torch.tensor([999.0]), **kwargs, return_dict=False)[0].shape == (1, 4, 8, 8)
 
 
 def _zimage():
