@@ -13,8 +13,9 @@ The candidates are every combination of
 - **where** to skip: the blocks of the stack (each block reuses or forecasts its residual) or
   the model's ``output`` site (the stack, final norm and projection are skipped together and
   the model's output is forecast: what the sampler integrates);
-- **when**: the profiled dynamic-programming schedule, and evenly spread schedules with a
-  warm-up of 1-3 computed steps, an optional gap after it and 0-2 trailing steps left out;
+- **when**: the profiled dynamic-programming schedules, evenly spread schedules with a
+  warm-up of 1-3 computed steps, an optional gap after it and 0-2 trailing steps left out, and
+  schedules spread from step 0 with gaps that grow (:func:`spread_schedules`);
 - **how**: forecasts of order 1 or 2 (TaylorSeer's finite differences). Plain reuse is left
   out, which halves the tuning time: on the zoo models FORA-2 (reuse) scores about 8 dB below
   TaylorSeer (forecasts) at about the same compute (``docs/BENCHMARKS.md``).
@@ -59,6 +60,9 @@ from .sites import OUTPUT
 __all__ = ["Candidate", "Tuned", "candidate_plans", "tune", "tune_pipeline"]
 
 
+REFINE_ROUNDS = 4  # hill-climbing rounds of tune(refine=True) at most
+
+
 @dataclass
 class Candidate:
     """One plan tried on the calibration run."""
@@ -87,12 +91,17 @@ class Tuned:
 
 
 def spread_schedules(steps: int, computed: int) -> list[tuple[int, ...]]:
-    """Evenly spread sets of ``computed`` steps out of ``steps``: a warm-up of 1-3 steps, then the
-    rest spread from just after it (or one step later) to the last step (or 1-2 before it).
+    """Spread sets of ``computed`` steps out of ``steps``. Evenly spread: a warm-up of 1-3 steps,
+    then the rest spread from just after it (or one step later) to the last step (or 1-2 before
+    it). Spread from step 0 with gaps that stay or grow: the i-th of n at ``round(T (i / (n-1))**p)``
+    for p 1, 1.25 or 1.5 and T the last step or 1-4 before it (late steps, where the velocity
+    changes least, are the cheapest to forecast; the last ones may be left out).
 
     Example:
         >>> (0, 2, 4, 6, 8) in spread_schedules(10, 5), (0, 1, 2, 5, 8) in spread_schedules(10, 5)
         (True, True)
+        >>> (0, 3, 7, 11, 16) in spread_schedules(20, 5)   # p 1.25, the last 3 steps forecast
+        True
     """
     check_steps(steps, "steps", error=ProfileError)
     check_count(computed, "computed", minimum=0, maximum=steps, error=ProfileError)
@@ -115,6 +124,13 @@ def spread_schedules(steps: int, computed: int) -> list[tuple[int, ...]]:
                 chosen = tuple(sorted(set(range(warmup)) | set(pts)))
                 if len(chosen) == computed and chosen[-1] < steps:
                     out[chosen] = None
+    for power in (1.0, 1.25, 1.5):
+        for tail in range(5):
+            last = steps - 1 - tail
+            if computed >= 2 and last >= computed - 1:
+                chosen = tuple(sorted({round(last * (i / (computed - 1)) ** power) for i in range(computed)}))
+                if len(chosen) == computed:
+                    out.setdefault(chosen, None)
     return list(out)
 
 
@@ -206,6 +222,12 @@ def _neighbours(rmap: RedundancyMap, best: Candidate) -> list[Candidate]:
     return out
 
 
+def _key(cand: Candidate) -> tuple:
+    """What makes two forecast candidates the same plan: where, and each forecast step's order."""
+    where, _, orders = cand.recipe
+    return where, tuple(sorted(orders.items()))
+
+
 def running(model: torch.nn.Module, plan: Plan, compiled: dict) -> torch.nn.Module:
     """``model`` optimised to run ``plan``, reusing ``compiled`` (a dict the caller keeps): one
     graph per set of sites the plans name, each later plan of that set given to it with
@@ -252,10 +274,12 @@ def tune(model: torch.nn.Module, run: Callable[[Any], Any], rmap: RedundancyMap,
     (its budget is ``budget``). Each candidate (:func:`candidate_plans`, or ``candidates``)
     runs once; its PSNR against ``run(model)`` at full compute is measured with a peak of 1 (a
     relative figure, for ranking). With ``refine``, every one-step change of the best forecast
-    candidate (a forecast's order flipped, a computed step moved by one) is measured too, and
-    the best of all is returned. The model itself is not changed. Costs one full-compute
-    run, two graph captures and one run per candidate (about 70, plus about 30 refining, at 20
-    steps and budget 0.5).
+    candidate (a forecast's order flipped, a computed step moved by one) is measured too, then
+    those of the best of them, up to :data:`REFINE_ROUNDS` rounds while one improves (a hill
+    climb), and the best of all is returned. The model itself is not changed. Costs one full-compute
+    run, two graph captures and one run per candidate: at 20 steps and 25-35% of block compute
+    on the zoo models, 180-230 runs in all (about 130 first, the rest climbing), 40-90 times
+    the time of one generation (``docs/BENCHMARKS.md``).
     """
     _check_inputs(rmap, budget)
     if not callable(run):
@@ -298,15 +322,22 @@ def tune(model: torch.nn.Module, run: Callable[[Any], Any], rmap: RedundancyMap,
         measure(cand)
         tried.append(cand)
     forecasts = [c for c in tried if c.recipe is not None]
-    if refine and forecasts:
-        start = max(forecasts, key=lambda c: c.psnr)
-        for cand in _neighbours(rmap, start):
-            if cand.compute_fraction > budget + 1e-9:
+    seen = {_key(c) for c in forecasts}
+    start = max(forecasts, key=lambda c: c.psnr) if refine and forecasts else None
+    for _ in range(REFINE_ROUNDS if start is not None else 0):  # hill-climb from the best forecast
+        best_before = start
+        for cand in _neighbours(rmap, best_before):
+            if cand.compute_fraction > budget + 1e-9 or _key(cand) in seen:
                 continue
+            seen.add(_key(cand))
             if bar is not None:
                 bar.total += 1
             measure(cand)
             tried.append(cand)
+            if cand.psnr > start.psnr:
+                start = cand
+        if start is best_before:
+            break
     if bar is not None:
         bar.close()
     best = max(tried, key=lambda c: (c.psnr, -c.compute_fraction))

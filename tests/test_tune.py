@@ -130,3 +130,21 @@ def test_refinement_moves_keep_the_compute(rmap):
     # computed steps 0, 2, 4: 2 may move to 1 or 3, 4 to 3 or 5; step 0 never moves
     assert len(shifts) == 4 and all(m.compute_fraction == start.compute_fraction for m in moves)
     assert {tuple(sorted(m.recipe[2])) for m in shifts} == {(2, 3, 5), (1, 2, 5), (1, 4, 5), (1, 3, 4)}
+
+
+def test_refinement_climbs_to_a_candidate_no_move_improves(dit, rmap, monkeypatch):
+    """From a poor start the hill climb keeps moving to the best one-step change until none is
+    better; no plan is measured twice."""
+    import sys
+
+    from ditopt.tune import _forecast_candidate, _key, _neighbours
+
+    monkeypatch.setattr(sys.modules["ditopt.tune"], "REFINE_ROUNDS", 100)  # climb until it stops by itself
+    start = _forecast_candidate(rmap, "output", ("output",), {1: 2, 2: 2, 4: 2}, "start: 0, 3, 5 computed")
+    tuned = ditopt.tune(dit.model, run_of(dit), rmap, budget=0.5, candidates=[start], progress=False)
+    measured = {_key(c): c.psnr for c in tuned.candidates}
+    assert len(measured) == len(tuned.candidates)
+    assert tuned.best is not start and tuned.best.psnr > start.psnr
+    around = [_key(c) for c in _neighbours(rmap, tuned.best)]
+    assert around and all(k in measured and measured[k] <= tuned.best.psnr for k in around)
+    assert all(c.compute_fraction <= 0.5 for c in tuned.candidates)

@@ -195,6 +195,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", action="append", choices=zoo.list())
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--budget", type=float, default=0.5)
+    parser.add_argument("--budgets", default="0.5,0.4,0.35", help="--only tune: comma-separated budgets")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--only", choices=("profile", "resample", "variants", "tune", "samples", "stand-ins",
                                                    "tune-attention", "sites"),
@@ -238,7 +239,7 @@ def main(argv=None) -> int:
             zm.sample(labels[:2], seed=0, steps=2)
             gen = generation_seconds(zm, labels, zm.steps)
             rmap = profile_of(zm, labels, zm.steps)
-            for budget in (0.5, 0.4, 0.35):
+            for budget in (float(b) for b in args.budgets.split(",")):
                 t0 = time.perf_counter()
                 tuned = tune_of(zm, labels, zm.steps, budget, rmap)
                 spent = time.perf_counter() - t0
