@@ -86,6 +86,12 @@ def regions_of(node: fx.Node) -> frozenset[str]:
     return frozenset(node_annotation(node).regions)
 
 
+def enclosing(members: list[fx.Node], site: str) -> frozenset[str]:
+    """The regions that hold all of ``site``'s ``members``: the sites enclosing it (not those of its
+    first node alone, which may also open a site nested in it, as the first block opens ``output``)."""
+    return frozenset.intersection(*(regions_of(n) for n in members)) - {site}
+
+
 def nodes_with_role(graph: fx.Graph, role: Role, site: str | None = None) -> list[fx.Node]:
     """The nodes of ``role`` (serving ``site``, if given), in live-out index order, else graph order."""
     found = [n for n in graph.nodes if node_annotation(n).role is role

@@ -22,7 +22,8 @@ import torch.fx as fx
 
 from ditopt.sites import tensor_meta
 
-from .annotations import Role, annotate, graph_annotation, node_annotation, nodes_with_role, regions_of, token_of
+from .annotations import (Role, annotate, enclosing, graph_annotation, node_annotation, nodes_with_role, regions_of,
+                          token_of)
 from .pass_base import PassContext, PassResult, copy_meta
 
 
@@ -40,7 +41,7 @@ def insert_cache_ops(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if site in have:
             continue
         members = [n for n in graph.nodes if site in regions_of(n)]
-        outer = regions_of(members[0]) - {site}
+        outer = enclosing(members, site)
         live_outs = [by_name[n] for n in ctx.sites[site].live_outs]
         residual = rewrite.slot == "residual"
         shapes = [tensor_meta(o) for o in live_outs]

@@ -29,7 +29,7 @@ import torch.fx as fx
 
 from ditopt.sites import tensor_meta
 
-from .annotations import Role, annotate, graph_annotation, nodes_with_role, regions_of, role_of
+from .annotations import Role, annotate, enclosing, graph_annotation, nodes_with_role, regions_of, role_of
 from .pass_base import PassContext, PassResult, replace_site_nodes
 
 
@@ -106,7 +106,7 @@ def _extract(gm: fx.GraphModule, ctx: PassContext, site: str, residual: bool) ->
         true_fn = graph.get_attr(base + "_compute")
     with graph.inserting_after(true_fn):
         false_fn = graph.get_attr(base + "_reuse")
-    outer = regions_of(members[0]) - {site}
+    outer = enclosing(members, site)
     passed = _pinned_operands(graph, operands, true_fn, outer) if ctx.inductor else operands
     with graph.inserting_after(false_fn):
         cond = graph.call_function(torch.ops.higher_order.cond, (decide, true_fn, false_fn, tuple(passed)))

@@ -148,3 +148,33 @@ def test_refinement_climbs_to_a_candidate_no_move_improves(dit, rmap, monkeypatc
     around = [_key(c) for c in _neighbours(rmap, tuned.best)]
     assert around and all(k in measured and measured[k] <= tuned.best.psnr for k in around)
     assert all(c.compute_fraction <= 0.5 for c in tuned.candidates)
+
+
+def test_the_output_forecast_at_some_steps_and_the_blocks_at_others(dit):
+    """The output site nested over block sites that act at other steps: the output's decision was
+    placed inside the first block's region (the output's first node is that block's) and the graph
+    failed to build."""
+    from ditopt.runtime.forecast import taylor_forecast
+
+    blocks = tuple(f"transformer_blocks.{i}" for i in range(dit.model.config.num_layers))
+    plan = Plan(steps=STEPS, rules=[Rule(sites=("output",), action="predict", order=1, steps=(2,)),
+                                    Rule(sites=blocks, action="predict", order=1, steps=(4,))])
+    fast = ditopt.optimize(dit.model, plan)
+    calls = []
+
+    def recording(**kwargs):
+        out = fast(**kwargs)
+        with torch.no_grad():
+            plain = dit.model(**kwargs)
+        calls.append((out[0], plain[0]))
+        return out
+
+    dit.sample(LABELS, seed=3, steps=STEPS, transformer=recording)
+    decisions = ditopt.stats(fast).decisions
+    assert decisions["output"][2] == "predict" and decisions[blocks[0]][4] == "predict"
+    assert decisions[blocks[0]][2] == "skipped"  # inside the forecast output
+    outs = [c[0] for c in calls]
+    assert torch.allclose(outs[2], taylor_forecast([0, 1], outs[:2], 2), atol=1e-5)
+    for step in (0, 1, 3, 5):  # computed steps are the model's own output on what the sampler gave
+        assert torch.equal(calls[step][0], calls[step][1])
+    assert not torch.allclose(calls[4][0], calls[4][1], atol=1e-4)  # the blocks forecast at step 4
