@@ -123,8 +123,8 @@ def _check_can_take(rule: "Rule", i: int, site) -> None:
         raise PlanError(f"share_cfg applies to attention and block sites; {site.name!r} is a {site.kind}", **where)
     if rule.action != Action.COMPUTE and not site.skippable:
         raise PlanError(f"site cannot be skipped: {site.why_not_skippable}", **where)
-    if rule.action == Action.REUSE_RESIDUAL and any(r is None for r in site.residual_inputs):
-        raise PlanError("reuse_residual needs an input shaped like each output; this site has none (use 'reuse')",
+    if rule.action == Action.REUSE_RESIDUAL and all(r is None for r in site.residual_inputs):
+        raise PlanError("reuse_residual needs an input shaped like an output; this site has none (use 'reuse')",
                         **where)
 
 

@@ -65,9 +65,10 @@ def insert_cache_ops(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
         anchor = max(members, key=order.__getitem__)
         values = []
+        mains = [by_name[n] if n else None for n in ctx.sites[site].residual_inputs] if residual else [None] * len(live_outs)
         for i, out in enumerate(live_outs):
-            if residual:
-                main = by_name[ctx.sites[site].residual_inputs[i]]
+            main = mains[i]  # None: no input is shaped like this live-out (a broadcast), so its output is cached
+            if main is not None:
                 with graph.inserting_after(anchor):
                     value = graph.call_function(operator.sub, (out, main))
                 copy_meta(value, out, _residual_example(out, main))
@@ -80,7 +81,7 @@ def insert_cache_ops(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             with graph.inserting_after(anchor):
                 store = graph.call_function(torch.ops.ditopt.cache_store.default, (
                     token, value, pred, ctx.runtime_id, ctx.graph_id, site, f"{rewrite.slot}{i}",
-                    ctx.inductor or not residual))
+                    ctx.inductor or mains[i] is None))
             copy_meta(store, live_outs[i])
             annotate(store, role=Role.STORE, site=site, index=i, regions=outer)
             anchor = store

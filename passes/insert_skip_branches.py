@@ -187,7 +187,7 @@ def _reuse_graph(operands, outputs, live_outs, loads, mains, residual, *, contig
         if out in live_outs:
             i = live_outs.index(out)
             cached = env[loads[i]]
-            value = g.call_function(torch.add, (env[mains[i]], cached)) if residual else \
+            value = g.call_function(torch.add, (env[mains[i]], cached)) if residual and mains[i] is not None else \
                 g.call_method("clone", (cached,))
             results.append(_dense(g, value, ex) if contiguous else value)
         elif ex.dtype == torch.bool and ex.dim() == 0:  # a nested store's predicate: nothing stored

@@ -29,7 +29,8 @@ class Action(str, Enum):
 
     COMPUTE = "compute"  # run the site
     REUSE = "reuse"  # return its cached output
-    REUSE_RESIDUAL = "reuse_residual"  # add its cached residual (output - input) to its input
+    REUSE_RESIDUAL = "reuse_residual"  # add its cached residual (output - input) to its input; an output
+    # that no input is shaped like (a broadcast stream) is cached and reused as it is
     PREDICT = "predict"  # forecast of its residual (or output) from its last computed steps (by a method)
     WINDOW = "window"  # self-attention: window attention plus the residual (full - window) of its last full step
     SHARE_CFG = "share_cfg"  # the unconditional CFG branch: the conditional branch's output plus a cached offset

@@ -14,6 +14,7 @@ import torch
 import ditopt
 from ditopt.errors import DitoptError
 from ditopt.profile import ProfileError
+from synthetic import Attention, FeedForward
 
 STEPS = 4
 TIMESTEPS = (999, 749, 499, 249)
@@ -133,3 +134,65 @@ def test_bench_on_a_device_this_machine_lacks_is_a_usage_error(monkeypatch, caps
     with pytest.raises(SystemExit) as exit_:
         main(["bench", "--device", "cuda"])
     assert exit_.value.code == 2 and "no cuda device" in capsys.readouterr().err
+
+
+# -- a block that broadcasts one stream's batch ------------------------------------------------------
+class _BroadcastBlock(torch.nn.Module):
+    """Text tokens given once for a batch of images (FluxPipeline with num_images_per_prompt=2 and
+    prompt_embeds of one prompt): the block returns the text stream at the images' batch, so the
+    first block's text live-out has no input shaped like it."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.attn, self.ff = Attention(dim), FeedForward(dim)
+        self.text = torch.nn.Linear(dim, dim)
+
+    def forward(self, x, context, temb):
+        x = x + self.attn(x + temb[:, None] + context.mean(1, keepdim=True))
+        x = x + self.ff(x)
+        return x, context + self.text(x.mean(1, keepdim=True))
+
+
+class _BroadcastStack(torch.nn.Module):
+    def __init__(self, depth: int = 3, dim: int = 8):
+        super().__init__()
+        self.t_embed = torch.nn.Linear(1, dim)
+        self.blocks = torch.nn.ModuleList(_BroadcastBlock(dim) for _ in range(depth))
+        self.proj_out = torch.nn.Linear(dim, dim)
+
+    def forward(self, x, context, timestep):
+        temb = self.t_embed(timestep[:, None] / 1000)
+        for block in self.blocks:
+            x, context = block(x, context, temb)
+        return self.proj_out(x)
+
+
+def test_reuse_residual_caches_the_output_of_a_stream_the_block_broadcasts():
+    """reuse_residual on a block whose text live-out is batch 2 and its text input batch 1: that
+    live-out caches its output, the image stream its residual (it was a PlanError: "needs an
+    input shaped like each output")."""
+    torch.manual_seed(0)
+    model = _BroadcastStack().eval()
+    x, context = torch.randn(2, 5, 8), torch.randn(1, 3, 8)
+    ts = [torch.full((2,), t) for t in (900.0, 700.0, 500.0, 300.0)]
+    plan = ditopt.Plan.from_dict({"version": 1, "steps": 4, "rules": [
+        {"sites": "blocks.*", "kind": "block", "action": "reuse_residual", "steps": [1, 3]}]})
+    fast = ditopt.optimize(model, plan)
+    with torch.no_grad():
+        outs = [fast(x + i, context, timestep=t) for i, t in enumerate(ts)]
+    assert ditopt.stats(fast).decisions["blocks.0"] == ["compute", "reuse_residual"] * 2
+    # the reference, by hand: each block's image residual and text output of the last computed step
+    cache = {}
+    with torch.no_grad():
+        for step, t in enumerate(ts):
+            h, c = x + step, context
+            temb = model.t_embed(t[:, None] / 1000)
+            for i, block in enumerate(model.blocks):
+                if step % 2 == 0:
+                    h_out, c_out = block(h, c, temb)
+                    cache[i] = (h_out - h, c_out - c if c.shape == c_out.shape else None, c_out)
+                else:
+                    dh, dc, c_old = cache[i]
+                    h_out, c_out = h + dh, (c + dc if dc is not None else c_old)
+                h, c = h_out, c_out
+            assert torch.allclose(outs[step], model.proj_out(h), atol=1e-6), step
