@@ -94,7 +94,7 @@ def _extract(gm: fx.GraphModule, ctx: PassContext, site: str, residual: bool) ->
     outputs = list(dict.fromkeys([*live_outs, *values, *hoisted_args]))  # a reused output is also its value
 
     compute = _branch_graph(members, operands, outputs, contiguous=ctx.inductor)
-    reuse = _reuse_graph(operands, outputs, live_outs, loads, mains, residual, contiguous=ctx.inductor)
+    reuse = _reuse_graph(operands, outputs, live_outs, loads, mains, contiguous=ctx.inductor)
     compute_gm = fx.GraphModule(gm, compute)
     reuse_gm = fx.GraphModule(gm, reuse)
     base = "ditopt_" + site.replace(".", "_")
@@ -169,9 +169,9 @@ def _branch_graph(members: list[fx.Node], operands: list[fx.Node], outputs: list
     return g
 
 
-def _reuse_graph(operands, outputs, live_outs, loads, mains, residual, *, contiguous: bool) -> fx.Graph:
-    """The reuse branch: each live-out from its cache (``main + residual``, or a clone of the
-    cached output), every other output an empty tensor of the compute branch's shape.
+def _reuse_graph(operands, outputs, live_outs, loads, mains, *, contiguous: bool) -> fx.Graph:
+    """The reuse branch: each live-out from its cache (``main + residual`` where ``mains`` has its
+    residual input, else a clone of the cached output), every other output an empty tensor of the compute branch's shape.
 
     With ``contiguous`` (under inductor) every output is contiguous, as the compute branch's are
     made: ``torch.cond`` requires the two branches' outputs to agree in stride order, and a block
@@ -187,7 +187,7 @@ def _reuse_graph(operands, outputs, live_outs, loads, mains, residual, *, contig
         if out in live_outs:
             i = live_outs.index(out)
             cached = env[loads[i]]
-            value = g.call_function(torch.add, (env[mains[i]], cached)) if residual and mains[i] is not None else \
+            value = g.call_function(torch.add, (env[mains[i]], cached)) if mains[i] is not None else \
                 g.call_method("clone", (cached,))
             results.append(_dense(g, value, ex) if contiguous else value)
         elif ex.dtype == torch.bool and ex.dim() == 0:  # a nested store's predicate: nothing stored
