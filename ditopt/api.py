@@ -61,11 +61,16 @@ class DitoptModule(OptimizedModule):
                 object.__setattr__(self, "_ditopt_regional_failure", f"{type(exc).__name__}: {exc}")
                 return self(*args, **kwargs)
             self._raise_for_timestep(args, kwargs)
+            # inputs the model itself refuses (a dtype, a shape, a timestep it asserts on) raise the
+            # model's own error, not a capture error: run it eagerly once, on this failure path only
+            try:
+                self._orig_mod(*args, **kwargs)
+            except Exception as own:
+                raise own from None  # dynamo's failure to trace it is not the news
             if not self._ditopt_runtime.graphs and not self.__dict__.get("_ditopt_warmed"):
                 # state some models build lazily on their first call (Z-Image's rotary table, under a
-                # torch.device context dynamo cannot trace): one eager call builds it, then capture again
+                # torch.device context dynamo cannot trace): the eager call built it, capture again
                 object.__setattr__(self, "_ditopt_warmed", True)
-                self._orig_mod(*args, **kwargs)
                 return self(*args, **kwargs)
             name = type(self._orig_mod).__name__
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

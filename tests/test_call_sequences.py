@@ -63,6 +63,40 @@ def test_torch_compile_of_an_optimized_model_refuses_instead_of_dropping_the_pla
         assert torch.equal(out, call(fresh, t))
 
 
+# -- inputs the model itself refuses --------------------------------------------------------------------
+def _refusals():
+    x = torch.randn(1, 4, 8, 8)
+    labels = torch.tensor([3])
+    return {"half-precision input": dict(hidden_states=x.half(), timestep=torch.tensor([999]), class_labels=labels),
+            "0-d timestep": dict(hidden_states=x, timestep=torch.tensor(999), class_labels=labels),
+            "3 channels for 4": dict(hidden_states=x[:, :3], timestep=torch.tensor([999]), class_labels=labels)}
+
+
+@pytest.mark.parametrize("captured_before", [False, True], ids=["first call", "after a capture"])
+def test_inputs_the_model_refuses_raise_its_own_error_not_a_capture_error(model, captured_before):
+    """A wrong dtype, shape or timestep used to surface as "could not capture ... as one graph"
+    (dynamo fails on it first) from the second such call on, or whenever a graph existed: a user
+    hunted a tracing problem that was their input. Now the model's own error comes through,
+    whatever came before, and the optimised model still follows its plan afterwards."""
+    fast = ditopt.optimize(model, fora())
+    if captured_before:
+        call(fast, TIMESTEPS[0])
+    for label, inputs in _refusals().items():
+        with pytest.raises(Exception) as own:
+            model(**inputs)
+        with pytest.raises(type(own.value)) as ours:
+            with torch.no_grad():
+                fast(**inputs)
+        assert str(ours.value) == str(own.value), label
+        assert ours.value.__cause__ is None and ours.value.__suppress_context__, label
+    ditopt.reset(fast)
+    outs = [call(fast, t) for t in TIMESTEPS]
+    assert ditopt.stats(fast).decisions["transformer_blocks.0"] == ["compute", "reuse_residual"] * 2
+    fresh = ditopt.optimize(model, fora())
+    for out, t in zip(outs, TIMESTEPS):
+        assert torch.equal(out, call(fresh, t))
+
+
 def test_optimize_refuses_what_is_not_a_module(model):
     class Pipeline:  # what a diffusers pipeline looks like here: not a module, has components
         components = {"transformer": model}
