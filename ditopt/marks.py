@@ -108,6 +108,59 @@ def _mark(module: torch.nn.Module) -> None:
     module.__dict__["_ditopt_block"] = key
     module.__class__ = _marked_class(type(module))
     _BLOCKS[key] = module
+    _watch(module, module)
+
+
+# -- a marked block whose modules change ----------------------------------------------------
+# Dynamo does not trace into a marked block (it sees one block_call node), so it cannot guard on
+# what is inside: a submodule swapped in after a capture (PEFT's LoRA layers, a fused projection,
+# a replaced Linear) would leave the graph running the block as it was traced. Every module of a
+# marked block is watched; a module or a parameter registered on one of them (where none was)
+# gives the block a new key. Dynamo guards on the key the marked forward reads, so the next call
+# captures again, and the new block_call's signature traces the block as it now is.
+
+_OWNER: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+_HOOKS: list = []
+
+
+def _watch(block: torch.nn.Module, root: torch.nn.Module) -> None:
+    ref = weakref.ref(block)
+    for mod in root.modules():
+        _OWNER[mod] = ref
+    if not _HOOKS:
+        from torch.nn.modules.module import (register_module_module_registration_hook,
+                                             register_module_parameter_registration_hook)
+
+        _HOOKS.append(register_module_module_registration_hook(_module_registered))
+        _HOOKS.append(register_module_parameter_registration_hook(_parameter_registered))
+
+
+def _rekey(parent: torch.nn.Module, added: torch.nn.Module | None = None) -> None:
+    ref = _OWNER.get(parent)
+    block = ref() if ref is not None else None
+    if block is None or not _is_marked(block):
+        return
+    with _HELD_LOCK:
+        old = block.__dict__.get("_ditopt_block")
+        key = next(_KEYS)
+        block.__dict__["_ditopt_block"] = key
+        _BLOCKS[key] = block
+        if old is not None:
+            _BLOCKS.pop(old, None)
+        if added is not None:
+            _watch(block, added)
+
+
+def _module_registered(parent: torch.nn.Module, name: str, module) -> None:
+    if parent in _OWNER:
+        _rekey(parent, module if isinstance(module, torch.nn.Module) else None)
+
+
+def _parameter_registered(parent: torch.nn.Module, name: str, param) -> None:
+    # a parameter replaced by another is read at every call; one where there was none (a bias
+    # added) changes what the block computes
+    if parent in _OWNER and parent._parameters.get(name) is None:
+        _rekey(parent)
 
 
 def _is_marked(module: torch.nn.Module) -> bool:

@@ -8,6 +8,8 @@ that fail only after the work).
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -230,3 +232,46 @@ def test_reuse_residual_caches_the_output_of_a_stream_the_block_broadcasts():
                     h_out, c_out = h + dh, (c + dc if dc is not None else c_old)
                 h, c = h_out, c_out
             assert torch.allclose(outs[step], model.proj_out(h), atol=1e-6), step
+
+
+# -- the model changed after it was optimised --------------------------------------------------------
+def _swap_a_linear(model):  # what PEFT's LoRA injection does: a module in a block replaced by another
+    old = model.transformer_blocks[0].ff.net[2]
+    new = torch.nn.Linear(old.in_features, old.out_features)
+    torch.nn.init.normal_(new.weight, std=0.5)
+    model.transformer_blocks[0].ff.net[2] = new
+    return old  # kept alive, as a LoRA layer keeps its base layer
+
+
+def _add_a_weight(model):  # a parameter where there was none (an affine norm)
+    norm = model.transformer_blocks[1].norm3
+    norm.weight = torch.nn.Parameter(torch.full((norm.normalized_shape[0],), 3.0))
+
+
+def _optimized(model, how):
+    if how == "compiled, blocks marked":
+        ditopt.mark_repeated_blocks(model)
+        return torch.compile(model, backend="ditopt", options={"plan": fora(), "inductor": False}, fullgraph=True)
+    return ditopt.optimize(model, fora(), regional=how == "blocks traced once")
+
+
+@pytest.mark.parametrize("how", ["blocks traced once", "captured whole", "compiled, blocks marked"])
+@pytest.mark.parametrize("change", [_swap_a_linear, _add_a_weight], ids=["module swapped", "weight added"])
+def test_a_block_changed_after_a_capture_is_captured_again(change, how):
+    """Dynamo does not trace into a block ditopt traces once and calls per block, so it could not
+    see a submodule swapped in after the capture (a LoRA adapter loaded into an optimised
+    pipeline): the graph ran the block as it was, silently. Now the change gives the block a new
+    key that dynamo guards on: the next call captures again and matches a model optimised after
+    the change."""
+    model = dit()
+    fast = _optimized(model, how)
+    before = [call(fast, t) for t in TIMESTEPS]
+    kept = change(model)
+    ditopt.reset(fast)
+    after = [call(fast, t) for t in TIMESTEPS]
+    assert not torch.equal(after[0], before[0])
+    fresh = ditopt.optimize(copy.deepcopy(model), fora(), regional=how != "captured whole")
+    for out, t in zip(after, TIMESTEPS):
+        assert torch.equal(out, call(fresh, t))
+    assert ditopt.stats(fast).decisions["transformer_blocks.0"] == ["compute", "reuse_residual"] * 2
+    del kept
