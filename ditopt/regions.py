@@ -62,21 +62,56 @@ def is_attention_op(node: fx.Node) -> bool:
         return True
     if name == "softmax":
         src = node.args[0] if node.args else None
-        feeds_matmul = any(u.target in _MATMULS or target_name(u) in _MATMULS for u in node.users)
         fed_by = isinstance(src, fx.Node) and _walks_to_matmul(src)
-        return feeds_matmul and fed_by
+        return fed_by and _feeds_matmul(node)
+    return False
+
+
+# what may stand between a softmax and the matmul of its probabilities: a cast back from an
+# upcast softmax (diffusers' AttnProcessor), dropout, a copy
+_PASS_THROUGH = ("to", "type", "type_as", "float", "half", "bfloat16", "dropout", "contiguous", "clone", "_to_copy")
+
+
+def _feeds_matmul(node: fx.Node, depth: int = 3) -> bool:
+    for user in node.users:
+        if user.target in _MATMULS or target_name(user) in _MATMULS:
+            return True
+        if depth > 0 and target_name(user) in _PASS_THROUGH and user.args and user.args[0] is node \
+                and _feeds_matmul(user, depth - 1):
+            return True
     return False
 
 
 def _walks_to_matmul(node: fx.Node, depth: int = 4) -> bool:
+    return _score_matmul(node, depth) is not None
+
+
+def _score_matmul(node: fx.Node, depth: int = 4) -> fx.Node | None:
+    """The matmul a softmax's scores come from (through a scale, a mask, a cast), if any."""
     for _ in range(depth):
         if node.target in _MATMULS or target_name(node) in _MATMULS:
-            return True
+            return node
         nxt = [a for a in node.all_input_nodes if not is_param(a)]
         if not nxt:
-            return False
+            return None
         node = nxt[0]
-    return False
+    return None
+
+
+def attention_query_key(op: fx.Node) -> tuple:
+    """The query and key arguments of an attention op: an attention kernel's first two, or the
+    two operands of the matmul a hand-written attention's softmax scores come from
+    (``baddbmm(bias, q, k^T)`` takes them second and third)."""
+    if target_name(op) != "softmax":
+        return (op.args[0] if op.args else op.kwargs.get("query"),
+                op.args[1] if len(op.args) > 1 else op.kwargs.get("key"))
+    mm = _score_matmul(op.args[0]) if op.args and isinstance(op.args[0], fx.Node) else None
+    if mm is None:
+        return None, None
+    operands = [a for a in mm.args if isinstance(a, fx.Node)]
+    if target_name(mm) in ("baddbmm", "addmm", "addbmm") and len(operands) >= 3:
+        operands = operands[1:]
+    return (operands[0], operands[1]) if len(operands) >= 2 else (None, None)
 
 
 _MATMUL_MODULES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "LoRACompatibleLinear")

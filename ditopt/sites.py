@@ -40,7 +40,7 @@ from fnmatch import fnmatchcase
 import torch.fx as fx
 
 from .capture import module_stack
-from .regions import (Region, extractable, is_attention_op, is_matmul, is_param, region_of, residual_inputs,
+from .regions import (Region, attention_query_key, extractable, is_attention_op, is_matmul, is_param, region_of, residual_inputs,
                       same_meta, same_shape, tensor_meta)
 
 SITE_KINDS = ("block", "attention", "feedforward", "stack", "output")
@@ -247,8 +247,7 @@ def _attention_kind(op: fx.Node, region: Region) -> str:
             stack.extend(n.all_input_nodes)
         return found
 
-    q = op.args[0] if op.args else op.kwargs.get("query")
-    k = op.args[1] if len(op.args) > 1 else op.kwargs.get("key")
+    q, k = attention_query_key(op)
     q_src, k_src = data_sources(q), data_sources(k)
     if k_src - q_src:
         return "cross"

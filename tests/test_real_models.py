@@ -82,6 +82,44 @@ class HookReference:
             h.remove()
 
 
+def _legacy_attention(model):
+    from diffusers.models.attention_processor import AttnProcessor
+
+    for module in model.modules():
+        if hasattr(module, "set_processor"):
+            module.set_processor(AttnProcessor())  # baddbmm, softmax, a cast back, bmm: no SDPA
+    return model
+
+
+@pytest.mark.parametrize("name", ["dit", "pixart"])
+def test_hand_written_attention_gives_the_same_sites_and_fora_matches_hooks(name):
+    """diffusers' AttnProcessor computes attention by hand and casts the softmax back to the
+    input's dtype before the bmm: the cast hid the softmax from the attention finder, so no site
+    at all was found (every plan failed with "matches no site"), and the key of its cross
+    attention was not read from the score matmul (PixArt's attn2 came out "joint")."""
+    model, kwargs = build(name)
+    expected = [(s.name, s.kind, s.attention) for s in ditopt.sites(model, **kwargs)]
+    _legacy_attention(model)
+    assert [(s.name, s.kind, s.attention) for s in ditopt.sites(model, **kwargs)] == expected
+    steps = 4
+    fast = ditopt.optimize(model, ditopt.presets.fora(interval=2, steps=steps))
+    got = run_steps(fast, kwargs, steps)
+    layer_sites = [n for n, kind, _ in expected if kind in ("attention", "feedforward")]
+    decisions = ditopt.stats(fast).decisions
+    assert all(decisions[site] == ["compute", "reuse"] * 2 for site in layer_sites)
+    ref = HookReference(model, layer_sites, [1, 3])
+    try:
+        wanted = []
+        with torch.no_grad():
+            for i, t in enumerate(timesteps(steps, kwargs["timestep"])):
+                ref.step = i
+                wanted.append(model(**{**kwargs, "timestep": t}, return_dict=False)[0])
+    finally:
+        ref.remove()
+    for e, g in zip(wanted, got):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["wan", "dit"])
 def test_fora_matches_hand_written_hooks(name):
     steps = 10
