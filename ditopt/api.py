@@ -22,6 +22,7 @@ from ditopt.runtime import Runtime
 from .backend import (CompiledGraph, DitoptBackend, PlanLike, arguments_from, as_plan, backend_of, compile_wrapper_of,
                       runtime_of_compile_call)
 from .capture import lean_tracing, where_in_model
+from .marks import recheck_blocks
 from .regional import RegionalError, hold_marks, refuse_marks, release_marks
 from .errors import CaptureError, DitoptError, PlanError
 from .sites import OUTPUT, STACK, SiteTable, find_sites
@@ -337,8 +338,16 @@ def set_plan(model: torch.nn.Module, plan: PlanLike) -> None:
 def reset(model: torch.nn.Module) -> None:
     """Forget caches and step state: the next call starts a new generation. ``model`` is what
     :func:`optimize` or ``torch.compile(..., backend="ditopt")`` returned (the original model
-    has no state: passing it is an error)."""
+    has no state: passing it is an error). A block whose attributes changed in place since it
+    was traced (an attention processor set, an adapter's scale) is traced again at the next call."""
     runtime_of(model).reset()
+    _recheck(model)
+
+
+def _recheck(model: torch.nn.Module) -> None:
+    """Blocks traced once and called per block are opaque to dynamo's guards: an attribute changed
+    inside one is seen here, at a generation begun explicitly (:func:`ditopt.marks.recheck_blocks`)."""
+    recheck_blocks(model._orig_mod if isinstance(model, OptimizedModule) else model)
 
 
 @contextlib.contextmanager
@@ -366,6 +375,7 @@ def generation(model: torch.nn.Module):
     """
     runtime = runtime_of(model)
     runtime.end_generation()
+    _recheck(model)
     try:
         yield model
     finally:

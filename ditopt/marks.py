@@ -140,6 +140,12 @@ def _rekey(parent: torch.nn.Module, added: torch.nn.Module | None = None) -> Non
     block = ref() if ref is not None else None
     if block is None or not _is_marked(block):
         return
+    _new_key(block)
+    if added is not None:
+        _watch(block, added)
+
+
+def _new_key(block: torch.nn.Module) -> None:
     with _HELD_LOCK:
         old = block.__dict__.get("_ditopt_block")
         key = next(_KEYS)
@@ -147,8 +153,27 @@ def _rekey(parent: torch.nn.Module, added: torch.nn.Module | None = None) -> Non
         _BLOCKS[key] = block
         if old is not None:
             _BLOCKS.pop(old, None)
-        if added is not None:
-            _watch(block, added)
+        _CAPTURED.pop(block, None)
+
+
+def recheck_blocks(model: torch.nn.Module) -> int:
+    """Give a new key to each marked block of ``model`` whose :func:`block_signature` differs from
+    the one it was traced with: an attribute changed in place (an attention processor set, an
+    adapter's scale), which no registration hook sees. ``ditopt.reset`` and ``ditopt.generation``
+    call it: such a change is picked up at the next generation begun explicitly. Returns how
+    many blocks changed.
+
+    Example:
+        >>> recheck_blocks(torch.nn.Linear(2, 2))   # nothing marked, nothing to do
+        0
+    """
+    changed = 0
+    for module in model.modules():
+        captured = _CAPTURED.get(module)
+        if captured is not None and _is_marked(module) and block_signature(module) != captured:
+            _new_key(module)
+            changed += 1
+    return changed
 
 
 def _module_registered(parent: torch.nn.Module, name: str, module) -> None:
@@ -304,6 +329,7 @@ def block_signature(block: torch.nn.Module) -> tuple:
 
 
 _SIGNATURES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_CAPTURED: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()  # as last traced
 
 
 def traced_signature(block: torch.nn.Module, fake) -> tuple:
@@ -316,6 +342,7 @@ def traced_signature(block: torch.nn.Module, fake) -> tuple:
         return known[1]
     signature = block_signature(block)
     _SIGNATURES[block] = (weakref.ref(fake), signature)
+    _CAPTURED[block] = signature
     return signature
 
 
@@ -489,4 +516,4 @@ def mark_repeated_blocks(model: torch.nn.Module, blocks=None) -> RepeatedBlocks:
 
 
 __all__ = ["RegionalError", "RepeatedBlocks", "block_call", "block_calls", "block_signature", "hold_marks",
-           "mark_repeated_blocks", "refuse_marks", "release_marks", "repeated_blocks"]
+           "mark_repeated_blocks", "recheck_blocks", "refuse_marks", "release_marks", "repeated_blocks"]

@@ -248,6 +248,19 @@ def _add_a_weight(model):  # a parameter where there was none (an affine norm)
     norm.weight = torch.nn.Parameter(torch.full((norm.normalized_shape[0],), 3.0))
 
 
+class _Doubled:  # an attention processor set in place of the model's: a plain attribute, not a module
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        return 2 * self.inner(attn, hidden_states, *args, **kwargs)
+
+
+def _set_a_processor(model):
+    attn = model.transformer_blocks[0].attn1
+    attn.set_processor(_Doubled(attn.processor))
+
+
 def _optimized(model, how):
     if how == "compiled, blocks marked":
         ditopt.mark_repeated_blocks(model)
@@ -256,13 +269,16 @@ def _optimized(model, how):
 
 
 @pytest.mark.parametrize("how", ["blocks traced once", "captured whole", "compiled, blocks marked"])
-@pytest.mark.parametrize("change", [_swap_a_linear, _add_a_weight], ids=["module swapped", "weight added"])
+@pytest.mark.parametrize("change", [_swap_a_linear, _add_a_weight, _set_a_processor],
+                         ids=["module swapped", "weight added", "processor set"])
 def test_a_block_changed_after_a_capture_is_captured_again(change, how):
     """Dynamo does not trace into a block ditopt traces once and calls per block, so it could not
     see a submodule swapped in after the capture (a LoRA adapter loaded into an optimised
     pipeline): the graph ran the block as it was, silently. Now the change gives the block a new
     key that dynamo guards on: the next call captures again and matches a model optimised after
-    the change."""
+    the change. A module or parameter registered is seen at once; an attribute set in place (a
+    processor) at the next ``ditopt.reset`` or ``ditopt.generation``, which compare each block
+    with what was traced."""
     model = dit()
     fast = _optimized(model, how)
     before = [call(fast, t) for t in TIMESTEPS]
