@@ -92,7 +92,8 @@ def _checked_calls(graph: fx.Graph, ctx: PassContext, site: str, window: int) ->
     calls = sdpa_calls(graph, ctx.sites[site].nodes)
     if not calls:
         raise PlanError(f"window needs the site's attention as a scaled_dot_product_attention call; {site!r} has "
-                        f"none (another attention backend, or sequence parallelism, replaced it)", site=site)
+                        f"none (the model computes attention by hand, or another attention backend or sequence "
+                        f"parallelism replaced it)", site=site)
     for call in calls:
         _check_call(call, site, window)
     return calls
