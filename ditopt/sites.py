@@ -247,11 +247,30 @@ def _attention_kind(op: fx.Node, region: Region) -> str:
             stack.extend(n.all_input_nodes)
         return found
 
+    def projected_sources(x) -> set[fx.Node]:
+        """Sources the query reads through a projection (a matmul with a weight): its token
+        streams. A rotary table or a mask made outside the attention and applied to the
+        projected query is not one (Kandinsky 5 builds its rotary table from position indices)."""
+        seen, stack, found = set(), [(x, False)], set()
+        while stack:
+            n, projected = stack.pop()
+            if not isinstance(n, fx.Node) or (n, projected) in seen:
+                continue
+            seen.add((n, projected))
+            if n not in members:
+                if projected and not is_param(n):
+                    found.add(n)
+                continue
+            through = projected or (is_matmul(n) and any(is_param(a) for a in n.all_input_nodes))
+            stack.extend((a, through) for a in n.all_input_nodes)
+        return found
+
     q, k = attention_query_key(op)
     q_src, k_src = data_sources(q), data_sources(k)
     if k_src - q_src:
         return "cross"
-    token_streams = [s for s in q_src if tensor_meta(s) is not None and len(tensor_meta(s)[0]) >= 3]
+    streams = projected_sources(q) or q_src  # no projection in the region: every source may be a stream
+    token_streams = [s for s in streams if tensor_meta(s) is not None and len(tensor_meta(s)[0]) >= 3]
     return "joint" if len(token_streams) >= 2 else "self"
 
 

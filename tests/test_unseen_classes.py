@@ -174,6 +174,65 @@ def _easyanimate():
     return model, dict(hidden_states=_r(1, 4, 2, 8, 8), encoder_hidden_states=_r(1, 6, 16)), 1000.0, ("transformer_blocks",)
 
 
+def _lumina2():
+    from diffusers import Lumina2Transformer2DModel
+
+    model = Lumina2Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=2,
+                                      num_refiner_layers=1, num_attention_heads=2, num_kv_heads=2, multiple_of=16,
+                                      axes_dim_rope=(8, 4, 4), axes_lens=(32, 16, 16), cap_feat_dim=16)
+    return model, dict(hidden_states=_r(1, 4, 8, 8), encoder_hidden_states=_r(1, 6, 16),
+                       encoder_attention_mask=torch.ones(1, 6, dtype=torch.bool)), 1.0, ("layers",)
+
+
+def _sana_video():
+    from diffusers import SanaVideoTransformer3DModel
+
+    model = SanaVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                        num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=16,
+                                        cross_attention_dim=32, caption_channels=16, sample_size=8, rope_max_seq_len=32)
+    return model, dict(hidden_states=_r(1, 4, 2, 8, 8), encoder_hidden_states=_r(1, 6, 16)), 1000.0, ("transformer_blocks",)
+
+
+def _hunyuan_video15():
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    model = HunyuanVideo15Transformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                             num_layers=2, num_refiner_layers=1, text_embed_dim=16, text_embed_2_dim=8,
+                                             image_embed_dim=8, rope_axes_dim=(4, 6, 6))
+    return model, dict(hidden_states=_r(1, 4, 2, 4, 4), encoder_hidden_states=_r(1, 6, 16),
+                       encoder_attention_mask=torch.ones(1, 6), encoder_hidden_states_2=_r(1, 4, 8),
+                       encoder_attention_mask_2=torch.ones(1, 4), image_embeds=_r(1, 3, 8)), 1000.0, ("transformer_blocks",)
+
+
+def _hunyuan_image():  # a joint stack, then a single-stream one; no second (ByT5) text encoder
+    from diffusers import HunyuanImageTransformer2DModel
+
+    model = HunyuanImageTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                           num_layers=2, num_single_layers=2, num_refiner_layers=1, patch_size=(2, 2),
+                                           text_embed_dim=16, rope_axes_dim=(8, 8))
+    return model, dict(hidden_states=_r(1, 4, 8, 8), encoder_hidden_states=_r(1, 6, 16),
+                       encoder_attention_mask=torch.ones(1, 6)), 1000.0, ("transformer_blocks", "single_transformer_blocks")
+
+
+def _fill_zeros(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() and not p.any():
+                p.copy_(torch.randn(p.shape) * 0.1)
+
+
+def _kandinsky5():  # latents channels-last, rotary positions given as index tensors
+    from diffusers import Kandinsky5Transformer3DModel
+
+    model = Kandinsky5Transformer3DModel(in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, out_visual_dim=4,
+                                         model_dim=32, ff_dim=64, num_text_blocks=2, num_visual_blocks=2,
+                                         axes_dims=(4, 6, 6))
+    _fill_zeros(model)  # its modulations start at zero (every block an identity, the output blind to t)
+    return model, dict(hidden_states=_r(1, 2, 8, 8, 4), encoder_hidden_states=_r(1, 6, 16), pooled_projections=_r(1, 8),
+                       visual_rope_pos=[torch.arange(2), torch.arange(4), torch.arange(4)],
+                       text_rope_pos=torch.arange(6)), 1000.0, ("text_transformer_blocks", "visual_transformer_blocks")
+
+
 def _seeded(build):
     def seeded():
         torch.manual_seed(0)
@@ -185,7 +244,7 @@ def _seeded(build):
 CLASSES = {"sd3": _sd3, "flux": _flux, "mochi": _mochi, **{name: _seeded(build) for name, build in {
     "ltx": _ltx, "cogview4": _cogview4, "auraflow": _auraflow, "chroma": _chroma, "qwen": _qwen, "skyreels": _skyreels,
     "wan_vace": _wan_vace, "hunyuan_dit": _hunyuan_dit, "allegro": _allegro, "cosmos": _cosmos,
-    "easyanimate": _easyanimate}.items()}}
+    "easyanimate": _easyanimate, "sana_video": _sana_video, "hunyuan_image": _hunyuan_image, "kandinsky5": _kandinsky5}.items()}}
 
 
 def _timesteps(n: int, scale: float) -> list[torch.Tensor]:
@@ -204,7 +263,7 @@ def test_all_compute_is_bit_identical_and_sites_come_from_the_graph(name):
     assert {"stack", "output"} <= set(sites)
     for stack in stacks:  # every block of every stack is a site
         assert {f"{stack}.0", f"{stack}.1"} <= set(sites), stack
-    assert any(".attn" in s for s in sites)
+    assert any(".attn" in s or s.endswith("_attention") for s in sites)  # Kandinsky 5: self_attention
 
 
 @pytest.mark.parametrize("name", list(CLASSES))
@@ -266,6 +325,23 @@ def test_blocks_with_a_long_skip_reuse_the_residual_of_the_stream_they_carry():
         own = [model(timestep=t, **kwargs, return_dict=False)[0] for t in _timesteps(4, scale)]
     assert [torch.equal(a, b) for a, b in zip(outs, own)] == [True, False, True, False]
     assert ditopt.stats(fast).decisions["blocks.3"] == ["compute", "reuse_residual"] * 2
+
+
+@pytest.mark.parametrize("build,line", [
+    (_lumina2, r"transformer_lumina2\.py:\d+ in forward: `use_mask = len\(set\(seq_lengths\)\) > 1`"),
+    (_hunyuan_video15, r"transformer_hunyuan_video15\.py:\d+ in forward: `if is_t2v:`")])
+def test_a_value_read_from_a_tensor_on_the_host_refuses_capture_naming_the_line(build, line):
+    """Lumina 2 reads its text lengths from the mask into Python ints (``.tolist()``) and branches
+    on whether they differ; HunyuanVideo 1.5 branches on whether the image embeddings are all
+    zero: no single graph exists. The first call raises CaptureError naming the class and the
+    model's line, and the model itself still runs."""
+    model, kwargs, scale, _ = _seeded(build)()
+    fast = ditopt.optimize(model, ditopt.presets.fora(interval=2, steps=4))
+    with torch.no_grad(), pytest.raises(ditopt.CaptureError, match=rf"could not capture {type(model).__name__} as one "
+                                        rf"graph: .* \(at {line}\)"):
+        fast(timestep=torch.tensor([scale]), **kwargs, return_dict=False)
+    with torch.no_grad():
+        assert model(timestep=torch.tensor([scale]), **kwargs, return_dict=False)[0].shape == kwargs["hidden_states"].shape
 
 
 def test_experts_routed_by_a_count_read_on_the_host_refuse_capture_naming_the_line():
@@ -392,3 +468,15 @@ def test_fora_on_blocks_that_hold_their_mlp_inline():
     assert torch.equal(outs[0], own[0]) and not torch.equal(outs[1], own[1])
     decisions = ditopt.stats(fast).decisions
     assert {k for k, row in decisions.items() if row[1] == "reuse"} and not any(".mlp" in k for k in decisions)
+
+
+@pytest.mark.parametrize("name,site", [("kandinsky5", "visual_transformer_blocks.0.self_attention"),
+                                       ("ltx", "transformer_blocks.0.attn1")])
+def test_a_rotary_table_made_outside_the_attention_is_not_a_second_token_stream(name, site):
+    """Kandinsky 5 and LTX-Video build their rotary tables outside the attention (from position
+    indices, from the grid) and apply them to the projected query: the query reads one token
+    stream through its projection, so the attention is self-attention (it came out "joint": the
+    table, a tensor of three or more dims, was counted as a second stream)."""
+    model, kwargs, scale, _ = CLASSES[name]()
+    sites = ditopt.sites(model, timestep=torch.tensor([scale]), **kwargs)
+    assert sites[site].attention == "self"
