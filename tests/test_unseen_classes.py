@@ -233,6 +233,42 @@ def _kandinsky5():  # latents channels-last, rotary positions given as index ten
                        text_rope_pos=torch.arange(6)), 1000.0, ("text_transformer_blocks", "visual_transformer_blocks")
 
 
+def _ltx2():  # video and audio streams in every block, crossing each other; returns (video, audio)
+    from diffusers import LTX2VideoTransformer3DModel
+
+    model = LTX2VideoTransformer3DModel(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=12,
+                                        cross_attention_dim=24, audio_in_channels=8, audio_out_channels=8,
+                                        audio_num_attention_heads=2, audio_attention_head_dim=12,
+                                        audio_cross_attention_dim=24, num_layers=2, caption_channels=16)
+    return model, dict(hidden_states=_r(1, 32, 8), audio_hidden_states=_r(1, 5, 8), encoder_hidden_states=_r(1, 6, 16),
+                       audio_encoder_hidden_states=_r(1, 6, 16), encoder_attention_mask=torch.ones(1, 6),
+                       audio_encoder_attention_mask=torch.ones(1, 6), num_frames=2, height=4, width=4,
+                       audio_num_frames=5), 1000.0, ("transformer_blocks",)
+
+
+def _cogview3plus():
+    from diffusers import CogView3PlusTransformer2DModel
+
+    model = CogView3PlusTransformer2DModel(patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                           num_attention_heads=2, out_channels=4, text_embed_dim=16, time_embed_dim=8,
+                                           condition_dim=4, pos_embed_max_size=16, sample_size=8)
+    size = torch.tensor([[64.0, 64.0]])
+    return model, dict(hidden_states=_r(1, 4, 8, 8), encoder_hidden_states=_r(1, 6, 16), original_size=size,
+                       target_size=size, crop_coords=torch.zeros(1, 2)), 1000.0, ("transformer_blocks",)
+
+
+def _lumina_next():  # the rotary table given as an input
+    from diffusers import LuminaNextDiT2DModel
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+
+    model = LuminaNextDiT2DModel(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=2,
+                                 num_attention_heads=2, num_kv_heads=2, multiple_of=16, learn_sigma=False,
+                                 cross_attention_dim=16)
+    return model, dict(hidden_states=_r(1, 4, 8, 8), encoder_hidden_states=_r(1, 6, 16), encoder_mask=torch.ones(1, 6),
+                       image_rotary_emb=get_2d_rotary_pos_embed_lumina(16, 8, 8),
+                       cross_attention_kwargs={}), 1.0, ("layers",)  # its default, None, is spread with **
+
+
 def _seeded(build):
     def seeded():
         torch.manual_seed(0)
@@ -244,7 +280,8 @@ def _seeded(build):
 CLASSES = {"sd3": _sd3, "flux": _flux, "mochi": _mochi, **{name: _seeded(build) for name, build in {
     "ltx": _ltx, "cogview4": _cogview4, "auraflow": _auraflow, "chroma": _chroma, "qwen": _qwen, "skyreels": _skyreels,
     "wan_vace": _wan_vace, "hunyuan_dit": _hunyuan_dit, "allegro": _allegro, "cosmos": _cosmos,
-    "easyanimate": _easyanimate, "sana_video": _sana_video, "hunyuan_image": _hunyuan_image, "kandinsky5": _kandinsky5}.items()}}
+    "easyanimate": _easyanimate, "sana_video": _sana_video, "hunyuan_image": _hunyuan_image, "kandinsky5": _kandinsky5,
+    "ltx2": _ltx2, "cogview3plus": _cogview3plus, "lumina_next": _lumina_next}.items()}}
 
 
 def _timesteps(n: int, scale: float) -> list[torch.Tensor]:
