@@ -269,6 +269,52 @@ def _lumina_next():  # the rotary table given as an input
                        cross_attention_kwargs={}), 1.0, ("layers",)  # its default, None, is spread with **
 
 
+def _omnigen():  # text-only conditioning: token ids, no input images
+    from diffusers import OmniGenTransformer2DModel
+
+    model = OmniGenTransformer2DModel(in_channels=4, patch_size=2, hidden_size=32, num_attention_heads=2,
+                                      num_key_value_heads=2, intermediate_size=64, num_layers=2, pad_token_id=0,
+                                      vocab_size=64, pos_embed_max_size=16, time_step_dim=16,
+                                      rope_scaling={"short_factor": [1.0] * 8, "long_factor": [1.0] * 8})
+    seq = 6 + 1 + 16  # text, the time token, the image
+    return model, dict(hidden_states=_r(1, 4, 8, 8), input_ids=torch.arange(1, 7)[None], input_img_latents=[],
+                       input_image_sizes={}, attention_mask=torch.ones(1, seq, seq),
+                       position_ids=torch.arange(seq)[None]), 1.0, ("layers",)
+
+
+def _latte():  # spatial and temporal blocks alternating, two stacks interleaved
+    from diffusers import LatteTransformer3DModel
+
+    model = LatteTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                    num_layers=2, cross_attention_dim=16, sample_size=8, patch_size=2,
+                                    num_embeds_ada_norm=1000, norm_type="ada_norm_single", caption_channels=16,
+                                    video_length=2)
+    return model, dict(hidden_states=_r(1, 4, 2, 8, 8), encoder_hidden_states=_r(1, 6, 16)), 1000.0, \
+        ("transformer_blocks", "temporal_transformer_blocks")
+
+
+def _consisid():  # CogVideoX's layout; no face adapter (is_train_face=False)
+    from diffusers import ConsisIDTransformer3DModel
+
+    model = ConsisIDTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                       time_embed_dim=8, text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8,
+                                       sample_frames=5, patch_size=2, temporal_compression_ratio=4, max_text_seq_length=6)
+    return model, dict(hidden_states=_r(1, 2, 4, 8, 8), encoder_hidden_states=_r(1, 6, 16)), 1000.0, \
+        ("transformer_blocks",)
+
+
+def _stable_audio():  # a 1-d latent; the global embedding prepended as a token; the rotary table an input
+    from diffusers import StableAudioDiTModel
+    from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+    model = StableAudioDiTModel(sample_size=16, in_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+                                num_key_value_attention_heads=1, out_channels=4, cross_attention_dim=16, time_proj_dim=8,
+                                global_states_input_dim=16, cross_attention_input_dim=16)
+    rotary = get_1d_rotary_pos_embed(8, 16 + 1, use_real=True, repeat_interleave_real=False)
+    return model, dict(hidden_states=_r(1, 4, 16), encoder_hidden_states=_r(1, 6, 16), global_hidden_states=_r(1, 1, 16),
+                       rotary_embedding=rotary), 1.0, ("transformer_blocks",)
+
+
 def _seeded(build):
     def seeded():
         torch.manual_seed(0)
@@ -281,7 +327,8 @@ CLASSES = {"sd3": _sd3, "flux": _flux, "mochi": _mochi, **{name: _seeded(build) 
     "ltx": _ltx, "cogview4": _cogview4, "auraflow": _auraflow, "chroma": _chroma, "qwen": _qwen, "skyreels": _skyreels,
     "wan_vace": _wan_vace, "hunyuan_dit": _hunyuan_dit, "allegro": _allegro, "cosmos": _cosmos,
     "easyanimate": _easyanimate, "sana_video": _sana_video, "hunyuan_image": _hunyuan_image, "kandinsky5": _kandinsky5,
-    "ltx2": _ltx2, "cogview3plus": _cogview3plus, "lumina_next": _lumina_next}.items()}}
+    "ltx2": _ltx2, "cogview3plus": _cogview3plus, "lumina_next": _lumina_next, "latte": _latte, "consisid": _consisid,
+    "stable_audio": _stable_audio}.items()}}
 
 
 def _timesteps(n: int, scale: float) -> list[torch.Tensor]:
@@ -366,11 +413,13 @@ def test_blocks_with_a_long_skip_reuse_the_residual_of_the_stream_they_carry():
 
 @pytest.mark.parametrize("build,line", [
     (_lumina2, r"transformer_lumina2\.py:\d+ in forward: `use_mask = len\(set\(seq_lengths\)\) > 1`"),
-    (_hunyuan_video15, r"transformer_hunyuan_video15\.py:\d+ in forward: `if is_t2v:`")])
+    (_hunyuan_video15, r"transformer_hunyuan_video15\.py:\d+ in forward: `if is_t2v:`"),
+    (_omnigen, r"transformer_omnigen\.py:\d+ in forward: `if seq_len > self\.original_max_position_embeddings:`")])
 def test_a_value_read_from_a_tensor_on_the_host_refuses_capture_naming_the_line(build, line):
     """Lumina 2 reads its text lengths from the mask into Python ints (``.tolist()``) and branches
     on whether they differ; HunyuanVideo 1.5 branches on whether the image embeddings are all
-    zero: no single graph exists. The first call raises CaptureError naming the class and the
+    zero; OmniGen's rotary embedding on whether the largest position id passes a bound: no single
+    graph exists. The first call raises CaptureError naming the class and the
     model's line, and the model itself still runs."""
     model, kwargs, scale, _ = _seeded(build)()
     fast = ditopt.optimize(model, ditopt.presets.fora(interval=2, steps=4))
