@@ -3,8 +3,11 @@ for: SD3 (joint attention over image and text tokens), Flux (a joint stack follo
 single-stream stack, timesteps in [0, 1]), Mochi (its text mask selects tokens: a size known
 only at run time), Z-Image (lists of images in, ``t`` counting up from 0 to 1), and LTX-Video,
 CogView4, AuraFlow, Chroma, Qwen-Image, SkyReels-V2, Wan-VACE, HunyuanDiT (long skips), Allegro,
-Cosmos and EasyAnimate; HiDream (experts routed on the host) cannot be one graph. Built tiny
-from their configs, random weights.
+Cosmos, EasyAnimate, Sana-Video, HunyuanImage, Kandinsky 5, LTX-2 (video and audio streams),
+CogView3-Plus, Lumina-Next, Latte, ConsisID, Stable Audio, Flux.2, Bria, ChronoEdit, GLM-Image,
+Ovis-Image and LongCat-Image; HiDream (experts routed on the host), Lumina 2 (text lengths read
+with ``.tolist()``), HunyuanVideo 1.5 and OmniGen (branches on a tensor's value) cannot be one
+graph. Built tiny from their configs, random weights.
 
 Sites, plans and caches must come from the graph alone: all-compute is bit-identical to the
 model, the sites are found, and profile -> plan -> optimize -> tune runs on a sampling loop.
@@ -315,6 +318,63 @@ def _stable_audio():  # a 1-d latent; the global embedding prepended as a token;
                        rotary_embedding=rotary), 1.0, ("transformer_blocks",)
 
 
+def _flux2():  # four rotary axes; modulation shared by every block of a stack
+    from diffusers import Flux2Transformer2DModel
+
+    model = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                                    num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=16,
+                                    axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+    inputs = _flux_inputs()
+    img_ids = torch.cat([torch.zeros(16, 1), inputs["img_ids"]], dim=1)
+    return model, dict(inputs, img_ids=img_ids[None], txt_ids=torch.zeros(1, 6, 4)), 1.0, \
+        ("transformer_blocks", "single_transformer_blocks")
+
+
+def _bria():  # Flux's layout without pooled projections
+    from diffusers import BriaTransformer2DModel
+
+    model = BriaTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                                   num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=[4, 6, 6])
+    return model, _flux_inputs(), 1000.0, ("transformer_blocks", "single_transformer_blocks")
+
+
+def _chronoedit():  # Wan's layout, its temporal rotary positions skipping frames
+    from diffusers import ChronoEditTransformer3DModel
+
+    return (_wan_like(ChronoEditTransformer3DModel), dict(hidden_states=_r(1, 4, 2, 8, 8), encoder_hidden_states=_r(1, 6, 16)),
+            1000.0, ("blocks",))
+
+
+def _glm_image():  # prior tokens (from its autoregressive stage) added to the image tokens, dropped by a mask
+    from diffusers import GlmImageTransformer2DModel
+
+    model = GlmImageTransformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+                                       num_attention_heads=2, text_embed_dim=16, time_embed_dim=8, condition_dim=4,
+                                       prior_vq_quantizer_codebook_size=64)
+    size = torch.tensor([[64.0, 64.0]])
+    return model, dict(hidden_states=_r(1, 4, 8, 8), encoder_hidden_states=_r(1, 6, 16),
+                       prior_token_id=torch.randint(0, 64, (1, 16)), prior_token_drop=torch.zeros(1, 16, dtype=torch.bool),
+                       target_size=size, crop_coords=torch.zeros(1, 2)), 1000.0, ("transformer_blocks",)
+
+
+def _ovis_image():  # Flux's layout, no pooled projections, t in [0, 1]
+    from diffusers import OvisImageTransformer2DModel
+
+    model = OvisImageTransformer2DModel(patch_size=1, in_channels=16, out_channels=16, num_layers=2, num_single_layers=2,
+                                        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                        axes_dims_rope=(4, 6, 6))
+    return model, _flux_inputs(), 1.0, ("transformer_blocks", "single_transformer_blocks")
+
+
+def _longcat_image():  # Flux's layout, the modulation from the timestep alone; t in [0, 1]
+    from diffusers import LongCatImageTransformer2DModel
+
+    model = LongCatImageTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                           attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                           axes_dims_rope=[4, 6, 6])
+    return model, _flux_inputs(), 1.0, ("transformer_blocks", "single_transformer_blocks")
+
+
 def _seeded(build):
     def seeded():
         torch.manual_seed(0)
@@ -328,7 +388,8 @@ CLASSES = {"sd3": _sd3, "flux": _flux, "mochi": _mochi, **{name: _seeded(build) 
     "wan_vace": _wan_vace, "hunyuan_dit": _hunyuan_dit, "allegro": _allegro, "cosmos": _cosmos,
     "easyanimate": _easyanimate, "sana_video": _sana_video, "hunyuan_image": _hunyuan_image, "kandinsky5": _kandinsky5,
     "ltx2": _ltx2, "cogview3plus": _cogview3plus, "lumina_next": _lumina_next, "latte": _latte, "consisid": _consisid,
-    "stable_audio": _stable_audio}.items()}}
+    "stable_audio": _stable_audio, "flux2": _flux2, "bria": _bria, "chronoedit": _chronoedit,
+    "glm_image": _glm_image, "ovis_image": _ovis_image, "longcat_image": _longcat_image}.items()}}
 
 
 def _timesteps(n: int, scale: float) -> list[torch.Tensor]:
