@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -26,8 +27,9 @@ from .small_models import MODELS, build_model
 # The subcommands import their harnesses (demo, graph diff, benchmark) when they run, so that
 # `ditopt sites` loads neither matplotlib nor scikit-image nor those harnesses.
 
-MODEL_HELP = (f"a small config ({', '.join(MODELS)}, or the diffusers class name) or a zoo model "
-              f"({', '.join(zoo.NAMES)})")
+MODEL_HELP = (f"a small config ({', '.join(MODELS)}, or the diffusers class name), a zoo model "
+              f"({', '.join(zoo.NAMES)}), or your own: module:function or file.py:function, called with no "
+              f"arguments, returning (model, dict of forward keyword inputs)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -245,7 +247,8 @@ def cmd_diff(args) -> int:
 
     plan = ditopt.Plan.load(args.plan) if args.plan else preset_plan(args.preset, args.steps)
     suffix = {"html": "html", "text": "txt", "dot": "dot"}[args.format]
-    out = args.output or f"ditopt-diff-{args.model}.{suffix}"
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", os.path.basename(args.model.replace(":", "-"))).strip("-.") or "model"
+    out = args.output or f"ditopt-diff-{slug}.{suffix}"
     if out != "-":
         check_writable(out)
     with _Stages(4) as stage:

@@ -118,12 +118,63 @@ def build_model(name: str):
                       **loaded.make_conditioning(list(range(batch))))
         return loaded.model.eval(), kwargs
     name = CLASS_NAMES.get(name, name)
+    if name not in MODELS and ":" in name:
+        return from_function(name)
     if name not in MODELS:
         from .errors import DitoptError
 
         raise DitoptError(f"unknown model {name!r}; known: {', '.join([*MODELS, *zoo.NAMES])} "
-                          f"(or a class name: {', '.join(CLASS_NAMES)})")
+                          f"(or a class name: {', '.join(CLASS_NAMES)}, or module:function / file.py:function)")
     return build(name)
+
+
+def from_function(spec: str):
+    """``(model in eval mode, kwargs)`` from the user's own function, named ``package.module:function``
+    or ``path/to/file.py:function`` and called with no arguments: it returns the model and the
+    keyword inputs of one forward call (the timestep under its name). What the command line's
+    MODEL takes for a model of one's own.
+
+    Example:
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "mine.py")
+        >>> _ = open(path, "w").write("from ditopt.small_models import dit\\ndef build():\\n    return dit()\\n")
+        >>> type(from_function(path + ":build")[0]).__name__
+        'DiTTransformer2DModel'
+        >>> from_function(path + ":nope")
+        Traceback (most recent call last):
+        ...
+        ditopt.errors.DitoptError: ...mine.py:nope: the module has no function 'nope'
+    """
+    import importlib
+    import importlib.util
+    import os
+
+    from .errors import DitoptError
+
+    target, _, name = spec.rpartition(":")
+    if not target or not name:
+        raise DitoptError(f"{spec!r}: expected module:function or file.py:function")
+    if target.endswith(".py"):
+        if not os.path.isfile(target):
+            raise DitoptError(f"{spec}: no such file: {target}")
+        found = importlib.util.spec_from_file_location(f"ditopt_user_{abs(hash(os.path.abspath(target)))}", target)
+        module = importlib.util.module_from_spec(found)
+        found.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as exc:
+            raise DitoptError(f"{spec}: cannot import {target!r} ({exc})") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise DitoptError(f"{spec}: the module has no function {name!r}")
+    built = function()
+    if not (isinstance(built, (tuple, list)) and len(built) == 2 and isinstance(built[0], torch.nn.Module)
+            and isinstance(built[1], dict) and all(isinstance(k, str) for k in built[1])):
+        got = type(built).__name__ if not isinstance(built, (tuple, list)) else \
+            "(" + ", ".join(type(b).__name__ for b in built) + ")"
+        raise DitoptError(f"{spec}: expected it to return (model, dict of forward keyword inputs), got {got}")
+    return built[0].eval(), built[1]
 
 
 def timesteps(n, like):

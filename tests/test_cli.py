@@ -63,6 +63,49 @@ def test_sites_of_a_zoo_model_and_a_class_name(capsys):
     assert "transformer_blocks.0.attn1" in capsys.readouterr().out
 
 
+_OWN_MODEL = """
+import torch
+from diffusers import DiTTransformer2DModel
+
+
+def build():
+    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                  num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    return model, dict(hidden_states=torch.randn(1, 4, 8, 8), timestep=torch.tensor([500]),
+                       class_labels=torch.tensor([1]))
+
+
+def not_a_pair():
+    return 3
+"""
+
+
+def test_sites_and_diff_of_the_users_own_model_by_function(tmp_path, monkeypatch, capsys):
+    """MODEL may name the user's own function (``file.py:function`` or ``module:function``) that
+    returns the model and one call's keyword inputs: the command line on a model of one's own."""
+    path = tmp_path / "mine.py"
+    path.write_text(_OWN_MODEL)
+    assert main(["sites", f"{path}:build"]) == 0
+    assert "transformer_blocks.1.attn1" in capsys.readouterr().out
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert main(["diff", "mine:build", "--preset", "fora-2", "--format", "text"]) == 0
+    assert "wrote ditopt-diff-mine-build.txt" in capsys.readouterr().out
+    assert (tmp_path / "ditopt-diff-mine-build.txt").read_text()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("{dir}/nope.py:build", "no such file"),
+    ("no_such_module_here:build", "cannot import 'no_such_module_here'"),
+    ("{dir}/mine.py:missing", "the module has no function 'missing'"),
+    ("{dir}/mine.py:not_a_pair", "expected it to return (model, dict of forward keyword inputs), got int"),
+])
+def test_the_users_function_that_cannot_be_used_is_named(tmp_path, capsys, spec, message):
+    (tmp_path / "mine.py").write_text(_OWN_MODEL)
+    assert main(["sites", spec.format(dir=tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_diff_writes_the_page_for_wan_with_fora(tmp_path, capsys):
     out = tmp_path / "wan.html"
     assert main(["diff", "wan", "--preset", "fora-2", "-o", str(out)]) == 0
