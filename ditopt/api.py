@@ -21,7 +21,7 @@ from ditopt.runtime import Runtime
 
 from .backend import (CompiledGraph, DitoptBackend, PlanLike, arguments_from, as_plan, backend_of, compile_wrapper_of,
                       runtime_of_compile_call)
-from .capture import lean_tracing, where_in_model
+from .capture import lean_tracing, make_room_for_another_model, where_in_model
 from .marks import recheck_blocks
 from .regional import RegionalError, hold_marks, refuse_marks, release_marks
 from .errors import CaptureError, DitoptError, PlanError
@@ -36,7 +36,7 @@ class DitoptModule(OptimizedModule):
     optimised copy (its own runtime, no caches)."""
 
     def __call__(self, *args, **kwargs):
-        _make_room_for_another_model()  # dynamo's config is per thread: a worker thread has its own
+        make_room_for_another_model()  # dynamo's config is per thread: a worker thread has its own
         args, kwargs = self._timestep_by_keyword(args, kwargs)
         try:
             if self._ditopt_runtime.graphs:
@@ -200,7 +200,7 @@ def wrap(model: torch.nn.Module, plan: PlanLike, *, timestep_arg: str = "timeste
     runtime = runtime or Runtime()
     backend = DitoptBackend(plan, runtime, inductor=False, timestep_arg=timestep_arg, observe=observe,
                             coalesce=coalesce, parallel=parallel, attention_backend=attention_backend)
-    _make_room_for_another_model()
+    make_room_for_another_model()
     wrapped = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
     wrapped.__class__ = DitoptModule
     object.__setattr__(wrapped, "_ditopt_runtime", runtime)
@@ -221,16 +221,6 @@ def _refuse_compiling_again(*args, **kwargs):
     raise DitoptError("this model was returned by ditopt.optimize() and runs its own rewritten graph; torch.compile "
                       "cannot compile it again: compile the original model with torch.compile(model, "
                       "backend='ditopt', options={'plan': plan}) for inductor, or call the optimised model as it is")
-
-
-def _make_room_for_another_model(limit: int = 256) -> None:
-    """Dynamo keys compiled code by the code object of ``forward``, which every instance of a
-    class shares, and each optimised model adds its own entry (its backend and parameters
-    differ). Past dynamo's default of 8 entries, the ninth model of one class in a process
-    (trying plans, a benchmark) would fail with a recompile-limit error under fullgraph=True."""
-    config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, limit)
-    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * limit)
 
 
 def runtime_of(model: torch.nn.Module) -> Runtime:

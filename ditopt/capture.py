@@ -171,6 +171,18 @@ def where_in_model(exc: BaseException) -> str:
     return f" (at {os.path.basename(f.filename)}:{f.lineno} in {f.name}: `{(f.line or '').strip()}`)"
 
 
+def make_room_for_another_model(limit: int = 256) -> None:
+    """Dynamo keys compiled code by the code object of ``forward``, which every instance of a
+    class shares (and by shared wrappers of it: diffusers decorates many classes' forward with one
+    LoRA-scale wrapper), and each capture or optimised model adds its own entry (its backend
+    differs). Past dynamo's default of 8 entries, the ninth in a process (trying plans, a
+    benchmark, listing the sites of several models) would fail with a recompile-limit error
+    under fullgraph=True. Dynamo's config is per thread: called before every capture."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, limit)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * limit)
+
+
 @dataclass
 class Captured:
     gm: fx.GraphModule
@@ -201,6 +213,7 @@ def capture(model: torch.nn.Module, *args, symbolic_shapes: bool = False, **kwar
         graphs.append(Captured(gm, list(example_inputs)))
         return gm.forward
 
+    make_room_for_another_model()
     compiled = torch.compile(model, backend=record, fullgraph=True, dynamic=symbolic_shapes)
     shapes = fx_config.patch(use_duck_shape=False) if symbolic_shapes else contextlib.nullcontext()
     try:

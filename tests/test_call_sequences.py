@@ -291,3 +291,14 @@ def test_a_block_changed_after_a_capture_is_captured_again(change, how):
         assert torch.equal(out, call(fresh, t))
     assert ditopt.stats(fast).decisions["transformer_blocks.0"] == ["compute", "reuse_residual"] * 2
     del kept
+
+
+def test_the_sites_of_many_models_in_one_process(monkeypatch):
+    """Each capture adds an entry to dynamo's cache of the model's forward (and of wrappers many
+    diffusers classes share), and dynamo refuses a ninth under fullgraph=True: listing the sites
+    of a ninth model in one process was a CaptureError (only optimize raised the limit)."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    monkeypatch.setattr(torch._dynamo.config, "accumulated_recompile_limit", 256)
+    x = dict(hidden_states=torch.randn(1, 4, 8, 8), timestep=torch.tensor([500]), class_labels=torch.tensor([1]))
+    tables = [ditopt.sites(dit(), **x) for _ in range(10)]
+    assert all(t.names() == tables[0].names() for t in tables) and "transformer_blocks.1" in tables[0]
