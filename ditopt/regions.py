@@ -2,7 +2,8 @@
 and writes.
 
 - **node classes**: parameters (:func:`is_param`), matmul-like ops (:func:`is_matmul`), attention
-  ops (:func:`is_attention_op`: a kernel call, or a softmax between two matmuls), and a node's
+  ops (:func:`is_attention_op`: a kernel call, a softmax between two matmuls, or the second of two
+  chained matmuls of activations: linear attention), and a node's
   shape and dtype (:func:`tensor_meta`);
 - **regions**: the inputs (nodes outside used inside) and live-outs (nodes inside used outside)
   of a set of nodes (:func:`region_of`), whether each live-out is a residual update
@@ -54,7 +55,8 @@ def is_param(node: fx.Node) -> bool:
 
 
 def is_attention_op(node: fx.Node) -> bool:
-    """An attention kernel call, or a softmax between two matmuls (hand-written attention)."""
+    """An attention kernel call, a softmax between two matmuls (hand-written attention), or the
+    last matmul of a linear attention (:func:`_linear_attention_scores`)."""
     if node.op not in ("call_function", "call_method"):
         return False
     name = target_name(node)
@@ -64,19 +66,20 @@ def is_attention_op(node: fx.Node) -> bool:
         src = node.args[0] if node.args else None
         fed_by = isinstance(src, fx.Node) and _walks_to_matmul(src)
         return fed_by and _feeds_matmul(node)
-    return False
+    return _linear_attention_scores(node) is not None
 
 
-# what may stand between a softmax and the matmul of its probabilities: a cast back from an
-# upcast softmax (diffusers' AttnProcessor), dropout, a copy
-_PASS_THROUGH = ("to", "type", "type_as", "float", "half", "bfloat16", "dropout", "contiguous", "clone", "_to_copy")
+# what may stand between a softmax and the matmul of its probabilities (a cast back from an
+# upcast softmax, as diffusers' AttnProcessor does; dropout; a copy), or between the two matmuls
+# of a linear attention
+_BETWEEN_MATMULS = _PASS_THROUGH | {"dropout", "_to_copy"}
 
 
 def _feeds_matmul(node: fx.Node, depth: int = 3) -> bool:
     for user in node.users:
         if user.target in _MATMULS or target_name(user) in _MATMULS:
             return True
-        if depth > 0 and target_name(user) in _PASS_THROUGH and user.args and user.args[0] is node \
+        if depth > 0 and target_name(user) in _BETWEEN_MATMULS and user.args and user.args[0] is node \
                 and _feeds_matmul(user, depth - 1):
             return True
     return False
@@ -98,10 +101,37 @@ def _score_matmul(node: fx.Node, depth: int = 4) -> fx.Node | None:
     return None
 
 
+def _activation_matmul(node: fx.Node) -> bool:
+    """A matmul of two activations (neither a weight)."""
+    if not (node.target in _MATMULS or target_name(node) in _MATMULS) or node.op == "call_module":
+        return False
+    operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+    return len(operands) == 2 and not any(is_param(a) for a in operands)
+
+
+def _linear_attention_scores(node: fx.Node) -> fx.Node | None:
+    """For the last matmul of a linear attention (Sana's ``(v k^T) q``: two matmuls of
+    activations, the first's product read by the second through casts only, no softmax), that
+    first matmul; else None."""
+    if not _activation_matmul(node):
+        return None
+    src = node.args[0]
+    for _ in range(3):
+        if _activation_matmul(src):
+            return src
+        if target_name(src) not in _BETWEEN_MATMULS or not src.args or not isinstance(src.args[0], fx.Node):
+            return None
+        src = src.args[0]
+    return None
+
+
 def attention_query_key(op: fx.Node) -> tuple:
     """The query and key arguments of an attention op: an attention kernel's first two, or the
     two operands of the matmul a hand-written attention's softmax scores come from
     (``baddbmm(bias, q, k^T)`` takes them second and third)."""
+    scores = _linear_attention_scores(op)
+    if scores is not None:  # (v k^T) q: the query is the last matmul's second operand, the keys the first's
+        return op.args[1], scores
     if target_name(op) != "softmax":
         return (op.args[0] if op.args else op.kwargs.get("query"),
                 op.args[1] if len(op.args) > 1 else op.kwargs.get("key"))

@@ -120,6 +120,39 @@ def test_hand_written_attention_gives_the_same_sites_and_fora_matches_hooks(name
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
 
 
+def test_linear_attention_is_an_attention_site_and_fora_reuses_it():
+    """Sana's ReLU linear attention ((v k^T) q: two matmuls of activations, no softmax) was no
+    attention site (its module came out a feed-forward), so attention-level plans never reused it."""
+    from diffusers import SanaTransformer2DModel
+
+    torch.manual_seed(0)
+    model = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                   num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                                   cross_attention_dim=16, caption_channels=16, sample_size=8, patch_size=1).eval()
+    kwargs = dict(hidden_states=torch.randn(1, 4, 8, 8), encoder_hidden_states=torch.randn(1, 5, 16),
+                  timestep=torch.tensor([500]))
+    table = ditopt.sites(model, **kwargs)
+    assert (table["transformer_blocks.0.attn1"].kind, table["transformer_blocks.0.attn1"].attention) == \
+        ("attention", "self")
+    assert table["transformer_blocks.0.attn2"].attention == "cross"
+    steps = 4
+    fast = ditopt.optimize(model, ditopt.presets.fora(interval=2, steps=steps))
+    got = run_steps(fast, kwargs, steps)
+    layer_sites = [s.name for s in table if s.kind in ("attention", "feedforward")]
+    assert ditopt.stats(fast).decisions["transformer_blocks.1.attn1"] == ["compute", "reuse"] * 2
+    ref = HookReference(model, layer_sites, [1, 3])
+    try:
+        wanted = []
+        with torch.no_grad():
+            for i, t in enumerate(timesteps(steps, kwargs["timestep"])):
+                ref.step = i
+                wanted.append(model(**{**kwargs, "timestep": t}, return_dict=False)[0])
+    finally:
+        ref.remove()
+    for e, g in zip(wanted, got):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["wan", "dit"])
 def test_fora_matches_hand_written_hooks(name):
     steps = 10
