@@ -38,14 +38,31 @@ def find_timestep(graph: fx.Graph, name: str, position: int | None = None) -> fx
     return None
 
 
+def _input_names(graph: fx.Graph) -> list[str]:
+    """The forward arguments the graph's tensor inputs come from (``x``, ``kwargs['t']`` as ``t``),
+    weights left out."""
+    import re
+
+    names = []
+    for node in graph.find_nodes(op="placeholder"):
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        text = source.name() if callable(getattr(source, "name", None)) else str(getattr(source, "name", "") or "")
+        found = re.fullmatch(r"L\['(?:kwargs'\]\[')?(\w+)'\](?:\[(\d+)\])?", text)
+        if found and found.group(1) != "self":
+            names.append(found.group(1) + (f"[{found.group(2)}]" if found.group(2) else ""))
+    return list(dict.fromkeys(names))
+
+
 def insert_step_tracking(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if not graph_annotation(gm).annotated or token_of(gm.graph) is not None:
         return PassResult(gm, False)
     graph = gm.graph
     timestep = find_timestep(graph, ctx.timestep, ctx.timestep_position)
     if timestep is None:
-        raise CaptureError(f"no '{ctx.timestep}' tensor input found: ditopt needs the timestep as a tensor to track "
-                           f"steps (a Python number is not one: pass torch.tensor([t]); another name: timestep_arg=)")
+        given = ", ".join(_input_names(graph)) or "none"
+        raise CaptureError(f"no '{ctx.timestep}' tensor input found (the model's tensor inputs: {given}): ditopt "
+                           f"needs the timestep as a tensor to track steps (a Python number is not one: pass "
+                           f"torch.tensor([t]); another name: timestep_arg=)")
     placeholders = list(graph.find_nodes(op="placeholder"))
     with graph.inserting_after(placeholders[-1]):
         token = graph.placeholder(TOKEN)

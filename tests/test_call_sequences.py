@@ -302,3 +302,29 @@ def test_the_sites_of_many_models_in_one_process(monkeypatch):
     x = dict(hidden_states=torch.randn(1, 4, 8, 8), timestep=torch.tensor([500]), class_labels=torch.tensor([1]))
     tables = [ditopt.sites(dit(), **x) for _ in range(10)]
     assert all(t.names() == tables[0].names() for t in tables) and "transformer_blocks.1" in tables[0]
+
+
+class _SigmaNet(torch.nn.Module):  # a model whose timestep argument is called sigma
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Linear(1, 16)
+        self.blocks = torch.nn.ModuleList([Attention(16), FeedForward(16)])
+
+    def forward(self, x, sigma):
+        x = x + self.emb(sigma[:, None])[:, None]
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_a_timestep_under_another_name_is_refused_listing_the_inputs():
+    """The model calls its timestep ``sigma``: the error says which tensor inputs there are, so
+    that ``timestep_arg=`` is one look away; with it, the plan runs."""
+    x, sigma = torch.randn(2, 8, 16), torch.tensor([1.0, 1.0])
+    fast = ditopt.optimize(_SigmaNet().eval(), fora())
+    with pytest.raises(ditopt.CaptureError, match=r"no 'timestep' tensor input found \(the model's tensor inputs: "
+                                                  r"(sigma, x|x, sigma)\).*timestep_arg="):
+        fast(x, sigma)
+    fast = ditopt.optimize(_SigmaNet().eval(), ditopt.presets.all_compute(steps=STEPS), timestep_arg="sigma")
+    with torch.no_grad():
+        assert fast(x, sigma).shape == x.shape
