@@ -22,7 +22,7 @@ from ditopt.runtime import Runtime
 from .backend import (CompiledGraph, DitoptBackend, PlanLike, arguments_from, as_plan, backend_of, compile_wrapper_of,
                       runtime_of_compile_call)
 from .capture import lean_tracing, make_room_for_another_model, where_in_model
-from .marks import recheck_blocks
+from .block_watch import recheck_blocks
 from .regional import RegionalError, hold_marks, refuse_marks, release_marks
 from .errors import CaptureError, DitoptError, PlanError
 from .sites import OUTPUT, STACK, SiteTable, find_sites
@@ -336,7 +336,7 @@ def reset(model: torch.nn.Module) -> None:
 
 def _recheck(model: torch.nn.Module) -> None:
     """Blocks traced once and called per block are opaque to dynamo's guards: an attribute changed
-    inside one is seen here, at a generation begun explicitly (:func:`ditopt.marks.recheck_blocks`)."""
+    inside one is seen here, at a generation begun explicitly (:func:`ditopt.block_watch.recheck_blocks`)."""
     recheck_blocks(model._orig_mod if isinstance(model, OptimizedModule) else model)
 
 
