@@ -64,7 +64,7 @@ def is_attention_op(node: fx.Node) -> bool:
         return True
     if name == "softmax":
         src = node.args[0] if node.args else None
-        fed_by = isinstance(src, fx.Node) and _walks_to_matmul(src)
+        fed_by = isinstance(src, fx.Node) and _score_matmul(src) is not None
         return fed_by and _feeds_matmul(node)
     return _linear_attention_scores(node) is not None
 
@@ -85,10 +85,6 @@ def _feeds_matmul(node: fx.Node, depth: int = 3) -> bool:
     return False
 
 
-def _walks_to_matmul(node: fx.Node, depth: int = 4) -> bool:
-    return _score_matmul(node, depth) is not None
-
-
 def _score_matmul(node: fx.Node, depth: int = 4) -> fx.Node | None:
     """The matmul a softmax's scores come from (through a scale, a mask, a cast), if any."""
     for _ in range(depth):
@@ -103,7 +99,7 @@ def _score_matmul(node: fx.Node, depth: int = 4) -> fx.Node | None:
 
 def _activation_matmul(node: fx.Node) -> bool:
     """A matmul of two activations (neither a weight)."""
-    if not (node.target in _MATMULS or target_name(node) in _MATMULS) or node.op == "call_module":
+    if node.op == "call_module" or not is_matmul(node):
         return False
     operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
     return len(operands) == 2 and not any(is_param(a) for a in operands)

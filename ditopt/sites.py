@@ -40,8 +40,8 @@ from fnmatch import fnmatchcase
 import torch.fx as fx
 
 from .capture import module_stack
-from .regions import (Region, attention_query_key, extractable, is_attention_op, is_matmul, is_param, region_of, residual_inputs,
-                      same_meta, same_shape, tensor_meta)
+from .regions import (Region, attention_query_key, extractable, is_attention_op, is_matmul, is_param, region_of,
+                      residual_inputs, same_meta, same_shape, tensor_meta)
 
 SITE_KINDS = ("block", "attention", "feedforward", "stack", "output")
 STACK = "stack"

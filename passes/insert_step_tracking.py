@@ -13,6 +13,8 @@ Fires once on an annotated graph, even when every site computes: the stats still
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.fx as fx
 
@@ -41,8 +43,6 @@ def find_timestep(graph: fx.Graph, name: str, position: int | None = None) -> fx
 def _input_names(graph: fx.Graph) -> list[str]:
     """The forward arguments the graph's tensor inputs come from (``x``, ``kwargs['t']`` as ``t``),
     weights left out."""
-    import re
-
     names = []
     for node in graph.find_nodes(op="placeholder"):
         source = getattr(node.meta.get("grapharg"), "source", None)

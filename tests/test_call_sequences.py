@@ -45,6 +45,16 @@ def fora():
     return ditopt.presets.fora(interval=2, steps=STEPS, level="block")
 
 
+def assert_follows_its_plan(model, fast):
+    """A new generation of ``fast`` reuses at FORA's steps and equals a fresh optimised copy."""
+    ditopt.reset(fast)
+    outs = [call(fast, t) for t in TIMESTEPS]
+    assert ditopt.stats(fast).decisions["transformer_blocks.0"] == ["compute", "reuse_residual"] * 2
+    fresh = ditopt.optimize(model, fora())
+    for out, t in zip(outs, TIMESTEPS):
+        assert torch.equal(out, call(fresh, t))
+
+
 # -- torch.compile of what optimize returned ---------------------------------------------------------
 @pytest.mark.parametrize("options", [dict(backend="eager"), dict(), dict(backend="eager", fullgraph=True)])
 def test_torch_compile_of_an_optimized_model_refuses_instead_of_dropping_the_plan(model, options):
@@ -56,13 +66,7 @@ def test_torch_compile_of_an_optimized_model_refuses_instead_of_dropping_the_pla
     error = Exception if options.get("fullgraph") else DitoptError
     with pytest.raises(error, match=r"ditopt.optimize\(\).*backend='ditopt'"):
         call(compiled, TIMESTEPS[0])
-    # the optimised model itself is unharmed and still follows its plan
-    ditopt.reset(fast)
-    outs = [call(fast, t) for t in TIMESTEPS]
-    assert ditopt.stats(fast).decisions["transformer_blocks.0"] == ["compute", "reuse_residual"] * 2
-    fresh = ditopt.optimize(model, fora())
-    for out, t in zip(outs, TIMESTEPS):
-        assert torch.equal(out, call(fresh, t))
+    assert_follows_its_plan(model, fast)  # the optimised model itself is unharmed
 
 
 # -- inputs the model itself refuses --------------------------------------------------------------------
@@ -91,12 +95,7 @@ def test_inputs_the_model_refuses_raise_its_own_error_not_a_capture_error(model,
                 fast(**inputs)
         assert str(ours.value) == str(own.value), label
         assert ours.value.__cause__ is None and ours.value.__suppress_context__, label
-    ditopt.reset(fast)
-    outs = [call(fast, t) for t in TIMESTEPS]
-    assert ditopt.stats(fast).decisions["transformer_blocks.0"] == ["compute", "reuse_residual"] * 2
-    fresh = ditopt.optimize(model, fora())
-    for out, t in zip(outs, TIMESTEPS):
-        assert torch.equal(out, call(fresh, t))
+    assert_follows_its_plan(model, fast)
 
 
 def test_optimize_refuses_what_is_not_a_module(model):

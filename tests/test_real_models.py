@@ -82,6 +82,21 @@ class HookReference:
             h.remove()
 
 
+def assert_matches_hooks(model, kwargs, steps, sites, reuse_steps, got):
+    """``got`` equals the model run with :class:`HookReference` reusing ``sites`` at ``reuse_steps``."""
+    ref = HookReference(model, sites, reuse_steps)
+    try:
+        expected = []
+        with torch.no_grad():
+            for i, t in enumerate(timesteps(steps, kwargs["timestep"])):
+                ref.step = i
+                expected.append(model(**{**kwargs, "timestep": t}, return_dict=False)[0])
+    finally:
+        ref.remove()
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
 def _legacy_attention(model):
     from diffusers.models.attention_processor import AttnProcessor
 
@@ -107,17 +122,7 @@ def test_hand_written_attention_gives_the_same_sites_and_fora_matches_hooks(name
     layer_sites = [n for n, kind, _ in expected if kind in ("attention", "feedforward")]
     decisions = ditopt.stats(fast).decisions
     assert all(decisions[site] == ["compute", "reuse"] * 2 for site in layer_sites)
-    ref = HookReference(model, layer_sites, [1, 3])
-    try:
-        wanted = []
-        with torch.no_grad():
-            for i, t in enumerate(timesteps(steps, kwargs["timestep"])):
-                ref.step = i
-                wanted.append(model(**{**kwargs, "timestep": t}, return_dict=False)[0])
-    finally:
-        ref.remove()
-    for e, g in zip(wanted, got):
-        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+    assert_matches_hooks(model, kwargs, steps, layer_sites, [1, 3], got)
 
 
 def test_linear_attention_is_an_attention_site_and_fora_reuses_it():
@@ -140,17 +145,7 @@ def test_linear_attention_is_an_attention_site_and_fora_reuses_it():
     got = run_steps(fast, kwargs, steps)
     layer_sites = [s.name for s in table if s.kind in ("attention", "feedforward")]
     assert ditopt.stats(fast).decisions["transformer_blocks.1.attn1"] == ["compute", "reuse"] * 2
-    ref = HookReference(model, layer_sites, [1, 3])
-    try:
-        wanted = []
-        with torch.no_grad():
-            for i, t in enumerate(timesteps(steps, kwargs["timestep"])):
-                ref.step = i
-                wanted.append(model(**{**kwargs, "timestep": t}, return_dict=False)[0])
-    finally:
-        ref.remove()
-    for e, g in zip(wanted, got):
-        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+    assert_matches_hooks(model, kwargs, steps, layer_sites, [1, 3], got)
 
 
 @pytest.mark.parametrize("name", ["wan", "dit"])
@@ -169,17 +164,7 @@ def test_fora_matches_hand_written_hooks(name):
     for site in (s.name for s in table if s.kind == "block"):
         assert decisions[site] == ["compute"] * steps
 
-    ref = HookReference(model, layer_sites, reuse_steps)
-    try:
-        expected = []
-        with torch.no_grad():
-            for i, t in enumerate(timesteps(steps, kwargs["timestep"])):
-                ref.step = i
-                expected.append(model(**{**kwargs, "timestep": t}, return_dict=False)[0])
-    finally:
-        ref.remove()
-    for e, g in zip(expected, got):
-        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+    assert_matches_hooks(model, kwargs, steps, layer_sites, reuse_steps, got)
 
 
 def test_block_reuse_and_cfg_branches_on_wan():
