@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import warnings
 import weakref
 from dataclasses import dataclass, field, replace
 
@@ -386,8 +387,14 @@ def step_callback(model: torch.nn.Module, steps: int | None = None):
     ``i``, that they are step ``i + 1`` (its CFG branches in call order); after the pipeline's
     last step (``pipe.num_timesteps``), step 0 of the next generation. (A ``torch.compile``'d
     model has no runtime before its first call: its first step is inferred from the timestep.)
-    A generation cut short should be followed by :func:`reset`. Pipelines with the older
-    ``callback(i, t, latents)`` (``callback_steps=1``) are served too; give them ``steps``.
+    A generation cut short should be followed by :func:`reset`; what is caught without one: a call
+    that raises inside the model ends the generation; a pipeline stopped by its ``interrupt`` flag
+    (set by a callback that runs before this one, as in ``MultiPipelineCallbacks([yours, this])``)
+    ends it here; a step the pipeline reports other than the one told (a callback kept from a run
+    cut short) drops the caches, with a warning; and calls after the told ones (a run without the
+    callback after a told run) are found from the timestep again
+    (:mod:`ditopt.runtime.step_state`). Pipelines with the older ``callback(i, t, latents)``
+    (``callback_steps=1``) are served too; give them ``steps``.
 
     Example::
 
@@ -405,8 +412,17 @@ def step_callback(model: torch.nn.Module, steps: int | None = None):
             pipe, i, _, callback_kwargs = args
             total = getattr(pipe, "num_timesteps", None) or steps
         else:  # callback(i, t, latents)
-            (i, _, _), callback_kwargs, total = args, None, steps
-        runtime_of(model).state.tell(0 if total is not None and i + 1 >= total else i + 1)
+            (i, _, _), callback_kwargs, total, pipe = args, None, steps, None
+        runtime = runtime_of(model)
+        if getattr(pipe, "interrupt", False):  # the pipeline stops here: the next call starts afresh
+            runtime.end_generation()
+            return callback_kwargs
+        if runtime.state.told not in (None, i):
+            warnings.warn(f"ditopt: the pipeline finished step {i}, but its calls were taken for step "
+                          f"{runtime.state.told} (a step callback kept from a run cut short?); its caches are "
+                          f"dropped. Call ditopt.reset after a generation cut short", RuntimeWarning, stacklevel=2)
+            runtime.end_generation()
+        runtime.state.tell(0 if total is not None and i + 1 >= total else i + 1)
         return callback_kwargs
 
     return callback

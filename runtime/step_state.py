@@ -23,6 +23,14 @@ Callers that know better can start a generation (:meth:`StepState.start`, what
 ``ditopt.generation`` and ``ditopt.reset`` do), override one call with :meth:`StepState.set`,
 or tell it every step with :meth:`StepState.tell` (a pipeline's step callback does): the calls
 until the next tell are that step's CFG branches, and the timestep is then never read on the host.
+Once a told step has moved on, the number of calls a step takes is known; a told step that gets
+more calls than that has lost its teller, and that call reads the timestep again rather than being
+taken for one more branch of the told step (as every later call would be). After a told generation
+ran to its end (the callback told step 0), it is a run without the callback: that call is step 1,
+the calls before it were step 0. After any other told step, it is a told run cut short outside the
+model (a call that raises ends the generation by itself): with a warning, that call starts a new
+generation, and so does the next call whose timestep differs from it, for the calls at this
+timestep may have begun in the middle of a step's CFG branches.
 ``one_generation`` (the profiler's calibration run) makes every new timestep the next step,
 whichever way it moves.
 """
@@ -30,6 +38,7 @@ whichever way it moves.
 from __future__ import annotations
 
 import operator
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -55,6 +64,8 @@ class StepState:
     _override: tuple[int, int] | None = field(default=None, repr=False)
     _told: int | None = field(default=None, repr=False)  # the step told by tell(), until the next tell
     _told_calls: int = field(default=0, repr=False)
+    _told_width: int | None = field(default=None, repr=False)  # the calls a told step had, once one moved on
+    _restart_on_move: bool = field(default=False, repr=False)  # the teller was lost mid-generation
     _schedule: list[float] = field(default_factory=list, repr=False)  # a recent generation's timesteps
     _current: list[float] = field(default_factory=list, repr=False)  # this generation's, one per step
     _offset: int | None = field(default=None, repr=False)  # where _current starts in _schedule
@@ -66,7 +77,13 @@ class StepState:
         """Advance on a call whose timestep is ``t`` (or ``t()``: read only when the step is not
         told); return ``(step, branch, new_generation)``."""
         new_generation = False
-        if self._override is None and self._told is not None:
+        if self._override is None and self._told is not None and self._untold():
+            if self.step == 0:  # a run without the callback after a told generation: its step 1
+                self.step, self.branch, self._last_t = 1, 0, t() if callable(t) else t
+                self._current, self._offset = [], None
+                self.calls += 1
+                return self.step, self.branch, False
+        elif self._override is None and self._told is not None:
             self.step, self.branch = self._told, self._told_calls
             self._told_calls += 1
             new_generation = self.step == 0 and self.branch == 0
@@ -83,8 +100,9 @@ class StepState:
             self.step, self.branch, self._streak = step, branch, []  # told, not begun by a move
             if not new_generation and branch == 0:
                 self._current.append(t)
-        elif self._last_t is None:
+        elif self._last_t is None or (self._restart_on_move and t != self._last_t):
             self.step, self.branch, new_generation = 0, 0, True
+            self._restart_on_move = self._restart_on_move and self._last_t is None  # until the first move
         elif t == self._last_t:
             self.branch += 1
         elif self.one_generation or ((t > self._last_t) == self.rising and not self._leaves_schedule(t)):
@@ -104,6 +122,21 @@ class StepState:
         self.calls += 1
         self._last_t = t
         return self.step, self.branch, new_generation
+
+    def _untold(self) -> bool:
+        """Whether this call is one more than a told step takes (the step callback stopped telling);
+        if so, leave told mode (see the module docstring)."""
+        if self._told_width is None or self._told_calls < self._told_width:
+            return False
+        self._told, self._told_calls, self._last_t = None, 0, None
+        if self.step == 0:
+            return True
+        self._restart_on_move = True
+        warnings.warn(f"ditopt: step {self.step} was told and has had its {self._told_width} call(s), but no step "
+                      f"callback told the next step (a told run cut short?); the step is found from the timestep "
+                      f"again, from a new generation. Call ditopt.reset after a generation cut short",
+                      RuntimeWarning, stacklevel=4)
+        return True
 
     def _turns(self, t: float) -> bool:
         """Whether this move ends a third one-step generation in a row begun against the direction
@@ -141,6 +174,11 @@ class StepState:
         """Force the next call to be ``step`` / ``branch`` (step 0, branch 0 starts a generation)."""
         self._override = (_count("step", step), _count("branch", branch))
 
+    @property
+    def told(self) -> int | None:
+        """The step told by the last :meth:`tell` (None when the step is found from the timestep)."""
+        return self._told
+
     def tell(self, step: int) -> None:
         """The calls from now until the next tell are step ``step`` (its CFG branches in call order);
         step 0 starts a generation. No timestep is read while told. :meth:`reset` ends it.
@@ -152,12 +190,16 @@ class StepState:
             >>> s.tell(1); s.observe(lambda: 1 / 0)
             (1, 0, False)
         """
-        self._told, self._told_calls = _count("step", step), 0
+        step = _count("step", step)
+        if self._told is not None and self._told_calls and step != self._told:
+            self._told_width = max(self._told_width or 0, self._told_calls)
+        self._told, self._told_calls = step, 0
 
     def reset(self) -> None:
         """Forget everything: the next call starts a new generation at step 0."""
         self.step, self.branch, self._last_t, self._override, self.calls = -1, 0, None, None, 0
         self._told, self._told_calls, self._streak = None, 0, []  # the next call is not begun by a move
+        self._restart_on_move = False
         self._remember([])  # what ran is still a known schedule
 
 

@@ -186,6 +186,74 @@ def test_steps_told_by_the_callback_survive_an_exception(model):
     assert torch.equal(out, fresh_run(model, fora(), [(749, 3)])[0])
 
 
+class Pipe:  # what a diffusers pipeline hands its callback_on_step_end
+    num_timesteps = STEPS
+    interrupt = False
+
+
+TS = (999, 749, 499, 249)
+CFG = [(t, label) for t in TS for label in (3, 0)]  # two calls (CFG branches) per step
+
+
+def told_generation(fast, callback, steps=STEPS, pipe=Pipe):
+    """The first ``steps`` steps of a CFG generation, each step's two calls followed by the callback."""
+    outs = []
+    for i, t in enumerate(TS[:steps]):
+        outs += [call(fast, t, label) for label in (3, 0)]
+        callback(pipe(), i, t, {})
+    return outs
+
+
+def test_a_run_without_the_callback_after_a_told_run_finds_its_steps(model, recwarn):
+    """After a told generation the callback has told step 0; a run without it must not be taken for
+    step 0's branches forever (every call computing and caching under a new branch)."""
+    fast = ditopt.optimize(model, fora())
+    told = told_generation(fast, ditopt.step_callback(fast))
+    bare = [call(fast, t, label) for t, label in CFG]
+    assert ditopt.stats(fast).decisions["transformer_blocks.0"] == ["compute", "compute", "reuse_residual",
+                                                                    "reuse_residual", "compute", "compute",
+                                                                    "reuse_residual", "reuse_residual"]
+    for out, ref, same in zip(bare, fresh_run(model, fora(), CFG), told):
+        assert torch.equal(out, ref) and torch.equal(out, same)
+    assert not [w for w in recwarn if "ditopt" in str(w.message)]
+
+
+def test_a_told_run_cut_short_then_a_run_without_the_callback_starts_afresh(model):
+    fast = ditopt.optimize(model, fora(3))
+    told_generation(fast, ditopt.step_callback(fast), steps=2)  # cut short after step 1: step 2 told
+    with pytest.warns(RuntimeWarning, match="no step callback told the next step"):
+        outs = [call(fast, t, label) for t, label in CFG]
+    # the first two calls were taken for the old generation's step 2 (unknowable without a host read);
+    # from the next step on, a new generation whose CFG branches line up
+    for out, ref in zip(outs[4:], fresh_run(model, fora(3), CFG[4:8])):
+        assert torch.equal(out, ref)
+
+
+def test_a_callback_kept_from_a_run_cut_short_drops_the_caches(model):
+    fast = ditopt.optimize(model, fora(3))
+    callback = ditopt.step_callback(fast)
+    told_generation(fast, callback, steps=2)  # cut short: step 2 told
+    with pytest.warns(RuntimeWarning, match="finished step 0, but its calls were taken for step 2"):
+        told_generation(fast, callback, steps=1)
+    outs = [call(fast, t, label) for t, label in CFG[2:4]]  # step 1: reuse in the plan, but nothing cached
+    assert ditopt.stats(fast).decisions["transformer_blocks.0"][-2:] == ["compute", "compute"]
+    for out, ref in zip(outs, fresh_run(model, ditopt.presets.fora(interval=1, steps=STEPS), CFG[2:4])):
+        assert torch.equal(out, ref)
+
+
+def test_a_pipeline_interrupted_by_a_callback_ends_the_generation(model):
+    class Interrupted(Pipe):
+        interrupt = True
+
+    fast = ditopt.optimize(model, fora())
+    callback = ditopt.step_callback(fast)
+    told_generation(fast, callback, steps=1, pipe=Interrupted)
+    assert runtime_of(fast).state.told is None and ditopt.stats(fast).cache_bytes == 0
+    outs = [call(fast, t, label) for t, label in CFG]  # a run without the callback: found from the timestep
+    for out, ref in zip(outs, fresh_run(model, fora(), CFG)):
+        assert torch.equal(out, ref)
+
+
 # -- one runtime per wrapper ------------------------------------------------------------------------
 def test_two_wrappers_of_one_model_keep_their_own_runtime(model):
     a = ditopt.optimize(model, fora(2))
