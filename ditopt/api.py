@@ -189,6 +189,9 @@ def wrap(model: torch.nn.Module, plan: PlanLike, *, timestep_arg: str = "timeste
          runtime: Runtime | None = None, coalesce: bool = True, parallel=None, regional: bool = True,
          attention_backend: str = "sdpa") -> torch.nn.Module:
     """What :func:`optimize` does; ``observe`` and ``runtime`` are for the profiler's entry point."""
+    if isinstance(model, DitoptModule):
+        raise DitoptError("optimize() takes the original model, not one it optimised already; to change the plan "
+                          "of this one, ditopt.set_plan(fast, plan)")
     if isinstance(model, OptimizedModule):
         raise DitoptError("optimize() takes the original model, not a torch.compile'd one")
     if not isinstance(model, torch.nn.Module):

@@ -189,7 +189,15 @@ class Plan:
             if not plan.strip():
                 raise PlanError("empty plan text: expected a plan file path or YAML text")
             if "\n" not in plan.strip() and not plan.lstrip().startswith("{"):
-                return cls.load(plan)
+                try:
+                    return cls.load(plan)
+                except PlanError as exc:
+                    from .presets import suggest
+
+                    hint = suggest(plan.strip()) if "not found" in str(exc) else None
+                    if hint is None:
+                        raise
+                    raise PlanError(f"{exc}; {plan.strip()!r} names a preset, made in Python as {hint}") from None
             return cls.from_yaml(plan)
         raise PlanError(f"expected a Plan, a plan file path, YAML text or a dict, got {type(plan).__name__}")
 

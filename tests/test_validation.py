@@ -3,6 +3,7 @@ command-line argument raises one clear one-line error naming what is at fault, b
 starts and without touching the model or the files; good inputs still pass."""
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -149,6 +150,27 @@ def test_plan_arguments_say_what_is_wrong_with_the_path(tmp_path):
             assert str(arg) in str(info.value)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.txt", "plans"]
+
+
+def test_a_preset_name_given_as_a_plan_says_how_to_make_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no file of that name here
+    model = torch.nn.Linear(2, 2)
+    for spelled, call in (("fora", "ditopt.presets.fora(steps=N)"), ("fora-3", "fora(steps=N, interval=3)"),
+                          ("fbcache-0.08", "first_block_cache(steps=N, threshold=0.08)")):
+        with pytest.raises(PlanError, match=re.escape(call)):
+            ditopt.optimize(model, spelled)
+    with pytest.raises(PlanError, match="plan file not found: forra$"):
+        ditopt.optimize(model, "forra")
+
+
+def test_an_optimised_model_is_not_optimised_again():
+    from diffusers import DiTTransformer2DModel
+
+    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                  num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    fast = ditopt.optimize(model, ditopt.presets.fora(steps=4))
+    with pytest.raises(DitoptError, match=r"not one it optimised already; .*ditopt.set_plan"):
+        ditopt.optimize(fast, ditopt.presets.fora(steps=4))
 
 
 def test_good_plans_still_pass(tmp_path):
