@@ -241,6 +241,15 @@ def test_a_callback_kept_from_a_run_cut_short_drops_the_caches(model):
         assert torch.equal(out, ref)
 
 
+def test_a_pipeline_running_another_step_count_than_the_plan_is_warned_at_its_first_step(model):
+    class Longer(Pipe):
+        num_timesteps = STEPS + 2
+
+    fast = ditopt.optimize(model, fora())
+    with pytest.warns(RuntimeWarning, match=r"runs 6 steps, but the plan was made for 4.*plan.resample\(6\)"):
+        told_generation(fast, ditopt.step_callback(fast), steps=1, pipe=Longer)
+
+
 def test_a_pipeline_interrupted_by_a_callback_ends_the_generation(model):
     class Interrupted(Pipe):
         interrupt = True
