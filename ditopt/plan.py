@@ -192,9 +192,7 @@ class Plan:
                 try:
                     return cls.load(plan)
                 except PlanError as exc:
-                    from .presets import suggest
-
-                    hint = suggest(plan.strip()) if "not found" in str(exc) else None
+                    hint = preset_hint(plan.strip()) if "not found" in str(exc) else None
                     if hint is None:
                         raise
                     raise PlanError(f"{exc}; {plan.strip()!r} names a preset, made in Python as {hint}") from None
@@ -458,3 +456,27 @@ def _when_field(when: Any, where: dict[str, Any]) -> When | None:
         except ValueError as exc:
             raise PlanError(f"'when.of': {exc}", **where) from None
     return When(of=of, below=below, indicator=indicator, on=on, rescale=rescale)
+
+
+def preset_hint(spelled: str) -> str | None:
+    """How to make the plan a preset's name stands for in Python, or None if it names none (the
+    hint an error gives for ``ditopt.optimize(model, "fora-2")``).
+
+    Example:
+        >>> print(preset_hint("fora-2"))
+        ditopt.presets.fora(steps=N, interval=2), N the sampler's step count
+        >>> preset_hint("fora.yaml") is None
+        True
+    """
+    from .presets import REGISTRY, lookup
+
+    try:
+        preset, knobs = lookup(spelled)
+    except KeyError:
+        preset, knobs = REGISTRY.get(spelled), {}
+    if preset is None:
+        return None
+    fixed = dict(getattr(preset.make, "keywords", None) or {}, **knobs)  # a functools.partial's own knobs first
+    func = getattr(preset.make, "func", preset.make).__name__
+    args = "".join(f", {k}={v!r}" for k, v in fixed.items())
+    return f"ditopt.presets.{func}(steps=N{args}), N the sampler's step count"

@@ -494,26 +494,3 @@ def lookup(spelled: str) -> tuple[Preset, dict]:
                 convert = next((_WILDCARDS[p][1] for p in parts if p in _WILDCARDS), None)
                 return preset, {**fixed, preset.knob: convert(m[1])} if convert else dict(fixed)
     raise KeyError(spelled)
-
-
-def suggest(spelled: str) -> str | None:
-    """How to make the plan a preset's name stands for in Python, or None if it names none (the
-    hint an error gives for ``ditopt.optimize(model, "fora-2")``).
-
-    Example:
-        >>> print(suggest("fora-2"))
-        ditopt.presets.fora(steps=N, interval=2), N the sampler's step count
-        >>> suggest("fora.yaml") is None
-        True
-    """
-    try:
-        preset, knobs = lookup(spelled)
-    except KeyError:
-        preset, knobs = REGISTRY.get(spelled), {}
-    if preset is None:
-        return None
-    func = getattr(preset.make, "__name__", None) or preset.make.func.__name__
-    fixed = "".join(f", {k}={v!r}" for k, v in (getattr(preset.make, "keywords", None) or {}).items())
-    fixed += "".join(f", {k}={v!r}" for k, v in knobs.items())
-    return f"ditopt.presets.{func}(steps=N{fixed}), N the sampler's step count"
-
