@@ -29,6 +29,29 @@ from .errors import CaptureError, DitoptError, PlanError
 from .sites import OUTPUT, STACK, SiteTable, find_sites
 
 
+def canonical_strides(x):
+    """A contiguous tensor with the strides ``contiguous()`` gives (a view, no copy), else ``x``.
+
+    A dimension of size 1 may have any stride in a contiguous tensor, and dynamo guards on it:
+    a pipeline whose latents change layout there after its first step (WanPipeline at one frame:
+    its noise and the scheduler's output differ in the frame dimension's stride) would capture
+    the model a second time, and the second graph finds no cache of the first to reuse.
+
+    Example:
+        >>> x = torch.zeros(2, 3, 1, 4).permute(0, 2, 1, 3)   # (2, 1, 3, 4), contiguous, stride 4 at dim 1
+        >>> x.stride(), canonical_strides(x).stride()
+        ((12, 4, 4, 1), (12, 12, 4, 1))
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_contiguous():
+        return x
+    want, size = [], 1
+    for n in reversed(x.shape):
+        want.append(size)
+        size *= max(n, 1)
+    want = tuple(reversed(want))
+    return x if x.stride() == want else x.as_strided(x.shape, want)
+
+
 class DitoptModule(OptimizedModule):
     """What ``optimize()`` returns: dynamo's wrapper, so that a pipeline sees the original
     module's attributes, ``config``, ``dtype`` and ``device`` (and diffusers' ``is_compiled_module``
@@ -39,6 +62,7 @@ class DitoptModule(OptimizedModule):
     def __call__(self, *args, **kwargs):
         make_room_for_another_model()  # dynamo's config is per thread: a worker thread has its own
         args, kwargs = self._timestep_by_keyword(args, kwargs)
+        args, kwargs = tuple(map(canonical_strides, args)), {k: canonical_strides(v) for k, v in kwargs.items()}
         try:
             if self._ditopt_runtime.graphs:
                 return super().__call__(*args, **kwargs)
@@ -433,6 +457,7 @@ def step_callback(model: torch.nn.Module, steps: int | None = None):
         runtime.state.tell(0 if total is not None and i + 1 >= total else i + 1)
         return callback_kwargs
 
+    callback.tensor_inputs = []  # what diffusers' MultiPipelineCallbacks asks each of its callbacks
     return callback
 
 

@@ -113,3 +113,54 @@ def test_a_pipeline_run_after_an_interrupted_one_inside_a_generation_block():
         images = run()
     assert (images == reference).all()
     assert ditopt.stats(pipe.transformer).decisions["transformer_blocks.1"] == ["compute", "reuse_residual"] * 3
+
+
+def _wan_pipe():
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    from ditopt.small_models import MODELS
+
+    torch.manual_seed(0)
+    transformer, kwargs = MODELS["wan"]()
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False],
+                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe.set_progress_bar_config(disable=True)
+    text = kwargs["encoder_hidden_states"]
+
+    def run(**extra):  # one frame: an image, CFG as two calls per step
+        return pipe(prompt_embeds=text, negative_prompt_embeds=torch.zeros_like(text), height=16, width=16,
+                    num_frames=1, num_inference_steps=6, guidance_scale=4.0, output_type="pt",
+                    generator=torch.Generator().manual_seed(0), **extra).frames
+
+    return pipe, run
+
+
+def test_wan_pipeline_told_bare_and_interrupted_runs_follow_the_plan_in_one_graph():
+    """WanPipeline at one frame hands its model latents whose frame dimension (size 1) changes
+    stride after the first step: one graph still (no second capture that would find no cache),
+    a told run equals a bare one, a run after a told one finds its steps, and an interrupt set by
+    a callback before ditopt's (diffusers' MultiPipelineCallbacks) leaves no stale cache."""
+    from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+    pipe, run = _wan_pipe()
+    reference = run()
+    pipe.transformer = fast = ditopt.optimize(pipe.transformer, ditopt.presets.fora(interval=2, steps=6, level="block"))
+    bare = run()
+    fora = ["compute", "compute", "reuse_residual", "reuse_residual"] * 3  # cond and uncond per step
+    assert ditopt.stats(fast).decisions["blocks.0"] == fora and ditopt.stats(fast).graphs == 1
+    assert not torch.equal(bare, reference)
+    assert torch.equal(run(callback_on_step_end=ditopt.step_callback(fast)), bare)
+    assert torch.equal(run(), bare) and ditopt.stats(fast).decisions["blocks.0"] == fora
+
+    class StopAtStep2(PipelineCallback):
+        tensor_inputs = []
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            pipeline._interrupt = step_index == 2
+            return callback_kwargs
+
+    run(callback_on_step_end=MultiPipelineCallbacks([StopAtStep2(), ditopt.step_callback(fast)]))
+    assert ditopt.stats(fast).cache_bytes == 0
+    assert torch.equal(run(), bare)
