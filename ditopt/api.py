@@ -419,7 +419,7 @@ def step_callback(model: torch.nn.Module, steps: int | None = None):
     (set by a callback that runs before this one, as in ``MultiPipelineCallbacks([yours, this])``)
     ends it here; a step the pipeline reports other than the one told (a callback kept from a run
     cut short) drops the caches, with a warning; and calls after the told ones (a run without the
-    callback after a told run) are found from the timestep again
+    callback after a told run, or a pipeline that never calls it) are found from the timestep again
     (:mod:`ditopt.runtime.step_state`). Pipelines with the older ``callback(i, t, latents)``
     (``callback_steps=1``) are served too; give them ``steps``.
 

@@ -23,14 +23,15 @@ Callers that know better can start a generation (:meth:`StepState.start`, what
 ``ditopt.generation`` and ``ditopt.reset`` do), override one call with :meth:`StepState.set`,
 or tell it every step with :meth:`StepState.tell` (a pipeline's step callback does): the calls
 until the next tell are that step's CFG branches, and the timestep is then never read on the host.
-Once a told step has moved on, the number of calls a step takes is known; a told step that gets
-more calls than that has lost its teller, and that call reads the timestep again rather than being
-taken for one more branch of the told step (as every later call would be). After a told generation
-ran to its end (the callback told step 0), it is a run without the callback: that call is step 1,
-the calls before it were step 0. After any other told step, it is a told run cut short outside the
-model (a call that raises ends the generation by itself): with a warning, that call starts a new
-generation, and so does the next call whose timestep differs from it, for the calls at this
-timestep may have begun in the middle of a step's CFG branches.
+Once a told step has moved on, the number of calls a step takes is known (until then, it is
+taken to be at most ``UNTOLD_AFTER``); a told step that gets more calls than that has lost its
+teller, and that call reads the timestep again rather than being taken for one more branch of
+the told step (as every later call would be). After a told generation ran to its end (the
+callback told step 0), it is a run without the callback: that call is step 1, the calls before
+it were step 0. Otherwise (a told run cut short outside the model, since a call that raises
+ends the generation by itself; or a pipeline that never calls the callback) it starts a new
+generation, with a warning, and so does the next call whose timestep differs from it, for the
+calls at this timestep may have begun in the middle of a step's CFG branches.
 ``one_generation`` (the profiler's calibration run) makes every new timestep the next step,
 whichever way it moves.
 """
@@ -41,6 +42,9 @@ import operator
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
+
+
+UNTOLD_AFTER = 4  # calls at a told step, while no tell has moved on, after which it is taken as untold
 
 
 @dataclass
@@ -78,7 +82,7 @@ class StepState:
         told); return ``(step, branch, new_generation)``."""
         new_generation = False
         if self._override is None and self._told is not None and self._untold():
-            if self.step == 0:  # a run without the callback after a told generation: its step 1
+            if not self._restart_on_move:  # a run without the callback after a told generation: its step 1
                 self.step, self.branch, self._last_t = 1, 0, t() if callable(t) else t
                 self._current, self._offset = [], None
                 self.calls += 1
@@ -124,18 +128,23 @@ class StepState:
         return self.step, self.branch, new_generation
 
     def _untold(self) -> bool:
-        """Whether this call is one more than a told step takes (the step callback stopped telling);
-        if so, leave told mode (see the module docstring)."""
-        if self._told_width is None or self._told_calls < self._told_width:
+        """Whether this call is one more than a told step takes (the step callback stopped telling,
+        or never told a step: the pipeline does not call it); if so, leave told mode (see the
+        module docstring)."""
+        known = self._told_width is not None
+        limit = self._told_width if known else UNTOLD_AFTER
+        if self._told_calls < limit:
             return False
         self._told, self._told_calls, self._last_t = None, 0, None
-        if self.step == 0:
+        if known and self.step == 0:
             return True
         self._restart_on_move = True
-        warnings.warn(f"ditopt: step {self.step} was told and has had its {self._told_width} call(s), but no step "
-                      f"callback told the next step (a told run cut short?); the step is found from the timestep "
-                      f"again, from a new generation. Call ditopt.reset after a generation cut short",
-                      RuntimeWarning, stacklevel=4)
+        why = ("no step callback told the next step (a told run cut short? call ditopt.reset after one)" if known
+               else "the step callback has not been called (this pipeline does not call callback_on_step_end: "
+                    "pipelines with the older callback= take ditopt.step_callback(model, steps=N) there, with "
+                    "callback_steps=1)")
+        warnings.warn(f"ditopt: step {self.step} was told and has had {limit} calls, but {why}; the step is found "
+                      f"from the timestep again, from a new generation", RuntimeWarning, stacklevel=4)
         return True
 
     def _turns(self, t: float) -> bool:
