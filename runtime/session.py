@@ -65,6 +65,8 @@ class Runtime:
         self._computed_at: dict[tuple[str, int], int] = {}
         self._in_flight = threading.Lock()
         self._overran = False  # this generation has run past the plan's steps (warned once)
+        self._ran = 0  # the steps the current generation has run
+        self._short_warned = False  # a generation shorter than the plan was warned of (once per runtime)
         self._flags: dict[tuple[bool, torch.device], torch.Tensor] = {}  # decision constants per device
         self.comm_bytes: dict[str, int] = {}  # bytes sent by collective kind (and "total") this generation
         _RUNTIMES[self.id] = self
@@ -93,6 +95,7 @@ class Runtime:
         this one (what ``stats`` reports) until then."""
         self.state.reset()
         self.store.clear()
+        self._ran = 0  # ended on purpose: not a generation shorter than the plan
         self._accumulated.clear()
         self._reuse_ok.clear()
         self._computed_at.clear()
@@ -130,8 +133,11 @@ class Runtime:
     # -- called by the ops ----------------------------------------------------------------
     def begin(self, t: float | Callable[[], float], graph: int = -1) -> None:
         """Start a call: advance the step state (``t()`` is read only when the step is not told)."""
+        ran, told = self._ran, self.state.told is not None
         step, branch, new_generation = self.state.observe(t)
         if new_generation:
+            self._ran = 0
+            self._warn_short(ran, told, self.graphs.get(graph))
             self.store.clear()
             self.records.clear()
             self.comm_bytes.clear()
@@ -139,6 +145,7 @@ class Runtime:
             self._reuse_ok.clear()
             self._computed_at.clear()
             self._overran = False
+        self._ran = max(self._ran, step + 1)
         self.records.append(CallRecord(step, branch, graph))
         table = self.graphs.get(graph)
         if table is not None and step >= table.steps and not self._overran:
@@ -146,6 +153,16 @@ class Runtime:
             warnings.warn(f"ditopt: denoising step {step} is past the plan's {table.steps} steps, so it and every later "
                           f"step compute; make the plan for this sampler's step count (Plan.resample, or "
                           f"plan_from_profile(..., steps=N))", RuntimeWarning, stacklevel=2)
+
+    def _warn_short(self, ran: int, told: bool, table: DecisionTable | None) -> None:
+        """Once per runtime: the generation that just ended (found from the timestep, not ended by
+        a reset) ran fewer steps than the plan has, so it followed only the plan's first steps."""
+        if table is None or told or self._short_warned or not 1 < ran < table.steps:
+            return
+        self._short_warned = True
+        warnings.warn(f"ditopt: the last generation ran {ran} steps of the plan's {table.steps}, so it followed only "
+                      f"the plan's first {ran}; if the sampler runs {ran} steps, make the plan for {ran} "
+                      f"(plan.resample({ran}), or plan_from_profile(..., steps={ran}))", RuntimeWarning, stacklevel=3)
 
     def key(self, graph: int, site: str, slot: str) -> tuple[int, str, str, int]:
         return (graph, site, slot, self.state.branch)

@@ -84,6 +84,36 @@ def test_running_past_the_plans_steps_warns_once_per_generation():
     assert len(generation((900, 600, 300))) == 1  # again in the next generation
 
 
+def test_a_generation_shorter_than_the_plan_is_warned_once_at_the_next_generation():
+    """A plan for 6 steps (a preset's default count, say) on a 4-step sampler follows the plan's
+    first 4 steps only; said once, when the next generation starts, not after an explicit reset."""
+    import warnings
+
+    import ditopt
+    from ditopt.small_models import MODELS
+
+    model, kwargs = MODELS["dit"]()
+    ts = [torch.full_like(kwargs["timestep"], v) for v in (900, 700, 500, 300)]
+
+    def generations(fast, count, reset=False):
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            for _ in range(count):
+                if reset:
+                    ditopt.reset(fast)
+                for t in ts:
+                    fast(**{**kwargs, "timestep": t})
+        return [str(w.message) for w in caught if "ditopt" in str(w.message)]
+
+    fast = ditopt.optimize(model, ditopt.presets.fora(interval=2, steps=6, level="block"))
+    assert generations(fast, 1) == []  # not known to be over yet
+    said = generations(fast, 3)
+    assert len(said) == 1 and "ran 4 steps of the plan's 6" in said[0] and "plan.resample(4)" in said[0]
+    assert generations(ditopt.optimize(model, ditopt.presets.fora(interval=2, steps=6, level="block")), 3,
+                       reset=True) == []
+    assert generations(ditopt.optimize(model, ditopt.presets.fora(interval=2, steps=4, level="block")), 3) == []
+
+
 def test_a_step_callback_tells_every_step_and_no_timestep_is_read_after_the_first_call(monkeypatch):
     """As a diffusers pipeline calls ``callback_on_step_end``: two calls (CFG) per step, then the
     callback. Decisions and outputs equal the inferred run's; the timestep is never read."""
