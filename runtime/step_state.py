@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 
-UNTOLD_AFTER = 4  # calls at a told step, while no tell has moved on, after which it is taken as untold
+UNTOLD_AFTER = 8  # calls at a told step, while no tell has moved on, after which it is taken as untold
 
 
 @dataclass
