@@ -1,5 +1,6 @@
 """A real diffusers pipeline, end to end, with only `pipe.transformer = ditopt.optimize(...)`."""
 
+import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
@@ -164,3 +165,97 @@ def test_wan_pipeline_told_bare_and_interrupted_runs_follow_the_plan_in_one_grap
     run(callback_on_step_end=MultiPipelineCallbacks([StopAtStep2(), ditopt.step_callback(fast)]))
     assert ditopt.stats(fast).cache_bytes == 0
     assert torch.equal(run(), bare)
+
+
+def _tiny_vae(**extra):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(16, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                         sample_size=16, shift_factor=0.0, **extra).eval()
+
+
+def _flux():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=16, axes_dims_rope=(4, 6, 6)).eval()
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_tiny_vae(), text_encoder=None,
+                        tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    return pipe, dict(prompt_embeds=torch.randn(1, 6, 32), pooled_prompt_embeds=torch.randn(1, 16), height=32,
+                      width=32, guidance_scale=3.5), "callback_on_step_end", "transformer_blocks.0", 1
+
+
+def _sd3():
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=2,
+                                        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                        caption_projection_dim=32, pooled_projection_dim=16, out_channels=4).eval()
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
+                                    vae=_tiny_vae(), text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                    tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+    text, pooled = torch.randn(1, 6, 32), torch.randn(1, 16)
+    return pipe, dict(prompt_embeds=text, pooled_prompt_embeds=pooled, negative_prompt_embeds=torch.zeros_like(text),
+                      negative_pooled_prompt_embeds=torch.zeros_like(pooled), height=32, width=32,
+                      guidance_scale=4.0), "callback_on_step_end", "transformer_blocks.0", 1
+
+
+def _qwen_image():
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                              axes_dims_rope=(4, 6, 6)).eval()
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                             transformer=transformer)
+    text, mask = torch.randn(1, 6, 16), torch.ones(1, 6, dtype=torch.long)
+    return pipe, dict(prompt_embeds=text, prompt_embeds_mask=mask, negative_prompt_embeds=torch.zeros_like(text),
+                      negative_prompt_embeds_mask=mask, true_cfg_scale=4.0, height=32, width=32), \
+        "callback_on_step_end", "transformer_blocks.0", 2
+
+
+def _pixart_sigma():  # DPM-Solver (a multistep scheduler); the older callback= (no callback_on_step_end)
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    transformer = PixArtTransformer2DModel(sample_size=8, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+                                           in_channels=4, out_channels=8, caption_channels=32, cross_attention_dim=32,
+                                           norm_type="ada_norm_single", use_additional_conditions=False).eval()
+    pipe = PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=_tiny_vae(), transformer=transformer,
+                               scheduler=DPMSolverMultistepScheduler())
+    text, mask = torch.randn(1, 6, 32), torch.ones(1, 6, dtype=torch.long)
+    return pipe, dict(negative_prompt=None, prompt_embeds=text, prompt_attention_mask=mask,
+                      negative_prompt_embeds=torch.zeros_like(text), negative_prompt_attention_mask=mask, height=32,
+                      width=32, guidance_scale=4.0, use_resolution_binning=False), "callback", "transformer_blocks.0", 1
+
+
+@pytest.mark.parametrize("build", [_flux, _sd3, _qwen_image, _pixart_sigma], ids=lambda f: f.__name__[1:])
+def test_real_pipelines_follow_the_plan_bare_and_told_in_one_graph(build):
+    """Each pipeline as a user runs it (embeddings given, a tiny VAE), FORA every other step:
+    one graph, the plan's decisions, and the same images bare, told by ditopt's step callback
+    (the older ``callback=`` where the pipeline has no other), and bare again after a told run."""
+    torch.manual_seed(0)
+    pipe, kwargs, how, block, calls_per_step = build()
+    pipe.set_progress_bar_config(disable=True)
+    steps = 6
+
+    def run(**extra):
+        out = pipe(num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="pt",
+                   **kwargs, **extra)
+        return out.images
+
+    reference = run()
+    pipe.transformer = fast = ditopt.optimize(pipe.transformer, ditopt.presets.fora(interval=2, steps=steps,
+                                                                                    level="block"))
+    bare = run()
+    fora = [a for a in ("compute", "reuse_residual") for _ in range(calls_per_step)] * (steps // 2)
+    assert ditopt.stats(fast).decisions[block] == fora and ditopt.stats(fast).graphs == 1
+    assert not torch.equal(bare, reference)
+    told = {"callback_on_step_end": ditopt.step_callback(fast)} if how == "callback_on_step_end" else \
+        {"callback": ditopt.step_callback(fast, steps=steps), "callback_steps": 1}
+    assert torch.equal(run(**told), bare)
+    assert torch.equal(run(), bare) and ditopt.stats(fast).decisions[block] == fora
