@@ -444,8 +444,8 @@ def step_callback(model: torch.nn.Module, steps: int | None = None):
         if getattr(pipe, "interrupt", False):  # the pipeline stops here: the next call starts afresh
             runtime.end_generation()
             return callback_kwargs
-        plans = {table.steps for table in runtime.graphs.values()}
-        if i == 0 and total is not None and plans and plans != {total}:
+        plans = {table.steps for table in runtime.graphs.values()} if i == 0 and total is not None else set()
+        if plans and plans != {total}:
             warnings.warn(f"ditopt: the pipeline runs {total} steps, but the plan was made for {min(plans)}; its "
                           f"schedule does not fit this run: make it for {total} (plan.resample({total}), or "
                           f"plan_from_profile(..., steps={total}))", RuntimeWarning, stacklevel=2)

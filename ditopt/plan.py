@@ -192,7 +192,7 @@ class Plan:
                 try:
                     return cls.load(plan)
                 except PlanError as exc:
-                    hint = preset_hint(plan.strip()) if "not found" in str(exc) else None
+                    hint = None if os.path.exists(plan.strip()) else preset_hint(plan.strip())
                     if hint is None:
                         raise
                     raise PlanError(f"{exc}; {plan.strip()!r} names a preset, made in Python as {hint}") from None
