@@ -21,7 +21,7 @@ import inspect
 import sys
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -141,7 +141,8 @@ class DitoptBackend:
         lap()
         if weights:
             seconds = {"expand_blocks": expanded, **seconds}
-        graph_id = len(runtime.graphs)
+        signature = _input_signature(example_inputs)
+        graph_id = _graph_like(runtime, table, signature)
         device = _model_device(example_inputs)
         ctx = PassContext(sites=sites, runtime_id=runtime.id, graph_id=graph_id, inductor=self.inductor,
                           timestep=self.timestep_arg, timestep_position=self.timestep_position,
@@ -152,6 +153,7 @@ class DitoptBackend:
         seconds["passes"] = lap()
         table.runs = dict(graph_annotation(gm).coalesced)  # the runs coalesce_regions made one region
         runtime.set_graph(graph_id, table)
+        runtime.signatures[graph_id] = signature
         captured = original if split.flat is None else split.flat  # where split.sites' nodes are
         self.last = CompiledGraph(graph_id, captured, gm, split.sites, table, report, seconds)
         token = torch.zeros(1, dtype=torch.int64, device=device)  # where the graph's tensors are: no transfers
@@ -168,6 +170,29 @@ class DitoptBackend:
         if weights:
             return runtime.guarded(lambda *args: gm(*args, *weights.values(), token))
         return runtime.guarded(lambda *args: gm(*args, token))
+
+
+def _input_signature(example_inputs: list[Any]) -> tuple:
+    """What a graph's cached tensors depend on in its inputs: each tensor's shape, dtype and
+    device (not its strides), each other input's type and value. A symbolic scalar (a stride
+    dynamo made dynamic) is left out: a symbolic size shows in its tensor's shape."""
+    symbolic = (torch.SymInt, torch.SymFloat, torch.SymBool)
+    return tuple((tuple(map(str, t.shape)), t.dtype, t.device) if isinstance(t, torch.Tensor)
+                 else (type(t).__name__, repr(t)) for t in example_inputs if not isinstance(t, symbolic))
+
+
+def _graph_like(runtime: Runtime, table: DecisionTable, signature: tuple) -> int:
+    """The graph id for a new graph: that of a graph compiled before for inputs of the same shapes
+    and the same decisions, else the next one.
+
+    Dynamo compiles a graph again when only an input's strides changed (WanPipeline's latents at
+    one frame, after the scheduler's first step, differ from the first call's in the stride of a
+    size-1 dimension). The two graphs compute the same tensors: sharing one id, the second reads
+    the caches the first stored, and the step the plan reuses is not computed again."""
+    for graph, old in runtime.graphs.items():
+        if runtime.signatures.get(graph) == signature and replace(old, runs={}) == replace(table, runs={}):
+            return graph
+    return len(runtime.graphs)
 
 
 def _model_device(example_inputs: list[Any]) -> torch.device:

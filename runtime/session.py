@@ -56,6 +56,7 @@ class Runtime:
         self.state = StepState()
         self.store = CacheStore(depth=depth)
         self.graphs: dict[int, DecisionTable] = {}  # graph id -> its decision table (set by the backend)
+        self.signatures: dict[int, tuple] = {}  # graph id -> the shapes it was compiled for (set by the backend)
         self.records: list[CallRecord] = []  # one per call of the current generation
         self.backend: Any = None  # the DitoptBackend that compiles graphs for this runtime
         self.recorder: Recorder | None = None  # profiling: what ditopt::observe feeds

@@ -259,3 +259,20 @@ def test_real_pipelines_follow_the_plan_bare_and_told_in_one_graph(build):
         {"callback": ditopt.step_callback(fast, steps=steps), "callback_steps": 1}
     assert torch.equal(run(**told), bare)
     assert torch.equal(run(), bare) and ditopt.stats(fast).decisions[block] == fora
+
+
+def test_wan_pipeline_under_torch_compile_shares_caches_with_the_graph_dynamo_compiles_again():
+    """Under torch.compile dynamo compiles WanPipeline's model twice at one frame (its latents
+    change stride in the size-1 frame dimension after the first step, and dynamo makes that
+    stride symbolic). The second graph has the first's shapes and decisions: it shares its caches,
+    so the run follows the plan and equals optimize's bit for bit."""
+    plan = ditopt.presets.fora(interval=2, steps=6, level="block")
+    pipe, run = _wan_pipe()
+    pipe.transformer = ditopt.optimize(pipe.transformer, plan)
+    reference = run()
+    pipe, run = _wan_pipe()
+    pipe.transformer = fast = torch.compile(pipe.transformer, backend="ditopt", options={"plan": plan, "inductor": False})
+    assert torch.equal(run(), reference)
+    fora = ["compute", "compute", "reuse_residual", "reuse_residual"] * 3
+    assert ditopt.stats(fast).decisions["blocks.0"] == fora and ditopt.stats(fast).graphs == 1
+    assert torch.equal(run(), reference)
