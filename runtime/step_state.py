@@ -23,15 +23,21 @@ Callers that know better can start a generation (:meth:`StepState.start`, what
 ``ditopt.generation`` and ``ditopt.reset`` do), override one call with :meth:`StepState.set`,
 or tell it every step with :meth:`StepState.tell` (a pipeline's step callback does): the calls
 until the next tell are that step's CFG branches, and the timestep is then never read on the host.
-Once a told step has moved on, the number of calls a step takes is known (until then, it is
-taken to be at most ``UNTOLD_AFTER``); a told step that gets more calls than that has lost its
-teller, and that call reads the timestep again rather than being taken for one more branch of
-the told step (as every later call would be). After a told generation ran to its end (the
-callback told step 0), it is a run without the callback: that call is step 1, the calls before
-it were step 0. Otherwise (a told run cut short outside the model, since a call that raises
-ends the generation by itself; or a pipeline that never calls the callback) it starts a new
-generation, with a warning, and so does the next call whose timestep differs from it, for the
-calls at this timestep may have begun in the middle of a step's CFG branches.
+The first call after a tell of step 0 starts a generation, whatever step it is told (a second
+expert that the pipeline first calls at step k, as Wan2.2's ``transformer_2``, reads no cache of
+the last generation). Once a told step has moved on, the number of calls a step takes is known
+(step 0's apart from the others'; until then it is taken to be at most ``UNTOLD_AFTER``). A told
+step that gets more calls than that reads the timestep of its first call and of this one (the
+only host reads while told): the same, it is a step with one more call (skip-layer guidance adds
+a pass at some steps) and the width grows; another, the step has lost its teller, and that call
+reads the timestep again rather than being taken for one more branch of the told step (as every
+later call would be). After a told generation ran to its end (the callback told step 0), it is a
+run without the callback: that call's step is the number of timesteps seen since (1 when step 0
+took no more calls than the told run's; more, with the caches dropped, when the told run's step
+0 took more calls than this run's). Otherwise (a told run cut short outside the model, since a
+call that raises ends the generation by itself; or a pipeline that never calls the callback) it
+starts a new generation, with a warning, and so does the next call whose timestep differs from
+it, for the calls at this timestep may have begun in the middle of a step's CFG branches.
 ``one_generation`` (the profiler's calibration run) makes every new timestep the next step,
 whichever way it moves.
 """
@@ -68,7 +74,11 @@ class StepState:
     _override: tuple[int, int] | None = field(default=None, repr=False)
     _told: int | None = field(default=None, repr=False)  # the step told by tell(), until the next tell
     _told_calls: int = field(default=0, repr=False)
-    _told_width: int | None = field(default=None, repr=False)  # the calls a told step had, once one moved on
+    _told_width: int | None = field(default=None, repr=False)  # the most calls a told step > 0 had
+    _step0_width: int | None = field(default=None, repr=False)  # the calls the last told step 0 had
+    _told_ts: list = field(default_factory=list, repr=False)  # the told step's calls' timesteps (lazy: t or t())
+    _fresh: bool = field(default=False, repr=False)  # step 0 was told: the next call starts a generation
+    _seen: list[float] = field(default_factory=list, repr=False)  # timesteps of a told step 0 found untold
     _restart_on_move: bool = field(default=False, repr=False)  # the teller was lost mid-generation
     _schedule: list[float] = field(default_factory=list, repr=False)  # a recent generation's timesteps
     _current: list[float] = field(default_factory=list, repr=False)  # this generation's, one per step
@@ -81,16 +91,18 @@ class StepState:
         """Advance on a call whose timestep is ``t`` (or ``t()``: read only when the step is not
         told); return ``(step, branch, new_generation)``."""
         new_generation = False
-        if self._override is None and self._told is not None and self._untold():
-            if not self._restart_on_move:  # a run without the callback after a told generation: its step 1
-                self.step, self.branch, self._last_t = 1, 0, t() if callable(t) else t
+        if self._override is None and self._told is not None and (untold := self._untold(t)):
+            if untold == "continue":  # a run without the callback after a told generation
+                seen = self._seen  # the timesteps the told step 0's calls and this one had
+                self.step, self.branch, self._last_t = len(seen) - 1, 0, seen[-1]
                 self._current, self._offset = [], None
                 self.calls += 1
-                return self.step, self.branch, False
+                return self.step, self.branch, self.step > 1  # a call taken for step 0 was not: drop caches
         elif self._override is None and self._told is not None:
             self.step, self.branch = self._told, self._told_calls
             self._told_calls += 1
-            new_generation = self.step == 0 and self.branch == 0
+            self._told_ts.append(t)
+            new_generation, self._fresh = self._fresh, False
             if new_generation:
                 self.generation += 1
                 self.calls = 0
@@ -127,25 +139,40 @@ class StepState:
         self._last_t = t
         return self.step, self.branch, new_generation
 
-    def _untold(self) -> bool:
+    def _untold(self, t: float | Callable[[], float]) -> str:
         """Whether this call is one more than a told step takes (the step callback stopped telling,
         or never told a step: the pipeline does not call it); if so, leave told mode (see the
-        module docstring)."""
-        known = self._told_width is not None
-        limit = self._told_width if known else UNTOLD_AFTER
+        module docstring) and say how: "continue" (the told generation ran to its end: this call
+        is a later step of a run without the callback) or "restart" (a new generation from this
+        call). A call past the width at the told step's own timestep widens it (returns "")."""
+        widths = (self._step0_width, self._told_width) if self._told == 0 else (self._told_width, self._step0_width)
+        width = next((w for w in widths if w is not None), None)
+        limit = UNTOLD_AFTER if width is None else width
         if self._told_calls < limit:
-            return False
-        self._told, self._told_calls, self._last_t = None, 0, None
-        if known and self.step == 0:
-            return True
-        self._restart_on_move = True
-        why = ("no step callback told the next step (a told run cut short? call ditopt.reset after one)" if known
+            return ""
+        first, now = _read(self._told_ts[0]), _read(t)
+        if now == first:  # one more call at this step (skip-layer guidance's extra pass)
+            if width is not None:
+                if self._told == 0:
+                    self._step0_width = self._told_calls + 1
+                else:
+                    self._told_width = self._told_calls + 1
+            return ""
+        seen = [*map(_read, self._told_ts), now]
+        calls, self._seen = self._told_calls, list(dict.fromkeys(seen))
+        self._told, self._told_calls, self._told_ts, self._last_t = None, 0, [], None
+        if width is not None and self.step == 0:
+            return "continue"
+        # this call is the first at its timestep (a step's first branch) unless the call before had it too
+        self._restart_on_move = seen[-2] == now
+        why = ("no step callback told the next step (a told run cut short? call ditopt.reset after one)"
+               if width is not None
                else "the step callback has not been called (this pipeline does not call callback_on_step_end: "
                     "pipelines with the older callback= take ditopt.step_callback(model, steps=N) there, with "
                     "callback_steps=1)")
-        warnings.warn(f"ditopt: step {self.step} was told and has had {limit} calls, but {why}; the step is found "
+        warnings.warn(f"ditopt: step {self.step} was told and has had {calls} calls, but {why}; the step is found "
                       f"from the timestep again, from a new generation", RuntimeWarning, stacklevel=4)
-        return True
+        return "restart"
 
     def _turns(self, t: float) -> bool:
         """Whether this move ends a third one-step generation in a row begun against the direction
@@ -201,15 +228,23 @@ class StepState:
         """
         step = _count("step", step)
         if self._told is not None and self._told_calls and step != self._told:
-            self._told_width = max(self._told_width or 0, self._told_calls)
-        self._told, self._told_calls = step, 0
+            if self._told == 0:
+                self._step0_width = self._told_calls
+            else:
+                self._told_width = max(self._told_width or 0, self._told_calls)
+        self._told, self._told_calls, self._told_ts, self._restart_on_move = step, 0, [], False
+        self._fresh = self._fresh or step == 0
 
     def reset(self) -> None:
         """Forget everything: the next call starts a new generation at step 0."""
         self.step, self.branch, self._last_t, self._override, self.calls = -1, 0, None, None, 0
         self._told, self._told_calls, self._streak = None, 0, []  # the next call is not begun by a move
-        self._restart_on_move = False
+        self._told_ts, self._restart_on_move, self._fresh = [], False, False
         self._remember([])  # what ran is still a known schedule
+
+
+def _read(t: float | Callable[[], float]) -> float:
+    return t() if callable(t) else t
 
 
 def _count(name: str, value) -> int:

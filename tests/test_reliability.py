@@ -224,8 +224,9 @@ def test_a_told_run_cut_short_then_a_run_without_the_callback_starts_afresh(mode
     with pytest.warns(RuntimeWarning, match="no step callback told the next step .a told run cut short"):
         outs = [call(fast, t, label) for t, label in CFG]
     # the first two calls were taken for the old generation's step 2 (unknowable without a host read);
-    # from the next step on, a new generation whose CFG branches line up
-    for out, ref in zip(outs[4:], fresh_run(model, fora(3), CFG[4:8])):
+    # the third, one more than a told step takes and at another timestep, starts a new generation
+    # (the first call at its timestep: its CFG branches line up)
+    for out, ref in zip(outs[2:], fresh_run(model, fora(3), CFG[2:8])):
         assert torch.equal(out, ref)
 
 
@@ -243,6 +244,47 @@ def test_a_step_callback_the_pipeline_never_calls_gives_way_to_the_timestep(mode
     again = [call(fast, t, label) for t, label in CFG]
     for out, ref in zip(again, fresh_run(model, fora(), CFG)):
         assert torch.equal(out, ref)
+
+
+# skip-layer guidance (SD3's skip_guidance_layers): step 0 one call, the later steps one more at their timestep
+SLG = [[(TS[0], 3)]] + [[(t, 3), (t, 0)] for t in TS[1:]]
+
+
+def test_a_told_step_with_more_calls_than_the_last_is_one_step_not_a_lost_teller(model):
+    """A told step 0 of one call taught the runtime that steps take one call; step 1's second call
+    (skip-layer guidance's extra pass, at the same timestep) was taken for a lost teller: a new
+    generation, caches dropped, a false warning; and the next bare run started three generations."""
+    fast = ditopt.optimize(model, fora())
+    bare = [call(fast, t, label) for step in SLG for t, label in step]
+    callback = ditopt.step_callback(fast)
+    told = []
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i, step in enumerate(SLG):
+            told += [call(fast, t, label) for t, label in step]
+            callback(Pipe(), i, step[0][0], {})
+        assert all(torch.equal(a, b) for a, b in zip(told, bare))
+        again = [call(fast, t, label) for step in SLG for t, label in step]  # bare, after a told run
+    assert all(torch.equal(a, b) for a, b in zip(again, bare))
+    assert [(r.step, r.branch) for r in runtime_of(fast).records] == [(0, 0)] + [(s, b) for s in (1, 2, 3) for b in (0, 1)]
+
+
+def test_a_told_model_first_called_at_a_later_step_reads_no_cache_of_the_last_generation(model):
+    """Wan2.2's second expert: the pipeline tells every step, but calls it from step k on. Its first
+    call, at a step the plan reuses, read the residual its last generation cached."""
+    fast = ditopt.optimize(model, fora())
+    callback = ditopt.step_callback(fast)
+    for generation in range(2):
+        outs = []
+        for i, t in enumerate(TS):
+            if i >= 1:  # called from step 1 on, which FORA-2 reuses
+                outs += [call(fast, t, label) for label in (3, 0)]
+            callback(Pipe(), i, t, {})
+        assert ditopt.stats(fast).decisions["transformer_blocks.0"][:2] == ["compute", "compute"]
+        ref = fresh_run(model, ditopt.presets.all_compute(steps=STEPS), CFG[2:4])
+        assert torch.equal(outs[0], ref[0]) and torch.equal(outs[1], ref[1])
 
 
 def test_a_callback_kept_from_a_run_cut_short_drops_the_caches(model):
