@@ -264,7 +264,9 @@ def ditopt_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict 
     options = dict(options or {})
     if "plan" not in options:
         raise PlanError("backend 'ditopt' needs options={'plan': ...}")
-    runtime = runtime_of_compile_call(_calling_wrapper())
+    wrapper = _calling_wrapper()
+    _own_cache_entries(wrapper)
+    runtime = runtime_of_compile_call(wrapper)
     backend = DitoptBackend(options.pop("plan"), runtime, inductor=options.pop("inductor", True),
                             timestep_arg=options.pop("timestep_arg", "timestep"),
                             coalesce=options.pop("coalesce", True), parallel=options.pop("parallel", None),
@@ -275,6 +277,30 @@ def ditopt_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict 
     if options:
         raise PlanError(f"unknown ditopt backend option(s): {sorted(options)}")
     return backend(gm, example_inputs)
+
+
+class _OwnBackend:
+    """The registered backend, as one ``torch.compile`` call's own: equal to no other.
+
+    dynamo keeps compiled graphs on the code object (one ``forward`` for every instance of a
+    class) and reuses one for a call whose backend compares equal to the graph's; two
+    ``torch.compile(..., backend="ditopt")`` calls with equal options compare equal
+    (``_TorchCompileWrapper.__eq__``: the same function and options). Their graphs are bound to
+    the runtime of the call that compiled them, so a second model of the class (or a second compile
+    of one model) ran the first one's graphs with the first one's caches and steps."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+def _own_cache_entries(wrapper: Any) -> None:
+    """Make ``wrapper`` (a ``torch.compile`` call's) compare equal only to itself, so that dynamo
+    compiles each such call's graphs for it (see :class:`_OwnBackend`)."""
+    if wrapper is not None and not isinstance(wrapper.compiler_fn, _OwnBackend):
+        wrapper.compiler_fn = _OwnBackend(wrapper.compiler_fn)
 
 
 def _calling_wrapper() -> Any:

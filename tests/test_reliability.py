@@ -347,6 +347,26 @@ def test_the_original_model_has_no_runtime(model):
             fn(model)
 
 
+def test_two_models_of_one_class_compiled_with_equal_options_keep_their_own_runtimes():
+    """dynamo keeps graphs on the class's forward and reuses one for a call whose backend compares
+    equal; two torch.compile(backend="ditopt") calls with equal options compared equal, so the
+    second model ran the first one's graph with the first one's caches (served turn by turn, each
+    read the other's residuals)."""
+    a, b = dit(seed=0), dit(seed=1)
+    xb = torch.randn_like(X)
+    ts_a, ts_b = TS, (999, 666, 333, 0)
+    ca, cb = (torch.compile(m, backend="ditopt", options={"plan": fora(), "inductor": False}, fullgraph=True)
+              for m in (a, b))
+    outs_a, outs_b = [], []
+    for i in range(STEPS):  # two requests served turn by turn
+        outs_a.append(call(ca, ts_a[i]))
+        outs_b.append(call(cb, ts_b[i], x=xb))
+    fast_a, fast_b = ditopt.optimize(a, fora()), ditopt.optimize(b, fora())  # after: dynamo's cache as a user's
+    assert all(torch.equal(out, call(fast_a, t)) for out, t in zip(outs_a, ts_a))
+    assert all(torch.equal(out, call(fast_b, t, x=xb)) for out, t in zip(outs_b, ts_b))
+    assert ditopt.stats(ca).calls == ditopt.stats(cb).calls == STEPS
+
+
 def test_runtimes_are_released_with_their_wrapper():
     model = dit(layers=1, seed=5)
     fast = ditopt.optimize(model, fora())
