@@ -60,6 +60,13 @@ class DitoptModule(OptimizedModule):
     optimised copy (its own runtime, no caches)."""
 
     def __call__(self, *args, **kwargs):
+        try:
+            return self._call(*args, **kwargs)
+        except BaseException:  # also one that failed before the runtime saw it (a capture of a new shape)
+            self._ditopt_runtime.end_generation()  # the next call starts afresh: no shifted CFG branch
+            raise
+
+    def _call(self, *args, **kwargs):
         make_room_for_another_model()  # dynamo's config is per thread: a worker thread has its own
         args, kwargs = self._timestep_by_keyword(args, kwargs)
         args, kwargs = tuple(map(canonical_strides, args)), {k: canonical_strides(v) for k, v in kwargs.items()}

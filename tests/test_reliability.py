@@ -150,6 +150,19 @@ def test_generation_block_starts_fresh_where_inference_cannot_tell(model):
         assert torch.equal(out, ref)
 
 
+def test_a_call_that_fails_while_captured_ends_the_generation(model):
+    """A call of a new shape fails in capture, before the runtime sees it: the generation did not
+    end, so a retried CFG step was taken for branches 1 and 2 and read the other branch's cache."""
+    fast = ditopt.optimize(model, fora())
+    [call(fast, t, label) for t, label in CFG[:3]]  # step 0, and step 1's first branch
+    with pytest.raises(RuntimeError):
+        call(fast, CFG[3][0], CFG[3][1], x=torch.randn(1, 3, 8, 8))  # 3 channels: the model refuses it
+    assert ditopt.stats(fast).cache_bytes == 0
+    outs = [call(fast, t, label) for t, label in CFG[2:]]  # step 1 retried: a new generation
+    for out, ref in zip(outs, fresh_run(model, fora(), CFG[2:])):
+        assert torch.equal(out, ref)
+
+
 def test_generation_block_ends_the_generation_when_it_raises(model):
     fast = ditopt.optimize(model, fora())
     with pytest.raises(KeyError):
