@@ -34,7 +34,7 @@ from ditopt.passes.attention_backend import check_attention_backend
 from ditopt.passes.annotations import graph_annotation
 from ditopt.runtime import DecisionTable, Runtime
 
-from .errors import PlanError
+from .errors import CaptureError, PlanError
 from .plan import Plan
 from .regional import (RegionalError, decompose_calls_for_inductor, expand_block_calls, has_block_calls,
                        lower_calls_for_eager, split_regions)
@@ -110,6 +110,7 @@ class DitoptBackend:
         return None if self._runtime is None else self._runtime()
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]):
+        _refuse_symbolic_shapes(gm)
         runtime = self.runtime
         if runtime is None:  # a backend made without one owns its runtime
             runtime = self._owned = Runtime()
@@ -170,6 +171,17 @@ class DitoptBackend:
         if weights:
             return runtime.guarded(lambda *args: gm(*args, *weights.values(), token))
         return runtime.guarded(lambda *args: gm(*args, token))
+
+
+def _refuse_symbolic_shapes(gm: fx.GraphModule) -> None:
+    """A graph whose inputs have symbolic sizes (dynamo's automatic dynamic shapes, after a second
+    batch size or resolution, or ``dynamic=True``): its caches and skip branches need static ones.
+    (A symbolic stride alone, WanPipeline's at one frame, is no size: that graph is compiled.)"""
+    for node in gm.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("example_value")
+        if isinstance(value, torch.Tensor) and not all(isinstance(d, int) for d in value.shape):
+            raise CaptureError(f"graph input {node.target!r} has symbolic sizes {tuple(value.shape)}: ditopt compiles "
+                               f"one graph per input shape; pass dynamic=False to torch.compile(..., backend=\"ditopt\")")
 
 
 def _input_signature(example_inputs: list[Any]) -> tuple:

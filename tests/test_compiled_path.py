@@ -85,3 +85,24 @@ def test_every_action_compiles_matches_the_eager_path_and_never_recompiles(name,
         assert {"reuse", "reuse_residual", "predict", "skipped"} <= taken
     else:
         assert "reuse_residual" in taken or "reuse" in taken
+
+
+def test_a_second_shape_under_automatic_dynamic_shapes_is_refused_clearly_and_dynamic_false_serves_it():
+    """dynamo's automatic dynamic shapes recompile a second batch size with symbolic sizes, which
+    crashed the passes with 'SymIntArrayRef expected to contain only concrete integers'."""
+    model, kwargs = MODELS["dit"]()
+    plan = ditopt.presets.fora(interval=2, steps=4, level="block")
+
+    def run(compiled, batch):
+        inputs = {k: (v[:1].expand(batch, *v.shape[1:]) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+        with torch.no_grad():
+            return compiled(**inputs).sample
+
+    loose = torch.compile(model, backend="ditopt", options={"plan": plan, "inductor": False}, fullgraph=True)
+    run(loose, 1)
+    with pytest.raises(Exception, match="symbolic sizes.*dynamic=False"):
+        run(loose, 3)
+    static = torch.compile(model, backend="ditopt", options={"plan": plan, "inductor": False}, fullgraph=True,
+                           dynamic=False)
+    run(static, 1)
+    assert run(static, 3).shape[0] == 3 and ditopt.stats(static).graphs == 2
