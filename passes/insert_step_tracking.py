@@ -6,6 +6,7 @@ Rewrite to:
     timestep = placeholder          timestep = placeholder
                                     ditopt_token = placeholder          (appended last)
                                     ditopt.begin_step(ditopt_token, timestep, rid, graph)
+(with the latents as a fifth argument where the timestep is half precision: see ``_latents``.)
 The token is a one-element tensor the backend passes on every call; runtime ops that have an
 effect declare they mutate it, which keeps inductor from deleting or reordering them.
 Fires once on an annotated graph, even when every site computes: the stats still count calls.
@@ -53,6 +54,29 @@ def _input_names(graph: fx.Graph) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+LATENT_NAMES = ("hidden_states", "sample", "latents", "latent", "x", "img", "video")
+
+
+def _latents(graph: fx.Graph, timestep: fx.Node) -> fx.Node | None:
+    """The latents input, where the timestep is half precision (Flux, HunyuanVideo, Qwen-Image cast
+    it to the latents' bfloat16, in which two steps' timesteps can round to one value): the
+    runtime tells those steps apart by the latents. None for a float32 timestep (no read)."""
+    value = timestep.meta.get("example_value")
+    if not isinstance(value, torch.Tensor) or value.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    found = {}
+    for node in graph.find_nodes(op="placeholder"):
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        text = source.name() if callable(getattr(source, "name", None)) else str(getattr(source, "name", "") or "")
+        named = re.fullmatch(r"L\['(?:kwargs'\]\[')?(\w+)'\]", text)
+        example = node.meta.get("example_value")
+        if named and node is not timestep and isinstance(example, torch.Tensor) and example.is_floating_point() \
+                and example.dim() >= 2:
+            found.setdefault(named.group(1), node)
+    named = [found[n] for n in LATENT_NAMES if n in found]
+    return (named or list(found.values()) or [None])[0]
+
+
 def insert_step_tracking(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if not graph_annotation(gm).annotated or token_of(gm.graph) is not None:
         return PassResult(gm, False)
@@ -69,8 +93,10 @@ def insert_step_tracking(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     token._dynamo_source = None
     token.meta["example_value"] = torch.zeros(1, dtype=torch.int64, device=ctx.device)
     annotate(token, role=Role.TOKEN)
+    sample = _latents(graph, timestep)
     with graph.inserting_after(token):
-        begin = graph.call_function(torch.ops.ditopt.begin_step.default, (token, timestep, ctx.runtime_id, ctx.graph_id))
+        begin = graph.call_function(torch.ops.ditopt.begin_step.default,
+                                    (token, timestep, ctx.runtime_id, ctx.graph_id, *([sample] if sample else [])))
     annotate(begin, role=Role.BEGIN_STEP)
     graph.lint()
     return PassResult(gm, True)

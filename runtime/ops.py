@@ -24,15 +24,19 @@ WINDOW_SLOT = SLOTS[Action.WINDOW]
 
 
 @torch.library.custom_op("ditopt::begin_step", mutates_args=("token",))
-def begin_step(token: torch.Tensor, timestep: torch.Tensor, rid: int, graph: int) -> None:
+def begin_step(token: torch.Tensor, timestep: torch.Tensor, rid: int, graph: int,
+               sample: torch.Tensor | None = None) -> None:
     """Advance the runtime's step state from this call's timestep: its maximum, so that per-sample
-    and per-token timesteps (a first frame at 0) read as the step they belong to."""
+    and per-token timesteps (a first frame at 0) read as the step they belong to. ``sample`` (the
+    latents, given where the timestep is half precision): its first sample's sum tells a step whose
+    timestep rounds to the last step's from one more CFG branch of that step."""
     token.add_(1)
-    get_runtime(rid).begin(lambda: float(timestep.max()), graph)  # read only if the step is not told
+    fingerprint = None if sample is None else (lambda: float(sample[0].float().sum()))
+    get_runtime(rid).begin(lambda: float(timestep.max()), graph, fingerprint)  # read only if not told
 
 
 @begin_step.register_fake
-def _(token, timestep, rid, graph):
+def _(token, timestep, rid, graph, sample=None):
     return None
 
 

@@ -132,10 +132,12 @@ class Runtime:
         return call
 
     # -- called by the ops ----------------------------------------------------------------
-    def begin(self, t: float | Callable[[], float], graph: int = -1) -> None:
-        """Start a call: advance the step state (``t()`` is read only when the step is not told)."""
+    def begin(self, t: float | Callable[[], float], graph: int = -1,
+              fingerprint: Callable[[], float] | None = None) -> None:
+        """Start a call: advance the step state (``t()`` and ``fingerprint()`` are read only when
+        the step is not told; see :meth:`StepState.observe`)."""
         ran, told = self._ran, self.state.told is not None
-        step, branch, new_generation = self.state.observe(t)
+        step, branch, new_generation = self.state.observe(t, fingerprint)
         if new_generation:
             self._ran = 0
             self._warn_short(ran, told, self.graphs.get(graph))

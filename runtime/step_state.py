@@ -2,7 +2,9 @@
 
 The step index is found from the timestep input alone, so that a caller's sampling loop needs
 no change: a timestep different from the previous call's is the next step, the same timestep
-again is the next classifier-free-guidance branch of the same step, and a timestep that moves
+again is the next classifier-free-guidance branch of the same step (where the timestep is half
+precision, in which two steps' timesteps can round to one value, only with the same latents:
+other latents at the same timestep are the next step), and a timestep that moves
 against the samplers' direction starts a new generation. Samplers count down (diffusers'
 schedulers hand the model 999 ... 0 or 1.0 ... 0.0) unless shown otherwise: three one-step
 generations in a row, each begun by a rise (what a sampler that counts up, as Z-Image's
@@ -79,6 +81,7 @@ class StepState:
     _told_ts: list = field(default_factory=list, repr=False)  # the told step's calls' timesteps (lazy: t or t())
     _fresh: bool = field(default=False, repr=False)  # step 0 was told: the next call starts a generation
     _seen: list[float] = field(default_factory=list, repr=False)  # timesteps of a told step 0 found untold
+    _last_fp: float | None = field(default=None, repr=False)  # the last untold call's latents fingerprint
     _restart_on_move: bool = field(default=False, repr=False)  # the teller was lost mid-generation
     _schedule: list[float] = field(default_factory=list, repr=False)  # a recent generation's timesteps
     _current: list[float] = field(default_factory=list, repr=False)  # this generation's, one per step
@@ -87,9 +90,13 @@ class StepState:
     one_generation: bool = False  # every new timestep is the next step (a calibration run)
     _streak: list[float] = field(default_factory=list, repr=False)  # one-step generations begun against it
 
-    def observe(self, t: float | Callable[[], float]) -> tuple[int, int, bool]:
+    def observe(self, t: float | Callable[[], float],
+                fingerprint: Callable[[], float] | None = None) -> tuple[int, int, bool]:
         """Advance on a call whose timestep is ``t`` (or ``t()``: read only when the step is not
-        told); return ``(step, branch, new_generation)``."""
+        told); return ``(step, branch, new_generation)``. ``fingerprint()``, where given (the
+        latents' first sample summed; for half-precision timesteps, where two steps' timesteps
+        can round to one value), tells a call at the last call's timestep whose latents differ
+        from the last call's for the next step rather than one more branch."""
         new_generation = False
         if self._override is None and self._told is not None and (untold := self._untold(t)):
             if untold == "continue":  # a run without the callback after a told generation
@@ -109,6 +116,8 @@ class StepState:
             self.calls += 1
             return self.step, self.branch, new_generation
         t = t() if callable(t) else t
+        fp, self._last_fp = self._last_fp, None if fingerprint is None else fingerprint()
+        collided = fp is not None and self._last_fp is not None and t == self._last_t and self._last_fp != fp
         if self._override is not None:
             step, branch = self._override
             self._override = None
@@ -119,6 +128,10 @@ class StepState:
         elif self._last_t is None or (self._restart_on_move and t != self._last_t):
             self.step, self.branch, new_generation = 0, 0, True
             self._restart_on_move = self._restart_on_move and self._last_t is None  # until the first move
+        elif collided:  # the last step's timestep, other latents: the next step, rounded to it
+            self.step, self.branch = self.step + 1, 0
+            self._current.append(t)
+            self._streak = []
         elif t == self._last_t:
             self.branch += 1
         elif self.one_generation or ((t > self._last_t) == self.rising and not self._leaves_schedule(t)):

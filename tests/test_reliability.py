@@ -750,3 +750,28 @@ def test_random_call_sequences_match_a_fresh_run(pair, segments):
             assert torch.equal(out, expected), (event, generation)
             reused += any(d[-1] != "compute" for d in ditopt.stats(fast).decisions.values())
     note(f"calls that reused or forecast: {reused}")
+
+
+def test_half_precision_timesteps_that_round_to_one_value_are_two_steps():
+    """HunyuanVideo's, Flux's and Qwen-Image's pipelines hand the model their timestep in the latents'
+    bfloat16, where 50 steps of a shifted schedule give 1000, 996, 996, 992: the second 996 was taken
+    for a CFG branch, the generation counted 49 steps and the plan ran shifted by one from there."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from ditopt.small_models import MODELS
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, 51)[:-1])
+    half = [t.to(torch.bfloat16) for t in scheduler.timesteps]
+    assert len({float(t) for t in half}) < len(half)  # the case: some steps share a bfloat16 timestep
+    model, kwargs = MODELS["hunyuan"]()
+    fast = ditopt.optimize(model, ditopt.presets.fora(interval=2, steps=len(half), level="block"))
+    x, text = kwargs["hidden_states"], kwargs["encoder_hidden_states"]
+    with torch.no_grad():
+        for t in half:  # CFG as two calls per step, the latents moving as a sampler moves them
+            cond, uncond = (fast(**{**kwargs, "hidden_states": x, "timestep": t.expand(1), "encoder_hidden_states": e}
+                                 ).sample for e in (text, torch.zeros_like(text)))
+            x = x - 0.02 * (uncond + 4 * (cond - uncond))
+    records = runtime_of(fast).records
+    assert [(r.step, r.branch) for r in records] == [(i, b) for i in range(len(half)) for b in (0, 1)]

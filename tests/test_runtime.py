@@ -129,8 +129,8 @@ def test_a_step_callback_tells_every_step_and_no_timestep_is_read_after_the_firs
     reads = []
     observe = StepState.observe
 
-    def counting(self, t):
-        return observe(self, (lambda: reads.append(1) or t()) if callable(t) else t)
+    def counting(self, t, fingerprint=None):
+        return observe(self, (lambda: reads.append(1) or t()) if callable(t) else t, fingerprint)
 
     monkeypatch.setattr(StepState, "observe", counting)
 
