@@ -53,6 +53,7 @@ from typing import Callable
 
 
 UNTOLD_AFTER = 8  # calls at a told step, while no tell has moved on, after which it is taken as untold
+MAX_BRANCHES = 16  # calls in a row at one timestep after which the next starts a new generation
 
 
 @dataclass
@@ -82,6 +83,7 @@ class StepState:
     _fresh: bool = field(default=False, repr=False)  # step 0 was told: the next call starts a generation
     _seen: list[float] = field(default_factory=list, repr=False)  # timesteps of a told step 0 found untold
     _last_fp: float | None = field(default=None, repr=False)  # the last untold call's latents fingerprint
+    _step0_calls: int = field(default=0, repr=False)  # the calls step 0 of this generation took
     _restart_on_move: bool = field(default=False, repr=False)  # the teller was lost mid-generation
     _schedule: list[float] = field(default_factory=list, repr=False)  # a recent generation's timesteps
     _current: list[float] = field(default_factory=list, repr=False)  # this generation's, one per step
@@ -132,9 +134,13 @@ class StepState:
             self.step, self.branch = self.step + 1, 0
             self._current.append(t)
             self._streak = []
+        elif t == self._last_t and self.branch + 1 >= MAX_BRANCHES and not self.one_generation:
+            self._warn_repeats()  # a loop calling at one timestep (a benchmark): bound the caches
+            self.step, self.branch, new_generation = 0, 0, True
         elif t == self._last_t:
             self.branch += 1
         elif self.one_generation or ((t > self._last_t) == self.rising and not self._leaves_schedule(t)):
+            self._check_warm_up()
             self.step, self.branch = self.step + 1, 0
             self._current.append(t)
             self._streak = []
@@ -186,6 +192,24 @@ class StepState:
         warnings.warn(f"ditopt: step {self.step} was told and has had {calls} calls, but {why}; the step is found "
                       f"from the timestep again, from a new generation", RuntimeWarning, stacklevel=4)
         return "restart"
+
+    def _check_warm_up(self) -> None:
+        """At the move to step 1 and to step 2: warn when step 0 took more calls than step 1, as
+        when a call before the sampling loop (a warm-up on dummy inputs) had its first timestep:
+        it was taken for one of step 0's CFG branches, and step 1 may have read what it cached."""
+        if self.step == 0:
+            self._step0_calls = self.branch + 1
+        elif self.step == 1 and self._step0_calls > self.branch + 1:
+            warnings.warn(f"ditopt: step 0 took {self._step0_calls} calls and step 1 {self.branch + 1}: a call "
+                          f"before the sampling loop at its first timestep (a warm-up?) was taken for one of step 0's "
+                          f"CFG branches, and step 1 may have read what it cached; call ditopt.reset(model) after "
+                          f"such a call", RuntimeWarning, stacklevel=5)
+
+    def _warn_repeats(self) -> None:
+        warnings.warn(f"ditopt: {MAX_BRANCHES} calls in a row at one timestep were taken for CFG branches of one "
+                      f"step; the next starts a new generation (each call computes, the caches stay bounded). "
+                      f"Timing a model with one input? call ditopt.reset(model) between calls, or give each call "
+                      f"its step with ditopt.set_step", RuntimeWarning, stacklevel=5)
 
     def _turns(self, t: float) -> bool:
         """Whether this move ends a third one-step generation in a row begun against the direction

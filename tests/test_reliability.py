@@ -775,3 +775,31 @@ def test_half_precision_timesteps_that_round_to_one_value_are_two_steps():
             x = x - 0.02 * (uncond + 4 * (cond - uncond))
     records = runtime_of(fast).records
     assert [(r.step, r.branch) for r in records] == [(i, b) for i in range(len(half)) for b in (0, 1)]
+
+
+def test_a_warm_up_call_at_the_loops_first_timestep_is_warned_of(model):
+    """A call on dummy inputs before the sampling loop, at its first timestep, is taken for one of
+    step 0's CFG branches (no timestep tells it apart), and step 1 reads what it cached: warned."""
+    fast = ditopt.optimize(model, fora())
+    call(fast, TS[0], x=torch.zeros_like(X))  # the warm-up
+    with pytest.warns(RuntimeWarning, match="step 0 took 3 calls and step 1 2: a call before the sampling loop"):
+        [call(fast, t, label) for t, label in CFG[:5]]
+    ditopt.reset(fast)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        [call(fast, t, label) for t, label in CFG]  # the loop alone: no warning
+
+
+def test_calls_at_one_timestep_keep_the_caches_bounded(model):
+    """A loop timing one input called the model at one timestep: every call was one more CFG branch
+    of step 0, with its own caches, for the life of the model."""
+    fast = ditopt.optimize(model, fora())
+    with pytest.warns(RuntimeWarning, match="16 calls in a row at one timestep"):
+        outs, sizes = [], []
+        for _ in range(40):
+            outs.append(call(fast, TS[0]))
+            sizes.append(ditopt.stats(fast).cache_bytes)
+    assert runtime_of(fast).state.branch < 16 and max(sizes[16:]) <= max(sizes[:16])
+    assert all(torch.equal(out, outs[0]) for out in outs)  # each computes, as step 0 does
