@@ -220,8 +220,15 @@ def capture(model: torch.nn.Module, *args, symbolic_shapes: bool = False, **kwar
         with shapes, torch.no_grad(), lean_tracing():
             compiled(*args, **kwargs)
     except Exception as exc:  # dynamo raises many types; the cause is what matters to a user
+        try:  # inputs the model itself refuses (a Python-number timestep, a shape) raise its own error
+            with torch.no_grad():
+                model(*args, **kwargs)
+        except Exception as own:
+            raise own from None
         how = "with symbolic shapes" if symbolic_shapes else "as one graph"
-        raise CaptureError(f"could not capture {type(model).__name__} {how}: {exc}{where_in_model(exc)}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CaptureError(f"could not capture {type(model).__name__} {how}: {type(exc).__name__}: "
+                           f"{first}{where_in_model(exc)}") from exc
     if len(graphs) != 1:
         raise CaptureError(f"{type(model).__name__} was captured as {len(graphs)} graphs, expected 1")
     from .regional import has_calls, inline_calls
