@@ -173,6 +173,22 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _check_budget_reachable(budget: float | None, steps: int, tune: bool) -> None:
+    """Before profiling: the planner computes step 0 and leaves at most ``max_consecutive`` steps
+    in a row uncomputed, so no plan of ``steps`` steps spends less than this floor."""
+    import math
+
+    from .planner import PlannerConfig
+
+    if budget is None or tune:
+        return
+    run = PlannerConfig().max_consecutive + 1
+    floor = math.ceil(steps / run) / steps
+    if budget < floor - 1e-9:
+        raise DitoptError(f"--budget {budget} is below the least compute a plan of {steps} steps can spend ({floor:.3f}: "
+                          f"step 0 computed, at most {run - 1} steps in a row not): raise it, or plan for more steps")
+
+
 def cmd_profile(args) -> int:
     import torch
 
@@ -185,6 +201,8 @@ def cmd_profile(args) -> int:
         raise DitoptError("--plan-steps needs --budget, and not --tune (tune measures plans at the profiled count)")
     if args.plan is not None and args.budget is None:
         raise DitoptError("--plan needs --budget (the plan is made for that compute fraction)")
+    zoo_steps = zoo.load(args.model).steps if args.steps is None else args.steps
+    _check_budget_reachable(args.budget, args.plan_steps or zoo_steps, args.tune)
     out = Path(args.output or f"{args.model}-map.yaml")
     out = out if out.suffix in (".yaml", ".yml") else out.with_suffix(".yaml")  # as RedundancyMap.save names it
     png = args.png or str(out.with_suffix(".png"))

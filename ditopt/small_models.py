@@ -159,7 +159,7 @@ def from_function(spec: str):
             raise DitoptError(f"{spec}: no such file: {target}")
         found = importlib.util.spec_from_file_location(f"ditopt_user_{abs(hash(os.path.abspath(target)))}", target)
         module = importlib.util.module_from_spec(found)
-        found.loader.exec_module(module)
+        _user_code(spec, found.loader.exec_module, module)
     else:
         try:
             module = importlib.import_module(target)
@@ -168,13 +168,26 @@ def from_function(spec: str):
     function = getattr(module, name, None)
     if not callable(function):
         raise DitoptError(f"{spec}: the module has no function {name!r}")
-    built = function()
+    built = _user_code(spec, function)
     if not (isinstance(built, (tuple, list)) and len(built) == 2 and isinstance(built[0], torch.nn.Module)
             and isinstance(built[1], dict) and all(isinstance(k, str) for k in built[1])):
         got = type(built).__name__ if not isinstance(built, (tuple, list)) else \
             "(" + ", ".join(type(b).__name__ for b in built) + ")"
         raise DitoptError(f"{spec}: expected it to return (model, dict of forward keyword inputs), got {got}")
     return built[0].eval(), built[1]
+
+
+def _user_code(spec: str, fn, *args):
+    """``fn(*args)``: the user's code; what it raises becomes one line naming where it was raised."""
+    import traceback
+
+    from .errors import DitoptError
+
+    try:
+        return fn(*args)
+    except Exception as exc:
+        last = traceback.extract_tb(exc.__traceback__)[-1]
+        raise DitoptError(f"{spec} raised {type(exc).__name__}: {exc} (at {last.filename}:{last.lineno})") from None
 
 
 def timesteps(n, like):

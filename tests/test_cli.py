@@ -75,6 +75,10 @@ def build():
                        class_labels=torch.tensor([1]))
 
 
+def raising():
+    raise ValueError("no weights here")
+
+
 def not_a_pair():
     return 3
 """
@@ -99,6 +103,7 @@ def test_sites_and_diff_of_the_users_own_model_by_function(tmp_path, monkeypatch
     ("no_such_module_here:build", "cannot import 'no_such_module_here'"),
     ("{dir}/mine.py:missing", "the module has no function 'missing'"),
     ("{dir}/mine.py:not_a_pair", "expected it to return (model, dict of forward keyword inputs), got int"),
+    ("{dir}/mine.py:raising", "mine.py:raising raised ValueError: no weights here (at "),
 ])
 def test_the_users_function_that_cannot_be_used_is_named(tmp_path, capsys, spec, message):
     (tmp_path / "mine.py").write_text(_OWN_MODEL)
@@ -200,7 +205,7 @@ def test_profile_tune_writes_the_measured_best_plan(tmp_path, capsys):
     assert "on the calibration run, best of" in capsys.readouterr().out
 
 
-def test_profile_and_bench_errors_are_one_line(capsys):
+def test_profile_and_bench_errors_are_one_line(tmp_path, capsys):
     assert main(["profile", "dit", "--steps", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert "profile needs a zoo model" in err and "\n" not in err
@@ -209,6 +214,10 @@ def test_profile_and_bench_errors_are_one_line(capsys):
     assert "--tune needs --budget" in err and "\n" not in err
     assert main(["profile", "dit-digits", "--steps", "2", "--budget", "0.5", "--tune", "--plan-steps", "4"]) == 2
     assert "--plan-steps needs --budget, and not --tune" in capsys.readouterr().err
+    assert main(["profile", "dit-digits", "--steps", "1", "--budget", "0.5", "-o", str(tmp_path / "m.yaml")]) == 2
+    err = capsys.readouterr().err.strip()  # before any work: nothing profiled, nothing written
+    assert "--budget 0.5 is below the least compute a plan of 1 steps can spend" in err and "\n" not in err
+    assert not list(tmp_path.iterdir())
     assert main(["bench", "--model", "dit-digits", "--methods", "nope:x", "--seeds", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert "unknown bench method(s) nope:x" in err and "\n" not in err
