@@ -8,7 +8,7 @@ full-compute run.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -26,6 +26,7 @@ class DemoResult:
     time_full: float
     time_fast: float
     max_abs_diff: float
+    calls: list[tuple[int, int]] = field(default_factory=list)  # (step, CFG branch) of each call
 
     @property
     def speedup(self) -> float:
@@ -87,7 +88,7 @@ def run_demo(steps: int = 20, interval: int = 2, hidden: int = 256, layers: int 
         result = sample(fast, steps, sample_size=sample_size)
         fast_times.append(time.perf_counter() - t0)
     return DemoResult(stats(fast).decisions, min(full_times), min(fast_times),
-                      float((result - reference).abs().max()))
+                      float((result - reference).abs().max()), _calls(fast))
 
 
 @dataclass
@@ -121,17 +122,27 @@ def run_zoo_demo(name: str = "dit-digits", interval: int = 2, repeats: int = 3, 
         result = zm.sample(labels, seed, transformer=fast)
         fast_times.append(time.perf_counter() - t0)
     return ZooDemoResult(stats(fast).decisions, min(full_times), min(fast_times),
-                         float((result - reference).abs().max()), psnr(result, reference, data_range=2.0),
-                         zm.accuracy(reference, labels), zm.accuracy(result, labels))
+                         float((result - reference).abs().max()), _calls(fast),
+                         psnr=psnr(result, reference, data_range=2.0),
+                         accuracy_full=zm.accuracy(reference, labels), accuracy_fast=zm.accuracy(result, labels))
+
+
+def _calls(fast) -> list[tuple[int, int]]:
+    from .api import runtime_of
+
+    return [(r.step, r.branch) for r in runtime_of(fast).records]
 
 
 def format_table(result: DemoResult) -> str:
     blocks = [s for s in result.decisions if s.count(".") == 1 and s.split(".")[-1].isdigit()]
     calls = len(next(iter(result.decisions.values()))) if result.decisions else 0
-    lines = [f"{'step':>4}  reused blocks", f"{'-' * 4}  {'-' * 13}"]
-    for i in range(calls):
+    steps = result.calls if len(result.calls) == calls else [(i, 0) for i in range(calls)]
+    branched = any(branch for _, branch in steps)  # CFG as two calls per step (wan-digits)
+    head = f"{'step':>4}  {'CFG branch  ' if branched else ''}reused blocks"
+    lines = [head, f"{'-' * 4}  {'-' * 10 + '  ' if branched else ''}{'-' * 13}"]
+    for i, (step, branch) in enumerate(steps):
         reused = [b for b in blocks if result.decisions[b][i] != "compute"]
-        lines.append(f"{i:>4}  {len(reused)}/{len(blocks)}")
+        lines.append(f"{step:>4}  {f'{branch:>10}  ' if branched else ''}{len(reused)}/{len(blocks)}")
     lines += [
         "",
         f"time full / FORA      {result.speedup:.2f}x  ({result.time_full:.2f} s vs {result.time_fast:.2f} s, "

@@ -238,3 +238,14 @@ def test_sites_imports_no_harness_nor_plotting():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "LOADED []" in r.stdout, r.stdout.splitlines()[-1]
+
+
+def test_the_demo_table_shows_each_call_under_its_step_and_cfg_branch():
+    """wan-digits runs CFG as two calls per step: its 20 steps were listed as 40 "steps"."""
+    from ditopt.demo import DemoResult, format_table
+
+    result = DemoResult({"blocks.0": ["compute", "compute", "reuse", "reuse"]}, 1.0, 0.5, 0.1,
+                        [(0, 0), (0, 1), (1, 0), (1, 1)])
+    rows = format_table(result).splitlines()
+    assert "CFG branch" in rows[0]
+    assert [row.split() for row in rows[2:6]] == [["0", "0", "0/1"], ["0", "1", "0/1"], ["1", "0", "1/1"], ["1", "1", "1/1"]]
