@@ -25,7 +25,7 @@ from .backend import (CompiledGraph, DitoptBackend, PlanLike, arguments_from, as
 from .capture import lean_tracing, make_room_for_another_model, where_in_model
 from .block_watch import recheck_blocks
 from .regional import RegionalError, hold_marks, refuse_marks, release_marks
-from .errors import CaptureError, DitoptError, PlanError
+from .errors import CaptureError, DitoptError, InputError, PlanError
 from .sites import OUTPUT, STACK, SiteTable, find_sites
 
 
@@ -261,6 +261,9 @@ def _refuse_compiling_again(*args, **kwargs):
 def runtime_of(model: torch.nn.Module) -> Runtime:
     """The runtime of a model returned by :func:`optimize`, or by ``torch.compile(...,
     backend="ditopt")`` (each such wrapper has its own; the original model has none)."""
+    if not isinstance(model, torch.nn.Module):
+        raise DitoptError(f"expected a model returned by ditopt.optimize() or torch.compile(..., backend='ditopt'), "
+                          f"got {type(model).__name__}")
     rt = model.__dict__.get("_ditopt_runtime")
     if rt is not None:
         return rt
@@ -436,10 +439,9 @@ def step_callback(model: torch.nn.Module, steps: int | None = None):
         pipe.transformer = fast
         image = pipe(prompt, callback_on_step_end=ditopt.step_callback(fast)).images[0]
     """
-    try:
-        runtime_of(model).state.tell(0)
-    except DitoptError:
-        pass  # compiled by torch.compile and not called yet
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise InputError(f"steps must be an integer >= 1 (the pipeline's step count), got {steps!r}")
+    runtime_of(model).state.tell(0)  # the original model, or one compiled with another backend: an error now
 
     def callback(*args):
         if len(args) == 4:  # callback_on_step_end(pipe, i, t, callback_kwargs)

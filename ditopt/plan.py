@@ -202,6 +202,8 @@ class Plan:
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
         """Read a plan file (``.yaml`` or ``.yml``, at most ``MAX_TEXT_BYTES``). Errors name the file."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise PlanError(f"expected a plan file path, got {type(path).__name__}")
         path = Path(path)
         if len(str(path)) > 4096:
             raise PlanError(f"plan path of {len(str(path))} characters is not a file name")

@@ -74,6 +74,27 @@ def read_text(path, what: str, error: Callable[[str], Exception]) -> str:
         raise error(f"{path}: not a {what} (not UTF-8 text)") from None
 
 
+def _check_duplicate_keys(root: yaml.Node, error: Error) -> None:
+    """A key written twice in one mapping (YAML keeps the last silently): ``error`` at its line."""
+    stack, seen_nodes = [root], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen_nodes:  # an alias: checked once
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            keys = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                    if key.value in keys:
+                        raise error(f"key {key.value!r} written twice in one mapping (first at line "
+                                    f"{keys[key.value] + 1})", key.start_mark.line + 1)
+                    keys[key.value] = key.start_mark.line
+                stack.append(value)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+
+
 def load_yaml(text: Any, *, error: Error) -> tuple[Any, yaml.Node | None]:
     """``(data, root node)`` of YAML ``text``; ``error(message, line)`` raised for anything the
     module docstring lists."""
@@ -88,6 +109,7 @@ def load_yaml(text: Any, *, error: Error) -> tuple[Any, yaml.Node | None]:
         if root is None:
             return None, None
         _check_expansion(root, error)
+        _check_duplicate_keys(root, error)
         return loader.construct_document(root), root
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)

@@ -455,3 +455,25 @@ def test_library_errors_are_ditopt_errors():
         from ditopt.demo import run_demo
 
         run_demo(repeats=0)
+
+
+def test_a_key_written_twice_is_refused_naming_both_lines():
+    text = ('version: 1\nsteps: 4\nrules:\n  - sites: "*"\n    kind: block\n    action: reuse_residual\n'
+            '    steps: [1]\n    steps: [2, 3]\n')
+    with pytest.raises(PlanError, match=r"line 8: key 'steps' written twice in one mapping \(first at line 7\)"):
+        Plan.from_yaml(text)
+    anchors = 'version: 1\nsteps: 4\nrules:\n  - &r {sites: "*", kind: block, action: reuse, steps: [1]}\n  - *r\n'
+    assert len(Plan.from_yaml(anchors).rules) == 2  # an alias repeats a mapping, not a key
+
+
+def test_wrong_kinds_of_argument_are_named():
+    with pytest.raises(PlanError, match="expected a plan file path, got NoneType"):
+        Plan.load(None)
+    with pytest.raises(DitoptError, match="got NoneType"):
+        ditopt.stats(None)
+    model = ditopt.small_models.dit()[0]
+    with pytest.raises(DitoptError, match="is not an optimised model"):
+        ditopt.step_callback(model)  # the original: refused when made, not in the middle of a pipeline
+    fast = ditopt.optimize(model, ditopt.presets.fora(interval=2, steps=4))
+    with pytest.raises(InputError, match="steps must be an integer >= 1.*'20'"):
+        ditopt.step_callback(fast, steps="20")
