@@ -137,16 +137,16 @@ def _follow_tokens(gm: fx.GraphModule, ctx: PassContext, site: str, ratio: float
             try:  # world = size + 1: a rewritten size list says 0 where it spelled the token count
                 flow = token_flow(graph, member_set, op, d, size + 1)
             except TokenMixing as e:
-                failures.append(e)
+                failures.append((size, e))
                 continue
             toks = [flow.tok.get(o) for o in live_outs]
             if all(isinstance(t, Tok) and t.length == size for t in toks):
                 found.append((size, -len(found), op, d, flow))
     if not found:
         order = {n: i for i, n in enumerate(graph.nodes)}
-        telling = [e for e in failures if "sequence dimension" not in e.why] or failures
-        if telling:
-            worst = max(telling, key=lambda e: order.get(e.node, -1))
+        telling = [f for f in failures if "sequence dimension" not in f[1].why] or failures
+        if telling:  # the failure on the most tokens (the latents', not the text's), the latest in the graph
+            worst = max(telling, key=lambda f: (f[0], order.get(f[1].node, -1)))[1]
             refuse(f"the tokens cannot be followed through the site: node {worst}; only self-attention may mix "
                    f"tokens in a partial site")
         refuse("no input of the site carries tokens to every output")
