@@ -22,7 +22,7 @@ from ditopt.runtime import Runtime
 
 from .backend import (CompiledGraph, DitoptBackend, PlanLike, arguments_from, as_plan, backend_of, compile_wrapper_of,
                       runtime_of_compile_call)
-from .capture import lean_tracing, make_room_for_another_model, where_in_model
+from .capture import first_line, lean_tracing, make_room_for_another_model, where_in_model
 from .block_watch import recheck_blocks
 from .regional import RegionalError, hold_marks, refuse_marks, release_marks
 from .errors import CaptureError, DitoptError, InputError, PlanError
@@ -106,7 +106,7 @@ class DitoptModule(OptimizedModule):
                 object.__setattr__(self, "_ditopt_warmed", True)
                 return self(*args, **kwargs)
             name = type(self._orig_mod).__name__
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise CaptureError(f"could not capture {name} as one graph: dynamo raised {type(exc).__name__}: "
                                f"{first}{where_in_model(exc)}") from exc
 

@@ -160,6 +160,26 @@ def lean_tracing():
         yield
 
 
+def first_line(exc: BaseException) -> str:
+    """The line of ``exc``'s message that says what went wrong: the first that is not advice to the
+    model's author (dynamo's data-dependent errors begin with "Consider annotating your code ...").
+
+    Example:
+        >>> first_line(RuntimeError("Consider annotating your code using torch._check*(). Could not "
+        ...                         "extract specialized integer\nmore detail"))
+        'Could not extract specialized integer'
+    """
+    advice = ("consider ", "to fix", "set torchdynamo", "for more", "you can ")
+    lines = []
+    for line in (line.strip() for line in str(exc).strip().splitlines()):
+        while line.lower().startswith(advice) and ". " in line:  # an advice sentence before the news
+            line = line.split(". ", 1)[1].strip()
+        if line:
+            lines.append(line)
+    telling = [line for line in lines if not line.lower().startswith(advice)]
+    return (telling or lines or [type(exc).__name__])[0]
+
+
 def where_in_model(exc: BaseException) -> str:
     """Where in the model's own code dynamo stopped: ``" (at file.py:391 in moe_infer: `line`)"``,
     the innermost frame of the exception's user stack outside torch (dynamo's polyfills and
@@ -226,7 +246,7 @@ def capture(model: torch.nn.Module, *args, symbolic_shapes: bool = False, **kwar
         except Exception as own:
             raise own from None
         how = "with symbolic shapes" if symbolic_shapes else "as one graph"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise CaptureError(f"could not capture {type(model).__name__} {how}: {type(exc).__name__}: "
                            f"{first}{where_in_model(exc)}") from exc
     if len(graphs) != 1:
