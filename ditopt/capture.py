@@ -166,7 +166,7 @@ def first_line(exc: BaseException) -> str:
 
     Example:
         >>> first_line(RuntimeError("Consider annotating your code using torch._check*(). Could not "
-        ...                         "extract specialized integer\nmore detail"))
+        ...                         "extract specialized integer\\nmore detail"))
         'Could not extract specialized integer'
     """
     advice = ("consider ", "to fix", "set torchdynamo", "for more", "you can ")
