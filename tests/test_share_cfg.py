@@ -332,3 +332,16 @@ def test_share_cfg_compiles_under_inductor_like_eager():
                                                fast(**inputs, return_dict=False)[0], atol=1e-4, rtol=1e-4)
         assert ditopt.stats(compiled).decisions == ditopt.stats(fast).decisions
         assert ditopt.stats(compiled).decisions[site][2 * len(calls) - 1] == "share_cfg"  # step 1 (its uncond call)
+
+
+@pytest.mark.parametrize("layout, calls_per_step", [("calls", 1), ("batched", 2)])
+def test_calls_that_do_not_fit_the_layout_are_warned_of(layout, calls_per_step):
+    """A plan for two calls per step under a caller making one (or the other way round) shared
+    nothing, silently: every share_cfg step computed."""
+    model, kwargs = build("dit")
+    fast = ditopt.optimize(model, share_plan("block", cfg={"layout": layout}))
+    with pytest.warns(RuntimeWarning, match=f"share_cfg is planned for CFG {layout}, but the caller made"), \
+            torch.no_grad():
+        for t in model_timesteps(STEPS, kwargs["timestep"]):
+            for _ in range(calls_per_step):
+                fast(**{**kwargs, "timestep": t})
