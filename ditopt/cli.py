@@ -174,19 +174,16 @@ def cmd_plan(args) -> int:
 
 
 def _check_budget_reachable(budget: float | None, steps: int, tune: bool) -> None:
-    """Before profiling: the planner computes step 0 and leaves at most ``max_consecutive`` steps
-    in a row uncomputed, so no plan of ``steps`` steps spends less than this floor."""
-    import math
-
-    from .planner import PlannerConfig
+    """Before profiling: no plan of ``steps`` steps spends less than :func:`least_compute`."""
+    from .planner import PlannerConfig, least_compute
 
     if budget is None or tune:
         return
-    run = PlannerConfig().max_consecutive + 1
-    floor = math.ceil(steps / run) / steps
+    floor = least_compute(steps)
     if budget < floor - 1e-9:
         raise DitoptError(f"--budget {budget} is below the least compute a plan of {steps} steps can spend ({floor:.3f}: "
-                          f"step 0 computed, at most {run - 1} steps in a row not): raise it, or plan for more steps")
+                          f"step 0 computed, at most {PlannerConfig.max_consecutive} steps in a row not): raise it, "
+                          f"or plan for more steps")
 
 
 def cmd_profile(args) -> int:

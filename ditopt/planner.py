@@ -199,6 +199,18 @@ def schedule_from_profile(rmap: RedundancyMap, budget: float | None = None, conf
     return _Problem(rmap, config, warmup).best(kept_warmup)
 
 
+def least_compute(steps: int, max_consecutive: int | None = None) -> float:
+    """The least compute fraction a plan of ``steps`` steps can have: step 0 computed and at most
+    ``max_consecutive`` (default :class:`PlannerConfig`'s) steps in a row not.
+
+    Example:
+        >>> least_compute(20), least_compute(10), least_compute(1)
+        (0.25, 0.3, 1.0)
+    """
+    run = (PlannerConfig.max_consecutive if max_consecutive is None else max_consecutive) + 1
+    return math.ceil(steps / run) / steps
+
+
 def _profiled_warmup(rmap: RedundancyMap, config: PlannerConfig) -> int | None:
     """The first step not computed by the plan made at the map's own step count, if it leaves room."""
     here = schedule_from_profile(rmap, config=config.with_(steps=None))

@@ -136,3 +136,13 @@ def test_actions_that_run_part_of_a_site_are_counted_not_derived():
     # residual it keeps), step 3 the window only (16 of 64 tokens at interval 2): a little under full
     fast = rows[("ditopt DiTFastAttn (static)", "window=16, interval=2")]
     assert 0.8 < fast.compute < 1.0
+
+
+def test_profiled_and_tuned_settings_leave_out_budgets_the_step_count_cannot_meet():
+    """At 10 steps no plan spends less than 0.3 (step 0 computed, at most 3 in a row not): the 0.25
+    settings made `ditopt bench --steps 10` fail after every other setting had run."""
+    from ditopt.bench.ours import _profiled_settings, _tuned_settings
+
+    for make in (_profiled_settings, _tuned_settings):
+        assert [s.label for s in make(10)] == ["budget=0.5", "budget=0.4", "budget=0.35"]
+        assert [s.label for s in make(20)][-1] == "budget=0.25"

@@ -155,7 +155,14 @@ def _profiled_settings(steps: int) -> list[Setting]:
     from ditopt import plan_from_profile
 
     return [_profiled_setting(f"budget={b}", lambda m, b=b: plan_from_profile(m, budget=b))
-            for b in (0.5, 0.4, 0.35, 0.25)]
+            for b in _reachable((0.5, 0.4, 0.35, 0.25), steps)]
+
+
+def _reachable(budgets: tuple[float, ...], steps: int) -> list[float]:
+    """The budgets a plan of ``steps`` steps can meet (0.25 needs a step count divisible by 4)."""
+    from ditopt.planner import least_compute
+
+    return [b for b in budgets if b >= least_compute(steps) - 1e-9]
 
 
 def _tuned_settings(steps: int) -> list[Setting]:
@@ -171,7 +178,7 @@ def _tuned_settings(steps: int) -> list[Setting]:
 
         return Setting(f"budget={budget}", apply)
 
-    return [setting(b) for b in (0.5, 0.4, 0.35, 0.25)]
+    return [setting(b) for b in _reachable((0.5, 0.4, 0.35, 0.25), steps)]
 
 
 def _smoothcache_settings(steps: int) -> list[Setting]:
