@@ -278,7 +278,8 @@ def runtime_of(model: torch.nn.Module) -> Runtime:
 def compiled_graph(model: torch.nn.Module) -> CompiledGraph:
     """The latest graph compiled for ``model`` (optimised, or ``torch.compile``'d with the ditopt
     backend): the captured and rewritten graphs, the sites and the decision table."""
-    backend = model.__dict__.get("_ditopt_backend") or backend_of(runtime_of(model))
+    runtime = runtime_of(model)  # an error naming what was passed, for anything but an optimised model
+    backend = model.__dict__.get("_ditopt_backend") or backend_of(runtime)
     if backend is None or backend.last is None:
         raise DitoptError("the model has not been called yet: nothing has been compiled")
     return backend.last

@@ -92,8 +92,9 @@ class DitoptBackend:
 
     def __init__(self, plan: PlanLike, runtime: Runtime | None = None, *, inductor: bool = True,
                  timestep_arg: str = "timestep", observe: bool = False, coalesce: bool = True,
-                 parallel: Any = None, attention_backend: str = "sdpa"):
+                 parallel: Any = None, attention_backend: str = "sdpa", model_name: str | None = None):
         self.plan = as_plan(plan)
+        self.model_name = model_name  # the model's class: a plan made for another class is refused
         self.attention_backend = check_attention_backend(attention_backend)
         self.parallel = parallel  # a ditopt.SequenceParallel: shard the tokens over its ranks
         self.observe = observe
@@ -103,6 +104,11 @@ class DitoptBackend:
         self.timestep_arg = timestep_arg
         self.timestep_position: int | None = None  # its position in forward's arguments, where known
         self.last: CompiledGraph | None = None
+
+    def _compile_plan(self, sites: SiteTable) -> DecisionTable:
+        if self.model_name and sites.model is None:
+            sites.model = self.model_name
+        return self.plan.compile(sites)
 
     @property
     def runtime(self) -> Runtime | None:
@@ -136,7 +142,7 @@ class DitoptBackend:
         # the sites as if no block were marked; the plan raises PlanError before anything is rewritten;
         # the calls of marked blocks the plan treats as a whole stay calls (ditopt.regional)
         # (profiling and sequence parallelism keep no call: they rewrite inside every block)
-        split = split_regions(_copy_graph_module(gm), self.plan.compile, observe=self.observe or self.parallel is not None,
+        split = split_regions(_copy_graph_module(gm), self._compile_plan, observe=self.observe or self.parallel is not None,
                               copy=_copy_graph_module)
         gm, sites, table, seconds = split.graph, split.graph_sites, split.graph_table, dict(split.seconds)
         lap()
@@ -284,6 +290,8 @@ def ditopt_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict 
                             coalesce=options.pop("coalesce", True), parallel=options.pop("parallel", None),
                             attention_backend=options.pop("attention_backend", "sdpa"))
     module = _compiled_module_on_stack(_calling_wrapper())
+    if module is not None:
+        backend.model_name = type(module._orig_mod).__name__
     if module is not None:  # a timestep given by position to a (*args, **kwargs) forward is found by it
         backend.timestep_position = (arguments_from(module._orig_mod.forward, backend.timestep_arg) or (None,))[0]
     if options:

@@ -188,7 +188,12 @@ def where_in_model(exc: BaseException) -> str:
     if not frames:
         return ""
     f = frames[-1]
-    return f" (at {os.path.basename(f.filename)}:{f.lineno} in {f.name}: `{(f.line or '').strip()}`)"
+    hint = ""
+    if f.name == "deprecate" and "diffusers" in f.filename:  # PixArt-Alpha's, Stable Audio's output classes
+        caller = frames[-2] if len(frames) > 1 else f
+        hint = (f"; diffusers warns of a deprecation there ({os.path.basename(caller.filename)}:{caller.lineno}), "
+                f"which dynamo cannot trace: call the model with return_dict=False, as diffusers' pipelines do")
+    return f" (at {os.path.basename(f.filename)}:{f.lineno} in {f.name}: `{(f.line or '').strip()}`){hint}"
 
 
 def make_room_for_another_model(limit: int = 256) -> None:

@@ -204,7 +204,13 @@ def cmd_profile(args) -> int:
     out = out if out.suffix in (".yaml", ".yml") else out.with_suffix(".yaml")  # as RedundancyMap.save names it
     png = args.png or str(out.with_suffix(".png"))
     plan_path = args.plan or f"{args.model}-plan-{args.budget}.yaml"
-    check_writable(out, out.with_suffix(".safetensors"), png, *([plan_path] if args.budget is not None else []))
+    outputs = [out, out.with_suffix(".safetensors"), Path(png), *([Path(plan_path)] if args.budget is not None else [])]
+    clash = next((p for i, p in enumerate(outputs) if p.resolve() in {q.resolve() for q in outputs[:i]}), None)
+    if clash is not None:
+        raise DitoptError(f"two outputs would be written to {clash}: give the map (-o), --png and --plan different names")
+    if Path(png).suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise DitoptError(f"--png {png}: a heatmap is written as .png, .svg or .pdf")
+    check_writable(*outputs)
     torch.set_num_threads(args.threads)
     zm = zoo.load(args.model)
     steps = zm.steps if args.steps is None else args.steps
@@ -272,7 +278,7 @@ def cmd_diff(args) -> int:
         stage("capturing the graph")
         captured = capture(model, **kwargs)
         stage("running the passes")
-        before, after, table, compiled = rewrite(captured, plan)
+        before, after, table, compiled = rewrite(captured, plan, model_name=type(model).__name__)
         stage(f"rendering {args.format}")
         diff = diff_graphs(before, after, table, compiled, model=type(model).__name__,
                            plan_name=args.preset or plan.name or os.path.basename(args.plan))
@@ -364,6 +370,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as exc:  # e.g. an output file that cannot be written
         print(f"ditopt: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # the user's own model (module:function) refusing the inputs it gave
+        spec = str(getattr(args, "model", None) or "")
+        if ":" not in spec:
+            raise  # ours: a bug, shown whole
+        from .capture import first_line
+
+        print(f"ditopt: error: {spec}: the model raised {type(exc).__name__}: {first_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -423,6 +423,8 @@ def mark_repeated_blocks(model: torch.nn.Module, blocks=None) -> RepeatedBlocks:
 
     if isinstance(model, OptimizedModule):
         raise DitoptError("mark_repeated_blocks() takes the model before torch.compile, not the compiled wrapper")
+    if not isinstance(model, torch.nn.Module):
+        raise DitoptError(f"mark_repeated_blocks() takes a torch.nn.Module, got {type(model).__name__}")
     found = repeated_blocks(model, blocks)
     if not found:
         raise DitoptError(f"no repeated blocks found in {type(model).__name__}: name their class with blocks=")

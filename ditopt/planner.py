@@ -85,6 +85,8 @@ class PlannerConfig:
     cfg: object = None  # attention share_cfg: the caller's CFG layout (runtime.cfg_sharing.CfgLayout; None: the map's)
 
     def __post_init__(self):
+        if isinstance(self.sites, str):  # one site, not its letters
+            object.__setattr__(self, "sites", (self.sites,))
         if self.sites is not None and not isinstance(self.sites, tuple):
             object.__setattr__(self, "sites", tuple(self.sites))
         object.__setattr__(self, "orders", tuple(self.orders))
@@ -361,7 +363,11 @@ def plan_from_profile(rmap: RedundancyMap, budget: float | None = None, config: 
     the clean calibration trajectory shows.
     """
     if "comm_budget" in knobs:  # a K/V change map: where to elide exchanges (ditopt/stale_plan.py)
-        from .stale_plan import plan_stale
+        from .stale_plan import KVChangeMap, plan_stale
+
+        if not isinstance(rmap, KVChangeMap):
+            raise ProfileError(f"comm_budget plans from a K/V change map (ditopt.stale_plan.profile_kv), got a "
+                               f"{type(rmap).__name__}; a redundancy map takes budget=")
 
         return plan_stale(rmap, **knobs)
     config = _config(config, budget, knobs)

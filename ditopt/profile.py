@@ -58,6 +58,13 @@ class ProfileError(DitoptError):
     """A redundancy map that does not fit what it is used with, or a calibration run that failed."""
 
 
+class NotInMap(ProfileError, KeyError):
+    """A site or metric the redundancy map does not hold (a KeyError too, as a lookup)."""
+
+    def __str__(self) -> str:  # KeyError's would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 def signature(model_class: str, sites: list[str], kinds: list[str]) -> str:
     """What identifies a model's site structure: class name, site names and kinds."""
     h = hashlib.sha1("\n".join([model_class, *(f"{s}:{k}" for s, k in zip(sites, kinds))]).encode())
@@ -93,14 +100,14 @@ class RedundancyMap:
     # -- reading --------------------------------------------------------------------------------
     def metric(self, name: str) -> torch.Tensor:
         if name not in self.metrics:
-            raise KeyError(f"unknown metric {name!r}; known: {sorted(self.metrics)}")
+            raise NotInMap(f"unknown metric {name!r}; known: {sorted(self.metrics)}")
         return self.metrics[name]
 
     def index(self, site: str) -> int:
         try:
             return self.sites.index(site)
         except ValueError:
-            raise KeyError(f"site {site!r} is not in this map; sites are e.g. {self.sites[:4]}") from None
+            raise NotInMap(f"site {site!r} is not in this map; sites are e.g. {self.sites[:4]}") from None
 
     def check_fits(self, *, model: str | None = None, sites: list[str] | None = None,
                    kinds: list[str] | None = None, steps: int | None = None) -> None:
@@ -134,8 +141,12 @@ class RedundancyMap:
         from safetensors.torch import save_file
 
         path = Path(path)
-        if path.suffix not in (".yaml", ".yml"):
-            path = path.with_suffix(".yaml")
+        if path.is_dir() or not path.name:
+            raise ProfileError(f"cannot write redundancy map {path}: a directory; give a file name (map.yaml)")
+        if path.suffix and path.suffix not in (".yaml", ".yml"):
+            raise ProfileError(f"a redundancy map is written as .yaml (its tensors next to it as .safetensors), "
+                               f"got {path.name}")
+        path = path.with_suffix(".yaml") if not path.suffix else path
         tensors = {f"metric/{k}": v.contiguous() for k, v in self.metrics.items()}
         tensors.update({f"samples/{k}": v.contiguous() for k, v in self.samples.items()})
         tensors.update(self.attention.tensors() if self.attention is not None else {})
@@ -197,7 +208,16 @@ class RedundancyMap:
     # -- pictures -------------------------------------------------------------------------------
     def heatmap(self, path: str | Path, metric: str = "rel_l1_residual", kinds: tuple[str, ...] = ("block",
                 "attention", "feedforward")) -> Path:
-        """A step x site heatmap of ``metric`` (mean over CFG branches) as PNG."""
+        """A step x site heatmap of ``metric`` (mean over CFG branches) as PNG (``path`` without a
+        suffix gets ``.png``); returns the path written."""
+        path = Path(path)
+        path = path.with_suffix(".png") if not path.suffix else path
+        if path.suffix.lower() not in (".png", ".svg", ".pdf"):
+            raise ProfileError(f"a heatmap is written as .png, .svg or .pdf, got {path.name}")
+        if not path.parent.is_dir():
+            raise ProfileError(f"cannot write heatmap {path}: directory {path.parent} does not exist")
+        if metric not in self.metrics:
+            raise ProfileError(f"unknown metric {metric!r}; this map has {sorted(self.metrics)}")
         import matplotlib
 
         matplotlib.use("Agg")
@@ -213,7 +233,6 @@ class RedundancyMap:
         ax.set_title(f"{self.model}: {metric} per step and site ({self.branches} CFG branch(es))", fontsize=9)
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
-        path = Path(path)
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path

@@ -79,6 +79,11 @@ def raising():
     raise ValueError("no weights here")
 
 
+def refused():  # inputs the model itself refuses: 3 channels where it takes 4
+    model, inputs = build()
+    return model, dict(inputs, hidden_states=torch.randn(1, 3, 8, 8))
+
+
 def not_a_pair():
     return 3
 """
@@ -104,6 +109,7 @@ def test_sites_and_diff_of_the_users_own_model_by_function(tmp_path, monkeypatch
     ("{dir}/mine.py:missing", "the module has no function 'missing'"),
     ("{dir}/mine.py:not_a_pair", "expected it to return (model, dict of forward keyword inputs), got int"),
     ("{dir}/mine.py:raising", "mine.py:raising raised ValueError: no weights here (at "),
+    ("{dir}/mine.py:refused", "mine.py:refused: the model raised RuntimeError: "),
 ])
 def test_the_users_function_that_cannot_be_used_is_named(tmp_path, capsys, spec, message):
     (tmp_path / "mine.py").write_text(_OWN_MODEL)

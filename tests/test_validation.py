@@ -477,3 +477,56 @@ def test_wrong_kinds_of_argument_are_named():
     fast = ditopt.optimize(model, ditopt.presets.fora(interval=2, steps=4))
     with pytest.raises(InputError, match="steps must be an integer >= 1.*'20'"):
         ditopt.step_callback(fast, steps="20")
+
+
+def test_map_and_heatmap_paths_are_what_is_written_or_refused(tmp_path):
+    rmap = small_map()
+    (tmp_path / "keep.yaml").write_text("someone's file")
+    with pytest.raises(ProfileError, match=r"written as \.yaml .*got keep\.json"):
+        rmap.save(tmp_path / "keep.json")  # was written to keep.yaml, over that file
+    assert (tmp_path / "keep.yaml").read_text() == "someone's file"
+    with pytest.raises(ProfileError, match="a directory"):
+        rmap.save(tmp_path)
+    assert rmap.save(tmp_path / "m") == tmp_path / "m.yaml"
+    assert rmap.heatmap(tmp_path / "heat").is_file()  # the path written: heat.png
+    with pytest.raises(ProfileError, match="unknown metric 'nope'"):
+        rmap.heatmap(tmp_path / "h.png", metric="nope")
+    with pytest.raises(ProfileError, match="directory .* does not exist"):
+        rmap.heatmap(tmp_path / "missing" / "h.png")
+
+
+def test_planner_inputs_of_the_wrong_kind_are_named():
+    rmap = small_map()
+    with pytest.raises(ProfileError, match="comm_budget plans from a K/V change map"):
+        ditopt.plan_from_profile(rmap, comm_budget=0.5)
+    assert PlannerConfig(sites="blocks.0").sites == ("blocks.0",)  # one site, not its letters
+    with pytest.raises(ProfileError, match="site 'stack' is not in this map"):
+        ditopt.plan_from_profile(rmap, budget=0.5, sites=["stack"])
+
+
+def test_profile_outputs_that_would_overwrite_each_other_are_refused_before_work(tmp_path, capsys):
+    out = str(tmp_path / "m.yaml")
+    assert main(["profile", "dit-digits", "--steps", "4", "-o", out, "--budget", "0.5", "--plan", out]) == 2
+    assert "two outputs would be written to" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_a_plan_made_for_another_class_is_refused_on_every_path():
+    from ditopt.graphdiff import graph_diff
+    from ditopt.small_models import MODELS
+
+    pixart, pixart_inputs = MODELS["pixart"]()
+    plan = Plan.from_dict({"version": 1, "steps": 4, "model": "WanTransformer3DModel",
+                           "rules": [{"sites": "*", "kind": "block", "steps": [1, 3], "action": "reuse_residual"}]})
+    compiled = torch.compile(pixart, backend="ditopt", options={"plan": plan, "inductor": False}, fullgraph=True)
+    with pytest.raises(Exception, match="plan was made for WanTransformer3DModel, not PixArtTransformer2DModel"), \
+            torch.no_grad():
+        compiled(**pixart_inputs)
+    with pytest.raises(PlanError, match="plan was made for WanTransformer3DModel"):
+        graph_diff(pixart, plan, **pixart_inputs)
+
+
+def test_inspection_calls_name_a_wrong_kind_of_argument():
+    with pytest.raises(DitoptError, match="got NoneType"):
+        ditopt.compiled_graph(None)
+    with pytest.raises(DitoptError, match="takes a torch.nn.Module, got Tensor"):
+        ditopt.mark_repeated_blocks(torch.zeros(1))

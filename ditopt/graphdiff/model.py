@@ -195,17 +195,19 @@ def graph_diff(model: torch.nn.Module, plan, *args, **example_inputs) -> GraphDi
         True
     """
     captured = capture(model, *args, **example_inputs)
-    before, after, sites, table = rewrite(captured, plan)
+    before, after, sites, table = rewrite(captured, plan, model_name=type(model).__name__)
     return diff_graphs(before, after, sites, table, model=type(model).__name__, plan_name=_plan_name(plan))
 
 
-def rewrite(captured: Captured, plan) -> tuple[fx.GraphModule, fx.GraphModule, SiteTable, DecisionTable]:
+def rewrite(captured: Captured, plan, model_name: str | None = None
+            ) -> tuple[fx.GraphModule, fx.GraphModule, SiteTable, DecisionTable]:
     """Run the pass pipeline on a captured graph as ``ditopt.optimize`` does.
 
     Returns the graph before, the graph after, the sites and the decision table; raises
-    ``PlanError`` when the plan does not fit the model.
+    ``PlanError`` when the plan does not fit the model (``model_name``: its class, which a plan
+    made for another class names).
     """
-    backend = DitoptBackend(plan, Runtime(), inductor=False)
+    backend = DitoptBackend(plan, Runtime(), inductor=False, model_name=model_name)
     backend(captured.gm, captured.example_inputs)
     graph = backend.last
     return graph.original, graph.rewritten, graph.sites, graph.table
