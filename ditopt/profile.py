@@ -438,9 +438,11 @@ def profile(model: torch.nn.Module, run: Callable[[Any], Any], *, steps: int, pr
 
     def call(*args, **kwargs):
         out = probe(*args, **kwargs)
-        t = kwargs.get(timestep_arg)
-        if isinstance(t, torch.Tensor):
-            timesteps.setdefault(rt.state.step, float(t.reshape(-1)[0]))
+        t = rt.state._last_t  # as the step state read it: by keyword or position, the tensor's maximum
+        if t is None and isinstance(kwargs.get(timestep_arg), torch.Tensor):
+            t = float(kwargs[timestep_arg].max())
+        if t is not None:
+            timesteps.setdefault(rt.state.step, float(t))
         if bar is not None:
             bar.n = rt.state.step + 1
             bar.refresh()

@@ -263,6 +263,16 @@ def _check_inputs(rmap: Any, budget: Any) -> None:
     check_budget(budget)
 
 
+def _check_repeatable(first: Any, second: Any) -> None:
+    """Two full-compute runs must agree: candidates ranked against a reference that moves (a run
+    drawing its own noise) are ranked on that noise. (50 dB, peak 1, leaves room for a device's
+    nondeterministic kernels; unseeded noise gives 10-20.)"""
+    agreement = _psnr(second, first)
+    if agreement < 50.0:
+        raise ProfileError(f"run(model) gave other samples the second time at full compute ({agreement:.1f} dB apart): "
+                           f"tune ranks plans against it, so it must repeat itself (seed its noise: a torch.Generator)")
+
+
 def tune(model: torch.nn.Module, run: Callable[[Any], Any], rmap: RedundancyMap, *, budget: float,
          config: PlannerConfig | None = None, candidates: list[Candidate] | None = None, refine: bool = True,
          progress: bool = True) -> Tuned:
@@ -276,8 +286,8 @@ def tune(model: torch.nn.Module, run: Callable[[Any], Any], rmap: RedundancyMap,
     relative figure, for ranking). With ``refine``, every one-step change of the best forecast
     candidate (a forecast's order flipped, a computed step moved by one) is measured too, then
     those of the best of them, up to :data:`REFINE_ROUNDS` rounds while one improves (a hill
-    climb), and the best of all is returned. The model itself is not changed. Costs one full-compute
-    run, two graph captures and one run per candidate: at 20 steps and 25-35% of block compute
+    climb), and the best of all is returned. The model itself is not changed. Costs two full-compute
+    runs (the second checks that ``run`` repeats itself), two graph captures and one run per candidate: at 20 steps and 25-35% of block compute
     on the zoo models, 180-230 runs in all (about 130 first, the rest climbing), 40-90 times
     the time of one generation (``docs/BENCHMARKS.md``).
     """
@@ -290,6 +300,7 @@ def tune(model: torch.nn.Module, run: Callable[[Any], Any], rmap: RedundancyMap,
         raise ProfileError(f"no candidate plan fits budget {budget}")
     with torch.no_grad():
         reference = run(model)
+        _check_repeatable(reference, run(model))
     compiled: dict[tuple, torch.nn.Module] = {}
     bar = None
     if progress:

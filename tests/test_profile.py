@@ -262,3 +262,22 @@ def test_first_block_cache_leaves_blocks_outside_the_stack_alone():
     assert set(d["context_embedder.token_refiner.refiner_blocks.0"]) == {"compute"}
     assert d["transformer_blocks.0"] == ["compute"] * 4
     assert "reuse_residual" in d["transformer_blocks.1"]
+
+
+def test_a_timestep_given_by_position_is_recorded_as_by_keyword():
+    """The map's timesteps were read from the keyword alone: given by position, all NaN, and the
+    planner then weighed every step alike (another plan than the same run by keyword)."""
+    from ditopt.small_models import MODELS, timesteps
+
+    model, kwargs = MODELS["dit"]()
+    ts = timesteps(4, kwargs["timestep"])
+
+    def run(tr, positional):
+        for t in ts:
+            if positional:
+                tr(kwargs["hidden_states"], t, kwargs["class_labels"])
+            else:
+                tr(**{**kwargs, "timestep": t})
+
+    maps = [ditopt.profile(model, lambda tr, p=p: run(tr, p), steps=4, progress=False) for p in (False, True)]
+    assert maps[0].timesteps == maps[1].timesteps == [float(t.max()) for t in ts]

@@ -178,3 +178,14 @@ def test_the_output_forecast_at_some_steps_and_the_blocks_at_others(dit):
     for step in (0, 1, 3, 5):  # computed steps are the model's own output on what the sampler gave
         assert torch.equal(calls[step][0], calls[step][1])
     assert not torch.allclose(calls[4][0], calls[4][1], atol=1e-4)  # the blocks forecast at step 4
+
+
+def test_tune_refuses_a_run_that_does_not_repeat_itself(dit, rmap):
+    """A run drawing its own noise moved the reference: plans were ranked on the noise, silently."""
+    draws = iter(range(100))
+
+    def unseeded(tr):
+        return dit.sample(LABELS, seed=next(draws), steps=STEPS, transformer=tr)
+
+    with pytest.raises(ProfileError, match="gave other samples the second time at full compute"):
+        ditopt.tune(dit.model, unseeded, rmap, budget=0.5, progress=False)
