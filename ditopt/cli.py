@@ -266,7 +266,9 @@ def cmd_diff(args) -> int:
     from .capture import capture
     from .graphdiff import diff_graphs, rewrite
 
-    plan = ditopt.Plan.load(args.plan) if args.plan else preset_plan(args.preset, args.steps)
+    plan = ditopt.Plan.load(args.plan) if args.plan else preset_plan(args.preset, args.steps or 20)
+    if args.plan and args.steps is not None and args.steps != plan.steps:
+        plan = plan.resample(args.steps)  # as the plan would run on a sampler of that many steps
     suffix = {"html": "html", "text": "txt", "dot": "dot"}[args.format]
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", os.path.basename(args.model.replace(":", "-"))).strip("-.") or "model"
     out = args.output or f"ditopt-diff-{slug}.{suffix}"
@@ -332,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     which = d.add_mutually_exclusive_group(required=True)
     which.add_argument("--plan", help="a plan YAML file")
     which.add_argument("--preset", help=f"a preset by name: {PRESET_HELP}")
-    d.add_argument("--steps", type=count(1, MAX_STEPS), default=20, help="denoising steps of the preset (default 20)")
+    d.add_argument("--steps", type=count(1, MAX_STEPS), default=None,
+                   help="denoising steps of the preset (default 20), or those a --plan is resampled to")
     d.add_argument("--format", choices=("html", "text", "dot"), default="html")
     d.add_argument("-o", "--output", type=output_path,
                    help="where to write ('-' for stdout; default ditopt-diff-MODEL.html/.txt/.dot)")

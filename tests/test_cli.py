@@ -255,3 +255,11 @@ def test_the_demo_table_shows_each_call_under_its_step_and_cfg_branch():
     rows = format_table(result).splitlines()
     assert "CFG branch" in rows[0]
     assert [row.split() for row in rows[2:6]] == [["0", "0", "0/1"], ["0", "1", "0/1"], ["1", "0", "1/1"], ["1", "1", "1/1"]]
+
+
+def test_diff_resamples_a_plan_file_to_the_steps_asked(tmp_path, capsys):
+    """--steps was ignored with --plan: the diff showed the plan at its own step count."""
+    plan = tmp_path / "p.yaml"
+    plan.write_text('version: 1\nsteps: 4\nrules:\n  - {sites: "*", kind: block, action: reuse_residual, steps: [1, 3]}\n')
+    assert main(["diff", "dit", "--plan", str(plan), "--steps", "8", "--format", "text", "-o", "-"]) == 0
+    assert "(8 steps)" in capsys.readouterr().out
