@@ -21,7 +21,7 @@ from pathlib import Path
 import ditopt
 
 from . import presets, zoo
-from .errors import MAX_STEPS, DitoptError
+from .errors import MAX_STEPS, DitoptError, PlanError
 from .small_models import MODELS, build_model
 
 # The subcommands import their harnesses (demo, graph diff, benchmark) when they run, so that
@@ -164,7 +164,11 @@ def cmd_plan(args) -> int:
             stage(f"building {args.model}")
             model, kwargs = build_model(args.model)
             stage("capturing the graph")
-            compiled = plan.compile(ditopt.sites(model.eval(), **kwargs))
+            found = ditopt.sites(model.eval(), **kwargs)
+        try:
+            compiled = plan.compile(found)
+        except PlanError as exc:  # name the file, as its load errors do
+            raise PlanError(f"{args.plan}: {exc}") from None
         counts = compiled.action_counts()
         print(f"valid for {args.model}: {len(compiled.actions)} sites reuse at some step; "
               f"(site, step) actions: {counts}")

@@ -263,3 +263,11 @@ def test_diff_resamples_a_plan_file_to_the_steps_asked(tmp_path, capsys):
     plan.write_text('version: 1\nsteps: 4\nrules:\n  - {sites: "*", kind: block, action: reuse_residual, steps: [1, 3]}\n')
     assert main(["diff", "dit", "--plan", str(plan), "--steps", "8", "--format", "text", "-o", "-"]) == 0
     assert "(8 steps)" in capsys.readouterr().out
+
+
+def test_plan_validate_against_a_model_names_the_file(tmp_path, capsys):
+    plan = tmp_path / "p.yaml"
+    plan.write_text('version: 1\nsteps: 4\nrules:\n  - {sites: "nosuch.*", kind: block, action: reuse_residual, steps: [1]}\n')
+    assert main(["plan", "validate", str(plan), "--model", "dit"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{plan}: line 4, rule 0, site 'nosuch.*': pattern 'nosuch.*' matches no site" in err and "\n" not in err
