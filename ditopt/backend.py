@@ -116,6 +116,14 @@ class DitoptBackend:
         return None if self._runtime is None else self._runtime()
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]):
+        try:
+            return self._compile(gm, example_inputs)
+        except BaseException:  # a graph refused for a new shape: the call raises, and ends the generation
+            if self.runtime is not None:
+                self.runtime.end_generation()
+            raise
+
+    def _compile(self, gm: fx.GraphModule, example_inputs: list[Any]):
         _refuse_symbolic_shapes(gm)
         runtime = self.runtime
         if runtime is None:  # a backend made without one owns its runtime

@@ -14,6 +14,8 @@ graph in the second generation.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -106,3 +108,27 @@ def test_a_second_shape_under_automatic_dynamic_shapes_is_refused_clearly_and_dy
                            dynamic=False)
     run(static, 1)
     assert run(static, 3).shape[0] == 3 and ditopt.stats(static).graphs == 2
+
+
+def test_a_graph_refused_at_a_new_shape_ends_the_generation():
+    """Under torch.compile, a call whose new graph the backend refuses raised before the runtime saw
+    it: the generation went on, and a retried CFG step was taken for branches 1 and 2."""
+    model, kwargs = MODELS["dit"]()
+    plan = ditopt.presets.fora(interval=2, steps=4, level="block")
+    one = {k: (v[:1] if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    ts = [torch.tensor([t]) for t in (999, 749, 499, 249)]
+
+    def call(compiled, t, batch=1):
+        inputs = {k: (v.expand(batch, *v.shape[1:]) if isinstance(v, torch.Tensor) else v) for k, v in one.items()}
+        with torch.no_grad():
+            return compiled(**{**inputs, "timestep": t.expand(batch)}).sample
+
+    fast = torch.compile(model, backend="ditopt", options={"plan": plan, "inductor": False}, fullgraph=True)
+    call(fast, ts[0]), call(fast, ts[0]), call(fast, ts[1])  # step 0's two branches, step 1's first
+    with pytest.raises(Exception, match="symbolic sizes"):
+        call(fast, ts[1], batch=3)  # a second shape under automatic dynamic shapes: refused
+    assert ditopt.stats(fast).cache_bytes == 0
+    retried = [call(fast, t) for t in (ts[1], ts[1], ts[2], ts[2])]  # a new generation from step 1
+    fresh = torch.compile(copy.deepcopy(model), backend="ditopt", options={"plan": plan, "inductor": False},
+                          fullgraph=True)
+    assert all(torch.equal(a, call(fresh, t)) for a, t in zip(retried, (ts[1], ts[1], ts[2], ts[2])))
