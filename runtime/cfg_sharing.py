@@ -128,7 +128,8 @@ def decide(rt: "Runtime", graph: int, site: str, shape: tuple[int, ...]) -> bool
     of this step kept its output and an offset of that shape is cached."""
     table = rt.graphs[graph]
     layout = table.cfg or CfgLayout()
-    _check_layout(rt, layout)
+    if not _check_layout(rt, layout):
+        return True  # calls that do not fit the layout: compute (each batch is not one [uncond; cond])
     offset = rt.store.latest(_key(rt, graph, site, SLOT + "0", branch=0 if layout.layout == "batched" else None))
     if layout.layout == "batched":
         return not (offset is not None and tuple(offset.value.shape) == tuple(shape))
@@ -139,22 +140,26 @@ def decide(rt: "Runtime", graph: int, site: str, shape: tuple[int, ...]) -> bool
                 and tuple(cond.value.shape) == tuple(offset.value.shape) == tuple(shape))
 
 
-def _check_layout(rt: "Runtime", layout: CfgLayout) -> None:
-    """Warn once per runtime when the calls do not fit the plan's layout, where nothing is shared:
-    two calls per step under ``batched``, one call per step under ``calls``."""
-    if getattr(rt, "_cfg_layout_warned", False) or len(rt.records) < 2:
-        return
-    before, now = rt.records[-2], rt.records[-1]
-    if layout.layout == "batched" and now.branch > 0:
+def _check_layout(rt: "Runtime", layout: CfgLayout) -> bool:
+    """Whether the calls fit the plan's layout; warn once per runtime where they do not (nothing
+    is shared): two calls per step under ``batched`` (each call's batch is not one [uncond; cond]
+    pair: those calls compute), one call per step under ``calls``."""
+    now = rt.records[-1] if rt.records else None
+    before = rt.records[-2] if len(rt.records) > 1 else None
+    if layout.layout == "batched" and now is not None and (now.branch > 0 or (before is not None and before.branch > 0)):
         found = "two or more calls per step"
-    elif layout.layout == "calls" and now.branch == 0 and before.step == now.step - 1 and before.branch == 0:
+    elif layout.layout == "calls" and before is not None and now.branch == 0 and before.step == now.step - 1 \
+            and before.branch == 0:
         found = f"one call at step {before.step}"
     else:
-        return
+        return True
+    if getattr(rt, "_cfg_layout_warned", False):
+        return False
     rt._cfg_layout_warned = True
     other = "calls" if layout.layout == "batched" else "batched"
     warnings.warn(f"ditopt: share_cfg is planned for CFG {layout.layout}, but the caller made {found}: nothing is "
                   f"shared; give the rule cfg: {{layout: {other}}}", RuntimeWarning, stacklevel=3)
+    return False
 
 
 def load(rt: "Runtime", graph: int, site: str, slot: str) -> torch.Tensor | None:
