@@ -10,6 +10,7 @@ traces the model the block is one node, :func:`block_call`, that the backend exp
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import threading
 import types
@@ -224,12 +225,56 @@ def _frozen(value):
     return tuple(_frozen(v) for v in value) if isinstance(value, (tuple, list)) else value
 
 
+def _value_key(value, depth: int = 0):
+    """What of an attribute (or a hook, or what a function closes over) can change a block's trace:
+    a plain value itself; a tensor's metadata; a function by its code and what it closes over and
+    defaults to (two per-block hooks with other scales differ); an object (an attention processor)
+    by its class and its attributes, three levels down; anything else by identity."""
+    if _plain(value):
+        return _frozen(value)
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.device)
+    if depth >= 3:
+        return ("deep", type(value).__qualname__, id(value))
+    if isinstance(value, torch.nn.Module):
+        return ("module", type(value).__qualname__)
+    if isinstance(value, functools.partial):
+        return ("partial", _value_key(value.func, depth + 1), tuple(_value_key(a, depth + 1) for a in value.args),
+                tuple(sorted((k, _value_key(v, depth + 1)) for k, v in value.keywords.items())))
+    func = getattr(value, "__func__", value)  # a bound method: its function (its owner by class)
+    code = getattr(func, "__code__", None)
+    if code is not None:
+        cells = tuple(_value_key(c.cell_contents, depth + 1) if c.cell_contents is not value else "self"
+                      for c in (func.__closure__ or ()) if _filled(c))
+        defaults = tuple(_value_key(d, depth + 1) for d in (func.__defaults__ or ()))
+        owner = getattr(value, "__self__", None)
+        return ("function", id(code), cells, defaults, None if owner is None else type(owner).__qualname__)
+    if callable(value) and not hasattr(value, "__dict__"):  # a builtin (torch.tanh): itself
+        return ("builtin", id(value))
+    if isinstance(value, (dict, tuple, list, set, frozenset)):
+        items = sorted(value.items(), key=lambda kv: repr(kv[0])) if isinstance(value, dict) else enumerate(value)
+        return (type(value).__name__, tuple((repr(k), _value_key(v, depth + 1)) for k, v in items)[:64])
+    inner = getattr(value, "__dict__", None)
+    if inner is None:
+        return ("object", type(value).__qualname__, id(value))
+    return (type(value).__qualname__, tuple(sorted((k, _value_key(v, depth + 1)) for k, v in inner.items()
+                                                   if not isinstance(v, torch.nn.Module))))
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty cell
+        return False
+    return True
+
+
 def block_signature(block: torch.nn.Module) -> tuple:
     """What makes two blocks trace alike besides their inputs: every submodule's path and class,
-    its plain attributes (numbers, strings, flags, dtypes: ``heads``, ``context_pre_only``,
-    ``eps``...), the class and plain attributes of its other attributes one level down (an
-    attention processor), its hooks, and every parameter's and buffer's shape, dtype, device,
-    layout and ``requires_grad``. Blocks of one signature given inputs of one signature trace to
+    its attributes as :func:`_value_key` sees them (plain values; an attention processor by its
+    class and what it holds, three levels down; a function by its code and what it closes over),
+    its hooks likewise, and every parameter's and buffer's shape, dtype, device, layout and
+    ``requires_grad``. Blocks of one signature given inputs of one signature trace to
     one graph up to their weights: the rule :func:`expand_block_calls` rests on."""
     out = []
     for path, mod in block.named_modules():
@@ -238,15 +283,13 @@ def block_signature(block: torch.nn.Module) -> tuple:
             if name in ("_parameters", "_buffers", "_modules", "_ditopt_block") or name.startswith("_forward") \
                     or name.startswith("_backward") or name.startswith("_state_dict") or name.startswith("_load_state"):
                 continue
-            if _plain(value):
-                attrs.append((name, _frozen(value)))
-            elif isinstance(value, torch.Tensor):
-                attrs.append((name, "tensor", tuple(value.shape), value.dtype, value.device))
-            elif not callable(value) or hasattr(value, "__dict__"):
-                inner = tuple(sorted((k, _frozen(v)) for k, v in getattr(value, "__dict__", {}).items() if _plain(v)))
-                attrs.append((name, type(value).__qualname__, inner))
-        hooks = tuple(len(getattr(mod, h, None) or ()) for h in
-                      ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_forward_hooks_with_kwargs"))
+            if isinstance(value, torch.nn.Module):  # a module held as a plain attribute: its class
+                attrs.append((name, "module", type(value).__qualname__))
+            else:
+                attrs.append((name, _value_key(value)))
+        hooks = tuple(tuple(_value_key(fn) for fn in (getattr(mod, h, None) or {}).values()) for h in
+                      ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"))
+        hooks += (tuple(sorted((getattr(mod, "_forward_hooks_with_kwargs", None) or {}).items())),)
         tensors = tuple((n, tuple(t.shape), t.dtype, t.device, t.layout, t.requires_grad)
                         for n, t in (*mod._parameters.items(), *mod._buffers.items()) if t is not None)
         out.append((path, type(mod), tuple(attrs), hooks, tensors))

@@ -429,3 +429,58 @@ def test_regional_capture_finds_the_sites_the_whole_capture_finds(name):
         assert ("expand_blocks" in compiled.seconds) == regional
         found.append(_site_facts(compiled.sites))
     assert found[0] == found[1]
+
+
+class _Scale:
+    def __init__(self, s):
+        self.s = s
+
+
+def _nested_processors(model):  # processors that differ only in an object they hold
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    class Nested(AttnProcessor2_0):
+        def __init__(self, s):
+            super().__init__()
+            self.cfg = _Scale(s)
+
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            return super().__call__(attn, hidden_states, *args, **kwargs) * self.cfg.s
+
+    for i, block in enumerate(model.transformer_blocks):
+        block.attn1.set_processor(Nested(1.0 + i))
+
+
+def _function_processors(model):  # processors that differ only in the function they hold
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    class Applying(AttnProcessor2_0):
+        def __init__(self, fn):
+            super().__init__()
+            self.fn = fn
+
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            return self.fn(super().__call__(attn, hidden_states, *args, **kwargs))
+
+    for i, block in enumerate(model.transformer_blocks):
+        block.attn1.set_processor(Applying(torch.tanh if i else torch.sigmoid))
+
+
+def _scaling_hooks(model):  # per-block forward hooks that differ only in what they close over
+    for i, block in enumerate(model.transformer_blocks):
+        block.ff.register_forward_hook(lambda module, inputs, out, s=1.0 + i: out * s)
+
+
+@pytest.mark.parametrize("differ", [_nested_processors, _function_processors, _scaling_hooks],
+                         ids=lambda f: f.__name__[1:])
+def test_blocks_that_differ_beyond_plain_attributes_are_traced_apart(differ):
+    """Blocks of one class whose processors held other objects or functions, or whose hooks closed
+    over other values, had one signature: every block ran block 0's trace, silently."""
+    from ditopt.small_models import build
+
+    model, kwargs = build("dit")
+    differ(model)
+    with torch.no_grad():
+        reference = model(**kwargs).sample
+        out = ditopt.optimize(model, ditopt.presets.all_compute(steps=2))(**kwargs).sample
+    assert torch.equal(out, reference)
