@@ -147,6 +147,11 @@ def _follow_tokens(gm: fx.GraphModule, ctx: PassContext, site: str, ratio: float
         telling = [f for f in failures if "sequence dimension" not in f[1].why] or failures
         if telling:  # the failure on the most tokens (the latents', not the text's), the latest in the graph
             worst = max(telling, key=lambda f: (f[0], order.get(f[1].node, -1)))[1]
+            other = [f"attention_backend={ctx.attention_backend!r}"] if ctx.attention_backend != "sdpa" else []
+            other += ["sequence parallelism"] if ctx.parallel is not None else []
+            if other:  # the attention is then another op than SDPA, which partial does not follow
+                refuse(f"partial follows tokens through SDPA self-attention only, and cannot be combined with "
+                       f"{' or '.join(other)} (node {worst.node.name})")
             refuse(f"the tokens cannot be followed through the site: node {worst}; only self-attention may mix "
                    f"tokens in a partial site")
         refuse("no input of the site carries tokens to every output")

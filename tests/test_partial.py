@@ -314,3 +314,15 @@ def test_under_torch_compile_partial_blocks_equal_the_eager_path():
     for a, b in zip(run_model(eager_path, kwargs, ts), run_model(compiled, kwargs, ts)):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
     assert ditopt.stats(compiled).decisions["transformer_blocks.0"] == ["compute", "partial", "partial", "partial"]
+
+
+def test_partial_with_another_attention_backend_says_it_cannot_be_combined():
+    """The refusal called flex attention "an op the token-flow check does not know ... only
+    self-attention may mix tokens": it is self-attention, under another kernel."""
+    model, kwargs = build("dit")
+    plan = ditopt.Plan.from_dict({"version": 1, "steps": 4, "rules": [
+        {"sites": "*", "kind": "block", "steps": [1, 3], "action": "partial", "ratio": 0.5}]})
+    fast = ditopt.optimize(model, plan, attention_backend="flex")
+    with pytest.raises(PlanError, match="partial follows tokens through SDPA self-attention only, and cannot be "
+                                        "combined with attention_backend='flex'"), torch.no_grad():
+        fast(**kwargs)
