@@ -378,14 +378,20 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # e.g. an output file that cannot be written
         print(f"ditopt: error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # the user's own model (module:function) refusing the inputs it gave
-        spec = str(getattr(args, "model", None) or "")
-        if ":" not in spec:
-            raise  # ours: a bug, shown whole
-        from .capture import first_line
+    except Exception as exc:
+        return _users_model_failed(args, exc)
 
-        print(f"ditopt: error: {spec}: the model raised {type(exc).__name__}: {first_line(exc)}", file=sys.stderr)
-        return 2
+
+def _users_model_failed(args, exc: Exception) -> int:
+    """The user's own model (``module:function``) refusing the inputs it gave: one line, status 2.
+    Anything else is ours, a bug, and shown whole."""
+    spec = str(getattr(args, "model", None) or "")
+    if ":" not in spec:
+        raise exc
+    from .capture import first_line
+
+    print(f"ditopt: error: {spec}: the model raised {type(exc).__name__}: {first_line(exc)}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

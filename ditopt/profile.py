@@ -60,9 +60,7 @@ class ProfileError(DitoptError):
 
 class NotInMap(ProfileError, KeyError):
     """A site or metric the redundancy map does not hold (a KeyError too, as a lookup)."""
-
-    def __str__(self) -> str:  # KeyError's would quote the message
-        return str(self.args[0]) if self.args else ""
+    __str__ = Exception.__str__  # KeyError's would quote the message
 
 
 def signature(model_class: str, sites: list[str], kinds: list[str]) -> str:
@@ -438,11 +436,8 @@ def profile(model: torch.nn.Module, run: Callable[[Any], Any], *, steps: int, pr
 
     def call(*args, **kwargs):
         out = probe(*args, **kwargs)
-        t = rt.state._last_t  # as the step state read it: by keyword or position, the tensor's maximum
-        if t is None and isinstance(kwargs.get(timestep_arg), torch.Tensor):
-            t = float(kwargs[timestep_arg].max())
-        if t is not None:
-            timesteps.setdefault(rt.state.step, float(t))
+        if rt.state._last_t is not None:  # as the step state read it: by keyword or position, its maximum
+            timesteps.setdefault(rt.state.step, float(rt.state._last_t))
         if bar is not None:
             bar.n = rt.state.step + 1
             bar.refresh()

@@ -231,8 +231,9 @@ def attention_backend(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         n_kept = sum(len(nodes) for nodes in kept.values())
         reasons = "; ".join(f"{why}: {_where(nodes[0])}{' and more' if len(nodes) > 1 else ''}"
                             for why, nodes in kept.items())
-        _say_once((choice, name, frozenset(kept)), f"ditopt: attention_backend={choice!r} keeps SDPA for {n_kept} of "
-                                                   f"{len(calls)} attention calls ({reasons})")
+        _say_once((choice, name, frozenset(kept), ctx.runtime_id),  # once per model
+                  f"ditopt: attention_backend={choice!r} keeps SDPA for {n_kept} of "
+                  f"{len(calls)} attention calls ({reasons})")
     for owner, node, args in chosen:
         node.target = kernel.call
         scale = None if args["scale"] is None else float(args["scale"])

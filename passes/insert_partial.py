@@ -94,6 +94,17 @@ def _shape(node) -> tuple[int, ...] | None:
     return tuple(ex.shape) if isinstance(ex, torch.Tensor) else None
 
 
+def _why_not_followed(ctx: PassContext, worst: TokenMixing) -> str:
+    """The refusal for the token mixing met on the most tokens (the latents', not the text's)."""
+    other = [f"attention_backend={ctx.attention_backend!r}"] if ctx.attention_backend != "sdpa" else []
+    other += ["sequence parallelism"] if ctx.parallel is not None else []
+    if other:  # the attention is then another op than SDPA, which partial does not follow
+        return (f"partial follows tokens through SDPA self-attention only, and cannot be combined with "
+                f"{' or '.join(other)} (node {worst.node.name})")
+    return (f"the tokens cannot be followed through the site: node {worst}; only self-attention may mix tokens "
+            f"in a partial site")
+
+
 def _follow_tokens(gm: fx.GraphModule, ctx: PassContext, site: str, ratio: float) -> _Tokens:
     graph = gm.graph
     ga = graph_annotation(gm)
@@ -146,14 +157,7 @@ def _follow_tokens(gm: fx.GraphModule, ctx: PassContext, site: str, ratio: float
         order = {n: i for i, n in enumerate(graph.nodes)}
         telling = [f for f in failures if "sequence dimension" not in f[1].why] or failures
         if telling:  # the failure on the most tokens (the latents', not the text's), the latest in the graph
-            worst = max(telling, key=lambda f: (f[0], order.get(f[1].node, -1)))[1]
-            other = [f"attention_backend={ctx.attention_backend!r}"] if ctx.attention_backend != "sdpa" else []
-            other += ["sequence parallelism"] if ctx.parallel is not None else []
-            if other:  # the attention is then another op than SDPA, which partial does not follow
-                refuse(f"partial follows tokens through SDPA self-attention only, and cannot be combined with "
-                       f"{' or '.join(other)} (node {worst.node.name})")
-            refuse(f"the tokens cannot be followed through the site: node {worst}; only self-attention may mix "
-                   f"tokens in a partial site")
+            refuse(_why_not_followed(ctx, max(telling, key=lambda f: (f[0], order.get(f[1].node, -1)))[1]))
         refuse("no input of the site carries tokens to every output")
     size, _, start, dim, flow = max(found, key=lambda f: f[:2])
     k = tokens_of(ratio, size)
