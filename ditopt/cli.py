@@ -202,8 +202,9 @@ def cmd_profile(args) -> int:
         raise DitoptError("--plan-steps needs --budget, and not --tune (tune measures plans at the profiled count)")
     if args.plan is not None and args.budget is None:
         raise DitoptError("--plan needs --budget (the plan is made for that compute fraction)")
-    zoo_steps = zoo.load(args.model).steps if args.steps is None else args.steps
-    _check_budget_reachable(args.budget, args.plan_steps or zoo_steps, args.tune)
+    zm = zoo.load(args.model)
+    steps = zm.steps if args.steps is None else args.steps
+    _check_budget_reachable(args.budget, args.plan_steps or steps, args.tune)
     out = Path(args.output or f"{args.model}-map.yaml")
     out = out if out.suffix in (".yaml", ".yml") else out.with_suffix(".yaml")  # as RedundancyMap.save names it
     png = args.png or str(out.with_suffix(".png"))
@@ -212,12 +213,12 @@ def cmd_profile(args) -> int:
     clash = next((p for i, p in enumerate(outputs) if p.resolve() in {q.resolve() for q in outputs[:i]}), None)
     if clash is not None:
         raise DitoptError(f"two outputs would be written to {clash}: give the map (-o), --png and --plan different names")
-    if Path(png).suffix.lower() not in (".png", ".svg", ".pdf"):
+    from .profile import HEATMAP_SUFFIXES
+
+    if Path(png).suffix.lower() not in HEATMAP_SUFFIXES:
         raise DitoptError(f"--png {png}: a heatmap is written as .png, .svg or .pdf")
     check_writable(*outputs)
     torch.set_num_threads(args.threads)
-    zm = zoo.load(args.model)
-    steps = zm.steps if args.steps is None else args.steps
     labels = torch.arange(10)
 
     def run(tr):

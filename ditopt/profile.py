@@ -54,6 +54,9 @@ _META_KEYS = ("format", "model", "signature", "steps", "branches", "timesteps", 
 _SITE_KEYS = ("name", "kind", "parent", "residual", "flops_per_call", "seconds_per_call")
 
 
+HEATMAP_SUFFIXES = (".png", ".svg", ".pdf")  # what RedundancyMap.heatmap writes
+
+
 class ProfileError(DitoptError):
     """A redundancy map that does not fit what it is used with, or a calibration run that failed."""
 
@@ -210,7 +213,7 @@ class RedundancyMap:
         suffix gets ``.png``); returns the path written."""
         path = Path(path)
         path = path.with_suffix(".png") if not path.suffix else path
-        if path.suffix.lower() not in (".png", ".svg", ".pdf"):
+        if path.suffix.lower() not in HEATMAP_SUFFIXES:
             raise ProfileError(f"a heatmap is written as .png, .svg or .pdf, got {path.name}")
         if not path.parent.is_dir():
             raise ProfileError(f"cannot write heatmap {path}: directory {path.parent} does not exist")
