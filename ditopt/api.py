@@ -60,8 +60,13 @@ class DitoptModule(OptimizedModule):
     optimised copy (its own runtime, no caches)."""
 
     def __call__(self, *args, **kwargs):
+        state = self._ditopt_runtime.state
         try:
-            return self._call(*args, **kwargs)
+            began, out = state.generation, self._call(*args, **kwargs)
+            if state.generation != began and self.__dict__.get("_ditopt_marks") and recheck_blocks(self._orig_mod):
+                self._ditopt_runtime.end_generation()  # a block changed in place since it was traced (an
+                out = self._call(*args, **kwargs)  # adapter's scale set between generations): trace it again
+            return out
         except BaseException:  # also one that failed before the runtime saw it (a capture of a new shape)
             self._ditopt_runtime.end_generation()  # the next call starts afresh: no shifted CFG branch
             raise
@@ -370,12 +375,6 @@ def reset(model: torch.nn.Module) -> None:
     has no state: passing it is an error). A block whose attributes changed in place since it
     was traced (an attention processor set, an adapter's scale) is traced again at the next call."""
     runtime_of(model).reset()
-    _recheck(model)
-
-
-def _recheck(model: torch.nn.Module) -> None:
-    """Blocks traced once and called per block are opaque to dynamo's guards: an attribute changed
-    inside one is seen here, at a generation begun explicitly (:func:`ditopt.block_watch.recheck_blocks`)."""
     recheck_blocks(model._orig_mod if isinstance(model, OptimizedModule) else model)
 
 
@@ -404,7 +403,7 @@ def generation(model: torch.nn.Module):
     """
     runtime = runtime_of(model)
     runtime.end_generation()
-    _recheck(model)
+    recheck_blocks(model._orig_mod if isinstance(model, OptimizedModule) else model)
     try:
         yield model
     finally:

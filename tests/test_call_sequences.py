@@ -292,6 +292,35 @@ def test_a_block_changed_after_a_capture_is_captured_again(change, how):
     del kept
 
 
+class _Gain:  # an attention processor with a setting the user changes in place (an adapter's scale)
+    def __init__(self, inner):
+        self.inner, self.gain = inner, 1.0
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        return self.gain * self.inner(attn, hidden_states, *args, **kwargs)
+
+
+def test_an_attribute_changed_in_place_between_generations_is_seen_without_a_reset():
+    """Under regional capture (the default) a setting changed in place inside a block between two
+    generations (``pipe.set_ip_adapter_scale``, a LoRA's scale) was seen only after an explicit
+    ``ditopt.reset``: the next generation, begun by its timestep alone, ran the block as traced,
+    silently. Each call that begins a generation now compares the blocks with what was traced,
+    and a changed block is traced again before that call's output is returned."""
+    model = dit()
+    for block in model.transformer_blocks:
+        block.attn1.set_processor(_Gain(block.attn1.processor))
+    fast = ditopt.optimize(model, fora())
+    before = [call(fast, t) for t in TIMESTEPS]
+    for block in model.transformer_blocks:
+        block.attn1.processor.gain = 0.5
+    after = [call(fast, t) for t in TIMESTEPS]  # no reset: a new generation by its timestep
+    assert not torch.equal(after[0], before[0])
+    fresh = ditopt.optimize(copy.deepcopy(model), fora())
+    for out, t in zip(after, TIMESTEPS):
+        assert torch.equal(out, call(fresh, t))
+    assert ditopt.stats(fast).decisions["transformer_blocks.0"] == ["compute", "reuse_residual"] * 2
+
+
 def test_the_sites_of_many_models_in_one_process(monkeypatch):
     """Each capture adds an entry to dynamo's cache of the model's forward (and of wrappers many
     diffusers classes share), and dynamo refuses a ninth under fullgraph=True: listing the sites
