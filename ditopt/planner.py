@@ -158,6 +158,8 @@ class Schedule:
         rules = []
         for row, sites in groups.items():
             kinds = sorted({(a, f or ("", 0)) for a, f in row if a != COMPUTE}, key=str)
+            if not kinds and len(groups) > 1:  # named all the same: the plan says which sites it planned
+                rules.append(Rule(sites=tuple(sites), action=COMPUTE))
             for action, (method, order) in kinds:
                 steps = tuple(i for i, (a, f) in enumerate(row) if a == action and (f or ("", 0)) == (method, order))
                 rules.append(Rule(sites=tuple(sites), action=action, steps=steps,

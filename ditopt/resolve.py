@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 from ditopt.runtime.cfg_sharing import CfgLayout
@@ -65,7 +66,30 @@ def compile_plan(plan: "Plan", sites: SiteTable) -> DecisionTable:
     _assign_slots(plan, table, sites, origin)
     _check_when(plan, table, sites, rule_of_indicator)
     _check_no_adaptive_forecast(plan, table, origin)
+    _warn_unplanned_tail(plan, table, sites)
     return table
+
+
+def _warn_unplanned_tail(plan: "Plan", table: DecisionTable, sites: SiteTable) -> None:
+    """A plan that names its sites one by one (what the planner and ``tune`` write) and covers only
+    the first blocks of a list of them, the rest of which this model has: made on a smaller model
+    of the same class. The rest compute at every step: correct, but not what was planned."""
+    if not plan.model or any(any(c in p for c in "*?[!") or is_positional(p) for rule in plan.rules
+                             for p in rule.sites):
+        return
+    planned = {a for name in table.actions for a in (name, *sites.ancestors(name))}
+    lists: dict[str, list[tuple[int, bool]]] = {}
+    for name in sites.stack_blocks():
+        head, _, index = name.rpartition(".")
+        if index.isdigit():
+            lists.setdefault(head, []).append((int(index), name in planned))
+    for head, blocks in lists.items():
+        covered = [i for i, p in sorted(blocks) if p]
+        if covered and covered == list(range(len(covered))) and len(covered) < len(blocks):
+            warnings.warn(f"ditopt: the plan names {head}.0-{len(covered) - 1} of this model's {len(blocks)} "
+                          f"{head} ({head}.{len(covered)} on compute at every step): a plan made on a smaller "
+                          f"model of this class? profile this one (ditopt.profile) for a plan of all its blocks",
+                          RuntimeWarning, stacklevel=2)
 
 
 def _matched_sites(rule: "Rule", i: int, sites: SiteTable) -> list:

@@ -151,6 +151,26 @@ def test_a_map_from_another_model_is_refused(rmap):
         ditopt.optimize(wan.model, ditopt.plan_from_profile(rmap, budget=0.5))
 
 
+def test_a_plan_made_on_a_smaller_model_of_the_class_is_said_to_plan_only_its_blocks(rmap, dit):
+    """A profiled plan names its blocks one by one: on a deeper model of the same class it planned
+    the first blocks only, and the rest computed at every step, silently. Now it is said."""
+    import warnings
+
+    from diffusers import DiTTransformer2DModel
+
+    plan = ditopt.plan_from_profile(rmap, budget=0.5)
+    deeper = DiTTransformer2DModel(**{**dit.model.config, "num_layers": 8}).eval()
+    x = dict(hidden_states=torch.randn(2, 1, 16, 16), timestep=torch.tensor([999, 999]),
+             class_labels=torch.tensor([1, 10]))
+    with pytest.warns(RuntimeWarning, match=r"names transformer_blocks\.0-5 of this model's 8 transformer_blocks"):
+        with torch.no_grad():
+            ditopt.optimize(deeper, plan)(**x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # on the model it was made for: nothing to say
+        with torch.no_grad():
+            ditopt.optimize(dit.model, plan)(**x)
+
+
 def test_smoothcache_thresholds_the_map(rmap):
     none = smoothcache(rmap, 1e-6)
     assert all(r.action == "compute" for r in none.rules)
