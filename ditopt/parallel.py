@@ -32,7 +32,7 @@ class SequenceParallel:
     (the head count must divide the world size); ``mode="ring"``: keys and values go around the
     ring and partial attentions merge by log-sum-exp (any head count). ``timeout``: seconds a collective
     waits for a peer, else ``RankFailureError`` (None: ``group``'s own); ``check``: all-gather a
-    checksum of each call's decisions, ``DivergenceError`` if they differ (``runtime.distributed``).
+    checksum of each call's decisions and inputs, ``DivergenceError`` if they differ (``runtime.distributed``).
     ``ring_refresh`` (ring only; None: DistriFusion's stale K/V): at a plan's ``stale_kv`` steps,
     refresh that share of the ring hops (in turn) and reuse the kept partial attention of the
     others (DiTango's selective fresh K/V; ``runtime.stale_kv.refreshed_attention``).

@@ -15,8 +15,9 @@ after its skip branch by ``insert_skip_branches``, like every effect.
 Sequence-parallel graphs (``ctx.parallel``): each rank holds a slice of ``h``, so the update is
 ``ditopt.update_indicator_across(token, h, rid, graph, rule, group, world)``: the change is
 averaged over the ranks (an all-reduce) before any decision reads it, and every rank decides
-alike. With ``SequenceParallel(check=True)``, ``ditopt.check_decisions(token, rid, graph, group,
-world)`` follows ``begin_step``: before any decision, it compares the ranks' schedules.
+alike. With ``SequenceParallel(check=True)``, ``ditopt.check_decisions(token, inputs, names, rid,
+graph, group, world)`` follows ``begin_step``: before any decision, it compares the ranks' schedules
+and their inputs (the forward's tensor arguments, by checksum).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch.fx as fx
 from ditopt.runtime import distributed  # noqa: F401 - registers the ops across ranks
 
 from .annotations import Role, annotate, node_annotation, token_of
+from .insert_step_tracking import forward_inputs
 from .pass_base import PassContext, PassResult
 
 
@@ -54,8 +56,11 @@ def insert_indicators(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if across is not None and ctx.parallel.check and token is not None and not any(n.target is check
                                                                                    for n in graph.nodes):
         begin = next(n for n in graph.nodes if n.target is torch.ops.ditopt.begin_step.default)
+        inputs = [(name, n) for name, n in forward_inputs(graph) if isinstance(n.meta.get("example_value"),
+                                                                             torch.Tensor)]
         with graph.inserting_after(begin):
-            graph.call_function(check, (token, ctx.runtime_id, ctx.graph_id, across[2], across[1]))
+            graph.call_function(check, (token, [n for _, n in inputs], ",".join(name for name, _ in inputs),
+                                        ctx.runtime_id, ctx.graph_id, across[2], across[1]))
         inserted += 1
     if inserted:
         graph.lint()

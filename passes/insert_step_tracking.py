@@ -41,17 +41,22 @@ def find_timestep(graph: fx.Graph, name: str, position: int | None = None) -> fx
     return None
 
 
-def _input_names(graph: fx.Graph) -> list[str]:
-    """The forward arguments the graph's tensor inputs come from (``x``, ``kwargs['t']`` as ``t``),
-    weights left out."""
-    names = []
+def forward_inputs(graph: fx.Graph) -> list[tuple[str, fx.Node]]:
+    """The graph's inputs that come from the forward's arguments (``x``, ``kwargs['t']`` as ``t``,
+    a tuple's item as ``x[1]``), with their names; weights left out."""
+    found = []
     for node in graph.find_nodes(op="placeholder"):
         source = getattr(node.meta.get("grapharg"), "source", None)
         text = source.name() if callable(getattr(source, "name", None)) else str(getattr(source, "name", "") or "")
-        found = re.fullmatch(r"L\['(?:kwargs'\]\[')?(\w+)'\](?:\[(\d+)\])?", text)
-        if found and found.group(1) != "self":
-            names.append(found.group(1) + (f"[{found.group(2)}]" if found.group(2) else ""))
-    return list(dict.fromkeys(names))
+        named = re.fullmatch(r"L\['(?:kwargs'\]\[')?(\w+)'\](?:\[(\d+)\])?", text)
+        if named and named.group(1) != "self":
+            found.append((named.group(1) + (f"[{named.group(2)}]" if named.group(2) else ""), node))
+    return found
+
+
+def _input_names(graph: fx.Graph) -> list[str]:
+    """The forward arguments the graph's tensor inputs come from, weights left out."""
+    return list(dict.fromkeys(name for name, _ in forward_inputs(graph)))
 
 
 LATENT_NAMES = ("hidden_states", "sample", "latents", "latent", "x", "img", "video")

@@ -412,32 +412,49 @@ def _taken(table, decisions: dict, sites: list[str]) -> list[int]:
 
 
 @torch.library.custom_op("ditopt::check_decisions", mutates_args=("token",))
-def check_decisions(token: torch.Tensor, rid: int, graph: int, group: str, world: int) -> None:
+def check_decisions(token: torch.Tensor, inputs: list[torch.Tensor], names: str, rid: int, graph: int, group: str,
+                    world: int) -> None:
     """``SequenceParallel(check=True)``, at the start of every call (before any decision or other
-    collective): all-gather the step, the CFG branch and a checksum of the plan's decisions at this
-    step and of the previous call's decisions as taken (``when`` rules included: a host read); if
-    any rank's differ, all-gather the per-site codes and raise ``ERRORS["divergence"]`` on every
-    rank, naming the step, the sites and the ranks."""
+    collective): all-gather the step, the CFG branch, a checksum of the plan's decisions at this
+    step and of the previous call's decisions as taken (``when`` rules included: a host read), and
+    one of the call's ``inputs`` (the forward's tensor arguments, ``names`` comma-separated: every
+    rank must be given the same latents, timestep and conditioning); if any rank's differ,
+    all-gather what differs and raise ``ERRORS["divergence"]`` on every rank, naming the step,
+    the sites or the inputs, and the ranks."""
     token.add_(1)
     rt = get_runtime(rid)
     table, step, branch = rt.graphs[graph], rt.state.step, rt.state.branch
     sites = list(table.site_order or sorted(table.actions))
     taken = rt.records[-2].decisions if len(rt.records) > 1 else {}
     codes = [_planned(table, s, step) for s in sites] + _taken(table, taken, sites)
-    head = [len(sites), step, branch, zlib.crc32(repr(codes).encode())]
+    sums = torch.stack([torch.stack([x.double().sum(), x.double().abs().sum()]) for x in inputs]).flatten() \
+        if inputs else torch.zeros(0, dtype=torch.float64, device=token.device)
+    head = [len(sites), step, branch, zlib.crc32(repr(codes).encode()), zlib.crc32(repr(sums.tolist()).encode())]
     rows = _check_gather(torch.tensor(head, device=token.device), group, world, rid)
     if all(r == rows[0] for r in rows):
         return
     if len({r[0] for r in rows}) > 1:
         raise ERRORS["divergence"](f"ditopt: sequence-parallel ranks compiled different graphs (sites per rank: "
                                    f"{[r[0] for r in rows]}) at step {step}")
+    if all(r[:4] == rows[0][:4] for r in rows):
+        raise ERRORS["divergence"](_inputs_differ(step, names.split(","), _check_gather(sums, group, world, rid)))
     per_rank = _check_gather(torch.tensor(codes, device=token.device), group, world, rid)
     raise ERRORS["divergence"](_divergence(rows, per_rank, sites))
 
 
 @check_decisions.register_fake
-def _(token, rid, graph, group, world):
+def _(token, inputs, names, rid, graph, group, world):
     return None
+
+
+def _inputs_differ(step: int, names: list[str], sums: list[list[float]]) -> str:
+    """The message of ranks called with different inputs: which ones, and their sums per rank."""
+    differ = [j for j, name in enumerate(names) if len({tuple(r[2 * j:2 * j + 2]) for r in sums}) > 1]
+    shown = "; ".join(f"{names[j]} (sum " + ", ".join(f"rank {i} {r[2 * j]:.6g}" for i, r in enumerate(sums)) + ")"
+                      for j in differ)
+    return (f"ditopt: sequence-parallel ranks were called with different inputs at step {step}: {shown}. Every "
+            f"rank must call the model with the same inputs (each computes a slice of the same tokens): draw the "
+            f"noise from a generator seeded alike on every rank, and give each the same conditioning")
 
 
 def _check_gather(x: torch.Tensor, group: str, world: int, rid: int) -> list[list[int]]:

@@ -172,8 +172,8 @@ def spawn(jobs: list[dict], world: int = 2) -> list[dict]:
 # ``spawn_each(scenario, arg)`` runs ``scenario(rank, world, arg)`` on every rank and returns every
 # rank's result (None for a rank that died), without join=True's killing of the others when one dies.
 
-# Captured whole: the token-flow walker does not enter the block calls of regional capture
-# (``optimize(regional=True)``, the default since a009c12), so sequence parallelism refuses them.
+# Captured whole, as these scenarios were written; under regional capture (the default) sequence
+# parallelism inlines the block calls too, for it rewrites inside every block (ditopt/backend.py).
 WHOLE = {"regional": False}
 
 def _dit_inputs(rank: int):
@@ -215,7 +215,7 @@ def adaptive_run(rank: int, world: int, job: dict) -> dict:
 def diverged_run(rank: int, world: int, hows: list[str]) -> dict:
     """For each way in ``hows``, three FORA-2 steps with ``check=True`` where rank 1 runs another
     schedule: ``plan`` (it computes everything) or ``step`` (it is told step 2 where rank 0 is at
-    step 1); ``same``: no divergence. What each raised, after how many calls."""
+    step 1), or other latents (``inputs``); ``same``: no divergence. What each raised, after how many calls."""
     import ditopt
     from ditopt.small_models import timesteps
 
@@ -231,7 +231,8 @@ def diverged_run(rank: int, world: int, hows: list[str]) -> dict:
                 for i, t in enumerate(timesteps(3, kwargs["timestep"])):
                     if how == "step" and rank == 1 and i == 1:
                         ditopt.set_step(fast, 2)
-                    fast(**{**kwargs, "timestep": t})
+                    other = how == "inputs" and rank == 1  # latents drawn with another seed on rank 1
+                    fast(**{**kwargs, "timestep": t, "hidden_states": kwargs["hidden_states"] + other})
                     found[how]["calls"] += 1
         except Exception as exc:
             found[how]["error"] = f"{type(exc).__name__}: {exc}"
