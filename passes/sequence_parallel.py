@@ -27,6 +27,7 @@ from dataclasses import replace
 import torch
 import torch.fx as fx
 
+from ditopt.capture import module_stack
 from ditopt.errors import CaptureError, PlanError
 from ditopt.parallel import Tok, TokenFlow, TokenMixing, walker
 from ditopt.regions import is_param, region_of, tensor_meta
@@ -249,8 +250,9 @@ def _check(flow: TokenFlow, mode: str, world: int) -> None:
         for node, (q, *_), _, _ in flow.attention:
             heads = _shape(q)[1]
             if heads % world:
-                raise PlanError(f"sequence parallelism: Ulysses attention {node.name} has {heads} heads, which do not "
-                                f"divide among {world} ranks; use SequenceParallel(mode='ring')")
+                where = next((p for p, _, _ in reversed(module_stack(node)) if p), node.name)
+                raise PlanError(f"sequence parallelism: Ulysses attention in {where} has {heads} heads, which do not "
+                                f"divide among {world} ranks; use SequenceParallel(mode='ring')", site=where)
 
 
 def _after(graph: fx.Graph, node: fx.Node) -> fx.Node:

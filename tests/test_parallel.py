@@ -228,6 +228,7 @@ def test_ring_takes_a_head_count_the_world_size_does_not_divide_and_ulysses_refu
     assert _ok(spawned[("dit3", "ring", "all")])["max_diff"] <= 1e-5
     refused = spawned[("dit3", "ulysses", "all")]
     assert "PlanError" in refused["error"] and "3 heads" in refused["error"] and "mode='ring'" in refused["error"]
+    assert "attention in transformer_blocks.0.attn1 has 3 heads" in refused["error"]  # the module, not a node
 
 
 def _dit_bytes(mode: str, world: int = 2, batch: int = 2, heads: int = 2, head_dim: int = 16, layers: int = 3,
