@@ -84,3 +84,36 @@ def _parameter_registered(parent: torch.nn.Module, name: str, param) -> None:
 
 
 __all__ = ["recheck_blocks", "watch"]
+
+
+_SKIPPED = ("_parameters", "_buffers", "_modules", "_ditopt_block")
+
+
+def held_tensor(block: torch.nn.Module) -> str | None:
+    """Where ``block`` holds a tensor that is neither a parameter nor a buffer (an attention
+    processor's table, three levels down), as ``attn1.processor.w``; None if nowhere. Such a
+    tensor would be traced into the block's one shared graph as a constant (dynamo cannot even
+    run the block on fake tensors with it), so the block is not marked: it is captured inline.
+
+    Example:
+        >>> held_tensor(torch.nn.Linear(2, 2)) is None
+        True
+    """
+    def find(value, where: str, depth: int) -> str | None:
+        if isinstance(value, torch.Tensor):
+            return where
+        if depth >= 3 or isinstance(value, (torch.nn.Module, str, bytes, type)) or callable(value) \
+                and not hasattr(value, "__dict__"):
+            return None
+        items = (value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple))
+                 else vars(value).items() if hasattr(value, "__dict__") else ())
+        return next((w for k, v in items if (w := find(v, f"{where}.{k}", depth + 1))), None)
+
+    for path, mod in block.named_modules():
+        for name, value in vars(mod).items():
+            if name not in _SKIPPED and not name.startswith("_forward") and not isinstance(value, torch.nn.Module):
+                found = find(value, f"{path}.{name}" if path else name, 0)
+                if found:
+                    return found
+    return None
+

@@ -101,7 +101,10 @@ def _why_not_markable(module: torch.nn.Module) -> str | None:
         return "its class's forward is already a nested compile region"
     if "__slots__" in type(module).__dict__ or type(type(module)) is not type:
         return "its class cannot be swapped for a marked subclass (slots or a metaclass)"
-    return None
+    from .block_watch import held_tensor
+
+    held = held_tensor(module)
+    return None if held is None else f"it holds a tensor that is no parameter or buffer ({held})"
 
 
 def _mark(module: torch.nn.Module) -> None:

@@ -484,3 +484,36 @@ def test_blocks_that_differ_beyond_plain_attributes_are_traced_apart(differ):
         reference = model(**kwargs).sample
         out = ditopt.optimize(model, ditopt.presets.all_compute(steps=2))(**kwargs).sample
     assert torch.equal(out, reference)
+
+
+def test_blocks_whose_processor_holds_a_tensor_are_not_marked_and_compile_inline():
+    """A processor holding a plain tensor (no parameter or buffer; here another per block) made
+    ``mark_repeated_blocks`` + ``torch.compile(backend="ditopt")`` fail inside dynamo (a real
+    tensor met while running the block on fake ones), and a block traced once would have baked
+    block 0's tensor in as a constant. Such blocks are not marked (the reason names the
+    attribute) and are captured inline, as the rest of the model."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from ditopt.small_models import build
+
+    class Held(AttnProcessor2_0):
+        def __init__(self, w):
+            super().__init__()
+            self.w = w
+
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            return super().__call__(attn, hidden_states, *args, **kwargs) * self.w
+
+    model, kwargs = build("dit")
+    for i, block in enumerate(model.transformer_blocks):
+        block.attn1.set_processor(Held(torch.full((block.attn1.inner_dim,), 1.0 + i)))
+    with torch.no_grad():
+        reference = model(**kwargs).sample
+    with ditopt.mark_repeated_blocks(model) as marked:
+        assert marked.paths == () and all("(attn1.processor.w)" in why for why in marked.skipped.values())
+        compiled = torch.compile(model, backend="ditopt", options={"plan": ditopt.presets.all_compute(steps=2),
+                                                                   "inductor": False}, dynamic=False)
+        with torch.no_grad():
+            assert torch.equal(compiled(**kwargs).sample, reference)
+    with torch.no_grad():
+        assert torch.equal(ditopt.optimize(model, ditopt.presets.all_compute(steps=2))(**kwargs).sample, reference)
