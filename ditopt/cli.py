@@ -285,7 +285,8 @@ def cmd_diff(args) -> int:
         stage("capturing the graph")
         captured = capture(model, **kwargs)
         stage("running the passes")
-        before, after, table, compiled = rewrite(captured, plan, model_name=type(model).__name__)
+        before, after, table, compiled = rewrite(captured, plan, model_name=type(model).__name__,
+                                                 timestep_arg=args.timestep_arg)
         stage(f"rendering {args.format}")
         diff = diff_graphs(before, after, table, compiled, model=type(model).__name__,
                            plan_name=args.preset or plan.name or os.path.basename(args.plan))
@@ -341,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--preset", help=f"a preset by name: {PRESET_HELP}")
     d.add_argument("--steps", type=count(1, MAX_STEPS), default=None,
                    help="denoising steps of the preset (default 20), or those a --plan is resampled to")
+    d.add_argument("--timestep-arg", default="timestep",
+                   help="the forward argument that is the timestep (default: timestep)")
     d.add_argument("--format", choices=("html", "text", "dot"), default="html")
     d.add_argument("-o", "--output", type=output_path,
                    help="where to write ('-' for stdout; default ditopt-diff-MODEL.html/.txt/.dot)")
@@ -387,12 +390,26 @@ def _users_model_failed(args, exc: Exception) -> int:
     """The user's own model (``module:function``) refusing the inputs it gave: one line, status 2.
     Anything else is ours, a bug, and shown whole."""
     spec = str(getattr(args, "model", None) or "")
-    if ":" not in spec:
+    if ":" not in spec or _raised_in_ditopt(exc):
         raise exc
     from .capture import first_line
 
     print(f"ditopt: error: {spec}: the model raised {type(exc).__name__}: {first_line(exc)}", file=sys.stderr)
     return 2
+
+
+def _raised_in_ditopt(exc: BaseException) -> bool:
+    """Whether the innermost frame of ``exc``'s traceback (where it was raised, under dynamo's
+    re-raise: the cause's) is ditopt's own code: then it is ours, not the user's model's."""
+    import traceback
+
+    seen = exc
+    while isinstance(seen.__cause__, BaseException):
+        seen = seen.__cause__
+    frames = traceback.extract_tb(seen.__traceback__)
+    root = Path(__file__).resolve().parent
+    packages = {root, root.parent / "passes", root.parent / "runtime"}
+    return bool(frames) and any(Path(frames[-1].filename).resolve().is_relative_to(p) for p in packages)
 
 
 if __name__ == "__main__":

@@ -325,10 +325,13 @@ def find_sites(graph: fx.Graph) -> SiteTable:
         if len(head) > len(stack_nodes):
             candidates.append((OUTPUT, "output", head, None))
 
-    sites = []
+    sites, dead = [], []
     for name, kind, nodes, attn in candidates:
         nodes = sorted(nodes, key=order.__getitem__)
         region = region_of(nodes)
+        if not region.live_outs or any(name.startswith(d + ".") for d in dead):
+            dead.append(name)  # nothing reads it (Kandinsky 6's audio blocks, called without audio): no site
+            continue
         res, residual = residual_inputs(region, order)
         ok, why = extractable(region, order)
         sites.append(Site(

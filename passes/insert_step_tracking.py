@@ -49,7 +49,9 @@ def forward_inputs(graph: fx.Graph) -> list[tuple[str, fx.Node]]:
         source = getattr(node.meta.get("grapharg"), "source", None)
         text = source.name() if callable(getattr(source, "name", None)) else str(getattr(source, "name", "") or "")
         named = re.fullmatch(r"L\['(?:kwargs'\]\[')?(\w+)'\](?:\[(\d+)\])?", text)
-        if named and named.group(1) != "self":
+        if source is None:  # a graph without dynamo's records (a copy): its placeholder's name
+            named = re.fullmatch(r"l_(?:kwargs_)?(\w+?)_(?:(\d+)_)?", node.name)
+        if named and named.group(1) != "self" and not named.group(1).startswith("self_"):
             found.append((named.group(1) + (f"[{named.group(2)}]" if named.group(2) else ""), node))
     return found
 
@@ -91,7 +93,7 @@ def insert_step_tracking(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         given = ", ".join(_input_names(graph)) or "none"
         raise CaptureError(f"no '{ctx.timestep}' tensor input found (the model's tensor inputs: {given}): ditopt "
                            f"needs the timestep as a tensor to track steps (a Python number is not one: pass "
-                           f"torch.tensor([t]); another name: timestep_arg=)")
+                           f"torch.tensor([t]); another name: timestep_arg=, on the command line --timestep-arg)")
     placeholders = list(graph.find_nodes(op="placeholder"))
     with graph.inserting_after(placeholders[-1]):
         token = graph.placeholder(TOKEN)

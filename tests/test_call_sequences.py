@@ -356,3 +356,39 @@ def test_a_timestep_under_another_name_is_refused_listing_the_inputs():
     fast = ditopt.optimize(_SigmaNet().eval(), ditopt.presets.all_compute(steps=STEPS), timestep_arg="sigma")
     with torch.no_grad():
         assert fast(x, sigma).shape == x.shape
+
+
+def _kandinsky6():
+    from diffusers import Kandinsky6Transformer3DModel
+
+    torch.manual_seed(0)
+    model = Kandinsky6Transformer3DModel(in_visual_dim=4, out_visual_dim=4, in_text_dim=16, in_text_dim2=8,
+                                         time_dim=16, model_dim=32, ff_dim=64, num_text_blocks=1,
+                                         num_visual_blocks=2, axes_dims=(4, 6, 6), visual_cond=False, in_audio_dim=4,
+                                         out_audio_dim=4, model_dim_a=32, time_dim_a=16, ff_dim_a=64,
+                                         axes_dims_a=(16,)).eval()
+    return model, dict(hidden_states=torch.randn(1, 2, 8, 8, 4), encoder_hidden_states=torch.randn(1, 6, 16),
+                       pooled_projections=torch.randn(1, 8), return_dict=False)
+
+
+@pytest.mark.parametrize("preset", ["taylorseer", "fora", "fbcache"])
+def test_a_block_whose_output_nothing_reads_is_no_site(preset):
+    """Kandinsky 6 called without audio still runs its audio blocks, and nothing reads what they
+    return. They were sites with no outputs: every block-level plan failed (an IndexError inside
+    a pass, or a PlanError advising ``reuse``, which failed the same way). A region nothing reads
+    is now no site; the plan applies to the rest and the output equals the bare model's where it
+    computes."""
+    model, kwargs = _kandinsky6()
+    assert not any(name.startswith("audio_") for name in ditopt.sites(model, timestep=torch.tensor([1000.0]),
+                                                                      **kwargs).names())
+    plan = {"taylorseer": lambda: ditopt.presets.taylorseer(steps=4, interval=2, order=1),
+            "fora": lambda: ditopt.presets.fora(interval=2, steps=4, level="block"),
+            "fbcache": lambda: ditopt.presets.first_block_cache(0.08, steps=4)}[preset]()
+    fast = ditopt.optimize(model, plan)
+    with torch.no_grad():
+        for i, t in enumerate((1000.0, 750.0, 500.0, 250.0)):
+            out = fast(timestep=torch.tensor([t]), **kwargs)[0]
+            if i == 0:
+                assert torch.equal(out, model(timestep=torch.tensor([t]), **kwargs)[0])
+    if preset == "fora":
+        assert ditopt.stats(fast).decisions["visual_transformer_blocks.1"] == ["compute", "reuse_residual"] * 2

@@ -75,6 +75,21 @@ def build():
                        class_labels=torch.tensor([1]))
 
 
+class Renamed(torch.nn.Module):  # the timestep under another name
+    def __init__(self):
+        super().__init__()
+        self.inner = build()[0]
+
+    def forward(self, hidden_states, t, class_labels):
+        return self.inner(hidden_states, timestep=t, class_labels=class_labels).sample
+
+
+def renamed():
+    model, inputs = build()
+    return Renamed(), dict(hidden_states=inputs["hidden_states"], t=inputs["timestep"],
+                           class_labels=inputs["class_labels"])
+
+
 def raising():
     raise ValueError("no weights here")
 
@@ -115,6 +130,32 @@ def test_the_users_function_that_cannot_be_used_is_named(tmp_path, capsys, spec,
     (tmp_path / "mine.py").write_text(_OWN_MODEL)
     assert main(["sites", spec.format(dir=tmp_path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_diff_of_a_model_whose_timestep_has_another_name(tmp_path, capsys):
+    """The command line had no way to name the timestep argument (the Python API's
+    ``timestep_arg=``), and the error listed the model's tensor inputs as "none"."""
+    (tmp_path / "mine.py").write_text(_OWN_MODEL)
+    spec, out = f"{tmp_path}/mine.py:renamed", str(tmp_path / "d.txt")
+    assert main(["diff", spec, "--preset", "fora-2", "--format", "text", "-o", out]) == 2
+    assert "inputs: hidden_states, t, class_labels)" in capsys.readouterr().err
+    assert main(["diff", spec, "--preset", "fora-2", "--format", "text", "-o", out, "--timestep-arg", "t"]) == 0
+    assert "inner.transformer_blocks.1" in open(out).read()
+
+
+def test_a_failure_inside_ditopt_on_the_users_model_is_not_blamed_on_the_model(tmp_path, monkeypatch):
+    """An error raised in ditopt's own code while it worked on the user's model was printed as
+    "the model raised IndexError": the user was sent to debug a model that is fine. It is ours,
+    and shown whole."""
+    import sys
+
+    import ditopt
+
+    (tmp_path / "mine.py").write_text(_OWN_MODEL)
+    parse_slice = sys.modules["ditopt.sites"].parse_slice  # raises ValueError in ditopt's own code
+    monkeypatch.setattr(ditopt, "sites", lambda *args, **kwargs: parse_slice(""))
+    with pytest.raises(ValueError, match="empty"):
+        main(["sites", f"{tmp_path}/mine.py:build"])
 
 
 def test_diff_writes_the_page_for_wan_with_fora(tmp_path, capsys):

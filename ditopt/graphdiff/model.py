@@ -199,15 +199,15 @@ def graph_diff(model: torch.nn.Module, plan, *args, **example_inputs) -> GraphDi
     return diff_graphs(before, after, sites, table, model=type(model).__name__, plan_name=_plan_name(plan))
 
 
-def rewrite(captured: Captured, plan, model_name: str | None = None
+def rewrite(captured: Captured, plan, model_name: str | None = None, timestep_arg: str = "timestep"
             ) -> tuple[fx.GraphModule, fx.GraphModule, SiteTable, DecisionTable]:
     """Run the pass pipeline on a captured graph as ``ditopt.optimize`` does.
 
     Returns the graph before, the graph after, the sites and the decision table; raises
     ``PlanError`` when the plan does not fit the model (``model_name``: its class, which a plan
-    made for another class names).
+    made for another class names). ``timestep_arg``: the forward argument that is the timestep.
     """
-    backend = DitoptBackend(plan, Runtime(), inductor=False, model_name=model_name)
+    backend = DitoptBackend(plan, Runtime(), inductor=False, model_name=model_name, timestep_arg=timestep_arg)
     backend(captured.gm, captured.example_inputs)
     graph = backend.last
     return graph.original, graph.rewritten, graph.sites, graph.table
