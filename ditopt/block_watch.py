@@ -72,6 +72,11 @@ def recheck_blocks(model: torch.nn.Module) -> int:
 
 
 def _module_registered(parent: torch.nn.Module, name: str, module) -> None:
+    # a registration while dynamo traces (Motif slices a ModuleList in its forward, which registers
+    # the slice's modules on a new list) is no change to a block; dynamo would otherwise trace this
+    # lookup and name the model's modules by a path through _OWNER
+    if torch.compiler.is_compiling():
+        return
     if parent in _OWNER:
         _rekey(parent, module if isinstance(module, torch.nn.Module) else None)
 
@@ -79,7 +84,7 @@ def _module_registered(parent: torch.nn.Module, name: str, module) -> None:
 def _parameter_registered(parent: torch.nn.Module, name: str, param) -> None:
     # a parameter replaced by another is read at every call; one where there was none (a bias
     # added) changes what the block computes
-    if parent in _OWNER and parent._parameters.get(name) is None:
+    if not torch.compiler.is_compiling() and parent in _OWNER and parent._parameters.get(name) is None:
         _rekey(parent)
 
 

@@ -314,7 +314,8 @@ def find_sites(graph: fx.Graph) -> SiteTable:
     for p in blocks:
         candidates.append((p, "block", regions[p], None))
     for p, op in attention_paths.items():
-        candidates.append((p, "attention", regions[p], _attention_kind(op, region_of(regions[p]))))
+        if p not in blocks:  # a block that is its own attention module (WanAnimate's face adapter): one site
+            candidates.append((p, "attention", regions[p], _attention_kind(op, region_of(regions[p]))))
     for p in feedforwards:
         candidates.append((p, "feedforward", regions[p], None))
     stack_blocks = _main_stack_blocks(blocks)

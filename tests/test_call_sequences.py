@@ -392,3 +392,26 @@ def test_a_block_whose_output_nothing_reads_is_no_site(preset):
                 assert torch.equal(out, model(timestep=torch.tensor([t]), **kwargs)[0])
     if preset == "fora":
         assert ditopt.stats(fast).decisions["visual_transformer_blocks.1"] == ["compute", "reuse_residual"] * 2
+
+
+def test_blocks_iterated_through_a_sliced_module_list_keep_their_names():
+    """Motif-Video iterates ``single_transformer_blocks[:n - k]``: slicing a ModuleList registers its
+    modules on a new list, and dynamo traced ditopt's global registration hook, so those blocks were
+    named by a path through ditopt's own table (``list(dict.keys(G.__import_ditopt...``). A block
+    plan then skipped them silently (and so did every later capture in the process), a plan
+    naming them matched no site, and ``profile`` failed."""
+    from diffusers import MotifVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    model = MotifVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                         num_layers=1, num_single_layers=1, patch_size=2, text_embed_dim=16,
+                                         rope_axes_dim=(4, 6, 6)).eval()
+    kwargs = dict(hidden_states=torch.randn(1, 4, 2, 8, 8), encoder_hidden_states=torch.randn(1, 6, 16),
+                  encoder_attention_mask=torch.ones(1, 6), return_dict=False)
+    fast = ditopt.optimize(model, fora())
+    with torch.no_grad():
+        for t in TIMESTEPS:
+            fast(timestep=torch.tensor([float(t)]), **kwargs)
+    decisions = ditopt.stats(fast).decisions
+    assert decisions["single_transformer_blocks.0"] == ["compute", "reuse_residual"] * 2
+    assert not any("import" in name for name in decisions)
