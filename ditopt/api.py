@@ -25,7 +25,7 @@ from .backend import (CompiledGraph, DitoptBackend, PlanLike, arguments_from, as
 from .capture import first_line, lean_tracing, make_room_for_another_model, where_in_model
 from .block_watch import recheck_blocks
 from .regional import RegionalError, hold_marks, refuse_marks, release_marks
-from .errors import CaptureError, DitoptError, InputError, PlanError
+from .errors import CaptureError, DitoptError, InputError, PlanError, TimestepNotFound
 from .sites import OUTPUT, STACK, SiteTable, find_sites
 
 
@@ -88,7 +88,7 @@ class DitoptModule(OptimizedModule):
                 object.__setattr__(self, "_ditopt_regional_failure", str(inner))
                 return self(*args, **kwargs)
             if isinstance(inner, CaptureError):
-                self._raise_for_timestep(args, kwargs)
+                self._raise_for_timestep(args, kwargs, inner)
             if isinstance(inner, DitoptError):
                 raise inner from None
             raise
@@ -129,13 +129,16 @@ class DitoptModule(OptimizedModule):
         moved = dict(zip(names[1], args[names[0]:]))
         return args[:names[0]], {**moved, **kwargs}
 
-    def _raise_for_timestep(self, args, kwargs) -> None:
-        """A timestep that is not a tensor: the model's own error if it refuses it, else ours."""
+    def _raise_for_timestep(self, args, kwargs, error: Exception | None = None) -> None:
+        """A timestep not a tensor (the model's own error, else ours), or one the model never reads."""
         name = self._ditopt_backend.timestep_arg
         try:
             given = inspect.signature(self._orig_mod.forward).bind_partial(*args, **kwargs).arguments.get(name)
         except TypeError:
             return
+        if isinstance(given, torch.Tensor) and isinstance(error, TimestepNotFound):
+            raise CaptureError(f"{type(self._orig_mod).__name__} does not use its '{name}' input (no operation of "
+                               f"its forward reads it): ditopt finds the step from it, and cannot cache this model")
         if given is None or isinstance(given, torch.Tensor):
             return
         self._orig_mod(*args, **kwargs)  # raises the model's own error, if it has one

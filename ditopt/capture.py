@@ -214,6 +214,9 @@ class Captured:
     example_inputs: list[Any]
 
 
+_AGAIN = threading.local()  # capture() is trying a second time, after one eager call
+
+
 def capture(model: torch.nn.Module, *args, symbolic_shapes: bool = False, **kwargs) -> Captured:
     """Run ``model(*args, **kwargs)`` once under dynamo and return its single graph (the calls
     of blocks marked by :func:`ditopt.mark_repeated_blocks` inlined).
@@ -250,6 +253,16 @@ def capture(model: torch.nn.Module, *args, symbolic_shapes: bool = False, **kwar
                 model(*args, **kwargs)
         except Exception as own:
             raise own from None
+        if not graphs and not getattr(_AGAIN, "on", False):
+            # state some models build lazily on their first call (a rotary table made under a
+            # torch.device context dynamo cannot trace): the eager call built it, capture again
+            _AGAIN.on = True
+            try:
+                return capture(model, *args, symbolic_shapes=symbolic_shapes, **kwargs)
+            except CaptureError:
+                pass
+            finally:
+                _AGAIN.on = False
         how = "with symbolic shapes" if symbolic_shapes else "as one graph"
         first = first_line(exc)
         raise CaptureError(f"could not capture {type(model).__name__} {how}: {type(exc).__name__}: "

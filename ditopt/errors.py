@@ -38,6 +38,10 @@ class CaptureError(DitoptError, RuntimeError):
     """The model could not be captured as a single graph."""
 
 
+class TimestepNotFound(CaptureError):
+    """The captured graph has no timestep input of the name ditopt was told (``timestep_arg``)."""
+
+
 class InputError(DitoptError, ValueError):
     """A bad argument to a ditopt function or command (a count, a number, a path)."""
 

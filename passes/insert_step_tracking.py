@@ -19,7 +19,7 @@ import re
 import torch
 import torch.fx as fx
 
-from ditopt.errors import CaptureError
+from ditopt.errors import TimestepNotFound
 
 from .annotations import Role, annotate, graph_annotation, token_of
 from .pass_base import PassContext, PassResult
@@ -91,7 +91,7 @@ def insert_step_tracking(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     timestep = find_timestep(graph, ctx.timestep, ctx.timestep_position)
     if timestep is None:
         given = ", ".join(_input_names(graph)) or "none"
-        raise CaptureError(f"no '{ctx.timestep}' tensor input found (the model's tensor inputs: {given}): ditopt "
+        raise TimestepNotFound(f"no '{ctx.timestep}' tensor input found (the model's tensor inputs: {given}): ditopt "
                            f"needs the timestep as a tensor to track steps (a Python number is not one: pass "
                            f"torch.tensor([t]); another name: timestep_arg=, on the command line --timestep-arg)")
     placeholders = list(graph.find_nodes(op="placeholder"))

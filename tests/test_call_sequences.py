@@ -415,3 +415,39 @@ def test_blocks_iterated_through_a_sliced_module_list_keep_their_names():
     decisions = ditopt.stats(fast).decisions
     assert decisions["single_transformer_blocks.0"] == ["compute", "reuse_residual"] * 2
     assert not any("import" in name for name in decisions)
+
+
+def test_sites_of_a_fresh_model_that_builds_state_on_its_first_call():
+    """BriaFibo2 builds its rotary table on its first call under a ``torch.device`` context that
+    dynamo cannot trace: ``optimize`` captured it after one eager call, but ``ditopt.sites`` (and
+    the command line) refused a fresh model. ``capture`` itself now tries again after that call."""
+    from diffusers import BriaFibo2Transformer2DModel
+
+    torch.manual_seed(0)
+    model = BriaFibo2Transformer2DModel(in_channels=4, patch_size=2, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2,
+                                        cap_feat_dim=16, injection_layer_ids=(1,), perceiver_num_layers=1,
+                                        min_num_gist_tokens=4, max_num_gist_tokens=8, gist_step=4, gist_min_text_len=4,
+                                        gist_max_text_len=16, axes_dims=(4, 6, 6), axes_lens=(64, 32, 32)).eval()
+    table = ditopt.sites(model, hidden_states=torch.randn(1, 4, 8, 8), encoder_hidden_states=torch.randn(1, 2, 6, 16),
+                         timestep=torch.tensor([1.0]))
+    assert "stack" in table.names() and "noise_refiner.0" in table.names()
+
+
+class _IgnoresItsTimestep(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([Attention(16), FeedForward(16)])
+
+    def forward(self, x, timestep):  # accepted, never read (DreamLite with norm_type="layer_norm")
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_a_model_that_never_reads_its_timestep_is_refused_saying_so():
+    """The timestep was given as a tensor, but the model does not use it, so dynamo leaves it out of
+    the graph: the error told the user to pass a tensor, which they had."""
+    fast = ditopt.optimize(_IgnoresItsTimestep(), ditopt.presets.fora(interval=2, steps=4))
+    with pytest.raises(ditopt.CaptureError, match="_IgnoresItsTimestep does not use its 'timestep' input"):
+        with torch.no_grad():
+            fast(torch.randn(1, 8, 16), timestep=torch.tensor([999.0]))
