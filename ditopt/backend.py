@@ -106,6 +106,10 @@ class DitoptBackend:
         self.last: CompiledGraph | None = None
 
     def _compile_plan(self, sites: SiteTable) -> DecisionTable:
+        if not sites.sites:  # no block, no attention: a piece of a model dynamo split, or no DiT at all
+            raise CaptureError("this graph has no site (no list of blocks that hold attention): if torch.compile "
+                               "split the model at graph breaks, each piece reaches ditopt alone; ditopt needs the "
+                               "model as one graph: torch.compile(..., fullgraph=True) names the break")
         if self.model_name and sites.model is None:
             sites.model = self.model_name
         return self.plan.compile(sites)

@@ -92,8 +92,10 @@ def insert_step_tracking(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if timestep is None:
         given = ", ".join(_input_names(graph)) or "none"
         raise TimestepNotFound(f"no '{ctx.timestep}' tensor input found (the model's tensor inputs: {given}): ditopt "
-                           f"needs the timestep as a tensor to track steps (a Python number is not one: pass "
-                           f"torch.tensor([t]); another name: timestep_arg=, on the command line --timestep-arg)")
+                               f"needs the timestep as a tensor to track steps (a Python number is not one: pass "
+                               f"torch.tensor([t]); another name: timestep_arg=, on the command line "
+                               f"--timestep-arg; a piece of a model torch.compile split at a graph break has none "
+                               f"either: fullgraph=True names the break)")
     placeholders = list(graph.find_nodes(op="placeholder"))
     with graph.inserting_after(placeholders[-1]):
         token = graph.placeholder(TOKEN)

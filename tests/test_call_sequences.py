@@ -451,3 +451,30 @@ def test_a_model_that_never_reads_its_timestep_is_refused_saying_so():
     with pytest.raises(ditopt.CaptureError, match="_IgnoresItsTimestep does not use its 'timestep' input"):
         with torch.no_grad():
             fast(torch.randn(1, 8, 16), timestep=torch.tensor([999.0]))
+
+
+class _BrokenAtABlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Linear(1, 16)
+        self.blocks = torch.nn.ModuleList([Attention(16) for _ in range(4)])
+
+    def forward(self, x, timestep):
+        x = x + self.emb(timestep[:, None].float())[:, None]
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i == 1:
+                torch._dynamo.graph_break()  # a .tolist() in an MoE router, a print
+        return x
+
+
+def test_a_model_split_at_a_graph_break_under_torch_compile_names_fullgraph():
+    """NucleusMoE's router reads a count on the host: without ``fullgraph=True`` dynamo hands the
+    backend pieces of the model, and the error was "pattern '*' matches no site; sites are e.g.
+    []" even for an all-compute plan. It now says what happened and how to see where."""
+    torch._dynamo.reset()
+    compiled = torch.compile(_BrokenAtABlock().eval(), backend="ditopt", dynamic=False,
+                             options={"plan": ditopt.presets.all_compute(steps=4), "inductor": False})
+    with pytest.raises(Exception, match=r"graph break.*fullgraph=True\) names the break"):
+        with torch.no_grad():
+            compiled(torch.randn(1, 8, 16), timestep=torch.tensor([999.0]))
