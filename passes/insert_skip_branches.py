@@ -92,8 +92,12 @@ def _extract(gm: fx.GraphModule, ctx: PassContext, site: str, residual: bool) ->
         if extra not in operands:
             operands.append(extra)
     outputs = list(dict.fromkeys([*live_outs, *values, *hoisted_args]))  # a reused output is also its value
+    # submodules the region reads (flex_attention's score_mod and mask_fn graphs): read in the
+    # branch itself, for a cond's operands are tensors
+    modules = [a for a in operands if a.op == "get_attr" and isinstance(_attr(gm, a.target), torch.nn.Module)]
+    operands = [a for a in operands if a not in modules]
 
-    compute = _branch_graph(members, operands, outputs, contiguous=ctx.inductor)
+    compute = _branch_graph(members, operands, outputs, contiguous=ctx.inductor, modules=modules)
     reuse = _reuse_graph(operands, outputs, live_outs, loads, mains, contiguous=ctx.inductor)
     compute_gm = fx.GraphModule(gm, compute)
     reuse_gm = fx.GraphModule(gm, reuse)
@@ -135,8 +139,15 @@ def _extract(gm: fx.GraphModule, ctx: PassContext, site: str, residual: bool) ->
     return {out.name: item.name for out, item in results.items()}
 
 
+def _attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
 def _branch_graph(members: list[fx.Node], operands: list[fx.Node], outputs: list[fx.Node], *,
-                  contiguous: bool) -> fx.Graph:
+                  contiguous: bool, modules: list[fx.Node] = ()) -> fx.Graph:
     """The compute branch: the region's nodes, returning ``outputs``. An output that is (a view
     of) an operand, or of an earlier output, is cloned: ``torch.cond`` refuses branches whose
     outputs alias their inputs or each other (a dual-stream block passing a stream through).
@@ -146,6 +157,9 @@ def _branch_graph(members: list[fx.Node], operands: list[fx.Node], outputs: list
     env: dict[fx.Node, fx.Node] = {}
     for op in operands:
         env[op] = g.placeholder(op.name)
+        env[op].meta = dict(op.meta)
+    for op in modules:
+        env[op] = g.get_attr(op.target)
         env[op].meta = dict(op.meta)
     for n in members:
         env[n] = g.node_copy(n, lambda a: env[a])

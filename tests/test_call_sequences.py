@@ -478,3 +478,28 @@ def test_a_model_split_at_a_graph_break_under_torch_compile_names_fullgraph():
     with pytest.raises(Exception, match=r"graph break.*fullgraph=True\) names the break"):
         with torch.no_grad():
             compiled(torch.randn(1, 8, 16), timestep=torch.tensor([999.0]))
+
+
+@pytest.mark.slow
+def test_blocks_whose_attention_calls_flex_attention_with_a_score_mod_compile_with_skips():
+    """AnyFlowFAR's blocks call flex_attention with a score_mod and a mask_fn, which dynamo keeps
+    as submodules of the graph: the skip branch passed them to ``torch.cond`` as operands, which
+    must be tensors, and a block plan failed under inductor (the eager path lowers the cond before
+    it is checked). The branch now reads them itself."""
+    from diffusers import AnyFlowFARTransformer3DModel
+
+    torch.manual_seed(0)
+    model = AnyFlowFARTransformer3DModel(patch_size=(1, 2, 2), compressed_patch_size=(1, 4, 4), num_attention_heads=2,
+                                         attention_head_dim=8, in_channels=4, out_channels=4, text_dim=16,
+                                         freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
+                                         chunk_partition=(1, 1)).eval()
+    kwargs = dict(hidden_states=torch.randn(2, 2, 4, 8, 8), encoder_hidden_states=torch.randn(2, 6, 16),
+                  chunk_partition=[1, 1], return_dict=False)
+    eager = ditopt.optimize(model, fora())
+    compiled = torch.compile(model, backend="ditopt", options={"plan": fora()}, dynamic=False)
+    with torch.no_grad():
+        for i in range(STEPS):
+            t = torch.full((2, 2), 1000.0 * (1 - i / STEPS))
+            want = eager(timestep=t, r_timestep=0.8 * t, **kwargs)[0]
+            assert (compiled(timestep=t, r_timestep=0.8 * t, **kwargs)[0] - want).abs().max() < 1e-4
+    assert ditopt.stats(compiled).decisions["blocks.0"] == ["compute", "reuse_residual"] * 2
