@@ -318,7 +318,7 @@ def find_sites(graph: fx.Graph) -> SiteTable:
             candidates.append((p, "attention", regions[p], _attention_kind(op, region_of(regions[p]))))
     for p in feedforwards:
         candidates.append((p, "feedforward", regions[p], None))
-    stack_blocks = _main_stack_blocks(blocks)
+    stack_blocks = _main_stack_blocks(blocks, set(types))
     if stack_blocks:
         stack_nodes = _stack_nodes(graph, [regions[b] for b in stack_blocks], order)
         candidates.append((STACK, "stack", stack_nodes, None))
@@ -348,14 +348,24 @@ def find_sites(graph: fx.Graph) -> SiteTable:
     return SiteTable(_with_modulated_inputs(_with_parents(sites), graph))
 
 
-def _main_stack_blocks(blocks: list[str]) -> list[str]:
-    """The blocks of the main stack: the block lists nearest the model's root.
+def _main_stack_blocks(blocks: list[str], called: set[str] = frozenset()) -> list[str]:
+    """The blocks of the main stack: those of the lists no module the forward calls holds (the
+    lists may sit in containers: Flux 3's ``mode_blocks.image``); else, where every list is inside
+    one (a wrapper model), the lists nearest the model's root.
 
     (HunyuanVideo also has refiner blocks inside its text embedder; they are blocks, but not
     the stack.)
     """
     if not blocks:
         return []
+
+    def held(block: str) -> bool:
+        parts = _INDEXED.match(block).group(1).split(".")
+        return any(".".join(parts[:i]) in called for i in range(1, len(parts) + 1))
+
+    free = [b for b in blocks if not held(b)]
+    if free:
+        return free
     depth = {b: _INDEXED.match(b).group(1).count(".") for b in blocks}
     shallowest = min(depth.values())
     return [b for b in blocks if depth[b] == shallowest]

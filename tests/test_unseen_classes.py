@@ -627,3 +627,22 @@ def test_a_rotary_table_made_outside_the_attention_is_not_a_second_token_stream(
     model, kwargs, scale, _ = CLASSES[name]()
     sites = ditopt.sites(model, timestep=torch.tensor([scale]), **kwargs)
     assert sites[site].attention == "self"
+
+
+def test_blocks_in_a_container_of_lists_belong_to_the_stack():
+    """Flux 3 keeps its image blocks in ``mode_blocks.image`` (a ModuleDict of lists), one level
+    deeper than its other lists: the stack was taken to be the shallowest lists only, so the
+    profiler left those blocks out and every profiled plan computed them at every step, silently.
+    Blocks held by no module the forward calls are the stack; a refiner inside a text embedder
+    (HunyuanVideo) is still not."""
+    from diffusers import Flux3Transformer2DModel
+
+    torch.manual_seed(0)
+    model = Flux3Transformer2DModel(in_channels=16, cond_in_channels=16, num_layers=1, num_single_layers=1,
+                                    attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                    timestep_channels=16, axes_dims_rope=(4, 4, 4, 4)).eval()
+    ids = torch.zeros(4, 4, 4)
+    ids[..., 1], ids[..., 2] = torch.arange(4)[:, None], torch.arange(4)[None, :]
+    table = ditopt.sites(model, hidden_states=torch.randn(1, 16, 16), encoder_hidden_states=torch.randn(1, 6, 32),
+                         img_ids=ids.reshape(16, 4), txt_ids=torch.zeros(6, 4), timestep=torch.tensor([1.0]))
+    assert table.stack_blocks() == ["txt_mode_blocks.0", "mode_blocks.image.0", "single_transformer_blocks.0"]
