@@ -8,13 +8,18 @@ alone, never from a per-model table:
   (``nn_module_stack``); parameters arrive as placeholders and belong to no region;
 - a **block** is the outermost integer-indexed module (``blocks.3``) whose region contains an
   attention op;
-- an **attention** site is the innermost module around an attention op; it is ``cross`` when
+- a region whose outputs nothing reads (Kandinsky 6's audio blocks, called without audio) is no
+  site, nor is anything inside it;
+- an **attention** site is the innermost module around an attention op (a block that is itself
+  that module is one site, the block); it is ``cross`` when
   its keys depend on a tensor its queries do not, ``joint`` when its queries mix two token
   streams, ``self`` otherwise;
 - a **feedforward** is the outermost module inside a block, outside attention, that holds two
   or more matmuls and maps one token tensor to one of the same shape;
 - the **stack** runs from the first block's first node to the last block's last node, keeping
   the nodes that depend on the first block (independent work in that range is left outside);
+  its blocks are those of the lists that no module the forward calls holds (a list in a
+  ``ModuleDict`` counts; a refiner's blocks inside a text embedder do not);
 - the **output** is every node from the stack's first to the graph's output (the stack, final
   norm, projection, unpatchify): the model's output as a function of what ran before the stack. Forecasting
   it is forecasting what the sampler receives;
