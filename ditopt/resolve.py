@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ditopt.runtime.cfg_sharing import CfgLayout
@@ -55,8 +56,9 @@ def compile_plan(plan: "Plan", sites: SiteTable) -> DecisionTable:
             matched = [s for s in matched if s.name != of and of not in sites.ancestors(s.name)
                        and s.name not in sites.ancestors(of)]
         for site in matched:
-            _check_can_take(rule, i, site)
-            _apply(table, rule, i, site.name, when_index, origin)
+            taken = _residual_or_output(rule, site)
+            _check_can_take(taken, i, site)
+            _apply(table, taken, i, site.name, when_index, origin)
         if rule.action == Action.SHARE_CFG and matched:  # one CFG layout per plan: the caller's
             layout = rule.cfg or CfgLayout()
             if table.cfg is not None and table.cfg != layout:
@@ -126,6 +128,20 @@ def _indicator(rule: "Rule", i: int, sites: SiteTable) -> Indicator:
         raise PlanError(f"'when.on: {rule.when.on}': site {of!r} has none that ditopt can find (use on: output)",
                         site=of, **where)
     return Indicator(of=of, below=rule.when.below, node=watched, rescale=rule.when.rescale)
+
+
+def _residual_or_output(rule: "Rule", site) -> "Rule":
+    """``rule`` as it applies to ``site``: a ``reuse_residual`` that reaches by a pattern a site with
+    no input shaped like its output (a block whose input broadcasts against the batch: Kandinsky 5's
+    text blocks at two videos a prompt) reuses the site's output there, said once per site; a
+    rule naming the site itself is refused by :func:`_check_can_take`."""
+    if rule.action != Action.REUSE_RESIDUAL or site.name in rule.sites or any(site.residual_inputs) \
+            or not site.skippable:
+        return rule
+    warnings.warn(f"ditopt: site {site.name!r} has no input shaped like its output, so reuse_residual cannot add "
+                  f"a fresh input to its cached residual there: it reuses the site's output", RuntimeWarning,
+                  stacklevel=4)
+    return replace(rule, action=Action.REUSE)
 
 
 def _check_can_take(rule: "Rule", i: int, site) -> None:

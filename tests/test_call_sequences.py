@@ -16,7 +16,7 @@ import torch
 import ditopt
 from ditopt.errors import DitoptError
 from ditopt.profile import ProfileError
-from synthetic import Attention, FeedForward
+from synthetic import Attention, FeedForward, Stack
 
 STEPS = 4
 TIMESTEPS = (999, 749, 499, 249)
@@ -503,3 +503,25 @@ def test_blocks_whose_attention_calls_flex_attention_with_a_score_mod_compile_wi
             want = eager(timestep=t, r_timestep=0.8 * t, **kwargs)[0]
             assert (compiled(timestep=t, r_timestep=0.8 * t, **kwargs)[0] - want).abs().max() < 1e-4
     assert ditopt.stats(compiled).decisions["blocks.0"] == ["compute", "reuse_residual"] * 2
+
+
+def test_a_block_whose_input_broadcasts_to_the_batch_reuses_its_output_under_a_block_preset():
+    """Kandinsky 5's pipeline at two videos a prompt keeps the text at batch 1, and its text block's
+    output is batch 2 (the time embedding broadcasts): the block has no input shaped like its
+    output, and FORA's block preset (reuse_residual on every block) was refused. A pattern that
+    reaches such a site now reuses its output there, with a warning; naming it is still refused."""
+    torch.manual_seed(0)
+    model = Stack(depth=2, dim=16).eval()
+    x = torch.randn(1, 8, 16)  # one sample, broadcast against a batch of two timesteps
+    fast = ditopt.optimize(model, fora())
+    with pytest.warns(RuntimeWarning, match="site 'blocks.0' has no input shaped like its output"):
+        with torch.no_grad():
+            outs = [fast(x, timestep=torch.tensor([t, t])) for t in TIMESTEPS]
+    decisions = ditopt.stats(fast).decisions
+    assert decisions["blocks.0"] == ["compute", "reuse"] * 2 and decisions["blocks.1"] == ["compute", "reuse_residual"] * 2
+    with torch.no_grad():
+        assert torch.equal(outs[0], model(x, torch.tensor([999, 999])))
+    named = ditopt.Plan.from_yaml("version: 1\nsteps: 4\nrules: [{sites: blocks.0, action: reuse_residual, steps: [1]}]")
+    with pytest.raises(ditopt.PlanError, match="reuse_residual needs an input shaped like an output"):
+        with torch.no_grad():
+            ditopt.optimize(model, named)(x, timestep=torch.tensor([999, 999]))
