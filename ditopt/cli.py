@@ -342,8 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--preset", help=f"a preset by name: {PRESET_HELP}")
     d.add_argument("--steps", type=count(1, MAX_STEPS), default=None,
                    help="denoising steps of the preset (default 20), or those a --plan is resampled to")
-    d.add_argument("--timestep-arg", default="timestep",
-                   help="the forward argument that is the timestep (default: timestep)")
+    d.add_argument("--timestep-arg", default="timestep", help="the forward argument that is the timestep")
     d.add_argument("--format", choices=("html", "text", "dot"), default="html")
     d.add_argument("-o", "--output", type=output_path,
                    help="where to write ('-' for stdout; default ditopt-diff-MODEL.html/.txt/.dot)")
