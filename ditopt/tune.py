@@ -50,7 +50,7 @@ import torch
 
 from ditopt.runtime.decisions import Action
 
-from .api import optimize, reset, runtime_of, set_plan
+from .api import compiled_graph, optimize, reset, runtime_of, set_plan
 from .errors import PlanError, check_count, check_steps
 from .plan import Plan, Rule
 from .planner import PlannerConfig, check_budget, plan_from_profile, schedule_from_profile
@@ -273,6 +273,15 @@ def _check_repeatable(first: Any, second: Any) -> None:
                            f"tune ranks plans against it, so it must repeat itself (seed its noise: a torch.Generator)")
 
 
+def _check_same_blocks(rmap: RedundancyMap, fast) -> None:
+    """The map's stack must be this model's: a map of a shallower model of the class plans only
+    its blocks, and every candidate's compute would be counted on those alone."""
+    blocks = compiled_graph(fast).sites.stack_blocks()
+    if blocks != list(rmap.stack):
+        raise ProfileError(f"the redundancy map's stack has {len(rmap.stack)} blocks, this {rmap.model} has "
+                           f"{len(blocks)}: the map was profiled on another model of the class; profile this one")
+
+
 def tune(model: torch.nn.Module, run: Callable[[Any], Any], rmap: RedundancyMap, *, budget: float,
          config: PlannerConfig | None = None, candidates: list[Candidate] | None = None, refine: bool = True,
          progress: bool = True) -> Tuned:
@@ -298,6 +307,9 @@ def tune(model: torch.nn.Module, run: Callable[[Any], Any], rmap: RedundancyMap,
     cands = candidate_plans(rmap, budget, config) if candidates is None else list(candidates)
     if not cands:
         raise ProfileError(f"no candidate plan fits budget {budget}")
+    over = [c.plan.name or f"#{i}" for i, c in enumerate(cands) if c.compute_fraction > budget + 1e-9]
+    if over:
+        raise ProfileError(f"{len(over)} of the candidates exceed budget {budget}: {'; '.join(over[:3])}")
     with torch.no_grad():
         reference = run(model)
         _check_repeatable(reference, run(model))
@@ -323,6 +335,7 @@ def tune(model: torch.nn.Module, run: Callable[[Any], Any], rmap: RedundancyMap,
             rmap.check_fits(steps=made)
         except ProfileError as exc:
             raise ProfileError(f"the run made {made} denoising steps, but {exc}") from None
+        _check_same_blocks(rmap, fast)
         cand.psnr = _psnr(out, reference)
         if bar is not None:
             bar.update(1)

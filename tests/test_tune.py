@@ -117,6 +117,24 @@ def test_tune_bad_input(dit, rmap):
         ditopt.tune(dit.model, longer, rmap, budget=0.5, candidates=candidate_plans(rmap, 0.5)[:1], progress=False)
 
 
+def test_tune_refuses_candidates_over_budget_and_a_map_of_a_shallower_model(dit, rmap):
+    """Given candidates above the budget, tune returned one of them, within budget as far as its
+    caller knew; and a map profiled on a shallower model of the class planned and counted only
+    those blocks (the rest computed at every step): the tuned plan's compute was not what it said."""
+    from diffusers import DiTTransformer2DModel
+
+    over = candidate_plans(rmap, 0.8)
+    over = [c for c in over if c.compute_fraction > 0.5][:2]
+    with pytest.raises(ProfileError, match="2 of the candidates exceed budget 0.5"):
+        ditopt.tune(dit.model, run_of(dit), rmap, budget=0.5, candidates=over, progress=False)
+    deeper = DiTTransformer2DModel(**{**dit.model.config, "num_layers": 8}).eval()
+    run = lambda tr: dit.sample(LABELS, seed=100, steps=STEPS, transformer=tr)  # noqa: E731
+    with pytest.raises(ProfileError, match="stack has 6 blocks, this DiTTransformer2DModel has 8"), \
+            pytest.warns(RuntimeWarning):
+        ditopt.tune(deeper, run, rmap, budget=0.5,
+                    candidates=candidate_plans(rmap, 0.5)[:1], progress=False)
+
+
 def test_refinement_moves_keep_the_compute(rmap):
     from ditopt.tune import _forecast_candidate, _neighbours
 
