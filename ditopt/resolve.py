@@ -69,6 +69,12 @@ def compile_plan(plan: "Plan", sites: SiteTable) -> DecisionTable:
     _check_when(plan, table, sites, rule_of_indicator)
     _check_no_adaptive_forecast(plan, table, origin)
     _warn_unplanned_tail(plan, table, sites)
+    if not table.actions and any(rule.action != Action.COMPUTE for rule in plan.rules):
+        kinds = sorted({f"{s.attention} attention" if s.kind == "attention" else s.kind for s in sites})
+        name = f" {plan.name!r}" if plan.name else ""
+        warnings.warn(f"ditopt: plan{name} decides nothing but compute on this model: its rules reach "
+                      f"no site they apply to (this model's sites: {', '.join(kinds)}); it runs as the bare model",
+                      RuntimeWarning, stacklevel=2)
     return table
 
 

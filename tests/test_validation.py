@@ -530,3 +530,20 @@ def test_inspection_calls_name_a_wrong_kind_of_argument():
         ditopt.compiled_graph(None)
     with pytest.raises(DitoptError, match="takes a torch.nn.Module, got Tensor"):
         ditopt.mark_repeated_blocks(torch.zeros(1))
+
+
+def test_a_plan_whose_rules_reach_no_site_they_apply_to_says_so():
+    """A window rule for self-attention on a model with joint attention only (SD3): every rule
+    resolved to nothing, and the model ran as the bare one with no word."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16,
+                                  num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32,
+                                  pooled_projection_dim=16, out_channels=4, pos_embed_max_size=8).eval()
+    fast = ditopt.optimize(model, ditopt.presets.ditfastattn(steps=4, window=4, warmup=1, interval=4))
+    with pytest.warns(RuntimeWarning, match="plan 'ditfastattn-4' decides nothing but compute on this model.*"
+                                            "joint attention"):
+        with torch.no_grad():
+            fast(hidden_states=torch.randn(1, 4, 8, 8), encoder_hidden_states=torch.randn(1, 6, 32),
+                 pooled_projections=torch.randn(1, 16), timestep=torch.tensor([999.0]))
