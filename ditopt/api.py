@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import math
 import warnings
 import weakref
 from dataclasses import dataclass, field, replace
@@ -22,7 +23,7 @@ from ditopt.runtime import Runtime
 
 from .backend import (CompiledGraph, DitoptBackend, PlanLike, arguments_from, as_plan, backend_of, compile_wrapper_of,
                       runtime_of_compile_call)
-from .capture import first_line, lean_tracing, make_room_for_another_model, where_in_model
+from .capture import first_line, lean_tracing, make_room_for_another_model, refuse_under_dispatch_mode, where_in_model
 from .block_watch import recheck_blocks
 from .regional import RegionalError, hold_marks, refuse_marks, release_marks
 from .errors import CaptureError, DitoptError, InputError, PlanError, TimestepNotFound
@@ -44,11 +45,7 @@ def canonical_strides(x):
     """
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_contiguous():
         return x
-    want, size = [], 1
-    for n in reversed(x.shape):
-        want.append(size)
-        size *= max(n, 1)
-    want = tuple(reversed(want))
+    want = tuple(math.prod(max(n, 1) for n in x.shape[i + 1:]) for i in range(x.dim()))
     return x if x.stride() == want else x.as_strided(x.shape, want)
 
 
@@ -72,6 +69,7 @@ class DitoptModule(OptimizedModule):
             raise
 
     def _call(self, *args, **kwargs):
+        refuse_under_dispatch_mode()
         make_room_for_another_model()  # dynamo's config is per thread: a worker thread has its own
         args, kwargs = self._timestep_by_keyword(args, kwargs)
         args, kwargs = tuple(map(canonical_strides, args)), {k: canonical_strides(v) for k, v in kwargs.items()}

@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 import torch.fx.experimental._config as fx_config
 
-from .errors import CaptureError
+from .errors import CaptureError, DitoptError
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 
@@ -274,3 +274,19 @@ def capture(model: torch.nn.Module, *args, symbolic_shapes: bool = False, **kwar
     if has_calls(graphs[0].gm):  # a model with marked blocks: the graph an unmarked one gives
         inline_calls(graphs[0].gm)
     return graphs[0]
+
+
+def refuse_under_dispatch_mode() -> None:
+    """Refuse a call of an optimised model under a TorchDispatchMode (``FlopCounterMode``, a debug
+    mode): dynamo runs no compiled code there, raises about skipped frames under
+    ``fullgraph=True``, and then skips the model's frame for good (every later call fails too).
+    The call is refused before dynamo sees it, saying what to do instead."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    mode = _get_current_dispatch_mode()
+    if mode is not None:
+        raise DitoptError(f"an optimised model cannot run under {type(mode).__name__.lstrip('_')} (a TorchDispatchMode: "
+                          f"torch.compile runs no compiled graph there); to count what a plan executes, call the "
+                          f"model inside `with ditopt.flops.graph_flops(ditopt.compiled_graph(fast).rewritten) as "
+                          f"per_call:`, which enters the counter around the graph, or predict it with "
+                          f"ditopt.cost_model(model, **inputs).predict(plan)")

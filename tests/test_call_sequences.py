@@ -525,3 +525,23 @@ def test_a_block_whose_input_broadcasts_to_the_batch_reuses_its_output_under_a_b
     with pytest.raises(ditopt.PlanError, match="reuse_residual needs an input shaped like an output"):
         with torch.no_grad():
             ditopt.optimize(model, named)(x, timestep=torch.tensor([999, 999]))
+
+
+def test_calling_an_optimised_model_under_flop_counter_mode_says_what_to_do(model):
+    """A user counting what a plan saves entered FlopCounterMode around the optimised model: torch
+    raised "torch.compile with fullgraph=True found no compiled frames" (dynamo runs nothing
+    compiled under a dispatch mode). It is now a DitoptError that says where to count instead."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fast = ditopt.optimize(model, fora())
+    call(fast, TIMESTEPS[0])  # captured and run outside the mode
+    with pytest.raises(DitoptError, match="cannot run under FlopCounterMode.*graph_flops"):
+        with FlopCounterMode(display=False):
+            call(fast, TIMESTEPS[1])
+    # refused before dynamo saw the call: it did not mark the frame skipped for good
+    assert torch.equal(call(fast, TIMESTEPS[0]), call(ditopt.optimize(model, fora()), TIMESTEPS[0]))
+    from ditopt.flops import graph_flops
+
+    with graph_flops(ditopt.compiled_graph(fast).rewritten) as per_call:  # what the error points to
+        call(fast, TIMESTEPS[1])
+    assert len(per_call) == 1 and per_call[0] > 0
