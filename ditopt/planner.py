@@ -224,6 +224,13 @@ def _profiled_warmup(rmap: RedundancyMap, config: PlannerConfig) -> int | None:
     return None
 
 
+def block_flops(rmap: RedundancyMap) -> float:
+    """FLOPs of one step's blocks: every block site no other block holds (the stack's, a refiner's)."""
+    blocks = [s for s, k in zip(rmap.sites, rmap.kinds) if k == "block"]
+    outer = [b for b in blocks if not any(b.startswith(o + ".") for o in blocks)]
+    return sum(float(rmap.flops.get(b, 0.0)) for b in outer)
+
+
 class _Problem:
     """One planning problem: the sites' replayed costs, solved for a multiplier ``lam`` on FLOPs."""
 
@@ -240,7 +247,11 @@ class _Problem:
                                   accumulation=config.accumulation, compute_last=config.compute_last, warmup=warmup)
                     for s in self.names}
         self.cost = {s: max(float(rmap.flops.get(s, 0.0)), 1.0) for s in self.names}
-        self.total_cost = sum(self.cost.values()) * rmap.steps
+        # the budget is a share of every block's compute: blocks outside the planned sites (a text
+        # refiner's; a block's other parts, when attention sites are planned) run at every step
+        planned = sum(self.cost.values())
+        self.fixed = max(block_flops(rmap) - planned, 0.0) * rmap.steps
+        self.total_cost = planned * rmap.steps + self.fixed
         self.energy = sum(p.energy for p in self.per.values()) or 1.0
         self.reuse_action = {s: REUSE_RESIDUAL if rmap.residual_form.get(s, False) else REUSE for s in self.names}
         self.group = GroupReplay(self.per) if config.granularity == "stack" else None
@@ -275,8 +286,8 @@ class _Problem:
                 actions[s], fcs[s] = self._named(s, row)
                 error += e
                 flops += n_computed * self.cost[s]
-        return Schedule(self.rmap.steps, actions, flops / self.total_cost, math.sqrt(error / self.energy), lam,
-                        forecasts=fcs)
+        return Schedule(self.rmap.steps, actions, (flops + self.fixed) / self.total_cost,
+                        math.sqrt(error / self.energy), lam, forecasts=fcs)
 
     def fits(self, sch: Schedule) -> bool:
         budget, max_error = self.config.budget, self.config.max_error

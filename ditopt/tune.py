@@ -53,7 +53,7 @@ from ditopt.runtime.decisions import Action
 from .api import compiled_graph, optimize, reset, runtime_of, set_plan
 from .errors import PlanError, check_count, check_steps
 from .plan import Plan, Rule
-from .planner import PlannerConfig, check_budget, plan_from_profile, schedule_from_profile
+from .planner import PlannerConfig, block_flops, check_budget, plan_from_profile, schedule_from_profile
 from .profile import ProfileError, RedundancyMap, call_with
 from .sites import OUTPUT
 
@@ -143,11 +143,19 @@ def _forecast_plan(steps: int, sites: tuple[str, ...], orders: dict[int, int], m
     return Plan(steps=steps, rules=rules or [Rule(sites=sites, action=Action.COMPUTE)], model=model, name=name)
 
 
+def _block_share(rmap: RedundancyMap, stack_share: float) -> float:
+    """The share of all blocks' compute run when the stack runs ``stack_share`` of its own: blocks
+    outside the stack (a text refiner's) run at every step (as :mod:`ditopt.planner` counts)."""
+    stack = sum(float(rmap.flops.get(b, 0.0)) for b in rmap.stack)
+    rest = max(block_flops(rmap) - stack, 0.0)
+    return (stack_share * stack + rest) / (stack + rest) if stack + rest > 0 else stack_share
+
+
 def _forecast_candidate(rmap: RedundancyMap, where: str, sites: tuple[str, ...], orders: dict[int, int],
                         label: str) -> Candidate:
     name = f"tuned: {where}, {label}"
     cand = Candidate(name, _forecast_plan(rmap.steps, sites, orders, rmap.model, name),
-                     (rmap.steps - len(orders)) / rmap.steps)
+                     _block_share(rmap, (rmap.steps - len(orders)) / rmap.steps))
     cand.recipe = (where, sites, dict(orders))
     return cand
 
@@ -158,7 +166,7 @@ def candidate_plans(rmap: RedundancyMap, budget: float, config: PlannerConfig | 
     _check_inputs(rmap, budget)
     config = (config or PlannerConfig()).with_(budget=budget, max_error=None)
     n = rmap.steps
-    computed = max(1, int(math.floor(budget * n + 1e-9)))
+    computed = max([1] + [k for k in range(1, n + 1) if _block_share(rmap, k / n) <= budget + 1e-9])
     blocks = tuple(rmap.stack)
     if not blocks:
         raise ProfileError("the redundancy map has no block stack to plan for")
@@ -193,7 +201,7 @@ def candidate_plans(rmap: RedundancyMap, budget: float, config: PlannerConfig | 
         schedules.setdefault(s, "spread " + ",".join(map(str, s)))
     for label_where, sites in where:
         for comp, label in schedules.items():
-            if len(comp) / n > budget + 1e-9:
+            if _block_share(rmap, len(comp) / n) > budget + 1e-9:
                 continue
             for order in (1, 2):
                 orders = {t: order for t in range(n) if t not in set(comp)}

@@ -301,3 +301,38 @@ def test_a_timestep_given_by_position_is_recorded_as_by_keyword():
 
     maps = [ditopt.profile(model, lambda tr, p=p: run(tr, p), steps=4, progress=False) for p in (False, True)]
     assert maps[0].timesteps == maps[1].timesteps == [float(t.max()) for t in ts]
+
+
+def test_the_budget_is_a_share_of_every_blocks_compute_refiner_included():
+    """HunyuanVideo's text refiner has blocks outside the stack, which no plan skips: the planner
+    and tune counted the budget over the stack alone, so a plan for 0.75 ran 0.76 of the blocks'
+    compute (as ditopt.cost_model measures it) and said 0.75. They now count every block."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    model = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                           num_layers=2, num_single_layers=2, num_refiner_layers=2, mlp_ratio=2.0,
+                                           patch_size=2, patch_size_t=1, text_embed_dim=32, pooled_projection_dim=16,
+                                           rope_axes_dim=(4, 6, 6)).eval()
+    kw = dict(encoder_hidden_states=torch.randn(1, 6, 32), encoder_attention_mask=torch.ones(1, 6),
+              pooled_projections=torch.randn(1, 16), guidance=torch.tensor([3000.0]))
+    x0 = torch.randn(1, 4, 3, 8, 8)
+
+    def run(tr, steps=8):
+        sched = FlowMatchEulerDiscreteScheduler()
+        sched.set_timesteps(steps)
+        x = x0.clone()
+        with torch.no_grad():
+            for t in sched.timesteps:
+                out = tr(hidden_states=x, timestep=t.reshape(1), **kw, return_dict=False)[0]
+                x = sched.step(out, t, x, return_dict=False)[0]
+        return x
+
+    rmap = ditopt.profile(model, run, steps=8, progress=False)
+    assert len(rmap.stack) == 4 and "context_embedder.token_refiner.refiner_blocks.0" in rmap.sites
+    cost = ditopt.cost_model(model, hidden_states=x0, timestep=torch.tensor([1000.0]), **kw)
+    for budget in (0.75, 0.5):
+        assert cost.predict(ditopt.plan_from_profile(rmap, budget=budget)).compute_fraction <= budget + 1e-6
+    tuned = ditopt.tune(model, run, rmap, budget=0.5, progress=False, refine=False)
+    assert tuned.best.compute_fraction == pytest.approx(cost.predict(tuned.plan).compute_fraction, abs=1e-3)
+    assert tuned.best.compute_fraction <= 0.5 + 1e-6
