@@ -7,7 +7,7 @@ alone, never from a per-model table:
 - a node belongs to a module's region when that module's forward was active as the node ran
   (``nn_module_stack``); parameters arrive as placeholders and belong to no region;
 - a **block** is the outermost integer-indexed module (``blocks.3``) whose region contains an
-  attention op;
+  attention op, or a module of such a block's class outside any list (a U-ViT's mid block);
 - a region whose outputs nothing reads (Kandinsky 6's audio blocks, called without audio) is no
   site, nor is anything inside it;
 - an **attention** site is the innermost module around an attention op (a block that is itself
@@ -290,6 +290,8 @@ def find_sites(graph: fx.Graph) -> SiteTable:
         return any(op in members for op in attention_ops)
 
     blocks = [p for p in regions if _INDEXED.match(p) and holds_attention(p)]
+    listed = {types[p] for p in blocks}  # a lone module of a listed block's class is a block too (U-ViT's mid block)
+    blocks += [p for p in regions if not _INDEXED.match(p) and types.get(p) in listed and holds_attention(p)]
     blocks = [p for p in blocks if not any(p != q and p.startswith(q + ".") for q in blocks)]
 
     attention_paths: dict[str, fx.Node] = {}
@@ -364,14 +366,18 @@ def _main_stack_blocks(blocks: list[str], called: set[str] = frozenset()) -> lis
     if not blocks:
         return []
 
+    def container(block: str) -> str:  # the list a block is in, or a lone block's parent
+        indexed = _INDEXED.match(block)
+        return indexed.group(1) if indexed else block.rpartition(".")[0]
+
     def held(block: str) -> bool:
-        parts = _INDEXED.match(block).group(1).split(".")
-        return any(".".join(parts[:i]) in called for i in range(1, len(parts) + 1))
+        parts = container(block).split(".")
+        return any(".".join(parts[:i]) in called for i in range(1, len(parts) + 1) if parts[0])
 
     free = [b for b in blocks if not held(b)]
     if free:
         return free
-    depth = {b: _INDEXED.match(b).group(1).count(".") for b in blocks}
+    depth = {b: container(b).count(".") for b in blocks}
     shallowest = min(depth.values())
     return [b for b in blocks if depth[b] == shallowest]
 
